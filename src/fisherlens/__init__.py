@@ -1,0 +1,31 @@
+"""fisherlens: Fisher-information geometry of neural networks.
+
+Exact and scalable Fisher information (true, empirical, Monte-Carlo), the empirical NTK and the
+Fisher–NTK trace relation, for any ``torch.nn.Module``.  Conventions: ``SCIENCE.md``; every data-averaged
+quantity is a mean over the N inputs unless ``reduction="sum"``.
+"""
+
+from . import losses
+from .fisher import fisher_blocks, fisher_diag, fisher_matrix, fisher_rao_norm, fisher_trace
+from .likelihoods import Bernoulli, Categorical, Gaussian, Likelihood, LossInduced
+from .ntk import TraceRelation, fisher_ntk_trace, ntk, ntk_trace
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Bernoulli",
+    "Categorical",
+    "Gaussian",
+    "Likelihood",
+    "LossInduced",
+    "TraceRelation",
+    "fisher_blocks",
+    "fisher_diag",
+    "fisher_matrix",
+    "fisher_ntk_trace",
+    "fisher_rao_norm",
+    "fisher_trace",
+    "losses",
+    "ntk",
+    "ntk_trace",
+]

@@ -1,0 +1,261 @@
+"""Exact Fisher information: dense matrix, diagonal, trace, per-parameter blocks, Fisher–Rao norm.
+
+Normalisation (SCIENCE §3): with per-sample Jacobians ``J_n (C×P)`` and the kind's sandwich ``V_n``
+(see :mod:`fisherlens._core`),
+
+    F = (1/N) Σ_n J_nᵀ V_n V_nᵀ J_n        (``reduction="sum"`` drops the 1/N),
+
+* ``kind="true"``:      ``V_n V_nᵀ = Λ(f_n)``, the output model's Fisher (type-2 / expected Fisher);
+* ``kind="empirical"``: ``V_n = ∂ℓ/∂f`` at the observed label, so ``F = (1/N) Σ g_n g_nᵀ``, ``g_n = ∇_θ ℓ_n``;
+* ``kind="mc"``:        as empirical but with ``samples`` labels per input drawn from ``p(y | f_n)``
+  (``generator`` makes it reproducible) — an unbiased random estimate of the true Fisher.
+
+``θ`` is the flattened selection of parameters in ``named_parameters()`` order (``params=`` subsets it).
+Data are streamed batch by batch; only the result is held in memory.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.func import jvp
+
+from ._core import (
+    REDUCTIONS,
+    WORK_BUDGET,
+    FunctionalModel,
+    batch_stats,
+    check_choice,
+    check_dense,
+    check_kind,
+    forward_checked,
+    iter_batches,
+    sandwich,
+)
+
+Tensor = torch.Tensor
+
+__all__ = ["fisher_matrix", "fisher_diag", "fisher_trace", "fisher_blocks", "fisher_rao_norm"]
+
+
+class _Run:
+    """Validated arguments shared by every Fisher reduction, and the batch stream they drive."""
+
+    def __init__(self, model, data, likelihood, kind, params, reduction, samples, generator, batch_size, engine):
+        check_kind(likelihood, kind)
+        check_choice("reduction", reduction, REDUCTIONS)
+        if not isinstance(samples, int) or isinstance(samples, bool) or samples < 1:
+            raise ValueError(f"samples must be a positive integer (label draws per input), got {samples!r}.")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}.")
+        self.fm = FunctionalModel(model, params)
+        self.data, self.lik, self.kind = data, likelihood, kind
+        self.reduction, self.samples, self.generator = reduction, samples, generator
+        self.batch_size, self.engine = batch_size, engine
+        self.n = 0
+
+    def make_v(self, y):
+        """The sandwich for a chunk with labels ``y`` (used only by ``kind="empirical"``)."""
+        return lambda f: sandwich(self.lik, self.kind, f, y, self.samples, self.generator)
+
+    def chunks(self, want: set[str], rows_numel: int | None = None):
+        """Yield ``(f, V, stats)`` per chunk, sized so materialised rows fit :data:`WORK_BUDGET`."""
+        fm = self.fm
+        numel = fm.P if rows_numel is None else rows_numel
+        for X, Y in iter_batches(self.data, fm, need_y=self.kind == "empirical", batch_size=self.batch_size):
+            k = self.samples if self.kind == "mc" else 1 if self.kind == "empirical" else None
+            if k is None:  # true Fisher: K = C, learnt from one sample
+                with torch.no_grad():
+                    k = forward_checked(fm, fm.params, X[:1]).shape[-1]
+            step = max(1, WORK_BUDGET // max(1, k * numel * fm.params[fm.names[0]].element_size()))
+            for i in range(0, len(X), step):
+                Xc, Yc = X[i : i + step], None if Y is None else Y[i : i + step]
+                self.n += len(Xc)
+                yield batch_stats(fm, Xc, self.make_v(Yc), want, self.engine)
+
+    def scale(self) -> float:
+        return 1.0 / self.n if self.reduction == "mean" else 1.0
+
+
+def _rows_numel(run: _Run, want_rows: bool) -> int:
+    """Parameters whose rows get materialised (all for dense; else all but single-use Linear layers)."""
+    if want_rows or run.engine == "functional":
+        return run.fm.P
+    from ._core import _plan  # local: the plan is an engine detail
+
+    simple = sum(run.fm.sizes[n] for n, (_, mods) in _plan(run.fm).owned.items() if len(mods) == 1)
+    return max(1, run.fm.P - simple)
+
+
+_DOC_ARGS = """
+    Args:
+        model: any ``torch.nn.Module`` mapping a batch ``x`` to outputs ``(B, C)`` (1-D output: C = 1);
+            BatchNorm/Dropout must be in eval mode.
+        data: ``(X, Y)`` tensors, a ``Dataset`` or an iterable of ``(X, Y)`` batches (streamed);
+            ``Y`` may be ``None`` unless ``kind="empirical"``.
+        likelihood: ``fl.Gaussian(sigma)``, ``fl.Categorical()``, ``fl.Bernoulli()`` or ``fl.LossInduced(loss)``.
+        kind: ``"true"``, ``"empirical"`` or ``"mc"``.
+        params: subset of parameters (names, module prefixes or tensors); default all with ``requires_grad``.
+        reduction: ``"mean"`` (default, 1/N) or ``"sum"`` over the data.
+        samples: labels drawn per input for ``kind="mc"``.
+        generator: ``torch.Generator`` for ``kind="mc"``.
+        batch_size: chunk size when ``data`` are tensors or a Dataset (default 256).
+        engine: ``"auto"`` (layerwise fast path where it applies, verified; torch.func elsewhere),
+            ``"layerwise"`` or ``"functional"`` (pure ``torch.func``; the general reference path).
+"""
+
+
+def _doc(f):
+    f.__doc__ = f.__doc__.replace("{args}", _DOC_ARGS.strip("\n"))
+    return f
+
+
+@_doc
+def fisher_matrix(
+    model, data, likelihood, kind="true", *, params=None, reduction="mean", samples=1, generator=None,
+    batch_size=None, engine="auto", max_memory: int | None = None,
+) -> Tensor:
+    """Dense Fisher matrix ``F (P, P)`` = ``(1/N) Σ_n J_nᵀ V_n V_nᵀ J_n``.
+
+    Refused before allocating when ``P²`` entries would not fit in memory (``max_memory`` bytes, default
+    half the available memory); use :func:`fisher_diag`, :func:`fisher_trace`,
+    :func:`fisher_blocks` or ``params=`` instead.
+
+    {args}
+        max_memory: largest size of the result in bytes.
+
+    Returns:
+        Tensor ``(P, P)`` in the model's dtype.
+    """
+    run = _Run(model, data, likelihood, kind, params, reduction, samples, generator, batch_size, engine)
+    fm = run.fm
+    item = fm.params[fm.names[0]].element_size()
+    check_dense(
+        f"fisher_matrix with P={fm.P} parameters", fm.P**2, item,
+        "Use fl.fisher_diag / fl.fisher_trace, fl.fisher_blocks(what='dense') for per-layer blocks, "
+        "or restrict params=", max_memory,
+    )
+    out = torch.zeros(fm.P, fm.P, dtype=fm.dtype, device=fm.device)
+    for _, _, st in run.chunks({"rows"}):
+        R = torch.cat([st.rows[n] for n in fm.names], dim=-1).reshape(-1, fm.P)
+        out.addmm_(R.T, R)
+    return out * run.scale()
+
+
+def _diag_dict(run: _Run) -> dict[str, Tensor]:
+    fm = run.fm
+    acc = {n: torch.zeros(fm.shapes[n], dtype=fm.dtype, device=fm.device) for n in fm.names}
+    for _, _, st in run.chunks({"diag"}, _rows_numel(run, False)):
+        for n in fm.names:
+            acc[n] += st.diag[n]
+    s = run.scale()
+    return {n: v * s for n, v in acc.items()}
+
+
+def _trace_dict(run: _Run) -> dict[str, float]:
+    fm = run.fm
+    acc = dict.fromkeys(fm.names, 0.0)
+    for _, _, st in run.chunks({"sqnorm"}, _rows_numel(run, False)):
+        for n in fm.names:
+            acc[n] += st.sqnorm[n].sum().item()
+    s = run.scale()
+    return {n: v * s for n, v in acc.items()}
+
+
+@_doc
+def fisher_diag(
+    model, data, likelihood, kind="true", method="exact", *, params=None, reduction="mean", samples=1,
+    generator=None, batch_size=None, engine="auto",
+) -> Tensor:
+    """Diagonal of the Fisher, ``diag F (P,)`` = ``(1/N) Σ_n Σ_k (V_nᵀ J_n)_k²``, without forming F.
+
+    {args}
+        method: ``"exact"``.
+
+    Returns:
+        Tensor ``(P,)`` in ``named_parameters()`` order of the selection.
+    """
+    check_choice("method", method, ("exact",))
+    run = _Run(model, data, likelihood, kind, params, reduction, samples, generator, batch_size, engine)
+    return run.fm.flatten(_diag_dict(run))
+
+
+@_doc
+def fisher_trace(
+    model, data, likelihood, kind="true", method="exact", *, params=None, reduction="mean", samples=1,
+    generator=None, batch_size=None, engine="auto",
+) -> float:
+    """Trace of the Fisher, ``tr F = (1/N) Σ_n ‖V_nᵀ J_n‖²_F`` (empirical: ``(1/N) Σ_n ‖g_n‖²``).
+
+    Computed from per-sample squared norms; per-sample gradients are not materialised on the fast path.
+
+    {args}
+        method: ``"exact"``.
+
+    Returns:
+        float.
+    """
+    check_choice("method", method, ("exact",))
+    run = _Run(model, data, likelihood, kind, params, reduction, samples, generator, batch_size, engine)
+    return float(math.fsum(_trace_dict(run).values()))
+
+
+@_doc
+def fisher_blocks(
+    model, data, likelihood, kind="true", what="diag", *, params=None, reduction="mean", samples=1,
+    generator=None, batch_size=None, engine="auto", max_memory: int | None = None,
+) -> dict:
+    """Per-parameter-tensor (per-layer) view of the Fisher: ``{name: value}``.
+
+    ``what="diag"``: the diagonal shaped like the parameter; ``"trace"``: a float per tensor (they sum to
+    ``fisher_trace``); ``"dense"``: the diagonal block ``F_[name, name]`` of shape ``(numel, numel)``.
+
+    {args}
+        what: ``"diag"``, ``"trace"`` or ``"dense"``.
+        max_memory: largest total size of the dense blocks in bytes.
+    """
+    check_choice("what", what, ("diag", "trace", "dense"))
+    run = _Run(model, data, likelihood, kind, params, reduction, samples, generator, batch_size, engine)
+    fm = run.fm
+    if what == "diag":
+        return _diag_dict(run)
+    if what == "trace":
+        return _trace_dict(run)
+    item = fm.params[fm.names[0]].element_size()
+    check_dense(
+        "fisher_blocks(what='dense')", sum(v * v for v in fm.sizes.values()), item,
+        "Use what='diag' or 'trace', or restrict params=", max_memory,
+    )
+    acc = {n: torch.zeros(fm.sizes[n], fm.sizes[n], dtype=fm.dtype, device=fm.device) for n in fm.names}
+    for _, _, st in run.chunks({"rows"}):
+        for n in fm.names:
+            r = st.rows[n].reshape(-1, fm.sizes[n])
+            acc[n].addmm_(r.T, r)
+    s = run.scale()
+    return {n: v * s for n, v in acc.items()}
+
+
+@_doc
+def fisher_rao_norm(
+    model, data, likelihood, kind="true", *, params=None, reduction="mean", samples=1, generator=None,
+    batch_size=None,
+) -> float:
+    """Fisher–Rao norm ``θᵀ F θ = (1/N) Σ_n ‖V_nᵀ (J_n θ)‖²`` with θ the selected parameters.
+
+    One ``torch.func.jvp`` per batch (``J_n θ`` for all n at once); F is never formed.
+
+    {args}
+    """
+    run = _Run(model, data, likelihood, kind, params, reduction, samples, generator, batch_size, "functional")
+    fm = run.fm
+    total = 0.0
+    for X, Y in iter_batches(data, fm, need_y=kind == "empirical", batch_size=batch_size):
+        forward_checked(fm, fm.params, X[:1])  # clear errors before entering the transform
+        f, jt = jvp(lambda q: fm(q, X), (fm.params,), (fm.params,))
+        if not torch.isfinite(f).all():
+            raise ValueError("The model produced NaN or inf outputs on this data; the Fisher is undefined there.")
+        V = sandwich(likelihood, kind, f, Y, samples, generator)
+        total += torch.einsum("bck,bc->bk", V, jt).square().sum().item()
+        run.n += len(X)
+    return total * run.scale()

@@ -1,0 +1,223 @@
+"""Output models ("likelihoods") p(y | f) and their output-space Fisher Λ(f).
+
+Every Fisher in fisherlens is the pull-back ``J_nᵀ Λ(f_n) J_n`` of an output-space
+Fisher Λ (SCIENCE §2).  A likelihood knows
+
+* ``loss(f, y)``      per-sample negative log-likelihood (up to a y-independent constant), ``(B,)``;
+* ``sqrt_fisher(f)``  a square root ``S`` with ``S Sᵀ = Λ(f)``, ``(B, C, C)``;
+* ``fisher_out(f)``   ``Λ(f)`` itself, ``(B, C, C)``;
+* ``sample(f, k, generator)``  ``k`` labels per input drawn from p(y | f), ``(k, B, ...)``;
+* ``kl(f, g)``        per-sample KL(p(·|f) ‖ p(·|g)), used by the KL self-test.
+
+Shapes: ``f`` is always ``(B, C)``; labels are validated by ``check_targets``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+
+__all__ = ["Likelihood", "Gaussian", "Categorical", "Bernoulli", "LossInduced"]
+
+
+class Likelihood:
+    """Base class of the output models.  Subclasses define the methods listed in the module doc."""
+
+    #: whether ``Λ(f)`` exists (kind="true" and kind="mc" need it).
+    has_fisher: bool = True
+
+    def loss(self, f: Tensor, y: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def sqrt_fisher(self, f: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def fisher_out(self, f: Tensor) -> Tensor:
+        s = self.sqrt_fisher(f)
+        return s @ s.transpose(-1, -2)
+
+    def sample(self, f: Tensor, k: int, generator: torch.Generator | None = None) -> Tensor:
+        raise NotImplementedError
+
+    def kl(self, f: Tensor, g: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def check_targets(self, f: Tensor, y: Tensor) -> Tensor:
+        """Validate labels against outputs ``f (B, C)``; return them in the form ``loss`` expects."""
+        return y
+
+    def residual(self, f: Tensor, y: Tensor) -> Tensor:
+        """``r_n = ∂ℓ(f_n, y_n)/∂f_n``, shape ``(B, C)``; batched autograd, no loop over samples."""
+        with torch.enable_grad():
+            f = f.detach().requires_grad_(True)
+            (r,) = torch.autograd.grad(self.loss(f, y).sum(), f)
+        return r
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class Gaussian(Likelihood):
+    r"""Isotropic Gaussian ``N(y; f, σ² I)``: ``Λ = I/σ²``, ``S = I/σ``, loss ``‖f − y‖²/(2σ²)``."""
+
+    def __init__(self, sigma: float = 1.0):
+        sigma = float(sigma)
+        if not sigma > 0 or not torch.isfinite(torch.tensor(sigma)):
+            raise ValueError(f"Gaussian(sigma={sigma}): sigma must be a positive finite number.")
+        self.sigma = sigma
+
+    def loss(self, f, y):
+        return 0.5 * ((f - y) ** 2).sum(-1) / self.sigma**2
+
+    def sqrt_fisher(self, f):
+        eye = torch.eye(f.shape[-1], dtype=f.dtype, device=f.device) / self.sigma
+        return eye.expand(f.shape[0], -1, -1)
+
+    def sample(self, f, k, generator=None):
+        noise = torch.randn((k, *f.shape), generator=generator, dtype=f.dtype, device=f.device)
+        return f.detach() + self.sigma * noise
+
+    def kl(self, f, g):
+        return 0.5 * ((f - g) ** 2).sum(-1) / self.sigma**2
+
+    def check_targets(self, f, y):
+        if not torch.is_floating_point(y):
+            y = y.to(f.dtype)
+        if y.dim() == 1 and f.shape[-1] == 1:
+            y = y[:, None]
+        if y.shape != f.shape:
+            raise ValueError(
+                f"Gaussian targets must have the outputs' shape {tuple(f.shape)}, got {tuple(y.shape)}. "
+                "For class labels use fl.Categorical(), or one-hot encode them."
+            )
+        return y.to(f.dtype)
+
+    def __repr__(self):
+        return f"Gaussian(sigma={self.sigma})"
+
+
+class Categorical(Likelihood):
+    r"""Softmax classifier on logits ``f``: ``π = softmax(f)``, ``Λ = diag(π) − π πᵀ``.
+
+    Square root ``S = diag(√π) − π √πᵀ`` (check: ``S Sᵀ = diag(π) − 2ππᵀ + π(Σπ)πᵀ = Λ``).
+    Labels: integer classes ``(B,)`` in ``[0, C)`` or probability vectors ``(B, C)``.
+    """
+
+    def loss(self, f, y):
+        logp = F.log_softmax(f, dim=-1)
+        if y.dtype == torch.long:
+            return -logp.gather(-1, y[:, None])[:, 0]
+        return -(y * logp).sum(-1)
+
+    def sqrt_fisher(self, f):
+        p = torch.softmax(f, dim=-1)
+        sp = p.sqrt()
+        return torch.diag_embed(sp) - p[:, :, None] * sp[:, None, :]
+
+    def fisher_out(self, f):
+        p = torch.softmax(f, dim=-1)
+        return torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+
+    def sample(self, f, k, generator=None):
+        p = torch.softmax(f.detach(), dim=-1)
+        return torch.multinomial(p, k, replacement=True, generator=generator).T.contiguous()
+
+    def kl(self, f, g):
+        lf, lg = F.log_softmax(f, -1), F.log_softmax(g, -1)
+        return (lf.exp() * (lf - lg)).sum(-1)
+
+    def check_targets(self, f, y):
+        C = f.shape[-1]
+        if C < 2:
+            raise ValueError(
+                "Categorical needs at least 2 outputs (logits); for one logit use fl.Bernoulli()."
+            )
+        if torch.is_floating_point(y) and y.dim() == 2:
+            if y.shape != f.shape:
+                raise ValueError(f"Probability targets must have shape {tuple(f.shape)}, got {tuple(y.shape)}.")
+            if (y < 0).any() or not torch.allclose(y.sum(-1), torch.ones_like(y[:, 0]), atol=1e-5):
+                raise ValueError("Probability targets must be non-negative and sum to 1 per row.")
+            return y.to(f.dtype)
+        if torch.is_floating_point(y):
+            if not torch.equal(y, y.round()):
+                raise ValueError("Categorical labels must be integer class indices (or (B, C) probabilities).")
+        y = y.reshape(-1).long()
+        if y.shape[0] != f.shape[0]:
+            raise ValueError(f"Got {y.shape[0]} labels for {f.shape[0]} inputs.")
+        if y.numel() and (y.min() < 0 or y.max() >= C):
+            raise ValueError(
+                f"Class labels must lie in [0, {C}) for a model with {C} outputs; "
+                f"got values in [{int(y.min())}, {int(y.max())}]."
+            )
+        return y
+
+
+class Bernoulli(Likelihood):
+    r"""One logit ``f (B, 1)``: ``π = sigmoid(f)``, ``Λ = π(1 − π)``, ``S = √(π(1 − π))``.
+
+    Labels in ``{0, 1}`` (or probabilities in ``[0, 1]``), shape ``(B,)`` or ``(B, 1)``.
+    """
+
+    def loss(self, f, y):
+        return F.binary_cross_entropy_with_logits(f, y, reduction="none").sum(-1)
+
+    def sqrt_fisher(self, f):
+        p = torch.sigmoid(f)
+        return (p * (1 - p)).sqrt()[:, :, None]
+
+    def sample(self, f, k, generator=None):
+        p = torch.sigmoid(f.detach()).expand(k, *f.shape)
+        return torch.bernoulli(p, generator=generator)
+
+    def kl(self, f, g):
+        pf = torch.sigmoid(f)
+        return (pf * (F.logsigmoid(f) - F.logsigmoid(g)) + (1 - pf) * (F.logsigmoid(-f) - F.logsigmoid(-g))).sum(-1)
+
+    def check_targets(self, f, y):
+        if f.shape[-1] != 1:
+            raise ValueError(
+                f"Bernoulli needs a model with one output (a logit); this one has {f.shape[-1]}. "
+                "For several classes use fl.Categorical()."
+            )
+        y = y.reshape(-1, 1).to(f.dtype)
+        if y.shape[0] != f.shape[0]:
+            raise ValueError(f"Got {y.shape[0]} labels for {f.shape[0]} inputs.")
+        if ((y < 0) | (y > 1)).any():
+            raise ValueError("Bernoulli labels must lie in [0, 1] (usually 0 or 1).")
+        return y
+
+
+class LossInduced(Likelihood):
+    r"""The model ``p(y | f) ∝ exp(−ℓ(f, y))`` of seed 000 §3.2.5, defined by a loss only.
+
+    Its normaliser is unknown, so only the empirical Fisher (``g_n = ∇_θ ℓ``) is defined.
+    ``loss(f (B, C), y) -> (B,)`` per-sample losses, e.g. from :mod:`fisherlens.losses`.
+    """
+
+    has_fisher = False
+
+    def __init__(self, loss: Callable[[Tensor, Tensor], Tensor]):
+        if not callable(loss):
+            raise TypeError(f"LossInduced(loss) needs a callable loss(f, y) -> per-sample losses, got {loss!r}.")
+        self._loss = loss
+
+    def loss(self, f, y):
+        out = self._loss(f, y)
+        if out.shape != f.shape[:1]:
+            raise ValueError(
+                f"The loss must return one value per sample, shape ({f.shape[0]},); got {tuple(out.shape)}. "
+                "Use reduction='none' or sum over the output dimension only."
+            )
+        return out
+
+    def check_targets(self, f, y):
+        if y.shape[0] != f.shape[0]:
+            raise ValueError(f"Got {y.shape[0]} targets for {f.shape[0]} inputs.")
+        return y.to(f.dtype) if torch.is_floating_point(y) else y
+
+    def __repr__(self):
+        return f"LossInduced({getattr(self._loss, '__name__', repr(self._loss))})"

@@ -1,0 +1,172 @@
+"""Empirical neural tangent kernel and the Fisher–NTK trace relation of seed 000 §5.1.
+
+Convention (SCIENCE §4): ``Θ_{nm,ab} = ∇_θ f_a(x_n) · ∇_θ f_b(x_m)``, shape ``(N, M, C, C)``, **summed over
+parameters and not averaged over outputs** (neural-tangents averages over outputs by default; we do not).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._core import (
+    WORK_BUDGET,
+    FunctionalModel,
+    batch_stats,
+    check_choice,
+    check_dense,
+    check_kind,
+    forward_checked,
+    identity_sandwich,
+    iter_batches,
+    sandwich,
+)
+
+Tensor = torch.Tensor
+
+__all__ = ["ntk", "ntk_trace", "fisher_ntk_trace", "TraceRelation"]
+
+
+def _inputs(x, fm: FunctionalModel) -> Tensor:
+    if isinstance(x, (tuple, list)) and x and isinstance(x[0], Tensor):
+        x = x[0]
+    if not isinstance(x, Tensor):
+        raise TypeError(f"ntk needs input tensors (N, ...); got {type(x).__name__}. Use ntk_trace for data streams.")
+    if x.dim() == 0 or len(x) == 0:
+        raise ValueError("ntk needs at least one input.")
+    return x.to(fm.device, fm.dtype) if torch.is_floating_point(x) else x.to(fm.device)
+
+
+def _jacobians(fm: FunctionalModel, x: Tensor, step: int, engine: str):
+    """Yield ``(start, J (b, C, P))`` for chunks of ``x``: per-sample Jacobians, rows of the NTK."""
+    for i in range(0, len(x), step):
+        _, _, st = batch_stats(fm, x[i : i + step], identity_sandwich, {"rows"}, engine)
+        yield i, torch.cat([st.rows[n] for n in fm.names], dim=-1)
+
+
+def ntk(
+    model, x1, x2=None, *, params=None, batch_size: int | None = None, engine: str = "auto",
+    max_memory: int | None = None,
+) -> Tensor:
+    """Empirical NTK ``Θ (N1, N2, C, C)``, ``Θ_{nm,ab} = ∇_θ f_a(x1_n) · ∇_θ f_b(x2_m)``.
+
+    Args:
+        model: module mapping ``(B, ...)`` inputs to ``(B, C)`` outputs.
+        x1: inputs ``(N1, ...)``; x2: inputs ``(N2, ...)``, default ``x1``.
+        params: parameter subset (names, module prefixes or tensors); default all trainable.
+        batch_size: inputs per Jacobian chunk (default: as many as fit a 512 MiB working budget).
+        engine: ``"auto"``, ``"layerwise"`` or ``"functional"`` (see :func:`fisherlens.fisher_diag`).
+        max_memory: largest size of the result in bytes (default half the available memory).
+
+    Returns:
+        Tensor ``(N1, N2, C, C)``; summed over parameters, not averaged over outputs.
+    """
+    fm = FunctionalModel(model, params)
+    x1 = _inputs(x1, fm)
+    x2 = x1 if x2 is None else _inputs(x2, fm)
+    with torch.no_grad():
+        C = forward_checked(fm, fm.params, x1[:1]).shape[-1]
+    item = fm.params[fm.names[0]].element_size()
+    check_dense(
+        f"ntk of {len(x1)}×{len(x2)} inputs with C={C}", len(x1) * len(x2) * C * C, item,
+        "Use fl.ntk_trace, or fewer inputs", max_memory,
+    )
+    step = batch_size or max(1, WORK_BUDGET // (2 * C * fm.P * item))
+    out = torch.empty(len(x1), len(x2), C, C, dtype=fm.dtype, device=fm.device)
+    if x2 is x1 and len(x1) <= step:  # everything in one chunk: one Jacobian pass
+        _, J = next(_jacobians(fm, x1, step, engine))
+        return torch.einsum("nap,mbp->nmab", J, J)
+    for i, Ji in _jacobians(fm, x1, step, engine):
+        for j, Jj in _jacobians(fm, x2, step, engine):
+            out[i : i + len(Ji), j : j + len(Jj)] = torch.einsum("nap,mbp->nmab", Ji, Jj)
+    return out
+
+
+def ntk_trace(model, x, *, params=None, reduction: str = "sum", batch_size=None, engine="auto") -> float:
+    """Trace of the NTK, ``tr Θ = Σ_n Σ_a ‖∇_θ f_a(x_n)‖²`` (``reduction="mean"`` divides by N).
+
+    ``x`` is an input tensor ``(N, ...)`` or any ``data`` accepted elsewhere (labels are ignored); streamed,
+    and on the fast path no Jacobian is materialised.
+    """
+    check_choice("reduction", reduction, ("mean", "sum"))
+    fm = FunctionalModel(model, params)
+    total, n = 0.0, 0
+    for X, _ in iter_batches(x, fm, need_y=False, batch_size=batch_size):
+        _, _, st = batch_stats(fm, X, identity_sandwich, {"sqnorm"}, engine)
+        total += math.fsum(s.sum().item() for s in st.sqnorm.values())
+        n += len(X)
+    return total / n if reduction == "mean" else total
+
+
+class TraceRelation(float):
+    """The Fisher–NTK trace relation (seed 000 eq 5.1.2): a float equal to ``tr F``, with both sides.
+
+    Attributes (all means over the N inputs):
+        fisher_trace: ``tr F`` computed directly, ``(1/N) Σ_n ‖V_nᵀ J_n‖²`` (empirical: ``(1/N) Σ ‖g_n‖²``).
+        ntk_side: the right-hand side ``(1/N) Σ_n tr(V_nᵀ Θ_nn V_n)`` — ``(1/N) Σ r_nᵀ Θ_nn r_n`` for the
+            empirical Fisher, ``(1/N) Σ tr(Λ_n Θ_nn)`` for the true Fisher; equal to ``fisher_trace``.
+        ntk_trace: ``(1/N) Σ_n tr Θ_nn``, the NTK alone.
+        ratio: ``fisher_trace / ntk_trace``; constant over training when the NTK alone explains tr F.
+        per_sample: optional ``(fisher (N,), ntk (N,))`` per-input traces (``per_sample=True``).
+    """
+
+    fisher_trace: float
+    ntk_side: float
+    ntk_trace: float
+    per_sample: tuple[Tensor, Tensor] | None
+
+    def __new__(cls, fisher_trace, ntk_side, ntk_trace, per_sample=None):
+        obj = super().__new__(cls, fisher_trace)
+        obj.fisher_trace, obj.ntk_side, obj.ntk_trace = fisher_trace, ntk_side, ntk_trace
+        obj.per_sample = per_sample
+        return obj
+
+    @property
+    def ratio(self) -> float:
+        return self.fisher_trace / self.ntk_trace if self.ntk_trace else math.nan
+
+    def __repr__(self):
+        return (
+            f"TraceRelation(fisher_trace={self.fisher_trace:.6g}, ntk_side={self.ntk_side:.6g}, "
+            f"ntk_trace={self.ntk_trace:.6g}, ratio={self.ratio:.6g})"
+        )
+
+
+def fisher_ntk_trace(
+    model, data, likelihood, kind: str = "empirical", *, params=None, samples: int = 1, generator=None,
+    batch_size=None, engine: str = "auto", per_sample: bool = False,
+) -> TraceRelation:
+    """Both sides of ``tr F = (1/N) Σ_n tr(V_nᵀ Θ_nn V_n)`` (SCIENCE §4), plus ``tr Θ`` alone.
+
+    One backward pass per batch with the C identity columns and the K sandwich columns side by side
+    gives the per-sample Gram ``[I V]ᵀ J_n J_nᵀ [I V]``: its ``I`` block is ``Θ_nn``, its ``V`` block's trace
+    the direct ``tr F_n``.  Arguments as in :func:`fisherlens.fisher_trace`; ``per_sample=True`` also
+    returns the per-input traces (memory O(N)).
+    """
+    check_kind(likelihood, kind)
+    fm = FunctionalModel(model, params)
+    fis = side = ntr = 0.0
+    n = 0
+    keep: list[tuple[Tensor, Tensor]] = []
+    for X, Y in iter_batches(data, fm, need_y=kind == "empirical", batch_size=batch_size):
+        holder = {}
+
+        def make_v(f, Y=Y, holder=holder):
+            V = sandwich(likelihood, kind, f, Y, samples, generator)
+            holder["V"] = V
+            return torch.cat([identity_sandwich(f), V], dim=-1)
+
+        f, _, st = batch_stats(fm, X, make_v, {"gram"}, engine)
+        C, V = f.shape[-1], holder["V"]
+        theta = st.gram[:, :C, :C]
+        direct = st.gram[:, C:, C:].diagonal(dim1=-2, dim2=-1).sum(-1)  # (B,)
+        fis += direct.sum().item()
+        side += torch.einsum("bck,bcd,bdk->", V, theta, V).item()
+        tr_theta = theta.diagonal(dim1=-2, dim2=-1).sum(-1)
+        ntr += tr_theta.sum().item()
+        n += len(X)
+        if per_sample:
+            keep.append((direct, tr_theta))
+    ps = (torch.cat([a for a, _ in keep]), torch.cat([b for _, b in keep])) if per_sample else None
+    return TraceRelation(fis / n, side / n, ntr / n, ps)
