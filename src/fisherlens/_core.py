@@ -476,6 +476,35 @@ def batch_stats(
     return f.detach(), V, stats
 
 
+def rows_numel(fm: FunctionalModel, want: set[str], engine: str) -> int:
+    """Parameters whose rows get materialised: all for ``rows``/functional, else all but single-use Linear."""
+    if "rows" in want or engine == "functional":
+        return fm.P
+    simple = sum(fm.sizes[n] for n, (_, mods) in _plan(fm).owned.items() if len(mods) == 1)
+    return max(1, fm.P - simple)
+
+
+def stream(
+    fm: FunctionalModel, data, make_v, want: set[str], *, need_y: bool, columns,
+    batch_size: int | None = None, engine: str = "auto",
+) -> Iterator[tuple[int, Tensor, Tensor, Stats]]:
+    """Stream ``data`` and yield ``(n, f, V, stats)`` per chunk, ``V = make_v(f, Y)`` with
+    ``columns(C)`` columns per sample.  Batches are split so that materialised rows fit
+    :data:`WORK_BUDGET`; nothing is accumulated across chunks."""
+    numel = rows_numel(fm, want, engine)
+    item = fm.params[fm.names[0]].element_size()
+    k = None
+    for X, Y in iter_batches(data, fm, need_y=need_y, batch_size=batch_size):
+        if k is None:
+            with torch.no_grad():
+                k = columns(forward_checked(fm, fm.params, X[:1]).shape[-1])
+        step = max(1, WORK_BUDGET // max(1, k * numel * item))
+        for i in range(0, len(X), step):
+            Xc, Yc = X[i : i + step], None if Y is None else Y[i : i + step]
+            f, V, st = batch_stats(fm, Xc, lambda f, Yc=Yc: make_v(f, Yc), want, engine)
+            yield len(Xc), f, V, st
+
+
 def _tap_grads(calls: list[_Call], f: Tensor, V: Tensor) -> list[Tensor]:
     """Output gradients of every recorded call for each sandwich column: ``(K, B, ...)`` each."""
     K = V.shape[-1]
@@ -488,7 +517,8 @@ def _tap_grads(calls: list[_Call], f: Tensor, V: Tensor) -> list[Tensor]:
         gs = [None if g is None else g[None] for g in gs]
     else:
         gs = torch.autograd.grad(f, taps, cot, allow_unused=True, is_grads_batched=True)
-    return [torch.zeros(K, *t.shape, dtype=t.dtype, device=t.device) if g is None else g for g, t in zip(gs, taps)]
+    zero = [torch.zeros(K, *t.shape, dtype=t.dtype, device=t.device) for t in taps]
+    return [z if g is None else g for g, z in zip(gs, zero, strict=True)]
 
 
 def _layerwise(fm, owned, calls, f, V, want, stats: Stats) -> None:
@@ -516,7 +546,7 @@ def _layerwise(fm, owned, calls, f, V, want, stats: Stats) -> None:
                 gg = torch.einsum("kbo,lbo->bkl", g, g)
                 stats.add_gram(gg if which == "bias" else gg * a2.sum(-1)[:, None, None])
             continue
-        r = sum(_call_rows(c, grads[i], which) for c, i in zip(sub, idx)).transpose(0, 1)  # (B, K, numel)
+        r = sum(_call_rows(c, grads[i], which) for c, i in zip(sub, idx, strict=True)).transpose(0, 1)  # (B, K, numel)
         stats.add_rows(n, r, want, fm.shapes[n])
 
 
@@ -543,7 +573,7 @@ def _verify(fm: FunctionalModel, plan: _Plan, X: Tensor) -> None:
     V = w[:, :, None]
     grads = _tap_grads(rec.calls, f, V)
     bad = []
-    for n, t in zip(names, true):
+    for n, t in zip(names, true, strict=True):
         which, mods = owned[n]
         ids = {id(m) for m in mods}
         idx = [i for i, c in enumerate(rec.calls) if id(c.module) in ids]

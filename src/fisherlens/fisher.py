@@ -22,16 +22,16 @@ import torch
 from torch.func import jvp
 
 from ._core import (
+    ENGINES,
     REDUCTIONS,
-    WORK_BUDGET,
     FunctionalModel,
-    batch_stats,
     check_choice,
     check_dense,
     check_kind,
     forward_checked,
     iter_batches,
     sandwich,
+    stream,
 )
 
 Tensor = torch.Tensor
@@ -40,11 +40,12 @@ __all__ = ["fisher_matrix", "fisher_diag", "fisher_trace", "fisher_blocks", "fis
 
 
 class _Run:
-    """Validated arguments shared by every Fisher reduction, and the batch stream they drive."""
+    """Validated arguments shared by every Fisher reduction, and the chunk stream they drive."""
 
     def __init__(self, model, data, likelihood, kind, params, reduction, samples, generator, batch_size, engine):
         check_kind(likelihood, kind)
         check_choice("reduction", reduction, REDUCTIONS)
+        check_choice("engine", engine, ENGINES)
         if not isinstance(samples, int) or isinstance(samples, bool) or samples < 1:
             raise ValueError(f"samples must be a positive integer (label draws per input), got {samples!r}.")
         if generator is not None and not isinstance(generator, torch.Generator):
@@ -55,37 +56,26 @@ class _Run:
         self.batch_size, self.engine = batch_size, engine
         self.n = 0
 
-    def make_v(self, y):
-        """The sandwich for a chunk with labels ``y`` (used only by ``kind="empirical"``)."""
-        return lambda f: sandwich(self.lik, self.kind, f, y, self.samples, self.generator)
+    def v(self, f, y):
+        """The kind's sandwich ``V (B, C, K)``; labels ``y`` are used only by ``kind="empirical"``."""
+        return sandwich(self.lik, self.kind, f, y, self.samples, self.generator)
 
-    def chunks(self, want: set[str], rows_numel: int | None = None):
-        """Yield ``(f, V, stats)`` per chunk, sized so materialised rows fit :data:`WORK_BUDGET`."""
-        fm = self.fm
-        numel = fm.P if rows_numel is None else rows_numel
-        for X, Y in iter_batches(self.data, fm, need_y=self.kind == "empirical", batch_size=self.batch_size):
-            k = self.samples if self.kind == "mc" else 1 if self.kind == "empirical" else None
-            if k is None:  # true Fisher: K = C, learnt from one sample
-                with torch.no_grad():
-                    k = forward_checked(fm, fm.params, X[:1]).shape[-1]
-            step = max(1, WORK_BUDGET // max(1, k * numel * fm.params[fm.names[0]].element_size()))
-            for i in range(0, len(X), step):
-                Xc, Yc = X[i : i + step], None if Y is None else Y[i : i + step]
-                self.n += len(Xc)
-                yield batch_stats(fm, Xc, self.make_v(Yc), want, self.engine)
+    def columns(self, C: int) -> int:
+        """K, the sandwich's columns per sample, for a model with C outputs."""
+        return {"mc": self.samples, "empirical": 1}.get(self.kind, C)
+
+    def chunks(self, want: set[str], make_v=None, columns=None):
+        """Yield ``(f, V, stats)`` per chunk of the data (see :func:`fisherlens._core.stream`);
+        ``make_v``/``columns`` replace the kind's sandwich and its column count."""
+        for n, f, V, st in stream(
+            self.fm, self.data, make_v or self.v, want, need_y=self.kind == "empirical",
+            columns=columns or self.columns, batch_size=self.batch_size, engine=self.engine,
+        ):
+            self.n += n
+            yield f, V, st
 
     def scale(self) -> float:
         return 1.0 / self.n if self.reduction == "mean" else 1.0
-
-
-def _rows_numel(run: _Run, want_rows: bool) -> int:
-    """Parameters whose rows get materialised (all for dense; else all but single-use Linear layers)."""
-    if want_rows or run.engine == "functional":
-        return run.fm.P
-    from ._core import _plan  # local: the plan is an engine detail
-
-    simple = sum(run.fm.sizes[n] for n, (_, mods) in _plan(run.fm).owned.items() if len(mods) == 1)
-    return max(1, run.fm.P - simple)
 
 
 _DOC_ARGS = """
@@ -146,7 +136,7 @@ def fisher_matrix(
 def _diag_dict(run: _Run) -> dict[str, Tensor]:
     fm = run.fm
     acc = {n: torch.zeros(fm.shapes[n], dtype=fm.dtype, device=fm.device) for n in fm.names}
-    for _, _, st in run.chunks({"diag"}, _rows_numel(run, False)):
+    for _, _, st in run.chunks({"diag"}):
         for n in fm.names:
             acc[n] += st.diag[n]
     s = run.scale()
@@ -156,7 +146,7 @@ def _diag_dict(run: _Run) -> dict[str, Tensor]:
 def _trace_dict(run: _Run) -> dict[str, float]:
     fm = run.fm
     acc = dict.fromkeys(fm.names, 0.0)
-    for _, _, st in run.chunks({"sqnorm"}, _rows_numel(run, False)):
+    for _, _, st in run.chunks({"sqnorm"}):
         for n in fm.names:
             acc[n] += st.sqnorm[n].sum().item()
     s = run.scale()
@@ -252,7 +242,7 @@ def fisher_rao_norm(
     total = 0.0
     for X, Y in iter_batches(data, fm, need_y=kind == "empirical", batch_size=batch_size):
         forward_checked(fm, fm.params, X[:1])  # clear errors before entering the transform
-        f, jt = jvp(lambda q: fm(q, X), (fm.params,), (fm.params,))
+        f, jt = jvp(lambda q, X=X: fm(q, X), (fm.params,), (fm.params,))
         if not torch.isfinite(f).all():
             raise ValueError("The model produced NaN or inf outputs on this data; the Fisher is undefined there.")
         V = sandwich(likelihood, kind, f, Y, samples, generator)

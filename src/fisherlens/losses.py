@@ -28,7 +28,9 @@ def as_targets(f: Tensor, y: Tensor) -> Tensor:
     elif y.dim() == 1 and f.shape[-1] == 1:
         y = y[:, None]
     if y.shape != f.shape:
-        raise ValueError(f"Targets must have the outputs' shape {tuple(f.shape)} (or be class labels); got {tuple(y.shape)}.")
+        raise ValueError(
+            f"Targets must have the outputs' shape {tuple(f.shape)} (or be class labels); got {tuple(y.shape)}."
+        )
     return y.to(f.dtype)
 
 

@@ -16,12 +16,11 @@ from ._core import (
     batch_stats,
     check_choice,
     check_dense,
-    check_kind,
     forward_checked,
     identity_sandwich,
-    iter_batches,
-    sandwich,
+    stream,
 )
+from .fisher import _Run
 
 Tensor = torch.Tensor
 
@@ -92,10 +91,13 @@ def ntk_trace(model, x, *, params=None, reduction: str = "sum", batch_size=None,
     check_choice("reduction", reduction, ("mean", "sum"))
     fm = FunctionalModel(model, params)
     total, n = 0.0, 0
-    for X, _ in iter_batches(x, fm, need_y=False, batch_size=batch_size):
-        _, _, st = batch_stats(fm, X, identity_sandwich, {"sqnorm"}, engine)
+    chunks = stream(
+        fm, x, lambda f, _: identity_sandwich(f), {"sqnorm"}, need_y=False, columns=lambda C: C,
+        batch_size=batch_size, engine=engine,
+    )
+    for b, _, _, st in chunks:
         total += math.fsum(s.sum().item() for s in st.sqnorm.values())
-        n += len(X)
+        n += b
     return total / n if reduction == "mean" else total
 
 
@@ -144,29 +146,22 @@ def fisher_ntk_trace(
     the direct ``tr F_n``.  Arguments as in :func:`fisherlens.fisher_trace`; ``per_sample=True`` also
     returns the per-input traces (memory O(N)).
     """
-    check_kind(likelihood, kind)
-    fm = FunctionalModel(model, params)
+    run = _Run(model, data, likelihood, kind, params, "mean", samples, generator, batch_size, engine)
     fis = side = ntr = 0.0
-    n = 0
     keep: list[tuple[Tensor, Tensor]] = []
-    for X, Y in iter_batches(data, fm, need_y=kind == "empirical", batch_size=batch_size):
-        holder = {}
 
-        def make_v(f, Y=Y, holder=holder):
-            V = sandwich(likelihood, kind, f, Y, samples, generator)
-            holder["V"] = V
-            return torch.cat([identity_sandwich(f), V], dim=-1)
+    def make_v(f, _):
+        return torch.cat([identity_sandwich(f), run.v(f, _)], dim=-1)
 
-        f, _, st = batch_stats(fm, X, make_v, {"gram"}, engine)
-        C, V = f.shape[-1], holder["V"]
-        theta = st.gram[:, :C, :C]
-        direct = st.gram[:, C:, C:].diagonal(dim1=-2, dim2=-1).sum(-1)  # (B,)
+    for f, W, st in run.chunks({"gram"}, make_v, columns=lambda C: C + run.columns(C)):
+        C = f.shape[-1]
+        V, theta = W[:, :, C:], st.gram[:, :C, :C]
+        direct = st.gram[:, C:, C:].diagonal(dim1=-2, dim2=-1).sum(-1)  # (B,) tr F_n
+        tr_theta = theta.diagonal(dim1=-2, dim2=-1).sum(-1)  # (B,) tr Θ_nn
         fis += direct.sum().item()
         side += torch.einsum("bck,bcd,bdk->", V, theta, V).item()
-        tr_theta = theta.diagonal(dim1=-2, dim2=-1).sum(-1)
         ntr += tr_theta.sum().item()
-        n += len(X)
         if per_sample:
             keep.append((direct, tr_theta))
     ps = (torch.cat([a for a, _ in keep]), torch.cat([b for _, b in keep])) if per_sample else None
-    return TraceRelation(fis / n, side / n, ntr / n, ps)
+    return TraceRelation(fis / run.n, side / run.n, ntr / run.n, ps)
