@@ -517,8 +517,8 @@ def _tap_grads(calls: list[_Call], f: Tensor, V: Tensor) -> list[Tensor]:
         gs = [None if g is None else g[None] for g in gs]
     else:
         gs = torch.autograd.grad(f, taps, cot, allow_unused=True, is_grads_batched=True)
-    zero = [torch.zeros(K, *t.shape, dtype=t.dtype, device=t.device) for t in taps]
-    return [z if g is None else g for g, z in zip(gs, zero, strict=True)]
+    return [torch.zeros(K, *t.shape, dtype=t.dtype, device=t.device) if g is None else g
+            for g, t in zip(gs, taps, strict=True)]
 
 
 def _layerwise(fm, owned, calls, f, V, want, stats: Stats) -> None:
