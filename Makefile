@@ -10,7 +10,7 @@ OUT    ?= runs/demo
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --upgrade pip >/dev/null
+	$(PY) -m pip install -q --upgrade pip || true
 	# A CPU build of torch first, so that torch>=2.4 below does not pull CUDA wheels.
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "torch==2.13.0"
 	$(PY) -m pip install -e ".[dev]"

@@ -150,9 +150,10 @@ class FunctionalModel:
             chosen = [n for n in named if n in wanted]
         self.names: list[str] = chosen
         self.tensors: dict[str, Tensor] = {n: named[n] for n in chosen}
-        for n, p in self.tensors.items():
-            if not torch.isfinite(p).all():
-                raise ValueError(f"Parameter '{n}' contains NaN or inf; the Fisher is undefined there.")
+        if not torch.isfinite(torch.stack([p.detach().sum() for p in self.tensors.values()])).all():
+            for n, p in self.tensors.items():  # name the culprit (a finite overflow of the sum is fine)
+                if not torch.isfinite(p).all():
+                    raise ValueError(f"Parameter '{n}' contains NaN or inf; the Fisher is undefined there.")
         self.params: dict[str, Tensor] = {n: p.detach() for n, p in self.tensors.items()}
         self.shapes = {n: p.shape for n, p in self.params.items()}
         self.sizes = {n: p.numel() for n, p in self.params.items()}
@@ -362,13 +363,24 @@ class _Plan:
     """Which selected parameters the layerwise engine owns: name -> (attribute, [modules])."""
 
     owned: dict[str, tuple[str, list[nn.Module]]] = field(default_factory=dict)
-    verified: set = field(default_factory=set)
+    verified: set = field(default_factory=set)  # (input shape, dtype) signatures already checked
+    out_dim: dict = field(default_factory=dict)  # (input shape, dtype) -> C
 
 
+#: model -> {(name, id(tensor)) selection: plan}; the verification result lives as long as the model.
 _PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _plan(fm: FunctionalModel) -> _Plan:
+    """The cached plan for this model and parameter selection (module structure walked once)."""
+    key = tuple((n, id(t)) for n, t in fm.tensors.items())
+    plans = _PLANS.setdefault(fm.model, {})
+    if key not in plans:
+        plans[key] = _make_plan(fm)
+    return plans[key]
+
+
+def _make_plan(fm: FunctionalModel) -> _Plan:
     ids = {id(t): n for n, t in fm.tensors.items()}
     owners: dict[str, tuple[str, list]] = {}
     foreign: set[str] = set()
@@ -444,17 +456,17 @@ def batch_stats(
     """Forward ``X``, build ``V = make_v(f)``; return ``(f, V, stats)`` for ``want`` ⊆ {diag, sqnorm, gram, rows}."""
     check_choice("engine", engine, ENGINES)
     plan = _plan(fm) if engine != "functional" else _Plan()
-    owned = dict(plan.owned)
+    owned = plan.owned
+    if owned and (tuple(X.shape[1:]), X.dtype) not in plan.verified:
+        _verify(fm, plan, X)
+        plan.verified.add((tuple(X.shape[1:]), X.dtype))
     if engine == "layerwise" and len(owned) < len(fm.names):
         missing = [n for n in fm.names if n not in owned]
-        raise ValueError(f"engine='layerwise' cannot handle parameters {missing}; use engine='auto'.")
+        raise ValueError(
+            f"engine='layerwise' handles only parameters of Linear/Conv1d/Conv2d layers used through them; "
+            f"not {missing}. Use engine='auto'."
+        )
     stats = Stats()
-    if owned:
-        key = (tuple(fm.names), tuple(X.shape[1:]), X.dtype)
-        if key not in plan.verified:
-            _verify(fm, plan, X)
-            plan.verified.add(key)
-            owned = dict(plan.owned)
     if not owned:
         with torch.no_grad():
             f = forward_checked(fm, fm.params, X)
@@ -474,6 +486,16 @@ def batch_stats(
         for n in rest:
             stats.add_rows(n, rows[n].reshape(*V.shape[::2], -1), want, fm.shapes[n])
     return f.detach(), V, stats
+
+
+def output_dim(fm: FunctionalModel, X: Tensor) -> int:
+    """C for inputs like ``X``: one forward of one sample, remembered per model and input shape."""
+    cache = _plan(fm).out_dim
+    key = (tuple(X.shape[1:]), X.dtype)
+    if key not in cache:
+        with torch.no_grad():
+            cache[key] = forward_checked(fm, fm.params, X[:1]).shape[-1]
+    return cache[key]
 
 
 def rows_numel(fm: FunctionalModel, want: set[str], engine: str) -> int:
@@ -496,8 +518,7 @@ def stream(
     k = None
     for X, Y in iter_batches(data, fm, need_y=need_y, batch_size=batch_size):
         if k is None:
-            with torch.no_grad():
-                k = columns(forward_checked(fm, fm.params, X[:1]).shape[-1])
+            k = columns(output_dim(fm, X))
         step = max(1, WORK_BUDGET // max(1, k * numel * item))
         for i in range(0, len(X), step):
             Xc, Yc = X[i : i + step], None if Y is None else Y[i : i + step]

@@ -16,8 +16,8 @@ from ._core import (
     batch_stats,
     check_choice,
     check_dense,
-    forward_checked,
     identity_sandwich,
+    output_dim,
     stream,
 )
 from .fisher import _Run
@@ -64,8 +64,7 @@ def ntk(
     fm = FunctionalModel(model, params)
     x1 = _inputs(x1, fm)
     x2 = x1 if x2 is None else _inputs(x2, fm)
-    with torch.no_grad():
-        C = forward_checked(fm, fm.params, x1[:1]).shape[-1]
+    C = output_dim(fm, x1)
     item = fm.params[fm.names[0]].element_size()
     check_dense(
         f"ntk of {len(x1)}×{len(x2)} inputs with C={C}", len(x1) * len(x2) * C * C, item,
