@@ -420,6 +420,7 @@ class Stats:
     """Per-batch statistics of the factor rows, only those requested.
 
     * ``diag``:   ``dict[name, Σ_{b,k} G_bk² (shape of the parameter)]``
+    * ``diagk``:  ``dict[name, (K, *shape)]``, the same per sandwich column ``Σ_b G_bk²``
     * ``sqnorm``: ``dict[name, (B, K)]`` per-sample, per-column ``‖G_bk‖²`` over that parameter
     * ``gram``:   ``(B, K, K)`` per-sample ``G_b G_bᵀ`` summed over the selected parameters
     * ``rows``:   ``dict[name, (B, K, numel)]``
@@ -427,6 +428,7 @@ class Stats:
 
     def __init__(self):
         self.diag: dict[str, Tensor] = {}
+        self.diagk: dict[str, Tensor] = {}
         self.sqnorm: dict[str, Tensor] = {}
         self.gram: Tensor | None = None
         self.rows: dict[str, Tensor] = {}
@@ -435,6 +437,8 @@ class Stats:
         """Record the statistics of materialised rows ``r (B, K, numel)`` of parameter ``n``."""
         if "diag" in want:
             self.diag[n] = (r**2).sum((0, 1)).reshape(shape)
+        if "diagk" in want:
+            self.diagk[n] = (r**2).sum(0).reshape(r.shape[1], *shape)
         if "sqnorm" in want:
             self.sqnorm[n] = (r**2).sum(-1)
         if "gram" in want:
@@ -453,7 +457,10 @@ def batch_stats(
     want: set[str],
     engine: str = "auto",
 ) -> tuple[Tensor, Tensor, Stats]:
-    """Forward ``X``, build ``V = make_v(f)``; return ``(f, V, stats)`` for ``want`` ⊆ {diag, sqnorm, gram, rows}."""
+    """Forward ``X``, build ``V = make_v(f)``; return ``(f, V, stats)``.
+
+    ``want`` ⊆ {diag, diagk, sqnorm, gram, rows} names the :class:`Stats` to compute.
+    """
     check_choice("engine", engine, ENGINES)
     plan = _plan(fm) if engine != "functional" else _Plan()
     owned = plan.owned
@@ -526,6 +533,51 @@ def stream(
             yield len(Xc), f, V, st
 
 
+class Run:
+    """Validated arguments shared by every Fisher reduction, and the chunk stream they drive."""
+
+    def __init__(self, model, data, likelihood, kind, params, reduction, samples, generator, batch_size, engine):
+        check_kind(likelihood, kind)
+        check_choice("reduction", reduction, REDUCTIONS)
+        check_choice("engine", engine, ENGINES)
+        if not isinstance(samples, int) or isinstance(samples, bool) or samples < 1:
+            raise ValueError(f"samples must be a positive integer (label draws per input), got {samples!r}.")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}.")
+        self.fm = FunctionalModel(model, params)
+        self.data, self.lik, self.kind = data, likelihood, kind
+        self.reduction, self.samples, self.generator = reduction, samples, generator
+        self.batch_size, self.engine = batch_size, engine
+        self.n = 0
+
+    def batches(self):
+        """Yield ``(X, Y)`` batches of the data, counting the samples in ``self.n``."""
+        for X, Y in iter_batches(self.data, self.fm, need_y=self.kind == "empirical", batch_size=self.batch_size):
+            self.n += len(X)
+            yield X, Y
+
+    def v(self, f, y):
+        """The kind's sandwich ``V (B, C, K)``; labels ``y`` are used only by ``kind="empirical"``."""
+        return sandwich(self.lik, self.kind, f, y, self.samples, self.generator)
+
+    def columns(self, C: int) -> int:
+        """K, the sandwich's columns per sample, for a model with C outputs."""
+        return {"mc": self.samples, "empirical": 1}.get(self.kind, C)
+
+    def chunks(self, want: set[str], make_v=None, columns=None):
+        """Yield ``(f, V, stats)`` per chunk of the data (see :func:`fisherlens._core.stream`);
+        ``make_v``/``columns`` replace the kind's sandwich and its column count."""
+        for n, f, V, st in stream(
+            self.fm, self.data, make_v or self.v, want, need_y=self.kind == "empirical",
+            columns=columns or self.columns, batch_size=self.batch_size, engine=self.engine,
+        ):
+            self.n += n
+            yield f, V, st
+
+    def scale(self) -> float:
+        return 1.0 / self.n if self.reduction == "mean" else 1.0
+
+
 def _tap_grads(calls: list[_Call], f: Tensor, V: Tensor) -> list[Tensor]:
     """Output gradients of every recorded call for each sandwich column: ``(K, B, ...)`` each."""
     K = V.shape[-1]
@@ -560,6 +612,8 @@ def _layerwise(fm, owned, calls, f, V, want, stats: Stats) -> None:
             if "diag" in want:
                 g2 = g.square().sum(0)  # (B, O)
                 stats.diag[n] = g2.sum(0) if which == "bias" else g2.T @ a2
+            if "diagk" in want:
+                stats.diagk[n] = g.square().sum(1) if which == "bias" else torch.einsum("kbo,bi->koi", g.square(), a2)
             if "sqnorm" in want:
                 s = g.square().sum(-1).T  # (B, K)
                 stats.sqnorm[n] = s if which == "bias" else s * a2.sum(-1)[:, None]

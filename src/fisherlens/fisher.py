@@ -21,61 +21,11 @@ import math
 import torch
 from torch.func import jvp
 
-from ._core import (
-    ENGINES,
-    REDUCTIONS,
-    FunctionalModel,
-    check_choice,
-    check_dense,
-    check_kind,
-    forward_checked,
-    iter_batches,
-    sandwich,
-    stream,
-)
+from ._core import Run, check_choice, check_dense, forward_checked, sandwich
 
 Tensor = torch.Tensor
 
 __all__ = ["fisher_matrix", "fisher_diag", "fisher_trace", "fisher_blocks", "fisher_rao_norm"]
-
-
-class _Run:
-    """Validated arguments shared by every Fisher reduction, and the chunk stream they drive."""
-
-    def __init__(self, model, data, likelihood, kind, params, reduction, samples, generator, batch_size, engine):
-        check_kind(likelihood, kind)
-        check_choice("reduction", reduction, REDUCTIONS)
-        check_choice("engine", engine, ENGINES)
-        if not isinstance(samples, int) or isinstance(samples, bool) or samples < 1:
-            raise ValueError(f"samples must be a positive integer (label draws per input), got {samples!r}.")
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}.")
-        self.fm = FunctionalModel(model, params)
-        self.data, self.lik, self.kind = data, likelihood, kind
-        self.reduction, self.samples, self.generator = reduction, samples, generator
-        self.batch_size, self.engine = batch_size, engine
-        self.n = 0
-
-    def v(self, f, y):
-        """The kind's sandwich ``V (B, C, K)``; labels ``y`` are used only by ``kind="empirical"``."""
-        return sandwich(self.lik, self.kind, f, y, self.samples, self.generator)
-
-    def columns(self, C: int) -> int:
-        """K, the sandwich's columns per sample, for a model with C outputs."""
-        return {"mc": self.samples, "empirical": 1}.get(self.kind, C)
-
-    def chunks(self, want: set[str], make_v=None, columns=None):
-        """Yield ``(f, V, stats)`` per chunk of the data (see :func:`fisherlens._core.stream`);
-        ``make_v``/``columns`` replace the kind's sandwich and its column count."""
-        for n, f, V, st in stream(
-            self.fm, self.data, make_v or self.v, want, need_y=self.kind == "empirical",
-            columns=columns or self.columns, batch_size=self.batch_size, engine=self.engine,
-        ):
-            self.n += n
-            yield f, V, st
-
-    def scale(self) -> float:
-        return 1.0 / self.n if self.reduction == "mean" else 1.0
 
 
 _DOC_ARGS = """
@@ -118,7 +68,7 @@ def fisher_matrix(
     Returns:
         Tensor ``(P, P)`` in the model's dtype.
     """
-    run = _Run(model, data, likelihood, kind, params, reduction, samples, generator, batch_size, engine)
+    run = Run(model, data, likelihood, kind, params, reduction, samples, generator, batch_size, engine)
     fm = run.fm
     item = fm.params[fm.names[0]].element_size()
     check_dense(
@@ -133,7 +83,7 @@ def fisher_matrix(
     return out * run.scale()
 
 
-def _diag_dict(run: _Run) -> dict[str, Tensor]:
+def _diag_dict(run: Run) -> dict[str, Tensor]:
     fm = run.fm
     acc = {n: torch.zeros(fm.shapes[n], dtype=fm.dtype, device=fm.device) for n in fm.names}
     for _, _, st in run.chunks({"diag"}):
@@ -143,7 +93,7 @@ def _diag_dict(run: _Run) -> dict[str, Tensor]:
     return {n: v * s for n, v in acc.items()}
 
 
-def _trace_dict(run: _Run) -> dict[str, float]:
+def _trace_dict(run: Run) -> dict[str, float]:
     fm = run.fm
     acc = dict.fromkeys(fm.names, 0.0)
     for _, _, st in run.chunks({"sqnorm"}):
@@ -167,7 +117,7 @@ def fisher_diag(
         Tensor ``(P,)`` in ``named_parameters()`` order of the selection.
     """
     check_choice("method", method, ("exact",))
-    run = _Run(model, data, likelihood, kind, params, reduction, samples, generator, batch_size, engine)
+    run = Run(model, data, likelihood, kind, params, reduction, samples, generator, batch_size, engine)
     return run.fm.flatten(_diag_dict(run))
 
 
@@ -187,7 +137,7 @@ def fisher_trace(
         float.
     """
     check_choice("method", method, ("exact",))
-    run = _Run(model, data, likelihood, kind, params, reduction, samples, generator, batch_size, engine)
+    run = Run(model, data, likelihood, kind, params, reduction, samples, generator, batch_size, engine)
     return float(math.fsum(_trace_dict(run).values()))
 
 
@@ -206,7 +156,7 @@ def fisher_blocks(
         max_memory: largest total size of the dense blocks in bytes.
     """
     check_choice("what", what, ("diag", "trace", "dense"))
-    run = _Run(model, data, likelihood, kind, params, reduction, samples, generator, batch_size, engine)
+    run = Run(model, data, likelihood, kind, params, reduction, samples, generator, batch_size, engine)
     fm = run.fm
     if what == "diag":
         return _diag_dict(run)
@@ -237,15 +187,14 @@ def fisher_rao_norm(
 
     {args}
     """
-    run = _Run(model, data, likelihood, kind, params, reduction, samples, generator, batch_size, "functional")
+    run = Run(model, data, likelihood, kind, params, reduction, samples, generator, batch_size, "functional")
     fm = run.fm
     total = 0.0
-    for X, Y in iter_batches(data, fm, need_y=kind == "empirical", batch_size=batch_size):
+    for X, Y in run.batches():
         forward_checked(fm, fm.params, X[:1])  # clear errors before entering the transform
         f, jt = jvp(lambda q, X=X: fm(q, X), (fm.params,), (fm.params,))
         if not torch.isfinite(f).all():
             raise ValueError("The model produced NaN or inf outputs on this data; the Fisher is undefined there.")
         V = sandwich(likelihood, kind, f, Y, samples, generator)
         total += torch.einsum("bck,bc->bk", V, jt).square().sum().item()
-        run.n += len(X)
     return total * run.scale()

@@ -13,6 +13,7 @@ import torch
 from ._core import (
     WORK_BUDGET,
     FunctionalModel,
+    Run,
     batch_stats,
     check_choice,
     check_dense,
@@ -20,7 +21,6 @@ from ._core import (
     output_dim,
     stream,
 )
-from .fisher import _Run
 
 Tensor = torch.Tensor
 
@@ -145,7 +145,7 @@ def fisher_ntk_trace(
     the direct ``tr F_n``.  Arguments as in :func:`fisherlens.fisher_trace`; ``per_sample=True`` also
     returns the per-input traces (memory O(N)).
     """
-    run = _Run(model, data, likelihood, kind, params, "mean", samples, generator, batch_size, engine)
+    run = Run(model, data, likelihood, kind, params, "mean", samples, generator, batch_size, engine)
     fis = side = ntr = 0.0
     keep: list[tuple[Tensor, Tensor]] = []
 
