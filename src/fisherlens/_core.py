@@ -159,7 +159,7 @@ class FunctionalModel:
         self.sizes = {n: p.numel() for n, p in self.params.items()}
         self.P = sum(self.sizes.values())
         first = next(iter(self.params.values()))
-        self.dtype, self.device = first.dtype, first.device
+        self.dtype, self.device, self.itemsize = first.dtype, first.device, first.element_size()
 
     def __call__(self, p: dict[str, Tensor], x: Tensor) -> Tensor:
         """Outputs ``(B, C)`` for inputs ``x (B, ...)``; a 1-D output is taken as ``C = 1``."""
@@ -213,6 +213,11 @@ def _split_batch(batch):
     )
 
 
+def _slices(X: Tensor, Y: Tensor | None, bs: int) -> Iterator[tuple[Tensor, Tensor | None]]:
+    for i in range(0, len(X) if X.dim() else 0, bs):
+        yield X[i : i + bs], None if Y is None else Y[i : i + bs]
+
+
 def iter_batches(data, fm: FunctionalModel, *, need_y: bool, batch_size: int | None = None) -> Iterator:
     """Yield ``(X, Y)`` batches on the model's device; floating ``X`` cast to the model's dtype.
 
@@ -228,9 +233,7 @@ def iter_batches(data, fm: FunctionalModel, *, need_y: bool, batch_size: int | N
         X, Y = data
         if Y is not None and len(Y) != len(X):
             raise ValueError(f"X has {len(X)} samples but Y has {len(Y)}; they must match.")
-        n = len(X) if X.dim() else 0
-        bs = batch_size or 256
-        source = ((X[i : i + bs], None if Y is None else Y[i : i + bs]) for i in range(0, n, bs))
+        source = _slices(X, Y, batch_size or 256)
     elif isinstance(data, torch.utils.data.Dataset):
         source = torch.utils.data.DataLoader(data, batch_size=batch_size or 256, shuffle=False)
     elif isinstance(data, Iterable) and not isinstance(data, (str, bytes, dict)):
@@ -521,7 +524,7 @@ def stream(
     ``columns(C)`` columns per sample.  Batches are split so that materialised rows fit
     :data:`WORK_BUDGET`; nothing is accumulated across chunks."""
     numel = rows_numel(fm, want, engine)
-    item = fm.params[fm.names[0]].element_size()
+    item = fm.itemsize
     k = None
     for X, Y in iter_batches(data, fm, need_y=need_y, batch_size=batch_size):
         if k is None:

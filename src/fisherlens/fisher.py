@@ -22,8 +22,11 @@ import torch
 from torch.func import jvp
 
 from ._core import Run, check_choice, check_dense, forward_checked, sandwich
+from .estimators import Estimate, draws
 
 Tensor = torch.Tensor
+
+METHODS = ("exact", "hutchinson", "mc")
 
 __all__ = ["fisher_matrix", "fisher_diag", "fisher_trace", "fisher_blocks", "fisher_rao_norm"]
 
@@ -70,7 +73,7 @@ def fisher_matrix(
     """
     run = Run(model, data, likelihood, kind, params, reduction, samples, generator, batch_size, engine)
     fm = run.fm
-    item = fm.params[fm.names[0]].element_size()
+    item = fm.itemsize
     check_dense(
         f"fisher_matrix with P={fm.P} parameters", fm.P**2, item,
         "Use fl.fisher_diag / fl.fisher_trace, fl.fisher_blocks(what='dense') for per-layer blocks, "
@@ -106,17 +109,25 @@ def _trace_dict(run: Run) -> dict[str, float]:
 @_doc
 def fisher_diag(
     model, data, likelihood, kind="true", method="exact", *, params=None, reduction="mean", samples=1,
-    generator=None, batch_size=None, engine="auto",
-) -> Tensor:
+    generator=None, batch_size=None, engine="auto", probe="rademacher", per_sample=False,
+) -> Tensor | Estimate:
     """Diagonal of the Fisher, ``diag F (P,)`` = ``(1/N) Σ_n Σ_k (V_nᵀ J_n)_k²``, without forming F.
 
     {args}
-        method: ``"exact"``.
+        method: ``"exact"``; or a random estimate of the true Fisher's diagonal (see
+            :mod:`fisherlens.estimators`): ``"hutchinson"`` (one backward pass per batch and draw) or
+            ``"mc"`` (sampled labels), with ``samples`` draws.
+        probe: ``"rademacher"`` or ``"gaussian"`` (Hutchinson).
+        per_sample: per-sample squares (lower variance, per-sample cost) instead of one backward per batch.
 
     Returns:
-        Tensor ``(P,)`` in ``named_parameters()`` order of the selection.
+        Tensor ``(P,)`` in ``named_parameters()`` order of the selection, or an :class:`Estimate` of it.
     """
-    check_choice("method", method, ("exact",))
+    check_choice("method", method, METHODS)
+    if method != "exact":
+        run = Run(model, data, likelihood, kind, params, reduction, 1, generator, batch_size, engine)
+        d = draws(run, method, "diag", probe=probe, per_sample=per_sample, samples=_draws(samples))
+        return Estimate.from_draws(run.fm.flatten(d, lead=1))
     run = Run(model, data, likelihood, kind, params, reduction, samples, generator, batch_size, engine)
     return run.fm.flatten(_diag_dict(run))
 
@@ -124,27 +135,46 @@ def fisher_diag(
 @_doc
 def fisher_trace(
     model, data, likelihood, kind="true", method="exact", *, params=None, reduction="mean", samples=1,
-    generator=None, batch_size=None, engine="auto",
-) -> float:
+    generator=None, batch_size=None, engine="auto", probe="rademacher", per_sample=False,
+) -> float | Estimate:
     """Trace of the Fisher, ``tr F = (1/N) Σ_n ‖V_nᵀ J_n‖²_F`` (empirical: ``(1/N) Σ_n ‖g_n‖²``).
 
     Computed from per-sample squared norms; per-sample gradients are not materialised on the fast path.
 
     {args}
-        method: ``"exact"``.
+        method: ``"exact"``, ``"hutchinson"`` or ``"mc"`` (as in :func:`fisher_diag`).
+        probe, per_sample: as in :func:`fisher_diag`.
 
     Returns:
-        float.
+        float, or an :class:`Estimate` (a float-like value with ``stderr``).
     """
-    check_choice("method", method, ("exact",))
+    check_choice("method", method, METHODS)
+    if method != "exact":
+        run = Run(model, data, likelihood, kind, params, reduction, 1, generator, batch_size, engine)
+        d = draws(run, method, "trace", probe=probe, per_sample=per_sample, samples=_draws(samples))
+        return Estimate.from_draws(sum(d.values()), scalar=True)
     run = Run(model, data, likelihood, kind, params, reduction, samples, generator, batch_size, engine)
     return float(math.fsum(_trace_dict(run).values()))
 
 
+def _draws(samples) -> int:
+    if not isinstance(samples, int) or isinstance(samples, bool) or samples < 1:
+        raise ValueError(f"samples must be a positive integer (number of random draws), got {samples!r}.")
+    return samples
+
+
+def _check_blocks(fm, max_memory, extra: int = 1) -> None:
+    check_dense(
+        "fisher_blocks(what='dense')", extra * sum(v * v for v in fm.sizes.values()), fm.itemsize,
+        "Use what='diag' or 'trace', or restrict params=", max_memory,
+    )
+
+
 @_doc
 def fisher_blocks(
-    model, data, likelihood, kind="true", what="diag", *, params=None, reduction="mean", samples=1,
-    generator=None, batch_size=None, engine="auto", max_memory: int | None = None,
+    model, data, likelihood, kind="true", what="diag", method="exact", *, params=None, reduction="mean",
+    samples=1, generator=None, batch_size=None, engine="auto", probe="rademacher", per_sample=False,
+    max_memory: int | None = None,
 ) -> dict:
     """Per-parameter-tensor (per-layer) view of the Fisher: ``{name: value}``.
 
@@ -153,20 +183,24 @@ def fisher_blocks(
 
     {args}
         what: ``"diag"``, ``"trace"`` or ``"dense"``.
+        method, probe, per_sample: as in :func:`fisher_diag`; random methods give :class:`Estimate` values.
         max_memory: largest total size of the dense blocks in bytes.
     """
     check_choice("what", what, ("diag", "trace", "dense"))
+    check_choice("method", method, METHODS)
+    if method != "exact":
+        run = Run(model, data, likelihood, kind, params, reduction, 1, generator, batch_size, engine)
+        if what == "dense":
+            _check_blocks(run.fm, max_memory, extra=_draws(samples))
+        d = draws(run, method, what, probe=probe, per_sample=per_sample, samples=_draws(samples))
+        return {n: Estimate.from_draws(v, scalar=what == "trace") for n, v in d.items()}
     run = Run(model, data, likelihood, kind, params, reduction, samples, generator, batch_size, engine)
     fm = run.fm
     if what == "diag":
         return _diag_dict(run)
     if what == "trace":
         return _trace_dict(run)
-    item = fm.params[fm.names[0]].element_size()
-    check_dense(
-        "fisher_blocks(what='dense')", sum(v * v for v in fm.sizes.values()), item,
-        "Use what='diag' or 'trace', or restrict params=", max_memory,
-    )
+    _check_blocks(fm, max_memory)
     acc = {n: torch.zeros(fm.sizes[n], fm.sizes[n], dtype=fm.dtype, device=fm.device) for n in fm.names}
     for _, _, st in run.chunks({"rows"}):
         for n in fm.names:

@@ -65,7 +65,7 @@ def ntk(
     x1 = _inputs(x1, fm)
     x2 = x1 if x2 is None else _inputs(x2, fm)
     C = output_dim(fm, x1)
-    item = fm.params[fm.names[0]].element_size()
+    item = fm.itemsize
     check_dense(
         f"ntk of {len(x1)}×{len(x2)} inputs with C={C}", len(x1) * len(x2) * C * C, item,
         "Use fl.ntk_trace, or fewer inputs", max_memory,
