@@ -1,31 +1,43 @@
 """fisherlens: Fisher-information geometry of neural networks.
 
 Exact and scalable Fisher information (true, empirical, Monte-Carlo), the empirical NTK and the
-Fisher–NTK trace relation, for any ``torch.nn.Module``.  Conventions: ``SCIENCE.md``; every data-averaged
-quantity is a mean over the N inputs unless ``reduction="sum"``.
+Fisher–NTK trace relation, random estimators, matrix-free operators and spectra, for any ``torch.nn.Module``.
+Conventions: ``SCIENCE.md``; every data-averaged quantity is a mean over the N inputs unless ``reduction="sum"``.
 """
 
-from . import losses
+from . import bounds, losses
+from .estimators import Estimate
 from .fisher import fisher_blocks, fisher_diag, fisher_matrix, fisher_rao_norm, fisher_trace
 from .likelihoods import Bernoulli, Categorical, Gaussian, Likelihood, LossInduced
 from .ntk import TraceRelation, fisher_ntk_trace, ntk, ntk_trace
+from .operator import FisherOperator, fisher_operator
+from .spectrum import SpectralDensity, critical_learning_rate, eigenvalues, spectral_density, spectrum_stats
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Bernoulli",
     "Categorical",
+    "Estimate",
+    "FisherOperator",
     "Gaussian",
     "Likelihood",
     "LossInduced",
+    "SpectralDensity",
     "TraceRelation",
+    "bounds",
+    "critical_learning_rate",
+    "eigenvalues",
     "fisher_blocks",
     "fisher_diag",
     "fisher_matrix",
     "fisher_ntk_trace",
+    "fisher_operator",
     "fisher_rao_norm",
     "fisher_trace",
     "losses",
     "ntk",
     "ntk_trace",
+    "spectral_density",
+    "spectrum_stats",
 ]

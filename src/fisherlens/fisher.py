@@ -79,27 +79,37 @@ def fisher_matrix(
         "Use fl.fisher_diag / fl.fisher_trace, fl.fisher_blocks(what='dense') for per-layer blocks, "
         "or restrict params=", max_memory,
     )
+    return dense(run)
+
+
+# The three reductions below take an optional sandwich ``make_v(f, y) -> (B, C, K)`` with ``columns(C) = K``
+# in place of the kind's own (the core-space envelopes of fisherlens.bounds use them).
+def dense(run: Run, make_v=None, columns=None) -> Tensor:
+    """``(1/N) Σ_n G_nᵀ G_n`` from materialised rows, ``(P, P)`` (the caller checks the memory)."""
+    fm = run.fm
     out = torch.zeros(fm.P, fm.P, dtype=fm.dtype, device=fm.device)
-    for _, _, st in run.chunks({"rows"}):
+    for _, _, st in run.chunks({"rows"}, make_v, columns):
         R = torch.cat([st.rows[n] for n in fm.names], dim=-1).reshape(-1, fm.P)
         out.addmm_(R.T, R)
     return out * run.scale()
 
 
-def _diag_dict(run: Run) -> dict[str, Tensor]:
+def diag_dict(run: Run, make_v=None, columns=None) -> dict[str, Tensor]:
+    """Per-parameter diagonals ``{name: (*shape)}``."""
     fm = run.fm
     acc = {n: torch.zeros(fm.shapes[n], dtype=fm.dtype, device=fm.device) for n in fm.names}
-    for _, _, st in run.chunks({"diag"}):
+    for _, _, st in run.chunks({"diag"}, make_v, columns):
         for n in fm.names:
             acc[n] += st.diag[n]
     s = run.scale()
     return {n: v * s for n, v in acc.items()}
 
 
-def _trace_dict(run: Run) -> dict[str, float]:
+def trace_dict(run: Run, make_v=None, columns=None) -> dict[str, float]:
+    """Per-parameter traces ``{name: float}``."""
     fm = run.fm
     acc = dict.fromkeys(fm.names, 0.0)
-    for _, _, st in run.chunks({"sqnorm"}):
+    for _, _, st in run.chunks({"sqnorm"}, make_v, columns):
         for n in fm.names:
             acc[n] += st.sqnorm[n].sum().item()
     s = run.scale()
@@ -129,7 +139,7 @@ def fisher_diag(
         d = draws(run, method, "diag", probe=probe, per_sample=per_sample, samples=_draws(samples))
         return Estimate.from_draws(run.fm.flatten(d, lead=1))
     run = Run(model, data, likelihood, kind, params, reduction, samples, generator, batch_size, engine)
-    return run.fm.flatten(_diag_dict(run))
+    return run.fm.flatten(diag_dict(run))
 
 
 @_doc
@@ -154,7 +164,7 @@ def fisher_trace(
         d = draws(run, method, "trace", probe=probe, per_sample=per_sample, samples=_draws(samples))
         return Estimate.from_draws(sum(d.values()), scalar=True)
     run = Run(model, data, likelihood, kind, params, reduction, samples, generator, batch_size, engine)
-    return float(math.fsum(_trace_dict(run).values()))
+    return float(math.fsum(trace_dict(run).values()))
 
 
 def _draws(samples) -> int:
@@ -197,9 +207,9 @@ def fisher_blocks(
     run = Run(model, data, likelihood, kind, params, reduction, samples, generator, batch_size, engine)
     fm = run.fm
     if what == "diag":
-        return _diag_dict(run)
+        return diag_dict(run)
     if what == "trace":
-        return _trace_dict(run)
+        return trace_dict(run)
     _check_blocks(fm, max_memory)
     acc = {n: torch.zeros(fm.sizes[n], fm.sizes[n], dtype=fm.dtype, device=fm.device) for n in fm.names}
     for _, _, st in run.chunks({"rows"}):

@@ -1,0 +1,132 @@
+"""Matrix-free Fisher operator: Fisher–vector products ``F v = (1/N) Σ_n J_nᵀ V_n V_nᵀ J_n v``.
+
+Per batch: one ``torch.func.vjp`` forward (kept for the pull-back), one ``torch.func.jvp`` for ``J v``
+(``vmap``-ed over the columns of a matrix), the output-space sandwich ``V Vᵀ`` (``Λ(f)`` for the true Fisher),
+and one pull-back ``Jᵀ u`` (``vmap``-ed over columns).  Data are streamed on every product.  For
+``kind="mc"`` the sampled labels are redrawn from the same generator state on every pass, so the operator is
+one fixed symmetric matrix (as Lanczos needs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from scipy.sparse.linalg import LinearOperator
+from torch.func import jvp, vjp, vmap
+
+from ._core import Run, check_dense, forward_checked, sandwich
+
+Tensor = torch.Tensor
+
+__all__ = ["FisherOperator", "fisher_operator"]
+
+
+class FisherOperator:
+    """The Fisher ``F (P, P)`` as a linear operator; built by :func:`fisher_operator`.
+
+    Supports ``op @ v`` for ``v (P,)`` or ``(P, k)``, :meth:`matvec`, :meth:`matmat`, :meth:`to_dense`,
+    :meth:`to_scipy`; ``shape``, ``dtype``, ``device``; ``products`` counts Fisher–vector products so far.
+    """
+
+    def __init__(self, run: Run):
+        self.run, fm = run, run.fm
+        self.shape = (fm.P, fm.P)
+        self.dtype, self.device = fm.dtype, fm.device
+        self.products = 0
+        self._state = None
+        if run.kind == "mc":
+            gen = run.generator
+            if gen is None:
+                gen = torch.Generator(device=fm.device)
+                gen.seed()
+            self._state = gen.get_state()
+
+    def _generator(self):
+        if self._state is None:
+            return None
+        g = torch.Generator(device=self.device)
+        g.set_state(self._state)
+        return g
+
+    def matmat(self, M: Tensor) -> Tensor:
+        """``F M`` for ``M (P, k)``: one pass over the data, all k columns batched."""
+        run, fm = self.run, self.run.fm
+        M = torch.as_tensor(M, dtype=self.dtype, device=self.device)
+        if M.dim() != 2 or M.shape[0] != fm.P:
+            raise ValueError(f"Expected a matrix of shape ({fm.P}, k), got {tuple(M.shape)}.")
+        tangents = fm.unflatten(M.T)  # {name: (k, *shape)}
+        gen = self._generator()
+        out = torch.zeros(M.shape[1], fm.P, dtype=self.dtype, device=self.device)
+        n = 0
+        for X, Y in run.batches():
+            forward_checked(fm, fm.params, X[:1])
+
+            def fun(q, X=X):
+                return fm(q, X)
+
+            f, pull = vjp(fun, fm.params)
+            jv = vmap(lambda t: jvp(fun, (fm.params,), (t,))[1])(tangents)  # (k, B, C)
+            V = sandwich(run.lik, run.kind, f, Y, run.samples, gen)  # (B, C, K)
+            u = torch.einsum("bcj,bdj,kbd->kbc", V, V, jv)
+            out += fm.flatten(vmap(lambda c, pull=pull: pull(c)[0])(u), lead=1)
+            n += len(X)
+        self.products += M.shape[1]
+        scale = 1.0 / n if run.reduction == "mean" else 1.0
+        return (out * scale).T
+
+    def matvec(self, v: Tensor) -> Tensor:
+        """``F v`` for ``v (P,)``."""
+        v = torch.as_tensor(v, dtype=self.dtype, device=self.device)
+        if v.shape != (self.shape[0],):
+            raise ValueError(f"Expected a vector of shape ({self.shape[0]},), got {tuple(v.shape)}.")
+        return self.matmat(v[:, None])[:, 0]
+
+    def __matmul__(self, v: Tensor) -> Tensor:
+        return self.matvec(v) if torch.as_tensor(v).dim() == 1 else self.matmat(v)
+
+    def to_dense(self, max_memory: int | None = None) -> Tensor:
+        """The dense ``(P, P)`` matrix (refused when it cannot fit; P products for ``kind="mc"``)."""
+        fm = self.run.fm
+        check_dense(f"FisherOperator.to_dense with P={fm.P}", fm.P**2, fm.itemsize,
+                    "Use matvec/matmat, fl.fisher_diag or fl.eigenvalues(method='lanczos')", max_memory)
+        if self.run.kind == "mc":
+            return self.matmat(torch.eye(fm.P, dtype=self.dtype, device=self.device))
+        from .fisher import fisher_matrix  # the row engine is faster than P products
+
+        r = self.run
+        return fisher_matrix(r.fm.model, r.data, r.lik, r.kind, params=r.fm.names, reduction=r.reduction,
+                             samples=r.samples, batch_size=r.batch_size, engine=r.engine, max_memory=max_memory)
+
+    def to_scipy(self) -> LinearOperator:
+        """A ``scipy.sparse.linalg.LinearOperator`` (float64 numpy in and out; symmetric)."""
+
+        def mv(x):
+            y = self.matvec(torch.as_tensor(np.asarray(x).reshape(-1), dtype=self.dtype, device=self.device))
+            return y.detach().cpu().double().numpy()
+
+        def mm(X):
+            Y = self.matmat(torch.as_tensor(np.asarray(X), dtype=self.dtype, device=self.device))
+            return Y.detach().cpu().double().numpy()
+
+        return LinearOperator(self.shape, matvec=mv, rmatvec=mv, matmat=mm, rmatmat=mm, dtype=np.float64)
+
+    def __repr__(self):
+        return f"FisherOperator(P={self.shape[0]}, kind={self.run.kind!r}, likelihood={self.run.lik!r})"
+
+
+def fisher_operator(
+    model, data, likelihood, kind: str = "true", *, params=None, reduction: str = "mean", samples: int = 1,
+    generator=None, batch_size=None,
+) -> FisherOperator:
+    """The Fisher as a matrix-free operator (arguments as in :func:`fisherlens.fisher_matrix`).
+
+    Each product streams the data once: per batch one forward, one ``jvp`` and one ``vjp``.
+    Iterable data must be re-iterable (a ``DataLoader``, a list, tensors), since every product reads it again.
+    """
+    run = Run(model, data, likelihood, kind, params, reduction, samples, generator, batch_size, "functional")
+    if isinstance(data, Iterator):
+        raise TypeError("fisher_operator reads the data on every product; pass a re-iterable (list, DataLoader), "
+                        "not a one-shot iterator.")
+    return FisherOperator(run)

@@ -1,0 +1,306 @@
+"""Fisher spectra: dense, the exact Gram (dual) route, Lanczos top-k, stochastic Lanczos quadrature.
+
+Duality (SCIENCE §5, seed 003's dual matrix): stacking the factor rows ``Ĵ = [V_1ᵀ J_1; …; V_Nᵀ J_N]`` (NK × P),
+``F = (1/N) Ĵᵀ Ĵ`` and the NK × NK Gram matrix ``(1/N) Ĵ Ĵᵀ`` share their nonzero eigenvalues; an eigenvector
+``w`` of the Gram with eigenvalue λ gives the Fisher eigenvector ``Ĵᵀ w / √(N λ)``.  When P ≫ NK this is the
+*whole* nonzero spectrum, exactly (seed 002 §4.3 could compute 8 of 19,885 eigenvalues of a per-input FIM).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy.sparse.linalg import eigsh
+
+from ._core import WORK_BUDGET, Run, batch_stats, check_choice, check_dense, iter_batches, output_dim
+from .fisher import fisher_matrix
+from .operator import FisherOperator
+
+Tensor = torch.Tensor
+
+__all__ = ["eigenvalues", "spectral_density", "SpectralDensity", "spectrum_stats", "critical_learning_rate"]
+
+METHODS = ("auto", "dense", "gram", "lanczos")
+
+
+def _n_samples(data) -> int | None:
+    if isinstance(data, Tensor):
+        return len(data)
+    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], Tensor):
+        return len(data[0])
+    try:
+        return len(data.dataset) if hasattr(data, "dataset") else len(data)
+    except TypeError:
+        return None
+
+
+def _descending(vals: Tensor, vecs: Tensor | None, k: int | None):
+    order = torch.argsort(vals, descending=True)
+    if k is not None:
+        order = order[:k]
+    vals = vals[order].clamp_min(0.0)  # F is PSD: negative values are round-off
+    return vals, None if vecs is None else vecs[:, order]
+
+
+class _Rows:
+    """Factor rows ``Ĵ_i (b_i·K, P)`` of the data's chunks, recomputable with identical sandwiches."""
+
+    def __init__(self, run: Run):
+        self.run, fm = run, run.fm
+        self.chunks: list[tuple[Tensor, dict]] = []
+        K = None
+        for X, Y in run.batches():
+            if K is None:
+                K = run.columns(output_dim(fm, X))
+                step = max(1, WORK_BUDGET // (K * fm.P * fm.itemsize))
+            for i in range(0, len(X), step):
+                self.chunks.append((X[i : i + step], {"y": None if Y is None else Y[i : i + step]}))
+        self.K = K
+        self.n = sum(len(X) for X, _ in self.chunks)
+
+    def __len__(self):
+        return len(self.chunks)
+
+    def rows(self, i: int) -> Tensor:
+        X, memo = self.chunks[i]
+
+        def make_v(f):
+            if "v" not in memo:  # drawn once (mc labels), reused whenever the rows are recomputed
+                memo["v"] = self.run.v(f, memo["y"])
+            return memo["v"]
+
+        _, _, st = batch_stats(self.run.fm, X, make_v, {"rows"}, self.run.engine)
+        return torch.cat([st.rows[n] for n in self.run.fm.names], dim=-1).reshape(-1, self.run.fm.P)
+
+
+def _gram_eigen(run: Run, k: int | None, vectors: bool, max_memory: int | None):
+    R = _Rows(run)
+    fm, M = run.fm, R.n * R.K
+    check_dense(f"the Gram matrix of N·K = {M} rows", M * M, fm.itemsize,
+                "Use method='lanczos' with k=, or fewer inputs", max_memory)
+    scale = 1.0 / R.n if run.reduction == "mean" else 1.0
+    if M * fm.P * fm.itemsize <= 4 * WORK_BUDGET:  # all rows at once
+        rows = [R.rows(i) for i in range(len(R))]
+        J = torch.cat(rows)
+        G = J @ J.T
+    else:  # chunk pairs, recomputing rows: memory O(M² + chunk·P)
+        offs = np.cumsum([0] + [len(X) * R.K for X, _ in R.chunks])
+        G = torch.empty(M, M, dtype=fm.dtype, device=fm.device)
+        J = None
+        for i in range(len(R)):
+            Ri = R.rows(i)
+            for j in range(i, len(R)):
+                Rj = Ri if j == i else R.rows(j)
+                G[offs[i] : offs[i + 1], offs[j] : offs[j + 1]] = Ri @ Rj.T
+                G[offs[j] : offs[j + 1], offs[i] : offs[i + 1]] = (Ri @ Rj.T).T
+    vals, W = torch.linalg.eigh(G * scale)
+    vals, W = _descending(vals, W, k)
+    if not vectors:
+        return vals, None
+    # Fisher eigenvectors u = Ĵᵀ w / √(λ/scale) (unit norm where λ > 0)
+    if J is not None:
+        U = J.T @ W
+    else:
+        U = torch.zeros(fm.P, W.shape[1], dtype=fm.dtype, device=fm.device)
+        for i in range(len(R)):
+            U += R.rows(i).T @ W[offs[i] : offs[i + 1]]
+    norms = U.norm(dim=0).clamp_min(torch.finfo(fm.dtype).tiny)
+    return vals, U / norms
+
+
+def eigenvalues(
+    model, data, likelihood, k: int | None = None, method: str = "auto", kind: str = "true", *,
+    params=None, reduction: str = "mean", samples: int = 1, generator=None, batch_size=None, engine="auto",
+    return_vectors: bool = False, tol: float = 1e-8, max_memory: int | None = None,
+):
+    """Eigenvalues of the Fisher, descending (and optionally its eigenvectors, columns of ``(P, k)``).
+
+    Args:
+        k: number of leading eigenvalues; ``None``: all ``min(P, N·K)`` eigenvalues the rank allows
+            (via the Gram matrix, or the dense matrix when P ≤ N·K) — every nonzero one is among them.
+        method: ``"dense"`` (eigh of the P×P matrix), ``"gram"`` (the exact NK×NK dual, SCIENCE §5),
+            ``"lanczos"`` (top-k, matrix-free: ``scipy.sparse.linalg.eigsh`` — implicitly restarted Lanczos with
+            reorthogonalisation — on :func:`fisherlens.fisher_operator`; needs ``k``), or ``"auto"``: dense when
+            P ≤ 2048 or P ≤ N·K, else Gram when N·K ≤ 8192, else Lanczos.
+        tol: relative tolerance of Lanczos.
+        Others: as in :func:`fisherlens.fisher_matrix`.
+
+    Returns:
+        ``vals (k,)`` or ``(vals, vecs (P, k))`` with ``return_vectors=True``.  Round-off negatives are set to 0.
+    """
+    check_choice("method", method, METHODS)
+    if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 1):
+        raise ValueError(f"k must be a positive integer or None, got {k!r}.")
+    run = Run(model, data, likelihood, kind, params, reduction, samples, generator, batch_size, engine)
+    P = run.fm.P
+    if method == "auto":
+        N = _n_samples(data)
+        NK = None if N is None else N * run.columns(_out_dim(run, data))
+        if P <= 2048 or (NK is not None and P <= NK):
+            method = "dense"
+        elif NK is None or NK <= 8192:
+            method = "gram"
+        else:
+            method = "lanczos"
+            if k is None:
+                raise ValueError(f"The full spectrum needs an N·K = {NK} Gram matrix; pass k= for Lanczos top-k.")
+    if method == "dense":
+        F = fisher_matrix(model, data, likelihood, kind, params=params, reduction=reduction, samples=samples,
+                          generator=generator, batch_size=batch_size, engine=engine, max_memory=max_memory)
+        vals, vecs = torch.linalg.eigh(F)
+        vals, vecs = _descending(vals, vecs if return_vectors else None, k)
+    elif method == "gram":
+        vals, vecs = _gram_eigen(run, k, return_vectors, max_memory)
+    else:
+        if k is None:
+            raise ValueError("method='lanczos' computes the top-k eigenvalues: pass k=.")
+        if k >= P:
+            raise ValueError(f"Lanczos needs k < P = {P}; use method='dense' for the whole spectrum.")
+        op = FisherOperator(run)
+        v0 = np.ones(P) / math.sqrt(P)
+        w, V = eigsh(op.to_scipy(), k=k, which="LA", tol=tol, v0=v0, return_eigenvectors=True)
+        vals = torch.as_tensor(w.copy(), dtype=run.fm.dtype)
+        vecs = torch.as_tensor(V.copy(), dtype=run.fm.dtype) if return_vectors else None
+        vals, vecs = _descending(vals, vecs, k)
+    return (vals, vecs) if return_vectors else vals
+
+
+def _out_dim(run: Run, data) -> int:
+    X, _ = next(iter(iter_batches(data, run.fm, need_y=False, batch_size=1)))
+    return output_dim(run.fm, X)
+
+
+def lanczos(matmat, P: int, probes: Tensor, steps: int) -> tuple[Tensor, Tensor]:
+    """Lanczos with full reorthogonalisation, run for all probe columns at once.
+
+    Args:
+        matmat: ``M (P, p) -> F M``; probes: starting vectors ``(P, p)``; steps: Krylov dimension m.
+
+    Returns:
+        ``(alpha (p, m), beta (p, m-1))``: the tridiagonal matrices' diagonals (shorter if a column's
+        Krylov space is exhausted: its remaining entries are zero and its beta stops).
+    """
+    Q = probes / probes.norm(dim=0, keepdim=True)
+    basis = [Q]
+    alpha, beta = [], []
+    tiny = torch.finfo(Q.dtype).eps
+    alive = torch.ones(Q.shape[1], dtype=torch.bool, device=Q.device)
+    for j in range(steps):
+        W = matmat(basis[-1])
+        a = (W * basis[-1]).sum(0)
+        alpha.append(a * alive)
+        B = torch.stack(basis)  # (j+1, P, p)
+        for _ in range(2):  # full reorthogonalisation, twice is enough
+            W = W - torch.einsum("jpc,jc->pc", B, torch.einsum("jpc,pc->jc", B, W))
+        b = W.norm(dim=0)
+        if j == steps - 1:
+            break
+        alive = alive & (b > tiny * max(1.0, float(a.abs().max())) * 10)
+        beta.append(b * alive)
+        basis.append(torch.where(alive, W / b.clamp_min(tiny), torch.zeros_like(W)))
+        if not alive.any():
+            break
+    return torch.stack(alpha, 1), (torch.stack(beta, 1) if beta else Q.new_zeros(Q.shape[1], 0))
+
+
+@dataclass
+class SpectralDensity:
+    """Result of :func:`spectral_density`.
+
+    Attributes:
+        grid: eigenvalue grid ``(G,)`` (log-spaced when ``log``).
+        density: density on the grid ``(G,)``: per unit λ, or per unit log10 λ when ``log``; it integrates to
+            ``1 − zero_mass`` over the grid's variable.
+        nodes, weights: quadrature nodes (Ritz values) and weights ``(probes, m)``; weights sum to 1 per probe.
+        zero_mass: weight of nodes ≤ ``floor`` (the null space; only for ``log``).
+        dim: P, so that ``dim · Σ w θ^p / probes`` estimates ``tr F^p``.
+    """
+
+    grid: Tensor
+    density: Tensor
+    nodes: Tensor
+    weights: Tensor
+    zero_mass: float
+    log: bool
+    dim: int
+
+    def moment(self, p: int) -> float:
+        """Estimate of ``tr(F^p) / P`` from the quadrature (exact in expectation for p < 2m)."""
+        return float((self.weights * self.nodes**p).sum(1).mean())
+
+
+def spectral_density(
+    model, data, likelihood, kind: str = "true", *, probes: int = 8, steps: int = 40, grid: int = 400,
+    sigma: float | None = None, log: bool = True, floor: float | None = None, generator=None, params=None,
+    reduction: str = "mean", batch_size=None,
+) -> SpectralDensity:
+    """Spectral density of F by stochastic Lanczos quadrature (Ubaru, Chen & Saad 2017; Lin, Saad & Yang 2016).
+
+    ``probes`` Rademacher vectors run ``steps`` Lanczos iterations together (one pass over the data per step for
+    all probes); the Ritz values θ with weights τ = (first eigenvector component)² give
+    ``φ(t) = (1/probes) Σ τ_j g_σ(t − θ_j)``.  With ``log=True`` (spectra span decades) the kernel acts on
+    ``log10 λ``, nodes ≤ ``floor`` (default ``1e-12 · λ_max``) count as ``zero_mass``.  Cost: ``steps`` passes
+    over the data, each ``probes`` Fisher–vector products batched.
+    """
+    if not isinstance(probes, int) or probes < 1 or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"probes and steps must be positive integers, got {probes!r}, {steps!r}.")
+    run = Run(model, data, likelihood, kind, params, reduction, 1, None, batch_size, "functional")
+    op = FisherOperator(run)
+    P = run.fm.P
+    steps = min(steps, P)
+    v = torch.randint(0, 2, (P, probes), generator=generator).to(run.fm.dtype) * 2 - 1
+    alpha, beta = lanczos(op.matmat, P, v.to(run.fm.device), steps)
+    nodes, weights = [], []
+    for a, b in zip(alpha, beta, strict=True):
+        m = int((b > 0).sum()) + 1 if b.numel() else 1
+        T = torch.diag(a[:m]) + torch.diag(b[: m - 1], 1) + torch.diag(b[: m - 1], -1)
+        th, Y = torch.linalg.eigh(T)
+        pad = alpha.shape[1] - m
+        nodes.append(torch.cat([th, th.new_zeros(pad)]))
+        weights.append(torch.cat([Y[0] ** 2, th.new_zeros(pad)]))
+    nodes_t, weights_t = torch.stack(nodes).cpu().double(), torch.stack(weights).cpu().double()
+    top = float(nodes_t.max())
+    if log:
+        floor = floor if floor is not None else 1e-12 * max(top, 1e-300)
+        keep = nodes_t > floor
+        zero = float((weights_t * ~keep).sum(1).mean())
+        x = torch.log10(nodes_t.clamp_min(floor))
+        lo, hi = float(x[keep].min()) if keep.any() else 0.0, float(x.max())
+        s = sigma if sigma is not None else max((hi - lo) / 100, 0.02)
+        t = torch.linspace(lo - 5 * s, hi + 5 * s, grid, dtype=torch.float64)
+        dens = (weights_t * keep)[..., None] * torch.exp(-0.5 * ((t - x[..., None]) / s) ** 2)
+        dens = dens.sum((0, 1)) / (probes * s * math.sqrt(2 * math.pi))
+        return SpectralDensity(10**t, dens, nodes_t, weights_t, zero, True, P)
+    lo, hi = float(nodes_t.min()), top
+    s = sigma if sigma is not None else max((hi - lo) / 100, 1e-12)
+    t = torch.linspace(lo - 5 * s, hi + 5 * s, grid, dtype=torch.float64)
+    dens = (weights_t[..., None] * torch.exp(-0.5 * ((t - nodes_t[..., None]) / s) ** 2)).sum((0, 1))
+    return SpectralDensity(t, dens / (probes * s * math.sqrt(2 * math.pi)), nodes_t, weights_t, 0.0, False, P)
+
+
+def spectrum_stats(eigs, dim: int | None = None) -> dict[str, float]:
+    """Mean, second moment and maximum of a spectrum (seed 003's m_λ, s_λ, λ_max).
+
+    ``dim`` is the matrix size P when ``eigs`` holds only the nonzero eigenvalues (the zeros still count in
+    the mean ``Σλ/P`` and second moment ``Σλ²/P``); default ``len(eigs)``.
+    """
+    e = torch.as_tensor(eigs, dtype=torch.float64).reshape(-1)
+    if e.numel() == 0:
+        raise ValueError("spectrum_stats needs at least one eigenvalue.")
+    d = e.numel() if dim is None else int(dim)
+    if d < e.numel():
+        raise ValueError(f"dim={dim} is smaller than the number of eigenvalues given ({e.numel()}).")
+    return {"mean": float(e.sum() / d), "second_moment": float((e**2).sum() / d), "max": float(e.max())}
+
+
+def critical_learning_rate(lambda_max: float, momentum: float = 0.0) -> float:
+    """``η_c = 2(1 + μ)/λ_max`` (seed 003 Lemma 6 / eq 20): gradient descent with momentum μ diverges above it."""
+    lam, mu = float(lambda_max), float(momentum)
+    if not lam > 0 or not math.isfinite(lam):
+        raise ValueError(f"lambda_max must be a positive finite number, got {lambda_max!r}.")
+    if not 0 <= mu < 1:
+        raise ValueError(f"momentum must lie in [0, 1), got {momentum!r}.")
+    return 2.0 * (1.0 + mu) / lam
