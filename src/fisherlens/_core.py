@@ -33,12 +33,13 @@ import os
 import warnings
 import weakref
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, vjp, vmap
+from torch.func import functional_call, jvp, vjp, vmap
 
 from .likelihoods import Likelihood
 
@@ -261,20 +262,47 @@ def iter_batches(data, fm: FunctionalModel, *, need_y: bool, batch_size: int | N
         raise ValueError("The data is empty: no samples to average over.")
 
 
-def forward_checked(fm: FunctionalModel, p, X: Tensor) -> Tensor:
-    """``fm(p, X)`` with a clear error for inputs the model cannot take and for non-finite outputs."""
+@contextmanager
+def _model_errors(X: Tensor):
+    """Turn the model's failures on a batch into a ValueError that names the input shape."""
     try:
-        f = fm(p, X)
+        yield
     except (RuntimeError, IndexError) as e:
         raise ValueError(
             f"The model failed on a batch of inputs of shape {tuple(X.shape)} (dtype {X.dtype}): {e}. "
             "Check that the data matches the model's input shape."
         ) from e
+
+
+def _check_outputs(f: Tensor, X: Tensor) -> None:
     if f.shape[0] != X.shape[0]:
         raise ValueError(f"The model returned {f.shape[0]} outputs for a batch of {X.shape[0]} inputs.")
     if not torch.isfinite(f).all():
         raise ValueError("The model produced NaN or inf outputs on this data; the Fisher is undefined there.")
+
+
+def forward_checked(fm: FunctionalModel, p, X: Tensor) -> Tensor:
+    """``fm(p, X)`` with a clear error for inputs the model cannot take and for non-finite outputs."""
+    with _model_errors(X):
+        f = fm(p, X)
+    _check_outputs(f, X)
     return f
+
+
+def vjp_checked(fm: FunctionalModel, X: Tensor):
+    """``(f (B, C), pull)``: one forward kept for pull-backs ``u (B, C) -> ({name: Jᵀu},)`` (torch.func.vjp)."""
+    with _model_errors(X):
+        f, pull = vjp(lambda q: fm(q, X), fm.params)
+    _check_outputs(f, X)
+    return f, pull
+
+
+def jvp_checked(fm: FunctionalModel, X: Tensor, tangent: dict[str, Tensor]):
+    """``(f (B, C), J t (B, C))`` for a tangent ``{name: tensor}`` (torch.func.jvp; vmap it over tangents)."""
+    with _model_errors(X):
+        f, jt = jvp(lambda q: fm(q, X), (fm.params,), (tangent,))
+    _check_outputs(f, X)
+    return f, jt
 
 
 # ----------------------------------------------------------------------------- the sandwich V

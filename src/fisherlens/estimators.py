@@ -27,9 +27,9 @@ import math
 import operator
 
 import torch
-from torch.func import vjp, vmap
+from torch.func import vmap
 
-from ._core import Run, check_choice, forward_checked, sandwich
+from ._core import Run, check_choice, sandwich, vjp_checked
 
 Tensor = torch.Tensor
 
@@ -165,10 +165,7 @@ def draws(run: Run, method: str, what: str, *, probe: str = "rademacher", per_sa
                 add(n, st.diagk[n] if what == "diag" else st.sqnorm[n].sum(0))
     else:
         for X, _ in run.batches():
-            forward_checked(fm, fm.params, X[:1])
-            f, pull = vjp(lambda q, X=X: fm(q, X), fm.params)
-            if not torch.isfinite(f).all():
-                raise ValueError("The model produced NaN or inf outputs on this data; the Fisher is undefined there.")
+            f, pull = vjp_checked(fm, X)
             xi = probe_vectors(run, f, method, probe, samples, gen)  # (B, C, S)
             v = vmap(lambda c, pull=pull: pull(c)[0], in_dims=2)(xi)  # {name: (S, *shape)} = Σ_n J_nᵀ ξ_n per draw
             for n in fm.names:

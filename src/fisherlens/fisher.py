@@ -19,9 +19,8 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.func import jvp
 
-from ._core import Run, check_choice, check_dense, forward_checked, sandwich
+from ._core import Run, check_choice, check_dense, jvp_checked, sandwich
 from .estimators import Estimate, draws
 
 Tensor = torch.Tensor
@@ -235,10 +234,7 @@ def fisher_rao_norm(
     fm = run.fm
     total = 0.0
     for X, Y in run.batches():
-        forward_checked(fm, fm.params, X[:1])  # clear errors before entering the transform
-        f, jt = jvp(lambda q, X=X: fm(q, X), (fm.params,), (fm.params,))
-        if not torch.isfinite(f).all():
-            raise ValueError("The model produced NaN or inf outputs on this data; the Fisher is undefined there.")
+        f, jt = jvp_checked(fm, X, fm.params)
         V = sandwich(likelihood, kind, f, Y, samples, generator)
         total += torch.einsum("bck,bc->bk", V, jt).square().sum().item()
     return total * run.scale()

@@ -14,9 +14,9 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 from scipy.sparse.linalg import LinearOperator
-from torch.func import jvp, vjp, vmap
+from torch.func import vmap
 
-from ._core import Run, check_dense, forward_checked, sandwich
+from ._core import Run, check_dense, jvp_checked, sandwich, vjp_checked
 
 Tensor = torch.Tensor
 
@@ -61,13 +61,8 @@ class FisherOperator:
         out = torch.zeros(M.shape[1], fm.P, dtype=self.dtype, device=self.device)
         n = 0
         for X, Y in run.batches():
-            forward_checked(fm, fm.params, X[:1])
-
-            def fun(q, X=X):
-                return fm(q, X)
-
-            f, pull = vjp(fun, fm.params)
-            jv = vmap(lambda t: jvp(fun, (fm.params,), (t,))[1])(tangents)  # (k, B, C)
+            f, pull = vjp_checked(fm, X)
+            jv = vmap(lambda t, X=X: jvp_checked(fm, X, t)[1])(tangents)  # (k, B, C)
             V = sandwich(run.lik, run.kind, f, Y, run.samples, gen)  # (B, C, K)
             u = torch.einsum("bcj,bdj,kbd->kbc", V, V, jv)
             out += fm.flatten(vmap(lambda c, pull=pull: pull(c)[0])(u), lead=1)
