@@ -309,6 +309,7 @@ def jvp_checked(fm: FunctionalModel, X: Tensor, tangent: dict[str, Tensor]):
 def sandwich(likelihood: Likelihood, kind: str, f: Tensor, y, samples: int = 1, generator=None) -> Tensor:
     """The sandwich ``V (B, C, K)`` of the module doc, from detached outputs ``f (B, C)``."""
     f = f.detach()
+    likelihood.check_outputs(f)
     if kind == "true":
         return likelihood.sqrt_fisher(f)
     if kind == "empirical":
@@ -386,7 +387,7 @@ def _call_rows(c: _Call, g: Tensor, which: str) -> Tensor:
 
 def _simple(calls: list[_Call], which: str) -> bool:
     """One call of a Linear layer on a ``(B, I)`` input: diag/Gram need no materialised rows."""
-    return len(calls) == 1 and isinstance(calls[0].module, nn.Linear) and (which == "bias" or calls[0].a.dim() == 2)
+    return len(calls) == 1 and isinstance(calls[0].module, nn.Linear) and calls[0].a.dim() == 2
 
 
 @dataclass

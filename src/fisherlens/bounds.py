@@ -49,6 +49,7 @@ def core_spectrum(logits: Tensor) -> dict[str, Tensor]:
 
 def _sandwich(which: str):
     def make(f, _):
+        Categorical().check_outputs(f)
         p = torch.softmax(f.detach(), -1)
         if which == "diag":
             return torch.diag_embed(p.sqrt())

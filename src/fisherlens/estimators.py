@@ -125,6 +125,7 @@ Estimate.__hash__ = None
 def probe_vectors(run: Run, f: Tensor, method: str, probe: str, draws: int, generator) -> Tensor:
     """Random output-space vectors ``ξ (B, C, draws)`` with ``E ξ = 0``, ``E ξ ξᵀ = Λ(f)`` per input."""
     f = f.detach()
+    run.lik.check_outputs(f)
     if method == "mc":
         return sandwich(run.lik, "mc", f, None, draws, generator) * math.sqrt(draws)
     S = run.lik.sqrt_fisher(f)  # (B, C, C)

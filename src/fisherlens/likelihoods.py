@@ -46,6 +46,9 @@ class Likelihood:
     def kl(self, f: Tensor, g: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def check_outputs(self, f: Tensor) -> None:
+        """Raise ``ValueError`` if outputs ``f (B, C)`` have a number C of outputs this model cannot take."""
+
     def check_targets(self, f: Tensor, y: Tensor) -> Tensor:
         """Validate labels against outputs ``f (B, C)``; return them in the form ``loss`` expects."""
         return y
@@ -130,12 +133,13 @@ class Categorical(Likelihood):
         lf, lg = F.log_softmax(f, -1), F.log_softmax(g, -1)
         return (lf.exp() * (lf - lg)).sum(-1)
 
+    def check_outputs(self, f):
+        if f.shape[-1] < 2:
+            raise ValueError("Categorical needs at least 2 outputs (logits); for one logit use fl.Bernoulli().")
+
     def check_targets(self, f, y):
         C = f.shape[-1]
-        if C < 2:
-            raise ValueError(
-                "Categorical needs at least 2 outputs (logits); for one logit use fl.Bernoulli()."
-            )
+        self.check_outputs(f)
         if torch.is_floating_point(y) and y.dim() == 2:
             if y.shape != f.shape:
                 raise ValueError(f"Probability targets must have shape {tuple(f.shape)}, got {tuple(y.shape)}.")
@@ -177,12 +181,15 @@ class Bernoulli(Likelihood):
         pf = torch.sigmoid(f)
         return (pf * (F.logsigmoid(f) - F.logsigmoid(g)) + (1 - pf) * (F.logsigmoid(-f) - F.logsigmoid(-g))).sum(-1)
 
-    def check_targets(self, f, y):
+    def check_outputs(self, f):
         if f.shape[-1] != 1:
             raise ValueError(
                 f"Bernoulli needs a model with one output (a logit); this one has {f.shape[-1]}. "
                 "For several classes use fl.Categorical()."
             )
+
+    def check_targets(self, f, y):
+        self.check_outputs(f)
         y = y.reshape(-1, 1).to(f.dtype)
         if y.shape[0] != f.shape[0]:
             raise ValueError(f"Got {y.shape[0]} labels for {f.shape[0]} inputs.")
