@@ -1,0 +1,119 @@
+"""Command line: ``fisherlens list | run EXPERIMENT [options] | report DIR``.
+
+Bad input (unknown experiment, a folder holding a different run, a missing dataset, ...) prints one
+line ``fisherlens: error: ...`` to stderr and exits with status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["main"]
+
+
+class _UsageError(Exception):
+    """Bad input from the user: reported in one line, exit status 2."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fisherlens",
+        description="Fisher-information geometry of neural networks: run and inspect experiments.",
+    )
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub.add_parser("list", help="list the experiments", description="List the experiments.")
+    r = sub.add_parser(
+        "run",
+        help="run an experiment into a run folder",
+        description="Run an experiment; writes config.json, metrics.csv, figures "
+        "and summary.md into the run folder.",
+    )
+    r.add_argument("experiment", help="experiment name (see `fisherlens list`)")
+    r.add_argument("--out", type=Path, default=None, help="run folder (default: runs/EXPERIMENT)")
+    r.add_argument("--quick", action="store_true", help="tiny settings (seconds), for smoke tests")
+    r.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    r.add_argument(
+        "--data",
+        default="mnist-subset",
+        help="dataset: mnist-subset (default), digits, or a folder of MNIST IDX files",
+    )
+    r.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    rep = sub.add_parser(
+        "report",
+        help="print the summary of a run folder",
+        description="Print summary.md of a run folder.",
+    )
+    rep.add_argument("dir", type=Path, help="run folder")
+    return p
+
+
+def _list() -> int:
+    from .experiments import EXPERIMENTS
+
+    width = max(map(len, EXPERIMENTS))
+    for name, (desc, _) in EXPERIMENTS.items():
+        print(f"{name:<{width}}  {desc}")
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .experiments import EXPERIMENTS
+
+    if args.experiment not in EXPERIMENTS:
+        raise _UsageError(
+            f"unknown experiment {args.experiment!r}; known: {', '.join(sorted(EXPERIMENTS))} "
+            "(see `fisherlens list`)"
+        )
+    fn = EXPERIMENTS[args.experiment][1]
+    out = args.out if args.out is not None else Path("runs") / args.experiment
+    try:
+        path = fn(
+            out, quick=args.quick, seed=args.seed, data=args.data, progress=not args.no_progress
+        )
+    except (ValueError, OSError, ImportError) as e:  # bad data/folder/options, missing extras
+        raise _UsageError(str(e)) from e
+    print(f"wrote {path}  (summary: {Path(path) / 'summary.md'})")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    summary = args.dir / "summary.md"
+    if not args.dir.is_dir():
+        raise _UsageError(f"{args.dir}: no such run folder")
+    if not summary.is_file():
+        raise _UsageError(f"{args.dir}: no summary.md (unfinished run, or not a run folder)")
+    sys.stdout.write(summary.read_text(encoding="utf-8"))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``fisherlens`` console script; returns the exit status.
+
+    Args:
+        argv: arguments without the program name (default ``sys.argv[1:]``).
+
+    Returns:
+        0 on success, 2 on bad input (one-line message on stderr).
+    """
+    parser = _parser()
+    args = parser.parse_args(argv)  # argparse itself exits 2 on a usage error
+    try:
+        if args.command == "list":
+            return _list()
+        if args.command == "run":
+            return _run(args)
+        return _report(args)
+    except _UsageError as e:
+        msg = " ".join(str(e).split())  # one line
+        print(f"{parser.prog}: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{parser.prog}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""Reproducible experiments: ``fn(out, *, quick=False, seed=0, data=..., progress=True, **opts)``.
+
+``EXPERIMENTS`` maps a name to ``(one-line description, function)``; the command line
+(``fisherlens list`` / ``fisherlens run NAME``) reads it.  Every experiment writes a run folder
+(:class:`fisherlens.runs.RunDir`): ``config.json``, ``metrics.csv``, PNG figures and ``summary.md``,
+and returns the folder's path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from . import demo
+
+__all__ = ["EXPERIMENTS", "get"]
+
+Experiment = Callable[..., Path]
+
+EXPERIMENTS: dict[str, tuple[str, Experiment]] = {
+    "demo": (
+        "Train a 784-64-32-10 MLP on the embedded MNIST subset; track true/empirical Fisher "
+        "traces, per-layer traces, the NTK trace and the Fisher-NTK relation.",
+        demo.demo,
+    ),
+}
+
+
+def get(name: str) -> Experiment:
+    """The experiment function registered as ``name``.
+
+    Raises:
+        KeyError: unknown name (the message lists the known ones).
+    """
+    try:
+        return EXPERIMENTS[name][1]
+    except KeyError:
+        raise KeyError(
+            f"unknown experiment {name!r}; known: {', '.join(sorted(EXPERIMENTS))}"
+        ) from None

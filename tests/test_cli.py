@@ -1,0 +1,130 @@
+"""The command line: list, run (the quick demo), report, and one-line errors with exit status 2."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import pytest
+
+from fisherlens.cli import main
+from fisherlens.experiments import EXPERIMENTS
+
+FIGURES = [
+    "fisher_traces.png",
+    "layer_traces.png",
+    "diag_true_vs_empirical.png",
+    "fisher_ntk_relation.png",
+]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """One quick demo run shared by the tests below (a few seconds)."""
+    pytest.importorskip("mlxtend")
+    out = tmp_path_factory.mktemp("runs") / "demo"
+    assert main(["run", "demo", "--quick", "--out", str(out), "--no-progress"]) == 0
+    return out
+
+
+def test_list(capsys):
+    assert main(["list"]) == 0
+    text = capsys.readouterr().out
+    assert "demo" in text
+    for name, (desc, fn) in EXPERIMENTS.items():
+        assert name in text and desc[:30] in text and callable(fn)
+
+
+def test_run_demo_quick_writes_run_folder(quick_run):
+    for name in ["config.json", "metrics.csv", "summary.md", *FIGURES]:
+        assert (quick_run / name).is_file(), name
+    for name in FIGURES:
+        assert (quick_run / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not [p for p in quick_run.iterdir() if p.name.endswith(".tmp")]
+
+    cfg = json.loads((quick_run / "config.json").read_text())
+    assert cfg["experiment"] == "demo" and cfg["quick"] is True and cfg["seed"] == 0
+
+    with open(quick_run / "metrics.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) >= 2 and rows[0]["step"] == "0"
+    for r in rows:
+        t, e, k = float(r["fisher_true"]), float(r["fisher_emp"]), float(r["ntk_trace"])
+        assert t > 0 and e > 0 and k > 0
+        # Fisher–NTK identity, and per-layer traces summing to the total
+        assert math.isclose(
+            float(r["rel_true_ntk_side"]), float(r["rel_true_fisher"]), rel_tol=1e-4
+        )
+        assert math.isclose(float(r["rel_emp_ntk_side"]), float(r["rel_emp_fisher"]), rel_tol=1e-4)
+        assert math.isclose(float(r["rel_true_fisher"]), t, rel_tol=1e-4)
+        layers = [float(v) for c, v in r.items() if c.startswith("layer_true:")]
+        assert len(layers) == 6 and math.isclose(sum(layers), t, rel_tol=1e-4)
+        assert 0 < float(r["rel_true_ratio"]) < 1 and t <= float(r["fisher_true_bound"]) * (
+            1 + 1e-5
+        )
+        assert 0 <= float(r["train_acc"]) <= 1 and 0 <= float(r["test_acc"]) <= 1
+
+    summary = (quick_run / "summary.md").read_text()
+    assert "## Final numbers" in summary and "**CHECK**" not in summary
+    for name in FIGURES:
+        assert f"]({name})" in summary  # relative links
+
+
+def test_rerun_same_config_is_deterministic(quick_run, tmp_path):
+    pytest.importorskip("mlxtend")
+    from fisherlens.experiments.demo import demo
+
+    out = demo(tmp_path / "again", quick=True, progress=False)
+    assert (out / "metrics.csv").read_text() == (quick_run / "metrics.csv").read_text()
+
+
+def test_report(quick_run, capsys):
+    assert main(["report", str(quick_run)]) == 0
+    assert capsys.readouterr().out == (quick_run / "summary.md").read_text()
+
+
+def _one_line_error(capsys, *words):
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fisherlens: error:") and "\n" not in err and "Traceback" not in err
+    for w in words:
+        assert w in err
+    return err
+
+
+def test_report_missing(tmp_path, capsys):
+    assert main(["report", str(tmp_path / "nope")]) == 2
+    _one_line_error(capsys, "no such run folder")
+    assert main(["report", str(tmp_path)]) == 2
+    _one_line_error(capsys, "no summary.md")
+
+
+def test_unknown_experiment(tmp_path, capsys):
+    assert main(["run", "nonsense", "--out", str(tmp_path / "x")]) == 2
+    _one_line_error(capsys, "unknown experiment 'nonsense'", "demo")
+    assert not (tmp_path / "x").exists()
+
+
+def test_run_refuses_folder_of_other_config(quick_run, capsys):
+    before = (quick_run / "config.json").read_text()
+    assert (
+        main(["run", "demo", "--quick", "--seed", "1", "--out", str(quick_run), "--no-progress"])
+        == 2
+    )
+    _one_line_error(capsys, "different config", "seed")
+    assert (quick_run / "config.json").read_text() == before
+
+
+def test_run_bad_data(tmp_path, capsys):
+    assert main(["run", "demo", "--quick", "--data", "cifar", "--out", str(tmp_path / "r")]) == 2
+    _one_line_error(capsys, "Unknown dataset 'cifar'")
+    assert not (tmp_path / "r").exists()
+
+
+def test_argparse_usage_errors_exit_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        main([])
+    assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:
+        main(["run", "demo", "--seed", "x"])
+    assert e.value.code == 2
