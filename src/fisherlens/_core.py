@@ -156,6 +156,8 @@ class FunctionalModel:
                 if not torch.isfinite(p).all():
                     raise ValueError(f"Parameter '{n}' contains NaN or inf; the Fisher is undefined there.")
         self.params: dict[str, Tensor] = {n: p.detach() for n, p in self.tensors.items()}
+        #: the other parameters, detached, so that no result stays attached to the model's autograd graph
+        self.frozen: dict[str, Tensor] = {n: p.detach() for n, p in named.items() if n not in self.tensors}
         self.shapes = {n: p.shape for n, p in self.params.items()}
         self.sizes = {n: p.numel() for n, p in self.params.items()}
         self.P = sum(self.sizes.values())
@@ -164,7 +166,7 @@ class FunctionalModel:
 
     def __call__(self, p: dict[str, Tensor], x: Tensor) -> Tensor:
         """Outputs ``(B, C)`` for inputs ``x (B, ...)``; a 1-D output is taken as ``C = 1``."""
-        out = functional_call(self.model, p, (x,))
+        out = functional_call(self.model, {**self.frozen, **p}, (x,))
         if not isinstance(out, Tensor):
             raise TypeError(f"The model must return a tensor of outputs (batch, C); it returned {type(out).__name__}.")
         if out.dim() == 1:

@@ -31,6 +31,9 @@ class FisherOperator:
     """
 
     def __init__(self, run: Run):
+        if isinstance(run.data, Iterator):
+            raise TypeError("The Fisher operator reads the data on every product; pass a re-iterable (tensors, a "
+                            "list of batches, a DataLoader), not a one-shot iterator.")
         self.run, fm = run, run.fm
         self.shape = (fm.P, fm.P)
         self.dtype, self.device = fm.dtype, fm.device
@@ -120,8 +123,5 @@ def fisher_operator(
     Each product streams the data once: per batch one forward, one ``jvp`` and one ``vjp``.
     Iterable data must be re-iterable (a ``DataLoader``, a list, tensors), since every product reads it again.
     """
-    run = Run(model, data, likelihood, kind, params, reduction, samples, generator, batch_size, "functional")
-    if isinstance(data, Iterator):
-        raise TypeError("fisher_operator reads the data on every product; pass a re-iterable (list, DataLoader), "
-                        "not a one-shot iterator.")
-    return FisherOperator(run)
+    return FisherOperator(Run(model, data, likelihood, kind, params, reduction, samples, generator, batch_size,
+                              "functional"))

@@ -243,12 +243,13 @@ def spectral_density(
     all probes); the Ritz values θ with weights τ = (first eigenvector component)² give
     ``φ(t) = (1/probes) Σ τ_j g_σ(t − θ_j)``.  With ``log=True`` (spectra span decades) the kernel acts on
     ``log10 λ``, nodes ≤ ``floor`` (default ``1e-12 · λ_max``) count as ``zero_mass``.  Cost: ``steps`` passes
-    over the data, each ``probes`` Fisher–vector products batched.
+    over the data, each ``probes`` Fisher–vector products batched.  ``generator`` seeds the probes (and the
+    labels of ``kind="mc"``).
     """
     if not isinstance(probes, int) or probes < 1 or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"probes and steps must be positive integers, got {probes!r}, {steps!r}.")
-    run = Run(model, data, likelihood, kind, params, reduction, 1, None, batch_size, "functional")
-    op = FisherOperator(run)
+    run = Run(model, data, likelihood, kind, params, reduction, 1, generator, batch_size, "functional")
+    op = FisherOperator(run)  # copies the generator's state for kind="mc" labels; probes then use it
     P = run.fm.P
     steps = min(steps, P)
     v = torch.randint(0, 2, (P, probes), generator=generator).to(run.fm.dtype) * 2 - 1

@@ -1,0 +1,196 @@
+"""The matrix-free Fisher operator: products against the dense Fisher for every kind, scipy interop, errors."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+import torch
+from _models3 import (
+    DT,
+    jacobians,
+    make_case,
+    one_thread,  # noqa: F401  (autouse fixture: one intra-op thread)
+    outputs,
+    true_fisher,
+)
+from scipy.sparse.linalg import LinearOperator, eigsh
+
+import fisherlens as fl
+
+CASES = ["mlp", "cnn", "bernoulli", "gauss", "free"]
+KINDS = ["true", "empirical", "mc"]
+
+
+@functools.cache
+def case(name: str):
+    return make_case(name, seed=10 + CASES.index(name), n=8, batch_size=3)
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def empirical_fisher(c) -> torch.Tensor:
+    """``(1/N) Σ g_n g_nᵀ`` with ``g_n = J_nᵀ r_n`` and residuals ``r = ∂ℓ/∂f`` written out by hand."""
+    J, f = jacobians(c.model, c.X), outputs(c.model, c.X)
+    if isinstance(c.lik, fl.Categorical):
+        r = torch.softmax(f, -1) - torch.nn.functional.one_hot(c.Y, f.shape[-1]).to(DT)
+    elif isinstance(c.lik, fl.Bernoulli):
+        r = torch.sigmoid(f) - c.Y.reshape(-1, 1)
+    else:
+        r = (f - c.Y) / c.lik.sigma**2
+    g = torch.einsum("nc,ncp->np", r, J)
+    return g.T @ g / len(c.X)
+
+
+def dense(c, kind, seed=0, samples=1, data=None, **kw):
+    return fl.fisher_matrix(c.model, c.data if data is None else data, c.lik, kind, samples=samples,
+                            generator=gen(seed), batch_size=c.batch_size, **kw)
+
+
+def close(a, b, what=""):
+    a, b = torch.as_tensor(a, dtype=DT), torch.as_tensor(b, dtype=DT)
+    scale = float(b.abs().max()) + 1e-300
+    torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12 * scale, msg=lambda m: f"{what}: {m}")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("name", CASES)
+def test_products_match_the_dense_fisher(name, kind):
+    c = case(name)
+    F = dense(c, kind, seed=3)
+    if kind == "true":
+        close(F, true_fisher(c), "fisher_matrix vs slow reference")
+    elif kind == "empirical":
+        close(F, empirical_fisher(c), "empirical fisher_matrix vs slow reference")
+    P = F.shape[0]
+    op = fl.fisher_operator(c.model, c.data, c.lik, kind, generator=gen(3), batch_size=c.batch_size)
+    assert isinstance(op, fl.FisherOperator) and op.shape == (P, P) and op.products == 0
+    g = torch.Generator().manual_seed(99)
+    v, M = torch.randn(P, generator=g, dtype=DT), torch.randn(P, 4, generator=g, dtype=DT)
+    close(op.matvec(v), F @ v, "matvec")
+    close(op @ v, F @ v, "op @ v")
+    close(op.matmat(M), F @ M, "matmat")
+    close(op @ M, F @ M, "op @ M")
+    assert (op @ v).shape == (P,) and (op @ M).shape == (P, 4)
+    assert op.products == 1 + 1 + 4 + 4 + 1 + 4
+    close(op.to_dense(), F, "to_dense")
+    # symmetric: uᵀ(F w) = wᵀ(F u) from two independent products (mc: the same labels on every pass)
+    w = torch.randn(P, generator=g, dtype=DT)
+    assert abs(float(v @ (op @ w)) - float(w @ (op @ v))) <= 1e-12 * float(F.abs().max()) * P
+    L = op.to_scipy()
+    assert isinstance(L, LinearOperator) and L.shape == (P, P) and L.dtype == np.float64
+    vn, Mn = v.numpy(), M.numpy()
+    np.testing.assert_allclose(L.matvec(vn), (F @ v).numpy(), rtol=1e-10, atol=1e-12 * float(F.abs().max()))
+    np.testing.assert_allclose(L.matmat(Mn), (F @ M).numpy(), rtol=1e-10, atol=1e-12 * float(F.abs().max()))
+    np.testing.assert_allclose(L @ vn, (F @ v).numpy(), rtol=1e-10, atol=1e-12 * float(F.abs().max()))
+    np.testing.assert_allclose(L.rmatvec(vn), (F @ v).numpy(), rtol=1e-10, atol=1e-12 * float(F.abs().max()))
+
+
+@pytest.mark.parametrize("name", ["mlp"])
+def test_eigsh_runs_on_the_scipy_operator(name):
+    c = case(name)
+    for kind in KINDS:
+        F = dense(c, kind, seed=4)
+        op = fl.fisher_operator(c.model, c.data, c.lik, kind, generator=gen(4), batch_size=c.batch_size)
+        k = 2
+        w = eigsh(op.to_scipy(), k=k, which="LA", tol=1e-10, return_eigenvectors=False)
+        ref = torch.linalg.eigvalsh(F).flip(0)[:k]
+        np.testing.assert_allclose(np.sort(w)[::-1], ref.numpy(), rtol=1e-8)
+
+
+def test_mc_operator_is_one_fixed_matrix():
+    """kind='mc': the labels are drawn from the same generator state on every pass, so the operator equals
+    fisher_matrix(kind='mc') with the same seed and batch size, and repeated products agree exactly."""
+    c = case("mlp")
+    P = sum(p.numel() for p in c.model.parameters())
+    eye = torch.eye(P, dtype=DT)
+    for samples in (1, 3):
+        F = dense(c, "mc", seed=21, samples=samples)
+        g = gen(21)
+        op = fl.fisher_operator(c.model, c.data, c.lik, "mc", samples=samples, generator=g, batch_size=c.batch_size)
+        assert torch.equal(g.get_state(), gen(21).get_state())  # the caller's generator is not consumed
+        A, B = op @ eye, op @ eye
+        assert torch.equal(A, B)
+        close(A, F, f"mc operator, samples={samples}")
+        close(op.to_dense(), F)
+        # other seeds give other matrices (some seeds may draw the same labels on this confident model)
+        assert any(bool((dense(c, "mc", seed=s, samples=samples) - F).abs().max() > 1e-6 * F.abs().max())
+                   for s in range(22, 27))
+    # without a generator: still one fixed matrix across products
+    op = fl.fisher_operator(c.model, c.data, c.lik, "mc", batch_size=c.batch_size)
+    v = torch.ones(P, dtype=DT)
+    assert torch.equal(op @ v, op @ v)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_dataloader_list_and_dataset(kind):
+    c = case("cnn")
+    ds = torch.utils.data.TensorDataset(c.X, c.Y)
+    loader = torch.utils.data.DataLoader(ds, batch_size=3, shuffle=False)
+    batches = [(c.X[i : i + 3], c.Y[i : i + 3]) for i in range(0, len(c.X), 3)]
+    F = dense(c, kind, seed=5)
+    P = F.shape[0]
+    M = torch.randn(P, 3, generator=gen(1), dtype=DT)
+    for data in (loader, batches, ds):
+        op = fl.fisher_operator(c.model, data, c.lik, kind, generator=gen(5), batch_size=3)
+        close(op @ M, F @ M, f"{type(data).__name__}")
+        close(op @ M, F @ M, f"{type(data).__name__}, second pass")  # re-iterable: read again
+
+
+def test_params_subset_and_reduction_sum():
+    c = case("mlp")
+    F = true_fisher(c)
+    names = [n for n, _ in c.model.named_parameters()]
+    sizes = [p.numel() for p in c.model.parameters()]
+    sel = [names[0], names[3]]
+    idx = torch.cat([torch.arange(sum(sizes[:i]), sum(sizes[: i + 1])) for i in (0, 3)])
+    op = fl.fisher_operator(c.model, c.data, c.lik, params=sel, batch_size=3)
+    assert op.shape == (len(idx), len(idx))
+    close(op.to_dense(), F[idx][:, idx], "params subset")
+    M = torch.randn(len(idx), 2, generator=gen(2), dtype=DT)
+    close(op @ M, F[idx][:, idx] @ M, "params subset matmat")
+    ops = fl.fisher_operator(c.model, c.data, c.lik, reduction="sum", batch_size=3)
+    v = torch.randn(F.shape[0], generator=gen(3), dtype=DT)
+    close(ops @ v, len(c.X) * (F @ v), "reduction='sum'")
+
+
+def test_products_are_detached_with_a_params_subset():
+    """With params= selecting some parameters, the others (requires_grad=True in the module) must not leave the
+    products attached to an autograd graph: F v is a plain tensor, like fisher_matrix's result."""
+    c = case("mlp")
+    op = fl.fisher_operator(c.model, c.data, c.lik, params=["0.weight"], batch_size=3)
+    Fv = op @ torch.ones(op.shape[0], dtype=DT)
+    assert not Fv.requires_grad
+    Fv.numpy()
+
+
+def test_wrong_shapes_and_one_shot_iterators():
+    c = case("mlp")
+    P = sum(p.numel() for p in c.model.parameters())
+    op = fl.fisher_operator(c.model, c.data, c.lik, batch_size=3)
+    for bad in (torch.ones(P + 1), torch.ones(P - 1), torch.ones(P, 2, 1), torch.ones(P + 1, 2), torch.ones(2, P)):
+        with pytest.raises(ValueError):
+            op @ bad
+        if bad.dim() == 1:
+            with pytest.raises(ValueError):
+                op.matvec(bad)
+        else:
+            with pytest.raises(ValueError):
+                op.matmat(bad)
+    with pytest.raises(ValueError):
+        op.matvec(torch.ones(P, 1))
+    with pytest.raises(ValueError):
+        op.matmat(torch.ones(P))
+    with pytest.raises(ValueError):
+        op.to_scipy().matvec(np.ones(P + 1))
+    assert op.products == 0
+    batches = [(c.X[i : i + 3], c.Y[i : i + 3]) for i in range(0, len(c.X), 3)]
+    with pytest.raises(TypeError, match="re-iterable"):
+        fl.fisher_operator(c.model, (b for b in batches), c.lik)
+    with pytest.raises(TypeError):
+        fl.fisher_operator(c.model, iter(batches), c.lik)
+    with pytest.raises(ValueError):
+        fl.fisher_operator(c.model, c.data, c.lik, kind="hessian")
