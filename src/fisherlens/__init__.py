@@ -5,7 +5,7 @@ Fisher–NTK trace relation, random estimators, matrix-free operators and spectr
 Conventions: ``SCIENCE.md``; every data-averaged quantity is a mean over the N inputs unless ``reduction="sum"``.
 """
 
-from . import bounds, losses
+from . import bounds, losses, theory
 from .estimators import Estimate
 from .fisher import fisher_blocks, fisher_diag, fisher_matrix, fisher_rao_norm, fisher_trace
 from .likelihoods import Bernoulli, Categorical, Gaussian, Likelihood, LossInduced
@@ -40,4 +40,5 @@ __all__ = [
     "ntk_trace",
     "spectral_density",
     "spectrum_stats",
+    "theory",
 ]

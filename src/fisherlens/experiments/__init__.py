@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from . import demo
+from . import demo, meanfield_lr, meanfield_spectrum
 
 __all__ = ["EXPERIMENTS", "get"]
 
@@ -22,6 +22,16 @@ EXPERIMENTS: dict[str, tuple[str, Experiment]] = {
         "Train a 784-64-32-10 MLP on the embedded MNIST subset; track true/empirical Fisher "
         "traces, per-layer traces, the NTK trace and the Fisher-NTK relation.",
         demo.demo,
+    ),
+    "meanfield-spectrum": (
+        "Seed 003 fig 1: mean-field theory of FIM eigenvalue statistics (mean, second moment, max) vs ensembles "
+        "of random tanh/ReLU/linear networks over widths M, and the T sweep; exact dual (Gram) matrices.",
+        meanfield_spectrum.meanfield_spectrum,
+    ),
+    "meanfield-lr": (
+        "Seed 003 fig 2 (left): final loss of momentum batch GD over a (width, learning-rate) grid on a "
+        "teacher-student task vs the theoretical critical learning rate eta_c = 2(1+mu)/lambda_max.",
+        meanfield_lr.meanfield_lr,
     ),
 }
 
