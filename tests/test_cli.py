@@ -128,3 +128,13 @@ def test_argparse_usage_errors_exit_2(capsys):
     with pytest.raises(SystemExit) as e:
         main(["run", "demo", "--seed", "x"])
     assert e.value.code == 2
+
+
+def test_set_options_reach_the_experiment(tmp_path, capsys):
+    assert main(["run", "demo", "--quick", "--no-progress", "--out", str(tmp_path / "a"), "--set", "bogus=1"]) == 2
+    assert "bogus" in capsys.readouterr().err
+    assert main(["run", "demo", "--quick", "--out", str(tmp_path / "b"), "--set", "1x=2"]) == 2
+    assert "KEY=VALUE" in capsys.readouterr().err
+    out = tmp_path / "c"
+    assert main(["run", "demo", "--quick", "--no-progress", "--out", str(out), "--set", "epochs=1"]) == 0
+    assert json.loads((out / "config.json").read_text())["epochs"] == 1

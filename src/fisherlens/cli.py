@@ -7,6 +7,7 @@ line ``fisherlens: error: ...`` to stderr and exits with status 2, without a tra
 from __future__ import annotations
 
 import argparse
+import ast
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -41,6 +42,14 @@ def _parser() -> argparse.ArgumentParser:
         help="dataset: mnist-subset (default), digits, or a folder of MNIST IDX files",
     )
     r.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    r.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an experiment option (repeatable), e.g. --set seeds=100 --set epochs=300; "
+        "VALUE is a Python literal (number, list, ...) or a string",
+    )
     rep = sub.add_parser(
         "report",
         help="print the summary of a run folder",
@@ -69,14 +78,31 @@ def _run(args: argparse.Namespace) -> int:
         )
     fn = EXPERIMENTS[args.experiment][1]
     out = args.out if args.out is not None else Path("runs") / args.experiment
+    options = dict(_option(s) for s in args.set)
     try:
         path = fn(
-            out, quick=args.quick, seed=args.seed, data=args.data, progress=not args.no_progress
+            out, quick=args.quick, seed=args.seed, data=args.data, progress=not args.no_progress,
+            **options,
         )
+    except TypeError as e:  # an option the experiment does not take
+        if options and "argument" in str(e):
+            raise _UsageError(f"{args.experiment}: {e}") from e
+        raise
     except (ValueError, OSError, ImportError) as e:  # bad data/folder/options, missing extras
         raise _UsageError(str(e)) from e
     print(f"wrote {path}  (summary: {Path(path) / 'summary.md'})")
     return 0
+
+
+def _option(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` -> (key, Python literal or string)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip().isidentifier():
+        raise _UsageError(f"--set expects KEY=VALUE with KEY a name, got {text!r}")
+    try:
+        return key.strip(), ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key.strip(), value
 
 
 def _report(args: argparse.Namespace) -> int:
