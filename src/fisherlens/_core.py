@@ -585,7 +585,8 @@ class Run:
         self.n = 0
 
     def batches(self):
-        """Yield ``(X, Y)`` batches of the data, counting the samples in ``self.n``."""
+        """Yield ``(X, Y)`` batches of the data, counting this pass's samples in ``self.n``."""
+        self.n = 0
         for X, Y in iter_batches(self.data, self.fm, need_y=self.kind == "empirical", batch_size=self.batch_size):
             self.n += len(X)
             yield X, Y
@@ -600,7 +601,9 @@ class Run:
 
     def chunks(self, want: set[str], make_v=None, columns=None):
         """Yield ``(f, V, stats)`` per chunk of the data (see :func:`fisherlens._core.stream`);
-        ``make_v``/``columns`` replace the kind's sandwich and its column count."""
+        ``make_v``/``columns`` replace the kind's sandwich and its column count.  Counts this pass's samples
+        in ``self.n``."""
+        self.n = 0
         for n, f, V, st in stream(
             self.fm, self.data, make_v or self.v, want, need_y=self.kind == "empirical",
             columns=columns or self.columns, batch_size=self.batch_size, engine=self.engine,

@@ -58,7 +58,10 @@ class Estimate:
         """Estimate from per-draw values ``(S, ...)``."""
         S = draws.shape[0]
         mean = draws.mean(0)
-        err = draws.std(0, correction=1) / math.sqrt(S) if S > 1 else torch.full_like(mean, math.nan)
+        if S > 1:  # two-pass variance: several times faster than Tensor.std on (S, P)
+            err = ((draws - mean).square().sum(0) / (S - 1)).sqrt() / math.sqrt(S)
+        else:
+            err = torch.full_like(mean, math.nan)
         return cls(float(mean), float(err), S) if scalar else cls(mean, err, S)
 
     def __float__(self):
