@@ -5,7 +5,7 @@ Fisher–NTK trace relation, random estimators, matrix-free operators and spectr
 Conventions: ``SCIENCE.md``; every data-averaged quantity is a mean over the N inputs unless ``reduction="sum"``.
 """
 
-from . import bounds, losses, theory
+from . import bounds, geometry, losses, theory
 from .estimators import Estimate
 from .fisher import fisher_blocks, fisher_diag, fisher_matrix, fisher_rao_norm, fisher_trace
 from .likelihoods import Bernoulli, Categorical, Gaussian, Likelihood, LossInduced
@@ -35,6 +35,7 @@ __all__ = [
     "fisher_operator",
     "fisher_rao_norm",
     "fisher_trace",
+    "geometry",
     "losses",
     "ntk",
     "ntk_trace",

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from . import demo, estimators, meanfield_lr, meanfield_spectrum
+from . import demo, estimators, meanfield_lr, meanfield_spectrum, two_param
 
 __all__ = ["EXPERIMENTS", "get"]
 
@@ -37,6 +37,11 @@ EXPERIMENTS: dict[str, tuple[str, Experiment]] = {
         "Seed 003 fig 2 (left): final loss of momentum batch GD over a (width, learning-rate) grid on a "
         "teacher-student task vs the theoretical critical learning rate eta_c = 2(1+mu)/lambda_max.",
         meanfield_lr.meanfield_lr,
+    ),
+    "two-param": (
+        "Seed 000 §5.2: one sigmoid neuron with 2 weights; loss surfaces, Fisher entries, traces, NTK trace and "
+        "scalar curvature R on a θ grid and along gradient descent, for three losses.",
+        two_param.two_param,
     ),
 }
 
