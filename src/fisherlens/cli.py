@@ -38,8 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     r.add_argument(
         "--data",
-        default="mnist-subset",
-        help="dataset: mnist-subset (default), digits, or a folder of MNIST IDX files",
+        default=None,
+        help="dataset: mnist-subset, digits, or a folder of MNIST IDX files "
+        "(default: the experiment's own, mnist-subset for the MNIST studies)",
     )
     r.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     r.add_argument(
@@ -79,11 +80,10 @@ def _run(args: argparse.Namespace) -> int:
     fn = EXPERIMENTS[args.experiment][1]
     out = args.out if args.out is not None else Path("runs") / args.experiment
     options = dict(_option(s) for s in args.set)
+    if args.data is not None:
+        options["data"] = args.data
     try:
-        path = fn(
-            out, quick=args.quick, seed=args.seed, data=args.data, progress=not args.no_progress,
-            **options,
-        )
+        path = fn(out, quick=args.quick, seed=args.seed, progress=not args.no_progress, **options)
     except TypeError as e:  # an option the experiment does not take
         if options and "argument" in str(e):
             raise _UsageError(f"{args.experiment}: {e}") from e

@@ -246,7 +246,7 @@ def _figures(run, rows, width_rows, theories, grids, m_values, momentum, thresho
     lo = max(min(finite), 1e-8) if finite else 1e-3
     norm = LogNorm(vmin=lo, vmax=threshold)
     cmap = colormaps["viridis"].copy()
-    cmap.set_bad("0.6")
+    cmap = cmap.with_extremes(bad="0.6")
     fig = Figure(figsize=(16, 4.8))
     axes = fig.subplots(1, len(CASES))
     mesh = None

@@ -150,13 +150,9 @@ DATASETS = {
     "decision-boundary": ("uniform in the unit square, target 1 where y > x (seed 000 §5.2.2)", 0.0),
     "noisy-boundary": ("as decision-boundary with 10% of the labels flipped (not separable)", 0.1),
 }
-#: the command line passes its global default ``--data mnist-subset`` to every experiment; here it means
-#: "the default data set" (MNIST has 784 inputs, this network takes 2).
-_CLI_DEFAULT = "mnist-subset"
-
 
 def _load_data(data, n: int, seed: int) -> tuple[str, Tensor, Tensor]:
-    if data is None or data == _CLI_DEFAULT:
+    if data is None:
         data = "decision-boundary"
     if isinstance(data, str):
         if data not in DATASETS:
