@@ -171,7 +171,10 @@ def draws(run: Run, method: str, what: str, *, probe: str = "rademacher", per_sa
         for X, _ in run.batches():
             f, pull = vjp_checked(fm, X)
             xi = probe_vectors(run, f, method, probe, samples, gen)  # (B, C, S)
-            v = vmap(lambda c, pull=pull: pull(c)[0], in_dims=2)(xi)  # {name: (S, *shape)} = Σ_n J_nᵀ ξ_n per draw
+            if samples == 1:  # one plain backward pass (vmap over a single draw would only add overhead)
+                v = {n: t[None] for n, t in pull(xi[..., 0])[0].items()}
+            else:  # {name: (S, *shape)} = Σ_n J_nᵀ ξ_n per draw, draws batched
+                v = vmap(lambda c, pull=pull: pull(c)[0], in_dims=2)(xi)
             for n in fm.names:
                 vn = v[n].reshape(samples, -1)
                 if what == "diag":

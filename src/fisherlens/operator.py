@@ -65,10 +65,16 @@ class FisherOperator:
         n = 0
         for X, Y in run.batches():
             f, pull = vjp_checked(fm, X)
-            jv = vmap(lambda t, X=X: jvp_checked(fm, X, t)[1])(tangents)  # (k, B, C)
+            if M.shape[1] == 1:  # a single vector: plain jvp and vjp, no vmap overhead
+                jv = jvp_checked(fm, X, {n: t[0] for n, t in tangents.items()})[1][None]
+            else:
+                jv = vmap(lambda t, X=X: jvp_checked(fm, X, t)[1])(tangents)  # (k, B, C)
             V = sandwich(run.lik, run.kind, f, Y, run.samples, gen)  # (B, C, K)
             u = torch.einsum("bcj,bdj,kbd->kbc", V, V, jv)
-            out += fm.flatten(vmap(lambda c, pull=pull: pull(c)[0])(u), lead=1)
+            if M.shape[1] == 1:
+                out += fm.flatten(pull(u[0])[0])[None]
+            else:
+                out += fm.flatten(vmap(lambda c, pull=pull: pull(c)[0])(u), lead=1)
             n += len(X)
         self.products += M.shape[1]
         scale = 1.0 / n if run.reduction == "mean" else 1.0

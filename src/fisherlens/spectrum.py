@@ -161,7 +161,8 @@ def eigenvalues(
             raise ValueError(f"Lanczos needs k < P = {P}; use method='dense' for the whole spectrum.")
         op = FisherOperator(run)
         v0 = np.ones(P) / math.sqrt(P)
-        w, V = eigsh(op.to_scipy(), k=k, which="LA", tol=tol, v0=v0, return_eigenvectors=True)
+        ncv = min(P, max(2 * k + 1, k + 8))  # a short restart cycle: fewer products than scipy's default of 20
+        w, V = eigsh(op.to_scipy(), k=k, which="LA", tol=tol, v0=v0, ncv=ncv, return_eigenvectors=True)
         vals = torch.as_tensor(w.copy(), dtype=run.fm.dtype)
         vecs = torch.as_tensor(V.copy(), dtype=run.fm.dtype) if return_vectors else None
         vals, vecs = _descending(vals, vecs, k)
