@@ -33,6 +33,7 @@ import fisherlens as fl
 
 from .. import datasets, plots
 from ..runs import RunDir, write_csv
+from ._common import split_with_probe
 
 Tensor = torch.Tensor
 
@@ -227,14 +228,8 @@ def demo(
     run = RunDir(out, config)
     t0 = time.perf_counter()
 
-    N = len(X)
-    if n_train + n_test > N:
-        n_test = max(1, round(0.2 * N))
-        n_train = N - n_test
-    Xtr, ytr, Xte, yte = datasets.train_test_split(X, y, n_train, n_test, seed=seed)
-    n_probe = min(n_probe, n_train)
-    probe = (Xtr[:n_probe], ytr[:n_probe])
-    n_classes = int(y.max()) + 1
+    Xtr, ytr, Xte, yte, probe, n_classes = split_with_probe(X, y, n_train, n_test, n_probe, seed)
+    n_train, n_test, n_probe = len(Xtr), len(Xte), len(probe[0])  # as adjusted to the data set
 
     # seed the initialisation without touching the caller's global RNG
     with torch.random.fork_rng(devices=[]):

@@ -29,8 +29,6 @@ import math
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +48,7 @@ from .. import datasets, plots
 from .._core import Run, identity_sandwich
 from ..estimators import draws as estimator_draws
 from ..runs import RunDir, write_csv
+from ._common import split_with_probe, torch_threads
 
 Tensor = torch.Tensor
 
@@ -281,17 +280,6 @@ def _diag_draws(model, probe, lik, key: str, samples: int, gen: torch.Generator,
     return run.fm.flatten(d, lead=1) if what == "diag" else sum(d.values())
 
 
-@contextmanager
-def _threads(n: int) -> Iterator[None]:
-    """Run the body with ``n`` torch intra-op threads (restored afterwards)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
 def _min_time(fn, repeats: int, budget: float, cap: int = 30) -> float:
     """Shortest of at least ``repeats`` timed calls, repeated while they take less than ``budget`` seconds in
     all (at most ``cap`` calls): the minimum is robust against other load on the machine."""
@@ -397,14 +385,8 @@ def estimators(
     rd = RunDir(out, config)
     t_start = time.perf_counter()
 
-    N = len(X)
-    if n_train + n_test > N:
-        n_test = max(1, round(0.2 * N))
-        n_train = N - n_test
-    Xtr, ytr, Xte, yte = datasets.train_test_split(X, y, n_train, n_test, seed=seed)
-    n_probe = min(n_probe, n_train)
-    probe = (Xtr[:n_probe], ytr[:n_probe])
-    C = int(y.max()) + 1
+    Xtr, ytr, Xte, yte, probe, C = split_with_probe(X, y, n_train, n_test, n_probe, seed)
+    n_train, n_test, n_probe = len(Xtr), len(Xte), len(probe[0])  # as adjusted to the data set
     torch.manual_seed(seed)
     model = _mlp(X.shape[1], hidden, C, X.dtype)
     train_loss = _train(model, Xtr, ytr, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, progress=progress)
@@ -459,7 +441,7 @@ def estimators(
     load = [_loadavg()]
     budget = 0.01 if quick else 0.1  # cheap calls are repeated until they took this long in all
     times: dict[str, dict[str, dict[int, float]]] = {k: {"diag": {}, "trace": {}, "public": {}} for k in ESTIMATORS}
-    with _threads(1), tqdm(total=len(ESTIMATORS) * len(tgrid), desc="estimators: timing", disable=not progress,
+    with torch_threads(1), tqdm(total=len(ESTIMATORS) * len(tgrid), desc="estimators: timing", disable=not progress,
                            leave=False) as bar:
         exact_times = {  # exact diagonal and trace, true and empirical
             f"{pre}{what}": _min_time(lambda fn=fn, kind=kind: fn(model, probe, lik, kind=kind), timing_repeats, budget)

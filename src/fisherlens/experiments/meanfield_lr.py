@@ -36,7 +36,8 @@ import fisherlens as fl
 
 from ..runs import RunDir, write_csv
 from ..theory.random_networks import MLPEnsemble, single_thread, standard_normals
-from .meanfield_spectrum import CASES, COLORS, _save, check_gaussian_data, torch_threads
+from ._common import torch_threads
+from .meanfield_spectrum import CASES, COLORS, _save, check_gaussian_data
 
 Tensor = torch.Tensor
 

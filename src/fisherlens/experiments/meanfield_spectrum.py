@@ -27,7 +27,6 @@ from __future__ import annotations
 import math
 import os
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +39,7 @@ import fisherlens as fl
 
 from ..runs import RunDir, write_csv
 from ..theory.random_networks import MLPEnsemble, ensemble_stats, single_thread, standard_normals
+from ._common import torch_threads
 
 __all__ = ["meanfield_spectrum", "CASES", "check_gaussian_data", "torch_threads"]
 
@@ -159,22 +159,6 @@ def meanfield_spectrum(
     with torch_threads(threads):
         return _meanfield_spectrum(out, quick, seed, seeds, m_values, samples, depth, outputs, t_sweep_m, t_values,
                                    dtype, library_check_max_m, threads, progress)
-
-
-@contextmanager
-def torch_threads(n: int | None):
-    """Set torch's intra-op thread count inside the block (``None``: leave it); restored afterwards."""
-    if n is None:
-        yield
-        return
-    if not isinstance(n, int) or n < 1:
-        raise ValueError(f"threads must be a positive integer or None, got {n!r}.")
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def _meanfield_spectrum(out, quick, seed, seeds, m_values, samples, depth, outputs, t_sweep_m, t_values, dtype,

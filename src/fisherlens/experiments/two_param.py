@@ -47,6 +47,7 @@ import fisherlens as fl
 
 from .. import geometry
 from ..runs import RunDir, write_csv
+from ._common import torch_threads
 
 Tensor = torch.Tensor
 DTYPE = torch.float64
@@ -311,14 +312,9 @@ def two_param(
         "ntk_trace": "sum over the N points of |grad_theta f|^2 (fl.ntk_trace convention)",
     }
     run = RunDir(out, config)
-    old_threads = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         return _run(run, config, keys, plan, X, t, grid, resolution, theta0, steepness, cond_max, regularize,
                     chunk_size, progress, quick)
-    finally:
-        torch.set_num_threads(old_threads)
 
 
 def _run(run, config, keys, plan, X, t, grid, resolution, theta0, steepness, cond_max, regularize, chunk_size,
