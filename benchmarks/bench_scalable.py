@@ -50,6 +50,11 @@ RESULTS = HERE / "results" / "scalable.md"
 MARK = "@@RESULT@@"
 EIG_TOL = 1e-3
 SEEDS = 5  # random starting vectors for the product counts of the eigenvalue solvers
+#: glibc settings of ``--malloc stable``: freed blocks stay in the heap instead of being unmapped, so a repeated
+#: large allocation is not page-faulted again on every call (with the defaults the time of a 5 MB allocation
+#: flips between runs of the same process, ±40 % on the wide MLP's fwd+bwd)
+STABLE_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(2**30), "MALLOC_TRIM_THRESHOLD_": str(2**40),
+                 "MALLOC_TOP_PAD_": str(2**27)}
 
 WORKLOADS = {
     "mlp": "MLP 784-128-128-10, X (128, 784)",
@@ -363,6 +368,8 @@ def worker(workload: str, method: str, opts: dict, out_path: str) -> dict:
 def spawn(workload: str, method: str, opts: dict, tmpdir: str, timeout: float):
     out_path = os.path.join(tmpdir, f"{workload}-{method}.pt")
     env = dict(os.environ, OMP_NUM_THREADS=str(THREADS), MKL_NUM_THREADS=str(THREADS))
+    if opts.get("malloc") == "stable":
+        env.update(STABLE_MALLOC)
     cmd = [sys.executable, __file__, "--worker", workload, method, out_path, "--opts", json.dumps(opts)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
@@ -545,6 +552,9 @@ def main(argv=None) -> int:
     ap.add_argument("--timeout", type=float, default=1200.0, help="seconds per worker")
     ap.add_argument("--wait-idle", type=float, default=300.0,
                     help="before each worker, wait up to this many seconds for the CPUs to be idle; 0 disables")
+    ap.add_argument("--malloc", choices=["stable", "default"], default="stable",
+                    help="'stable' (default) runs the workers with glibc malloc settings that keep freed memory "
+                    "mapped (no page faults on repeated allocations, reproducible times); 'default' leaves glibc alone")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--worker", nargs=3, metavar=("WORKLOAD", "METHOD", "OUT"), help=argparse.SUPPRESS)
     ap.add_argument("--opts", default="{}", help=argparse.SUPPRESS)
@@ -561,7 +571,8 @@ def main(argv=None) -> int:
         print(MARK + json.dumps(payload), flush=True)
         return 0
 
-    opts = {"repeats": args.repeats or (3 if args.quick else 9), "warmup": 1 if args.quick else 3}
+    opts = {"repeats": args.repeats or (3 if args.quick else 9), "warmup": 1 if args.quick else 3,
+            "malloc": args.malloc}
     torch.set_num_threads(THREADS)
     lines = [
         "# Scalable Fisher benchmark (CPU): one-draw estimators, Fisher–vector products, top eigenvalue",
@@ -571,7 +582,10 @@ def main(argv=None) -> int:
         f"- {versions()}",
         f"- time: median of {opts['repeats']} repeats after {opts['warmup']} warm-up call(s), divided by the "
         "median of a plain forward+backward pass (`F.cross_entropy(model(X), Y).backward()`) timed interleaved "
-        "in the same process",
+        "in the same process; workers run with "
+        + ("glibc `" + " ".join(f"{k}={v}" for k, v in STABLE_MALLOC.items()) + "` (freed memory stays mapped, so "
+           "repeated large allocations are not page-faulted on every call; `--malloc default` drops this)"
+           if opts["malloc"] == "stable" else "glibc's default malloc settings"),
         "- ΔRSS: resident-set high-water mark of the FIRST call in a fresh process minus the resident set "
         "before it (MiB; includes one-time initialisations); tensor peak: peak of live tensor bytes "
         "allocated by torch during one WARM call, above the level before it (MiB; `torch.profiler` "
