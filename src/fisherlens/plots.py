@@ -28,14 +28,19 @@ def _arr(v) -> np.ndarray:
     return np.asarray(v, dtype=float).ravel()
 
 
-def _save(fig: Figure, path: str | os.PathLike) -> Path:
+def save_png(fig: Figure, path: str | os.PathLike, *, tight: bool = True, dpi: int = DPI) -> Path:
+    """Write ``fig`` as a PNG atomically (temp file in the same folder + ``os.replace``); returns the path.
+
+    ``tight=False`` keeps a layout set by hand (``tight_layout`` costs seconds on large multi-panel figures).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)
-    fig.tight_layout()
+    if tight:
+        fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        fig.savefig(tmp, dpi=DPI, format="png")
+        fig.savefig(tmp, dpi=dpi, format="png")
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -101,7 +106,7 @@ def line_plot(
     _draw_lines(
         ax, x, series, stds, xlabel=xlabel, ylabel=ylabel, title=title, logy=logy, styles=styles
     )
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def line_panels(
@@ -143,7 +148,7 @@ def line_panels(
         )
     if title:
         fig.suptitle(title)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def bar_plot(
@@ -200,7 +205,7 @@ def bar_plot(
                     xytext=(0, 2),
                     textcoords="offset points",
                 )
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def diag_scatter(
@@ -291,4 +296,4 @@ def diag_scatter(
     for h in leg.legend_handles:
         if hasattr(h, "set_alpha"):
             h.set_alpha(1)
-    return _save(fig, path)
+    return save_png(fig, path)

@@ -35,7 +35,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 from scipy.sparse.linalg import eigsh
@@ -613,20 +612,6 @@ def _reldev(a: float, b: float) -> float:
 
 
 # ----------------------------------------------------------------------------- figures
-def _save(fig: Figure, path: Path) -> Path:
-    """Tight layout and an atomic PNG write (as :mod:`fisherlens.plots`)."""
-    FigureCanvasAgg(fig)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        fig.savefig(tmp, dpi=plots.DPI, format="png")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
-
-
 def _plain_log_ticks(axis, subs: tuple[float, ...] = (1.0, 2.0, 5.0)) -> None:
     """Ticks at ``subs`` × 10^k written as plain numbers on a log axis (no crowded minor labels)."""
     axis.set_major_locator(LogLocator(base=10, subs=subs))
@@ -671,7 +656,7 @@ def _fig_bias(path: Path, rows: list[dict], zs: dict[str, Tensor]) -> Path:
     ax2.set_title("Diagonal: per-entry z-scores (unbiased → N(0, 1))")
     ax2.legend(frameon=False, fontsize=7)
     ax2.grid(True, alpha=0.3)
-    return _save(fig, path)
+    return plots.save_png(fig, path)
 
 
 def _fig_cv(path: Path, meas: dict[str, Tensor], theo: dict[str, Tensor], draws: int, seed: int) -> Path:
@@ -736,7 +721,7 @@ def _fig_cv(path: Path, meas: dict[str, Tensor], theo: dict[str, Tensor], draws:
         if hasattr(h, "set_alpha"):
             h.set_alpha(1)
     ax3.grid(True, which="major", alpha=0.3)
-    return _save(fig, path)
+    return plots.save_png(fig, path)
 
 
 def _fig_error(path: Path, err_rows: list[dict], emp: dict, *, x: str, exact: dict | None = None) -> Path:
@@ -786,7 +771,7 @@ def _fig_error(path: Path, err_rows: list[dict], emp: dict, *, x: str, exact: di
         ax.set_ylabel(ylabel)
         ax.grid(True, which="major", alpha=0.3)
         ax.legend(frameon=False, fontsize=7)
-    return _save(fig, path)
+    return plots.save_png(fig, path)
 
 
 def _fig_bounds(path: Path, b: dict, ratio_d: Tensor, ratio_i: Tensor, lam_core: Tensor, core: dict) -> Path:
@@ -833,7 +818,7 @@ def _fig_bounds(path: Path, b: dict, ratio_d: Tensor, ratio_i: Tensor, lam_core:
     ax3.set_title("Per-sample core spectrum bounds", fontsize=10)
     ax3.legend(frameon=False, fontsize=8)
     ax3.grid(True, alpha=0.3)
-    return _save(fig, path)
+    return plots.save_png(fig, path)
 
 
 # ----------------------------------------------------------------------------- summary

@@ -31,12 +31,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
 import fisherlens as fl
 
+from ..plots import save_png as _save
 from ..runs import RunDir, write_csv
 from ..theory.random_networks import MLPEnsemble, ensemble_stats, single_thread, standard_normals
 from ._common import torch_threads
@@ -65,21 +65,6 @@ def check_gaussian_data(data) -> None:
     if data not in (None, "mnist-subset", "gaussian", "synthetic"):  # the CLI always passes its default
         raise ValueError(f"this study uses synthetic Gaussian inputs x ~ N(0, I) (seed 003); --data {data!r} "
                          "is not used — drop it.")
-
-
-def _save(fig: Figure, path: Path, tight: bool = True) -> Path:
-    """Write ``fig`` as PNG atomically (temp file + ``os.replace``)."""
-    FigureCanvasAgg(fig)
-    if tight:
-        fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        fig.savefig(tmp, dpi=120, format="png")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
 
 
 def _dtype(name: str) -> torch.dtype:

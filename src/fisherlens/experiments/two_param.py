@@ -38,7 +38,6 @@ import matplotlib as mpl
 import numpy as np
 import torch
 from matplotlib import colors
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import nn
 from tqdm.auto import tqdm
@@ -46,6 +45,7 @@ from tqdm.auto import tqdm
 import fisherlens as fl
 
 from .. import geometry
+from ..plots import save_png
 from ..runs import RunDir, write_csv
 from ._common import torch_threads
 
@@ -500,19 +500,6 @@ def _summary(config, keys, results, N, elapsed, timings, figures) -> str:
 
 
 # ----------------------------------------------------------------------------- figures
-def _save(fig: Figure, path: Path, dpi: int) -> None:
-    """Write a PNG atomically (temp file + ``os.replace``); the layout is set by hand (no tight_layout,
-    which costs seconds per multi-panel figure)."""
-    FigureCanvasAgg(fig)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        fig.savefig(tmp, dpi=dpi, format="png")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def _norm(v: np.ndarray, kind: str):
     """Colour normalisation: ``log`` (positive values; ``symlog`` if some are ≤ 0), ``symlog`` (signed,
     centred on 0; ``log`` if all are positive) or ``lin``.  Returns ``(norm, colormap name)``."""
@@ -586,7 +573,7 @@ def _figures(run, keys, results, thetas, t1, t2, X, t, steepness, dpi: int) -> d
     ax.plot([0, 1], [0, 1], "k--", linewidth=0.8, label="y = x")
     ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="x", ylabel="y", title=f"Data set (N = {len(X)})")
     ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
-    _save(fig, run.file("data.png"), dpi)
+    save_png(fig, run.file("data.png"), tight=False, dpi=dpi)
     figs["data.png"] = "the data set (seed fig 5.2)."
 
     fig = Figure(figsize=(5.4 * len(keys), 4.6))
@@ -596,7 +583,7 @@ def _figures(run, keys, results, thetas, t1, t2, X, t, steepness, dpi: int) -> d
         _heat(fig, ax, results[k]["grid"]["loss_value"], None, extent, results[k]["theta"],
               f"({'ABC'[i]}) {LOSSES[k].label}", "lin", res, contours=True)
     fig.suptitle("Loss surfaces and the gradient-descent path (dotted; ○ start, ★ end)")
-    _save(fig, run.file("loss_surfaces.png"), dpi)
+    save_png(fig, run.file("loss_surfaces.png"), tight=False, dpi=dpi)
     figs["loss_surfaces.png"] = "loss surfaces with the gradient-descent path (seed fig 5.3)."
 
     panels = [("I11", "I₁₁", "log"), ("I12", "I₁₂", "symlog"), ("I22", "I₂₂", "log"),
@@ -612,7 +599,7 @@ def _figures(run, keys, results, thetas, t1, t2, X, t, steepness, dpi: int) -> d
         fig.suptitle(f"Fisher information I, NTK trace and scalar curvature R — {LOSSES[k].label}\n"
                      "(colours on log scales; R on a symmetric log scale, red > 0 > blue)")
         name = f"surfaces_{k}.png"
-        _save(fig, run.file(name), dpi)
+        save_png(fig, run.file(name), tight=False, dpi=dpi)
         figs[name] = f"I₁₁, I₁₂, I₂₂, tr I, tr Θ and R over the grid, {LOSSES[k].label} (seed figs 5.5–5.7)."
 
     for k in keys:
@@ -640,7 +627,7 @@ def _figures(run, keys, results, thetas, t1, t2, X, t, steepness, dpi: int) -> d
         ax3.set_xlabel("gradient-descent step")
         ax3.grid(True, alpha=0.3)
         name = f"path_{k}.png"
-        _save(fig, run.file(name), dpi)
+        save_png(fig, run.file(name), tight=False, dpi=dpi)
         figs[name] = f"tr I, tr Θ and R along the path, {LOSSES[k].label} (seed figs 5.8–5.10)."
 
     k = "cross_entropy" if "cross_entropy" in keys else keys[-1]
@@ -660,6 +647,6 @@ def _figures(run, keys, results, thetas, t1, t2, X, t, steepness, dpi: int) -> d
     ax.legend(loc="lower right", fontsize=8, framealpha=0.8)
     ax.set(xlabel="x", ylabel="y", title=f"Network output at the end of training, {LOSSES[k].label}\n"
            f"θ = ({th[0]:.2f}, {th[1]:.2f})")
-    _save(fig, run.file("output_final.png"), dpi)
+    save_png(fig, run.file("output_final.png"), tight=False, dpi=dpi)
     figs["output_final.png"] = f"network output at the final parameters, {LOSSES[k].label} (seed fig 5.4)."
     return figs
