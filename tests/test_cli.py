@@ -12,10 +12,12 @@ from fisherlens.cli import main
 from fisherlens.experiments import EXPERIMENTS
 
 FIGURES = [
+    "training.png",
     "fisher_traces.png",
-    "layer_traces.png",
-    "diag_true_vs_empirical.png",
+    "batch_traces.png",
     "fisher_ntk_relation.png",
+    "geometry.png",
+    "layer_traces.png",
 ]
 
 
@@ -37,7 +39,7 @@ def test_list(capsys):
 
 
 def test_run_demo_quick_writes_run_folder(quick_run):
-    for name in ["config.json", "metrics.csv", "summary.md", *FIGURES]:
+    for name in ["config.json", "metrics.csv", "steps.csv", "summary.md", *FIGURES]:
         assert (quick_run / name).is_file(), name
     for name in FIGURES:
         assert (quick_run / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -49,21 +51,28 @@ def test_run_demo_quick_writes_run_folder(quick_run):
     with open(quick_run / "metrics.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) >= 2 and rows[0]["step"] == "0"
+    path = 0.0
     for r in rows:
-        t, e, k = float(r["fisher_true"]), float(r["fisher_emp"]), float(r["ntk_trace"])
+        t, e, k = float(r["fisher_trace"]), float(r["fisher_emp"]), float(r["ntk_trace"])
         assert t > 0 and e > 0 and k > 0
-        # Fisher–NTK identity, and per-layer traces summing to the total
-        assert math.isclose(
-            float(r["rel_true_ntk_side"]), float(r["rel_true_fisher"]), rel_tol=1e-4
-        )
-        assert math.isclose(float(r["rel_emp_ntk_side"]), float(r["rel_emp_fisher"]), rel_tol=1e-4)
-        assert math.isclose(float(r["rel_true_fisher"]), t, rel_tol=1e-4)
+        # Fisher–NTK identity for both kinds, and per-layer traces summing to the total
+        assert math.isclose(float(r["ntk_side"]), t, rel_tol=1e-4)
+        assert math.isclose(float(r["ntk_side_emp"]), e, rel_tol=1e-4)
+        assert math.isclose(float(r["relation_ratio"]), t / k, rel_tol=1e-6)
         layers = [float(v) for c, v in r.items() if c.startswith("layer_true:")]
         assert len(layers) == 6 and math.isclose(sum(layers), t, rel_tol=1e-4)
-        assert 0 < float(r["rel_true_ratio"]) < 1 and t <= float(r["fisher_true_bound"]) * (
-            1 + 1e-5
-        )
+        assert 0 < float(r["relation_ratio"]) < 1 and 0 < float(r["top_eigenvalue"]) <= t * (1 + 1e-5)
+        assert float(r["rao_norm"]) > 0 and float(r["grad_norm"]) > 0
+        assert float(r["path_length"]) >= path  # cumulative
+        path = float(r["path_length"])
         assert 0 <= float(r["train_acc"]) <= 1 and 0 <= float(r["test_acc"]) <= 1
+        assert 0 <= float(r["accuracy"]) <= 1 and float(r["loss"]) > 0
+    assert path > 0
+
+    with open(quick_run / "steps.csv", newline="") as fh:
+        steps = list(csv.DictReader(fh))
+    assert [int(r["step"]) for r in steps] == list(range(1, len(steps) + 1)) and len(steps) == int(rows[-1]["step"])
+    assert all(float(r["batch_fisher_emp"]) > 0 and float(r["batch_fisher_true_hutchinson"]) > 0 for r in steps)
 
     summary = (quick_run / "summary.md").read_text()
     assert "## Final numbers" in summary and "**CHECK**" not in summary

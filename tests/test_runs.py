@@ -193,3 +193,118 @@ def test_diag_scatter(tmp_path):
     with pytest.raises(ValueError, match="shapes differ"):
         plots.diag_scatter(tmp_path / "x.png", a, b[:5])
     assert not os.path.exists(tmp_path / "x.png")
+
+
+# ------------------------------------------------------------------------- checkpoints and units of work
+def test_checkpoint_roundtrip(tmp_path):
+    import torch
+
+    gen = torch.Generator().manual_seed(3)
+    torch.rand(5, generator=gen)
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    state = {"model": model.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(), "epoch": 4,
+             "rows": [{"a": 0.1 + 0.2, "s": "x", "n": None}], "nested": (1, [2.5, "y"])}
+    p = runs.save_checkpoint(tmp_path / "c" / "ck.pt", state)
+    assert p == tmp_path / "c" / "ck.pt" and _leftovers(p.parent) == []
+    got = runs.load_checkpoint(p)
+    assert got["epoch"] == 4 and got["rows"] == state["rows"] and got["nested"] == (1, [2.5, "y"])
+    for k, v in state["model"].items():
+        assert torch.equal(got["model"][k], v)
+    assert torch.equal(got["opt"]["state"][0]["exp_avg"], state["opt"]["state"][0]["exp_avg"])
+    g2 = torch.Generator()
+    g2.set_state(got["gen"])
+    assert torch.equal(torch.rand(4, generator=g2), torch.rand(4, generator=gen))
+
+
+def test_checkpoint_missing_corrupt_and_unsafe(tmp_path):
+    assert runs.load_checkpoint(tmp_path / "none.pt", missing_ok=True) is None
+    with pytest.raises(FileNotFoundError):
+        runs.load_checkpoint(tmp_path / "none.pt")
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a torch file")
+    with pytest.raises(ValueError, match="not a readable checkpoint"):
+        runs.load_checkpoint(bad)
+    # arbitrary objects are refused by weights_only=True loading
+    runs.save_checkpoint(tmp_path / "obj.pt", {"x": _Opaque()})
+    with pytest.raises(ValueError, match="not a readable checkpoint"):
+        runs.load_checkpoint(tmp_path / "obj.pt")
+    with pytest.raises(TypeError, match="mapping"):
+        runs.save_checkpoint(tmp_path / "l.pt", [1, 2])
+
+
+class _Opaque:
+    pass
+
+
+def test_checkpoint_keeps_old_file_when_save_dies(tmp_path, monkeypatch):
+    import torch
+
+    p = runs.save_checkpoint(tmp_path / "ck.pt", {"epoch": 1})
+
+    def dies(obj, fh):
+        fh.write(b"partial bytes")
+        raise KeyboardInterrupt  # killed mid-write
+
+    monkeypatch.setattr(torch, "save", dies)
+    with pytest.raises(KeyboardInterrupt):
+        runs.save_checkpoint(p, {"epoch": 2})
+    monkeypatch.undo()
+    assert runs.load_checkpoint(p) == {"epoch": 1}
+    assert _leftovers(tmp_path) == []
+
+
+def _counting_work(calls, crash_at=None):
+    """A unit = 3 'epochs' adding i to a running total; checkpoints each epoch; optionally raises."""
+
+    def work(key, state, save):
+        calls.append((key, None if state is None else state["epoch"]))
+        start, total = (0, 0.0) if state is None else (state["epoch"], state["total"])
+        rows = [] if state is None else list(state["rows"])
+        for e in range(start, 3):
+            total += (e + 1) * 0.1 * (1 + len(key) + ord(key[-1]) % 7)
+            rows.append({"unit": key, "epoch": e, "total": total})
+            save({"epoch": e + 1, "total": total, "rows": rows})
+            if crash_at == (key, e):
+                raise RuntimeError("injected crash")
+        return rows
+
+    return work
+
+
+def test_units_resume_after_crash_gives_identical_rows(tmp_path):
+    keys = ["u0", "u1", "u2"]
+    ref = runs.Units(tmp_path / "ref").run(keys, _counting_work([]))
+    calls: list = []
+    u = runs.Units(runs.RunDir(tmp_path / "run", {"a": 1}))
+    with pytest.raises(RuntimeError, match="injected"):
+        u.run(keys, _counting_work(calls, crash_at=("u1", 1)))
+    assert u.is_done("u0") and not u.is_done("u1") and u.checkpoint_file("u1").exists()
+    assert not (u.path / "u2.json").exists()
+    calls.clear()
+    seen = []
+    got = u.run(keys, _counting_work(calls), on_done=lambda k, rows: seen.append((k, len(rows))))
+    assert calls == [("u1", 2), ("u2", None)]  # u0 read back, u1 resumed after its 2nd epoch, u2 fresh
+    assert got == ref and seen == [("u0", 3), ("u1", 3), ("u2", 3)]
+    assert not any(p.name.endswith(runs.Units.CKPT) for p in u.path.iterdir())
+    assert _leftovers(u.path) == []
+    # floats come back exactly
+    assert got["u2"][-1]["total"] == ref["u2"][-1]["total"]
+
+
+def test_units_stale_checkpoint_and_bad_input(tmp_path):
+    u = runs.Units(tmp_path)
+    u.run(["a"], _counting_work([]))
+    runs.save_checkpoint(u.checkpoint_file("a"), {"epoch": 1})  # killed between result and checkpoint removal
+    calls: list = []
+    u.run(["a"], _counting_work(calls))
+    assert calls == [] and not u.checkpoint_file("a").exists()
+    with pytest.raises(ValueError, match="unique"):
+        u.run(["b", "b"], _counting_work([]))
+    with pytest.raises(ValueError, match="file-name-safe"):
+        u.run(["../x"], _counting_work([]))
+    u.result_file("a").write_text("{broken")
+    with pytest.raises(ValueError, match="corrupt unit result"):
+        u.result("a")

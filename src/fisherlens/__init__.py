@@ -5,10 +5,11 @@ Fisher–NTK trace relation, random estimators, matrix-free operators and spectr
 Conventions: ``SCIENCE.md``; every data-averaged quantity is a mean over the N inputs unless ``reduction="sum"``.
 """
 
-from . import bounds, geometry, losses, theory
+from . import bounds, geometry, losses, structure, theory
 from .estimators import Estimate
 from .fisher import fisher_blocks, fisher_diag, fisher_matrix, fisher_rao_norm, fisher_trace
 from .likelihoods import Bernoulli, Categorical, Gaussian, Likelihood, LossInduced
+from .monitor import Monitor
 from .ntk import TraceRelation, fisher_ntk_trace, ntk, ntk_trace
 from .operator import FisherOperator, fisher_operator
 from .spectrum import SpectralDensity, critical_learning_rate, eigenvalues, spectral_density, spectrum_stats
@@ -23,6 +24,7 @@ __all__ = [
     "Gaussian",
     "Likelihood",
     "LossInduced",
+    "Monitor",
     "SpectralDensity",
     "TraceRelation",
     "bounds",
@@ -41,5 +43,6 @@ __all__ = [
     "ntk_trace",
     "spectral_density",
     "spectrum_stats",
+    "structure",
     "theory",
 ]

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from . import demo, estimators, meanfield_lr, meanfield_spectrum, two_param
+from . import demo, dlnn, estimators, meanfield_lr, meanfield_spectrum, mnist_traces, sloppy, two_param
 
 __all__ = ["EXPERIMENTS", "get"]
 
@@ -19,8 +19,8 @@ Experiment = Callable[..., Path]
 
 EXPERIMENTS: dict[str, tuple[str, Experiment]] = {
     "demo": (
-        "Train a 784-64-32-10 MLP on the embedded MNIST subset; track true/empirical Fisher "
-        "traces, per-layer traces, the NTK trace and the Fisher-NTK relation.",
+        "The tour: train a 784-64-32-10 MLP on the embedded MNIST subset with fl.Monitor on (Fisher/NTK traces "
+        "and relation, top eigenvalue, Fisher-Rao norm, path length, per-step batch traces).",
         demo.demo,
     ),
     "estimators": (
@@ -38,10 +38,26 @@ EXPERIMENTS: dict[str, tuple[str, Experiment]] = {
         "teacher-student task vs the theoretical critical learning rate eta_c = 2(1+mu)/lambda_max.",
         meanfield_lr.meanfield_lr,
     ),
+    "sloppy": (
+        "Seed 002 §4.3-4.4: are MNIST classifiers (784-10, 784-16-10, 784-25-10; 10 each) sloppy? All nonzero "
+        "per-input FIM eigenvalues (Gaussian and categorical) for an easy and a hard input, the data-averaged FIM, "
+        "stiff eigenvectors as images.",
+        sloppy.sloppy,
+    ),
+    "dlnn": (
+        "Seed 002 ch. 3: deep linear networks sampled from the weight posterior (Gibbs/MALA) vs the exact "
+        "posterior, HZ (Meijer G), BPKR kernel renormalisation and the Gaussian limit, over depth and width.",
+        dlnn.dlnn,
+    ),
     "two-param": (
         "Seed 000 §5.2: one sigmoid neuron with 2 weights; loss surfaces, Fisher entries, traces, NTK trace and "
         "scalar curvature R on a θ grid and along gradient descent, for three losses.",
         two_param.two_param,
+    ),
+    "mnist-traces": (
+        "Seed 000 §5.1.1 / app. B: tr of the loss-induced empirical Fisher vs the NTK trace through Adam training "
+        "on MNIST, 7 losses (Lp-norm, mean power, cross-entropy) x widths 128/784 x 5 seeds; resumable.",
+        mnist_traces.mnist_traces,
     ),
 }
 

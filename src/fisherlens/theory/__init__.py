@@ -4,8 +4,11 @@
   κ1, κ2, the mean, second moment and maximum eigenvalue, the critical learning rate, the Fisher–Rao norm.
 * :mod:`.random_networks` — the matching random-network ensembles (``nn.Module`` builders and a batched
   exact Gram/dual-matrix evaluator) used to check the theory.
+* :mod:`.dlnn` — seed 002 ch. 3, deep linear networks: BPKR kernel renormalisation, the exact Meijer-G (HZ)
+  posterior, the Gaussian limit, an exact finite-temperature reference and posterior samplers (Gibbs, MALA).
 """
 
+from . import dlnn
 from .meanfield import (
     ACTIVATIONS,
     Activation,
@@ -25,6 +28,7 @@ __all__ = [
     "MLPEnsemble",
     "MeanField",
     "activation",
+    "dlnn",
     "ensemble_stats",
     "gaussian_pair",
     "gaussian_pairs",
