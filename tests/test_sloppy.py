@@ -235,3 +235,35 @@ def test_bad_config_is_refused_before_any_work(tmp_path, opts, match):
 def test_folder_with_other_config_is_refused(quick_run, capsys):
     assert main(["run", "sloppy", "--quick", "--out", str(quick_run), "--no-progress", "--set", "epochs=3"]) == 2
     assert "different config" in capsys.readouterr().err
+
+
+def test_member_does_not_touch_the_global_rng():
+    g = torch.Generator().manual_seed(0)
+    stacked = [torch.randn(2, 3, 5, generator=g), torch.randn(2, 3, generator=g), torch.randn(2, 10, 3, generator=g),
+               torch.randn(2, 10, generator=g)]
+    before = torch.get_rng_state()
+    m = member(stacked, 1)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert [n for n, _ in m.named_parameters()] == ["fc1.weight", "fc1.bias", "out.weight", "out.bias"]
+    x = torch.rand(4, 5, generator=g)
+    ref = (x @ stacked[0][1].T + stacked[1][1]).relu() @ stacked[2][1].T + stacked[3][1]
+    torch.testing.assert_close(m(x.double()), ref.double(), rtol=1e-6, atol=1e-6)
+
+
+def test_networks_file_is_written_atomically(tmp_path, monkeypatch):
+    """A save killed mid-write leaves neither a partial networks.pt nor a temp file behind."""
+    import os
+    from pathlib import Path
+
+    def dies(obj, f, *a, **k):
+        if isinstance(f, (str, os.PathLike)):
+            Path(f).write_bytes(b"partial")
+        else:
+            f.write(b"partial")
+        raise RuntimeError("killed mid-write")
+
+    monkeypatch.setattr(torch, "save", dies)
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="mid-write"):
+        sloppy(out, quick=True, networks=1, epochs=1, hidden=[()], n_gram=5, top_k=0, progress=False)
+    assert [p.name for p in out.iterdir() if "networks" in p.name] == []

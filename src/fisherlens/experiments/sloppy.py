@@ -47,6 +47,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections import OrderedDict
 from pathlib import Path
 
 import mpmath
@@ -61,9 +62,8 @@ import fisherlens as fl
 
 from .. import datasets
 from ..plots import save_png
-from ..runs import RunDir, write_csv
+from ..runs import RunDir, save_checkpoint, write_csv
 from ._common import torch_threads
-from .demo import make_mlp
 
 Tensor = torch.Tensor
 
@@ -151,15 +151,19 @@ def train_ensemble(
 def member(stacked: list[Tensor], k: int, dtype: torch.dtype = torch.float64) -> nn.Sequential:
     """Network ``k`` of a stacked ensemble as a logits ``nn.Sequential`` (layers ``fc1, relu1, …, out``), eval."""
     n = len(stacked) // 2
-    hidden = tuple(stacked[2 * i].shape[1] for i in range(n - 1))
-    model = make_mlp(stacked[0].shape[2], hidden, stacked[-1].shape[1], dtype=dtype)
     names = [f"fc{i}" for i in range(1, n)] + ["out"]
+    layers: OrderedDict[str, nn.Module] = OrderedDict()
     with torch.no_grad():
         for i, name in enumerate(names):
-            layer = getattr(model, name)
-            layer.weight.copy_(stacked[2 * i][k])
+            W = stacked[2 * i][k]
+            # skip_init: the weights are copied in, so the global RNG is never drawn from (layout of demo.make_mlp)
+            layer = nn.utils.skip_init(nn.Linear, W.shape[1], W.shape[0], dtype=dtype)
+            layer.weight.copy_(W)
             layer.bias.copy_(stacked[2 * i + 1][k])
-    return model.eval()
+            layers[name] = layer
+            if i < n - 1:
+                layers[f"relu{i + 1}"] = nn.ReLU()
+    return nn.Sequential(layers).eval()
 
 
 class _Probabilities(nn.Module):
@@ -406,8 +410,7 @@ def _sloppy(run: RunDir, cfg: dict, X: Tensor, y: Tensor, hidden, progress: bool
                                         lr=cfg["lr"], n_classes=C, generator=g, bar=bar)
     bar.close()
     t_train = time.perf_counter() - t0
-    torch.save({a: {str(i): p for i, p in enumerate(ps)} for a, ps in nets.items()}, run.file(".networks.pt.tmp"))
-    os.replace(run.file(".networks.pt.tmp"), run.file("networks.pt"))
+    save_checkpoint(run.file("networks.pt"), {a: {str(i): p for i, p in enumerate(ps)} for a, ps in nets.items()})
 
     # ---- accuracy and the choice of inputs
     with torch.no_grad():
