@@ -23,6 +23,7 @@ from fisherlens import runs
 from fisherlens.cli import main
 from fisherlens.experiments import EXPERIMENTS
 from fisherlens.experiments import mnist_traces as mt
+from fisherlens.experiments._common import make_mlp
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 #: a reduced quick run for the in-process tests (12 units of 16 steps)
@@ -100,9 +101,9 @@ def test_train_unit_resumes_from_any_epoch_checkpoint():
 
 def test_make_mlp_seeded_without_global_rng():
     before = torch.get_rng_state()
-    a = mt.make_mlp(784, 16, 10, torch.Generator().manual_seed(5))
-    b = mt.make_mlp(784, 16, 10, torch.Generator().manual_seed(5))
-    c = mt.make_mlp(784, 16, 10, torch.Generator().manual_seed(6))
+    a = make_mlp(784, (16, 16), 10, generator=torch.Generator().manual_seed(5))
+    b = make_mlp(784, (16, 16), 10, generator=torch.Generator().manual_seed(5))
+    c = make_mlp(784, (16, 16), 10, generator=torch.Generator().manual_seed(6))
     assert torch.equal(torch.get_rng_state(), before)
     assert [n for n, _ in a.named_parameters()] == ["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias",
                                                     "out.weight", "out.bias"]

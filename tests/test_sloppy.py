@@ -14,7 +14,7 @@ import torch
 import fisherlens as fl
 from fisherlens.cli import main
 from fisherlens.experiments import EXPERIMENTS
-from fisherlens.experiments.demo import make_mlp
+from fisherlens.experiments._common import make_mlp
 from fisherlens.experiments.sloppy import (
     FIGURES,
     _jacobians,

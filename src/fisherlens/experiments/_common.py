@@ -1,17 +1,21 @@
-"""Helpers shared by the experiments: thread control and the train/test/probe split of a classification set."""
+"""Helpers shared by the experiments: thread control, the train/test/probe split of a classification set, and the
+ReLU MLP of the MNIST studies."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import math
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
+from torch import nn
 
 from .. import datasets
 
 Tensor = torch.Tensor
 
-__all__ = ["torch_threads", "split_with_probe"]
+__all__ = ["torch_threads", "split_with_probe", "make_mlp"]
 
 
 @contextmanager
@@ -40,3 +44,37 @@ def split_with_probe(X: Tensor, y: Tensor, n_train: int, n_test: int, n_probe: i
     Xtr, ytr, Xte, yte = datasets.train_test_split(X, y, n_train, n_test, seed=seed)
     n_probe = min(n_probe, n_train)
     return Xtr, ytr, Xte, yte, (Xtr[:n_probe], ytr[:n_probe]), int(y.max()) + 1
+
+
+def make_mlp(
+    d_in: int,
+    hidden: Sequence[int],
+    n_out: int,
+    *,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> nn.Sequential:
+    """ReLU MLP ``d_in → hidden… → n_out`` with layers named ``fc1, relu1, …, out``.
+
+    Initialisation is PyTorch's default for ``nn.Linear``, ``U(−1/√fan_in, 1/√fan_in)`` for weights and biases;
+    with ``generator`` the layers are created uninitialised and drawn from it in layer order (weight, then bias),
+    so the global RNG is never touched.  The dtype is explicit so that the initialisation does not depend on
+    torch's default dtype.
+    """
+    layers: OrderedDict[str, nn.Module] = OrderedDict()
+    make = nn.Linear if generator is None else (lambda i, o, **kw: nn.utils.skip_init(nn.Linear, i, o, **kw))
+    prev = d_in
+    for i, h in enumerate(hidden, 1):
+        layers[f"fc{i}"] = make(prev, h, dtype=dtype)
+        layers[f"relu{i}"] = nn.ReLU()
+        prev = h
+    layers["out"] = make(prev, n_out, dtype=dtype)
+    model = nn.Sequential(layers)
+    if generator is not None:
+        with torch.no_grad():
+            for m in model:
+                if isinstance(m, nn.Linear):
+                    bound = 1.0 / math.sqrt(m.in_features)
+                    m.weight.uniform_(-bound, bound, generator=generator)
+                    m.bias.uniform_(-bound, bound, generator=generator)
+    return model

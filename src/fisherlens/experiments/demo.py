@@ -24,7 +24,6 @@ import copy
 import math
 import os
 import time
-from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -37,11 +36,11 @@ import fisherlens as fl
 
 from .. import datasets, plots
 from ..runs import RunDir, read_csv, write_csv
-from ._common import split_with_probe
+from ._common import make_mlp, split_with_probe
 
 Tensor = torch.Tensor
 
-__all__ = ["demo", "make_mlp"]
+__all__ = ["demo"]
 
 #: prefix of the per-layer true-Fisher trace columns in metrics.csv.
 LAYER = "layer_true:"
@@ -60,23 +59,6 @@ FIGURES = {
     "geometry.png": "Top Fisher eigenvalue, Fisher–Rao norm, gradient norm and path length on the Fisher manifold.",
     "layer_traces.png": "Per-parameter-tensor true-Fisher traces at the end of training (log).",
 }
-
-
-def make_mlp(
-    d_in: int, hidden: tuple[int, ...], n_classes: int, dtype: torch.dtype = torch.float32
-) -> nn.Sequential:
-    """ReLU MLP ``d_in -> hidden... -> n_classes`` with layers named ``fc1, fc2, ..., out``.
-
-    The dtype is explicit so that the initialisation does not depend on torch's default dtype.
-    """
-    layers: OrderedDict[str, nn.Module] = OrderedDict()
-    prev = d_in
-    for i, h in enumerate(hidden, 1):
-        layers[f"fc{i}"] = nn.Linear(prev, h, dtype=dtype)
-        layers[f"relu{i}"] = nn.ReLU()
-        prev = h
-    layers["out"] = nn.Linear(prev, n_classes, dtype=dtype)
-    return nn.Sequential(layers)
 
 
 @torch.no_grad()

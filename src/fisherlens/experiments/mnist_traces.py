@@ -51,7 +51,6 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,11 +64,11 @@ import fisherlens as fl
 
 from .. import datasets, plots
 from ..runs import RunDir, Units, write_csv
-from ._common import torch_threads
+from ._common import make_mlp, torch_threads
 
 Tensor = torch.Tensor
 
-__all__ = ["LOSSES", "COLUMNS", "Setup", "make_mlp", "load_data", "train_unit", "trace_fit", "mnist_traces"]
+__all__ = ["LOSSES", "COLUMNS", "Setup", "load_data", "train_unit", "trace_fit", "mnist_traces"]
 
 
 @dataclass(frozen=True)
@@ -112,29 +111,6 @@ CKPT_VERSION = 1
 
 
 # ----------------------------------------------------------------------------- model and data
-def make_mlp(d_in: int, width: int, n_out: int, generator: torch.Generator, depth: int = 2) -> nn.Sequential:
-    """ReLU MLP ``d_in → width (×depth) → n_out`` (layers ``fc1, …, out``), float32, initialised from ``generator``.
-
-    Weights and biases follow PyTorch's default ``nn.Linear`` initialisation ``U(−1/√fan_in, 1/√fan_in)``, but
-    are drawn from ``generator`` (the layers are created uninitialised, so the global RNG is never touched).
-    """
-    layers: OrderedDict[str, nn.Module] = OrderedDict()
-    prev = d_in
-    for i in range(1, depth + 1):
-        layers[f"fc{i}"] = nn.utils.skip_init(nn.Linear, prev, width)
-        layers[f"relu{i}"] = nn.ReLU()
-        prev = width
-    layers["out"] = nn.utils.skip_init(nn.Linear, prev, n_out)
-    model = nn.Sequential(layers)
-    with torch.no_grad():
-        for m in model:
-            if isinstance(m, nn.Linear):
-                bound = 1.0 / math.sqrt(m.in_features)
-                m.weight.uniform_(-bound, bound, generator=generator)
-                m.bias.uniform_(-bound, bound, generator=generator)
-    return model
-
-
 @dataclass
 class Setup:
     """Data and training settings shared by all units of one run."""
@@ -250,7 +226,7 @@ def train_unit(
     case = LOSSES[loss_key]
     loss_fn = case.make()
     lik = fl.LossInduced(loss_fn)
-    model = make_mlp(setup.Xtr.shape[1], width, setup.n_classes, _gen(setup.seed, rep, 1))
+    model = make_mlp(setup.Xtr.shape[1], (width, width), setup.n_classes, generator=_gen(setup.seed, rep, 1))
     opt = torch.optim.Adam(model.parameters(), lr=setup.lr)
     gen = _gen(setup.seed, rep, 2)
     mon = fl.Monitor(model, lik, setup.probe, observables=OBSERVABLES, kind="empirical", method="exact")
@@ -569,8 +545,8 @@ def _summary(config, desc, setup: Setup, rows, widths, losses, figures, elapsed,
         fits = [trace_fit([r["fisher_trace"] for r in rs], [r["ntk_trace"] for r in rs]) for rs in runs.values()]
         stats[(k, w)] = {q: _mean_std([f[q] for f in fits]) for q in ("pearson", "ratio", "residual", "ratio_span")}
         stats[(k, w)]["test_accuracy"] = _mean_std([rs[-1]["test_accuracy"] for rs in runs.values()])
-    P = {w: sum(p.numel() for p in make_mlp(setup.Xtr.shape[1], w, setup.n_classes, torch.Generator()).parameters())
-         for w in widths}
+    d, C = setup.Xtr.shape[1], setup.n_classes
+    P = {w: (d + 1) * w + (w + 1) * w + (w + 1) * C for w in widths}  # 784 → w → w → C with biases
     L = [
         "# mnist-traces: Fisher trace vs NTK trace through training (seed 000 §5.1.1, figs 5.1, B.1–B.5)",
         "",

@@ -156,7 +156,7 @@ def member(stacked: list[Tensor], k: int, dtype: torch.dtype = torch.float64) ->
     with torch.no_grad():
         for i, name in enumerate(names):
             W = stacked[2 * i][k]
-            # skip_init: the weights are copied in, so the global RNG is never drawn from (layout of demo.make_mlp)
+            # skip_init: the weights are copied in, so the global RNG is never drawn from (layout of _common.make_mlp)
             layer = nn.utils.skip_init(nn.Linear, W.shape[1], W.shape[0], dtype=dtype)
             layer.weight.copy_(W)
             layer.bias.copy_(stacked[2 * i + 1][k])
