@@ -333,3 +333,21 @@ def test_study_quick_via_cli(tmp_path, capsys):
         study(tmp_path / "bad", quick=True, train=20, progress=False)
     with pytest.raises(ValueError, match="not used"):
         study(tmp_path / "bad2", quick=True, data="mnist", progress=False)
+
+
+@pytest.mark.parametrize("opts, match", [
+    ({"depths": (1.5,)}, "depths and widths"),
+    ({"widths": ()}, "depths and widths"),
+    ({"teacher_var": -1.0}, "teacher_var"),
+    ({"sigma2": float("nan")}, "sigma2"),
+    ({"sampler": "hmc"}, "sampler"),
+    ({"chains": 1}, "chains"),
+    ({"samples": 0}, "samples"),
+    ({"train": 40}, "α0"),
+])
+def test_study_bad_options_make_no_folder(tmp_path, opts, match):
+    from fisherlens.experiments.dlnn import dlnn as run_dlnn
+
+    with pytest.raises(ValueError, match=match):
+        run_dlnn(tmp_path / "run", quick=True, progress=False, **opts)
+    assert not (tmp_path / "run").exists()

@@ -105,14 +105,22 @@ def _run(out, quick, seed, N0, P, M, depths, widths, sigma2, tau2, T, chains, sa
     chains = (64 if quick else 192) if chains is None else chains
     samples = (40 if quick else 200) if samples is None else samples
     burn_in = (20 if quick else 100) if burn_in is None else burn_in
-    for name, v, lo in (("input_dim", N0, 2), ("train", P, 1), ("test", M, 1)):
-        if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+    def is_int(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    for name, v, lo in (("input_dim", N0, 2), ("train", P, 1), ("test", M, 1), ("chains", chains, 2),
+                        ("samples", samples, 2), ("burn_in", burn_in, 0)):
+        if not is_int(v) or v < lo:
             raise ValueError(f"{name} must be an integer ≥ {lo}, got {v!r}.")
     if P >= N0:
         raise ValueError(f"need train < input_dim (α0 = P/N0 < 1), got P = {P}, N0 = {N0}.")
-    if not depths or any(int(d) < 1 for d in depths) or not widths or any(int(n) < 1 for n in widths):
-        raise ValueError("depths and widths must be non-empty lists of positive integers.")
-    depths, widths = tuple(int(d) for d in depths), tuple(int(n) for n in widths)
+    if not depths or not widths or not all(is_int(d) and d >= 1 for d in (*depths, *widths)):
+        raise ValueError(f"depths and widths must be non-empty lists of positive integers, got {depths}, {widths}.")
+    for name, v in (("sigma2", sigma2), ("teacher_var", tau2)):
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0:
+            raise ValueError(f"{name} must be a positive finite number, got {v!r}.")
+    if sampler not in ("gibbs", "mala"):
+        raise ValueError(f"sampler must be 'gibbs' or 'mala', got {sampler!r}.")
     config = {
         "experiment": "dlnn", "quick": quick, "seed": seed, "input_dim": N0, "train": P, "test": M,
         "alpha0": P / N0, "depths": list(depths), "widths": list(widths), "sigma2": sigma2, "teacher_var": tau2,
