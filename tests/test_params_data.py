@@ -287,3 +287,29 @@ def test_dataloader_equivalence_random_batch_sizes(n, batch, shuffle_seed):
                      n * float(b.sum()), rtol=1e-9, what="loader sum trace")
     expected = torch.diagonal(ref.empirical_fisher(model, X, Y, ("categorical",)))
     assert_close(fl.fisher_diag(model, loader, L, "empirical"), expected, what="vs reference")
+
+
+@pytest.mark.parametrize("engine", ["functional", "layerwise"])
+def test_module_registered_twice_is_left_intact(engine):
+    """``nn.Sequential(lin, act, lin)``: torch.func.functional_call alone leaves ``lin``'s parameters as plain
+    tensors (they would then drop out of named_parameters and change P); every call must leave the model intact."""
+    g = torch.Generator().manual_seed(3)
+    lin = torch.nn.Linear(4, 4, dtype=torch.float64)
+    with torch.no_grad():
+        for p in lin.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64))
+    model = torch.nn.Sequential(lin, torch.nn.Tanh(), lin, torch.nn.Tanh(), torch.nn.Linear(4, 3, dtype=torch.float64))
+    X = torch.randn(6, 4, generator=g, dtype=torch.float64)
+    before = [(n, p) for n, p in model.named_parameters()]
+    F1 = fl.fisher_matrix(model, (X, None), fl.Categorical(), engine=engine)
+    after = [(n, p) for n, p in model.named_parameters()]
+    assert [n for n, _ in after] == [n for n, _ in before]
+    assert all(isinstance(p, torch.nn.Parameter) and p is q for (_, p), (_, q) in zip(after, before, strict=True))
+    assert model[0].weight is model[2].weight
+    F2 = fl.fisher_matrix(model, (X, None), fl.Categorical(), engine=engine)
+    assert F1.shape == (35, 35)
+    assert_close(F2, F1)
+    J = ref.jacobians(model, X)  # (N, C, P) by autograd loops
+    p = torch.softmax(ref.outputs(model, X), -1)
+    Lam = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    assert_close(F1, torch.einsum("nap,nab,nbq->pq", J, Lam, J) / len(X))

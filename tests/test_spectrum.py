@@ -25,6 +25,9 @@ import fisherlens as fl
 
 CASES = ["mlp", "cnn", "bernoulli", "gauss", "free"]
 KINDS = ["true", "empirical", "mc"]
+#: "auto" takes the structured route (fl.structure) for the plain MLPs, "generic" forces the generic engine:
+#: both are compared with dense here (and with each other in test_spectrum_structure.py).
+ENGINES = ["auto", "generic"]
 
 
 @functools.cache
@@ -59,14 +62,15 @@ def assert_eigvecs(F, vals, U, what=""):
 
 
 # ----------------------------------------------------------------------------- 4. dense / gram / lanczos
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("name", CASES)
-def test_gram_equals_dense_and_vectors_are_eigenvectors(name, kind):
+def test_gram_equals_dense_and_vectors_are_eigenvectors(name, kind, engine):
     c = case(name)
     F = fisher(c, kind, seed=7)
     P = F.shape[0]
     ref = desc_eigs(F)
-    kw = dict(kind=kind, batch_size=c.batch_size)  # a fresh generator (same seed) for every call
+    kw = dict(kind=kind, batch_size=c.batch_size, engine=engine)  # a fresh generator (same seed) for every call
     g = fl.eigenvalues(c.model, c.data, c.lik, method="gram", generator=gen(7), **kw)
     C = outputs(c.model, c.X[:1]).shape[1]
     K = {"true": C, "empirical": 1, "mc": 1}[kind]
@@ -98,8 +102,8 @@ def test_lanczos_top_k_equals_dense_top_k(name):
     assert vals.shape == (k,) and U.shape == (F.shape[0], k)
     torch.testing.assert_close(vals, ref[:k], rtol=1e-6, atol=1e-12)
     assert_eigvecs(F, vals, U, "lanczos eigenvectors")
-    for method in ("auto", "dense", "gram"):
-        v2 = fl.eigenvalues(c.model, c.data, c.lik, k=k, method=method, batch_size=c.batch_size)
+    for method, engine in (("auto", "auto"), ("dense", "auto"), ("gram", "auto"), ("gram", "generic")):
+        v2 = fl.eigenvalues(c.model, c.data, c.lik, k=k, method=method, batch_size=c.batch_size, engine=engine)
         torch.testing.assert_close(v2, ref[:k], rtol=1e-9, atol=1e-12)
 
 
@@ -129,12 +133,14 @@ def test_per_input_fisher_n1_all_nonzero_eigenvalues():
     assert_eigvecs(F, vals, U, "per-input eigenvectors")
     # Gaussian σ=0.7, N = 1: C nonzero eigenvalues, = eigenvalues of J Jᵀ / σ²
     c = make_case("gauss", seed=5, n=1)
-    g = fl.eigenvalues(c.model, c.data, c.lik, method="gram")
-    assert len(g) == 2 and float(g[-1]) > 0
-    assert_eigs(g, desc_eigs(true_fisher(c)), "per-input gaussian")
+    for engine in ENGINES:
+        g = fl.eigenvalues(c.model, c.data, c.lik, method="gram", engine=engine)
+        assert len(g) == 2 and float(g[-1]) > 0
+        assert_eigs(g, desc_eigs(true_fisher(c)), f"per-input gaussian ({engine})")
 
 
-def test_wide_model_p_much_larger_than_nk():
+@pytest.mark.parametrize("engine", ENGINES)
+def test_wide_model_p_much_larger_than_nk(engine):
     """P = 243 ≫ N·K = 9: the gram route gives the whole nonzero spectrum, equal to dense; the eigenvectors
     lift back through Ĵᵀ."""
     model = mlp(seed=4, d=4, h=30, C=3)
@@ -144,7 +150,7 @@ def test_wide_model_p_much_larger_than_nk():
     P = F.shape[0]
     assert P == 243
     ref = desc_eigs(F)
-    vals, U = fl.eigenvalues(model, X, lik, method="gram", return_vectors=True)
+    vals, U = fl.eigenvalues(model, X, lik, method="gram", return_vectors=True, engine=engine)
     assert len(vals) == 9
     assert_eigs(vals, ref, "wide gram")
     assert float(ref[9:].abs().max()) <= 1e-10 * float(ref[0])  # nothing beyond rank N·K
@@ -158,7 +164,8 @@ def test_wide_model_p_much_larger_than_nk():
     assert_eigvecs(F, lz, Uz, "wide lanczos eigenvectors")
 
 
-def test_auto_uses_the_gram_route_beyond_2048_parameters():
+@pytest.mark.parametrize("engine", ENGINES)
+def test_auto_uses_the_gram_route_beyond_2048_parameters(engine):
     """P = 2291 > 2048 and N·K = 6: auto must return the whole exact nonzero spectrum (the hand-made Gram's)."""
     model = init_(nn.Sequential(nn.Linear(40, 52), nn.Tanh(), nn.Linear(52, 3)), seed=6)
     X = inputs((40,), 2, 6)
@@ -167,10 +174,10 @@ def test_auto_uses_the_gram_route_beyond_2048_parameters():
     assert P == 2291
     R = factor_rows(model, X, lik)
     ref = desc_eigs(R @ R.T / len(X))
-    vals = fl.eigenvalues(model, X, lik)
+    vals = fl.eigenvalues(model, X, lik, engine=engine)
     assert len(vals) == 6
     assert_eigs(vals, ref, "auto (gram)")
-    vals2, U = fl.eigenvalues(model, X, lik, k=2, return_vectors=True)
+    vals2, U = fl.eigenvalues(model, X, lik, k=2, return_vectors=True, engine=engine)
     assert_eigs(vals2, ref, "auto top-2")
     FU = fl.fisher_operator(model, X, lik) @ U  # F u without forming F
     torch.testing.assert_close(FU, U * vals2, rtol=0, atol=1e-9 * float(ref[0]))
@@ -191,11 +198,13 @@ def test_gram_in_chunk_pairs_when_rows_do_not_fit(kind, monkeypatch):
     assert_eigvecs(F, vals, U, f"chunked gram eigenvectors ({kind})")
 
 
-def test_reduction_sum_scales_every_route():
+@pytest.mark.parametrize("engine", ENGINES)
+def test_reduction_sum_scales_every_route(engine):
     c = case("gauss")
     ref = desc_eigs(fisher(c)) * len(c.X)
     for method, k in (("dense", None), ("gram", None), ("lanczos", 3)):
-        vals = fl.eigenvalues(c.model, c.data, c.lik, k=k, method=method, reduction="sum", batch_size=c.batch_size)
+        vals = fl.eigenvalues(c.model, c.data, c.lik, k=k, method=method, reduction="sum", batch_size=c.batch_size,
+                              engine=engine)
         torch.testing.assert_close(vals[:3], ref[:3], rtol=1e-6 if method == "lanczos" else 1e-9, atol=1e-10)
 
 
@@ -205,8 +214,8 @@ def test_one_shot_iterators_are_refused_by_matrix_free_routes():
     c = case("mlp")
     batches = [(c.X[i : i + 2], c.Y[i : i + 2]) for i in range(0, len(c.X), 2)]
     ref = desc_eigs(fisher(c))
-    for method in ("dense", "gram"):
-        assert_eigs(fl.eigenvalues(c.model, iter(batches), c.lik, method=method)[:3], ref, method)
+    for method, engine in (("dense", "auto"), ("gram", "auto"), ("gram", "generic")):
+        assert_eigs(fl.eigenvalues(c.model, iter(batches), c.lik, method=method, engine=engine)[:3], ref, method)
     with pytest.raises(TypeError, match="re-iterable"):
         fl.eigenvalues(c.model, iter(batches), c.lik, k=2, method="lanczos")
     with pytest.raises(TypeError, match="re-iterable"):

@@ -324,3 +324,16 @@ def test_bad_inputs_raise():
         bad[0].weight[0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         fl.structure.per_input_fisher(bad, X[0], fl.Gaussian())
+
+
+def test_inplace_activations_leave_the_inputs_alone():
+    """An in-place activation before the first Linear must not overwrite the caller's X (review fix)."""
+    torch.manual_seed(15)
+    model = _scale(nn.Sequential(nn.ReLU(inplace=True), nn.Linear(4, 3), nn.ReLU(inplace=True), nn.Linear(3, 2)))
+    X = torch.randn(5, 4, generator=torch.Generator().manual_seed(16))
+    X0 = X.clone()
+    got = fl.structure.data_fisher(model, X, fl.Gaussian(SIGMA))
+    assert torch.equal(X, X0)
+    plain = nn.Sequential(nn.ReLU(), nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)).double()
+    plain.load_state_dict(model.state_dict())
+    assert_close(got, ref.true_fisher(plain, X0, ("gaussian", SIGMA)), rtol=RTOL, what="in-place activations")

@@ -163,10 +163,28 @@ class FunctionalModel:
         self.P = sum(self.sizes.values())
         first = next(iter(self.params.values()))
         self.dtype, self.device, self.itemsize = first.dtype, first.device, first.element_size()
+        # torch.func.functional_call does not restore the parameters of a module that occurs twice in the module
+        # tree (e.g. nn.Sequential(lin, act, lin)): they come back as plain tensors and drop out of
+        # named_parameters().  Remember them, and put them back after every call.
+        count: dict[int, int] = {}
+        for _, m in model.named_modules(remove_duplicate=False):
+            count[id(m)] = count.get(id(m), 0) + 1
+        self._restore = [
+            (store, k, t)
+            for _, m in model.named_modules()
+            if count[id(m)] > 1
+            for store in (m._parameters, m._buffers)
+            for k, t in store.items()
+            if t is not None
+        ]
 
     def __call__(self, p: dict[str, Tensor], x: Tensor) -> Tensor:
         """Outputs ``(B, C)`` for inputs ``x (B, ...)``; a 1-D output is taken as ``C = 1``."""
-        out = functional_call(self.model, {**self.frozen, **p}, (x,))
+        try:
+            out = functional_call(self.model, {**self.frozen, **p}, (x,))
+        finally:
+            for store, k, t in self._restore:
+                store[k] = t
         if not isinstance(out, Tensor):
             raise TypeError(f"The model must return a tensor of outputs (batch, C); it returned {type(out).__name__}.")
         if out.dim() == 1:

@@ -69,6 +69,16 @@ WHAT_ONE = ("dense", "blocks", "gram", "eigenvalues", "eigh")
 WHAT_DATA = ("dense", "gram", "eigenvalues", "eigh")
 
 
+def _split(v: Tensor, names, shapes) -> dict[str, Tensor]:
+    """Split flat ``v (..., P)`` in ``named_parameters`` order into ``{name: (..., *shape)}``."""
+    out, i = {}, 0
+    for n in names:
+        k = shapes[n].numel()
+        out[n] = v[..., i : i + k].reshape(*v.shape[:-1], *shapes[n])
+        i += k
+    return out
+
+
 # ----------------------------------------------------------------------------- model parsing
 @dataclass
 class _Layer:
@@ -249,12 +259,7 @@ class Factors:
 
     def unflatten(self, v: Tensor) -> dict[str, Tensor]:
         """Split ``v (..., P)`` into ``{name: (..., *shape)}`` (e.g. a first-layer eigenvector as ``(H, 784)``)."""
-        out, i = {}, 0
-        for n in self.names:
-            k = self.shapes[n].numel()
-            out[n] = v[..., i : i + k].reshape(*v.shape[:-1], *self.shapes[n])
-            i += k
-        return out
+        return _split(v, self.names, self.shapes)
 
 
 def factors(model: nn.Module, X: Tensor, likelihood, kind: str = "true", *, y: Tensor | None = None,
@@ -278,7 +283,7 @@ def factors(model: nn.Module, X: Tensor, likelihood, kind: str = "true", *, y: T
     dtype, dev = W0.dtype, W0.device
     if X.dim() < 1 or len(X) == 0:
         raise ValueError(f"X must be a non-empty batch of inputs (N, ...), got shape {tuple(X.shape)}.")
-    h = X.to(dev, dtype)
+    h = X.to(dev, dtype, copy=bool(prep))  # copy: an in-place activation before the first Linear must not edit X
     derivs: list[Tensor] = []  # φ_l'(a_l), elementwise part
     inputs: list[Tensor] = []
     with torch.no_grad():
@@ -387,12 +392,7 @@ class Eigen:
         """Eigenvectors per parameter: ``{name: (..., R, *shape)}`` (eigenvector index before the parameter's
         shape, e.g. ``(R, 25, 784)`` for the first layer of a 784-25-10 network)."""
         v = self.vectors.transpose(-1, -2)
-        out, i = {}, 0
-        for n in self.names:
-            k = self.shapes[n].numel()
-            out[n] = v[..., i : i + k].reshape(*v.shape[:-1], *self.shapes[n])
-            i += k
-        return out
+        return _split(v, self.names, self.shapes)
 
 
 def _eigen(G: Tensor, fa: Factors, W_shape, scale: float, batched: bool) -> Eigen:
