@@ -131,10 +131,14 @@ def _run(out, quick, seed, N0, P, M, depths, widths, sigma2, tau2, T, chains, sa
     }
     run = RunDir(out, config)
     t0 = time.perf_counter()
-    rng = np.random.default_rng(seed)
-    X = rng.standard_normal((P, N0))
-    y = X @ (rng.standard_normal(N0) * math.sqrt(tau2 / N0))
-    xs = rng.standard_normal((M, N0))
+    task = torch.Generator().manual_seed(seed)  # the task: inputs, teacher, unseen inputs (float64)
+
+    def normal(*shape: int) -> np.ndarray:
+        return torch.randn(shape, generator=task, dtype=torch.float64).numpy()
+
+    X = normal(P, N0)
+    y = X @ (normal(N0) * math.sqrt(tau2 / N0))
+    xs = normal(M, N0)
     gl0 = th.GaussianLimit(X, y, 1, sigma2)  # depth only enters through the prior scale
     _, _, xperp2, _ = gl0._data.project(xs)
     base = sigma2 / N0 * float(xperp2.mean())  # avg Var f / kernel factor: Var = E[s] N0/σ² · base
