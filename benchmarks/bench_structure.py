@@ -16,8 +16,8 @@ CPU time is the less load-dependent number, and torch's thread pool stalls badly
 core, so both are inflated by contention):
 
 * all nonzero eigenvalues of one input's FIM: ``fl.structure.per_input_fisher(..., "eigenvalues")`` vs
-  ``fl.eigenvalues(model, x[None], lik, method="gram")`` vs dense ``eigvalsh`` of the 19,885² matrix
-  (estimated from ``eigvalsh`` of smaller PSD matrices scaled by n³ unless ``--dense-eigh measure``);
+  ``fl.eigenvalues(model, x[None], lik, method="gram", engine="generic")`` vs dense ``eigvalsh`` of the 19,885²
+  matrix (estimated from ``eigvalsh`` of smaller PSD matrices scaled by n³ unless ``--dense-eigh measure``);
 * the same with eigenvectors (``"eigh"`` vs ``return_vectors=True``);
 * the dense per-input FIM: ``per_input_fisher(..., "dense")`` vs ``fl.fisher_matrix`` (1.6 GB in float32);
 * ``--batch`` inputs: per-input spectra of all of them (batched, vs a loop over ``fl.eigenvalues`` on a tenth
@@ -98,12 +98,12 @@ def bench_dtype(fl, dtype: torch.dtype, reps: int, nb: int, dense_eigh: str, add
     # all nonzero eigenvalues of one input's FIM
     what = f"all nonzero eigenvalues, 1 input ({dn})"
     ev_s, w_s, c_s = _timed(lambda: fl.structure.per_input_fisher(model, x, lik, "eigenvalues"), 10 * reps)
-    ev_g, w_g, c_g = _timed(lambda: fl.eigenvalues(model, x[None], lik, method="gram"), reps)
+    ev_g, w_g, c_g = _timed(lambda: fl.eigenvalues(model, x[None], lik, method="gram", engine="generic"), reps)
     err = float((ev_s - ev_g).abs().max() / ev_g[0])
     rank = int((ev_s > len(ev_s) * torch.finfo(dtype).eps * ev_s[0]).sum())
     add(what, "fl.structure.per_input_fisher(what='eigenvalues')", w_s, c_s,
         note=f"{len(ev_s)} values, {rank} nonzero (softmax: rank ≤ C − 1)")
-    add(what, "fl.eigenvalues(method='gram')", w_g, c_g, w_s, f"max rel. difference {err:.1e}")
+    add(what, "fl.eigenvalues(method='gram', engine='generic')", w_g, c_g, w_s, f"max rel. difference {err:.1e}")
     if dense_eigh != "skip":
         if dense_eigh == "measure":
             F = fl.structure.per_input_fisher(model, x, lik, "dense")
@@ -119,16 +119,18 @@ def bench_dtype(fl, dtype: torch.dtype, reps: int, nb: int, dense_eigh: str, add
                 note + f", matrix {P_SEED**2 * X.element_size() / 2**30:.2f} GiB")
     what = f"eigenvalues + eigenvectors, 1 input ({dn})"
     _, w_s, c_s = _timed(lambda: fl.structure.per_input_fisher(model, x, lik, "eigh"), 10 * reps)
-    _, w_g, c_g = _timed(lambda: fl.eigenvalues(model, x[None], lik, method="gram", return_vectors=True), reps)
+    _, w_g, c_g = _timed(
+        lambda: fl.eigenvalues(model, x[None], lik, method="gram", engine="generic", return_vectors=True), reps)
     add(what, "fl.structure.per_input_fisher(what='eigh')", w_s, c_s)
-    add(what, "fl.eigenvalues(method='gram', return_vectors=True)", w_g, c_g, w_s)
+    add(what, "fl.eigenvalues(method='gram', engine='generic', return_vectors=True)", w_g, c_g, w_s)
     # batched per-input spectra
     what = f"per-input spectra of {nb} inputs ({dn})"
     _, w_s, c_s = _timed(lambda: fl.structure.per_input_fisher(model, X, lik, "eigenvalues", batched=True), reps)
     k = max(1, nb // 10)
-    _, w_g, c_g = _timed(lambda: [fl.eigenvalues(model, X[i : i + 1], lik, method="gram") for i in range(k)], 1)
+    _, w_g, c_g = _timed(
+        lambda: [fl.eigenvalues(model, X[i : i + 1], lik, method="gram", engine="generic") for i in range(k)], 1)
     add(what, "fl.structure (batched=True)", w_s, c_s)
-    add(what, "loop over fl.eigenvalues(method='gram')", w_g * nb / k, c_g * nb / k, w_s,
+    add(what, "loop over fl.eigenvalues(method='gram', engine='generic')", w_g * nb / k, c_g * nb / k, w_s,
         f"{k} inputs timed, × {nb / k:g}")
     # data Gram of nb inputs
     what = f"data Gram NK×NK of {nb} inputs ({dn})"
