@@ -360,27 +360,51 @@ def _inner_loops(fn, target: float = 0.05) -> int:
     return max(1, min(1000, math.ceil(target / max(t, 1e-7))))
 
 
+def warm_up(run, base, opts: dict) -> None:
+    for _ in range(opts["warmup"]):
+        run()
+        base()
+
+
+def time_interleaved(run, base, opts: dict) -> tuple[list[float], list[float]]:
+    """Time ``run`` and the baseline ``base`` alternately (drifts hit both alike): seconds per call, per repeat."""
+    inner_m, inner_b = _inner_loops(run), _inner_loops(base)
+    t_m, t_b = [], []
+    for _ in range(opts["repeats"]):
+        t_b.append(_sample(base, inner_b))
+        t_m.append(_sample(run, inner_m))
+    return t_m, t_b
+
+
 def worker(workload: str, method: str, opts: dict, out_path: str) -> dict:
     torch.set_num_threads(opts.get("threads", THREADS))
     model, X, Y = make_workload(workload)
     label, quantity, factory, _ = METHODS[method]
     run = factory(model, X, Y, opts)
     result, mem_mib, mem_how = measure_peak(run)
-    base = METHODS["fwd_bwd"][2](*make_workload(workload), opts)
-    for _ in range(opts["warmup"]):
-        run()
-        base()
-    inner_m, inner_b = _inner_loops(run), _inner_loops(base)
-    t_m, t_b = [], []
-    for _ in range(opts["repeats"]):  # interleaved, so drifts hit both alike
-        t_b.append(_sample(base, inner_b))
-        t_m.append(_sample(run, inner_m))
+    base = m_fwd_bwd(*make_workload(workload), opts)
+    warm_up(run, base, opts)
+    t_m, t_b = time_interleaved(run, base, opts)
     torch.save(result, out_path)
     return {
         "time_s": statistics.median(t_m), "base_s": statistics.median(t_b),
         "time_min": min(t_m), "base_min": min(t_b),
         "time_all": t_m, "base_all": t_b, "mem_mib": mem_mib, "mem_how": mem_how,
     }
+
+
+def worker_main(args, worker) -> int:
+    """The ``--worker WORKLOAD METHOD OUT`` side of a benchmark script: run ``worker`` and print its payload
+    (or the error, reported as n/a by the parent) behind :data:`MARK`."""
+    workload, method, out_path = args.worker
+    try:
+        payload = worker(workload, method, json.loads(args.opts), out_path)
+    except Exception as exc:
+        traceback.print_exc()
+        msg = f"{type(exc).__name__}: {exc}".replace("\n", " ").replace("|", "/")
+        payload = {"error": msg[:200]}
+    print(MARK + json.dumps(payload), flush=True)
+    return 0
 
 
 # --------------------------------------------------------------------------- parent side
@@ -412,12 +436,14 @@ def wait_quiet(max_wait: float, threshold: float = 0.15) -> float:
     return busy
 
 
-def spawn(workload: str, method: str, opts: dict, tmpdir: str, timeout: float):
+def spawn(workload: str, method: str, opts: dict, tmpdir: str, timeout: float, *, script: str = __file__,
+          threads: int | None = None, env: dict | None = None):
+    """Run ``script --worker workload method`` in a fresh process: ``(payload, result, None)`` or
+    ``(None, None, "n/a: why")``."""
     out_path = os.path.join(tmpdir, f"{workload}-{method}.pt")
-    th = str(opts.get("threads", THREADS))
-    env = dict(os.environ, OMP_NUM_THREADS=th, MKL_NUM_THREADS=th)
-    cmd = [sys.executable, __file__, "--worker", workload, method, out_path,
-           "--opts", json.dumps(opts)]
+    th = str(threads if threads is not None else opts.get("threads", THREADS))
+    env = dict(os.environ, OMP_NUM_THREADS=th, MKL_NUM_THREADS=th, **(env or {}))
+    cmd = [sys.executable, script, "--worker", workload, method, out_path, "--opts", json.dumps(opts)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
@@ -516,15 +542,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     if args.worker:
-        workload, method, out_path = args.worker
-        try:
-            payload = worker(workload, method, json.loads(args.opts), out_path)
-        except Exception as exc:  # reported as n/a by the parent
-            traceback.print_exc()
-            msg = f"{type(exc).__name__}: {exc}".replace("\n", " ").replace("|", "/")
-            payload = {"error": msg[:200]}
-        print(MARK + json.dumps(payload), flush=True)
-        return 0
+        return worker_main(args, worker)
 
     opts = {
         "repeats": args.repeats or (3 if args.quick else 7),

@@ -23,12 +23,10 @@ Hessian), prints a markdown table and writes it to ``benchmarks/results/scalable
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,8 +35,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from bench_exact import _inner_loops, _sample, _trim, measure_peak, versions, wait_quiet
+from bench_exact import (
+    _flat,
+    _trim,
+    m_fwd_bwd,
+    measure_peak,
+    spawn,
+    time_interleaved,
+    versions,
+    wait_quiet,
+    warm_up,
+    worker_main,
+)
 from bench_exact import make_workload as make_exact_workload
 from torch import nn
 
@@ -47,7 +55,6 @@ THREADS = 2
 SEED = 0
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "scalable.md"
-MARK = "@@RESULT@@"
 EIG_TOL = 1e-3
 SEEDS = 5  # random starting vectors for the product counts of the eigenvalue solvers
 #: glibc settings of ``--malloc stable``: freed blocks stay in the heap instead of being unmapped, so a repeated
@@ -86,19 +93,6 @@ def probe_vector(P: int) -> torch.Tensor:
 # A factory gets (model, X, Y, opts) and returns a zero-argument callable returning a dict ("diag", "trace",
 # "fvp", "eig", "products", ...).  A callable may carry ``run.extra()``: called once after the timing (not
 # timed) for per-seed product counts.  Imports happen in the factory, outside the measurements.
-
-
-def _flat(tensors) -> torch.Tensor:
-    return torch.cat([t.detach().reshape(-1) for t in tensors])
-
-
-def m_fwd_bwd(model, X, Y, opts):
-    def run():
-        model.zero_grad(set_to_none=True)
-        F.cross_entropy(model(X), Y).backward()
-        return {}
-
-    return run
 
 
 def _fl_estimate(method: str, per_sample: bool):
@@ -345,15 +339,9 @@ def worker(workload: str, method: str, opts: dict, out_path: str) -> dict:
     run = METHODS[method][2](model, X, Y, opts)
     result, mem_mib, mem_how = measure_peak(run)
     base = m_fwd_bwd(*make_workload(workload), opts)
-    for _ in range(opts["warmup"]):
-        run()
-        base()
+    warm_up(run, base, opts)
     tensor_mib = tensor_peak(run)
-    inner_m, inner_b = _inner_loops(run), _inner_loops(base)
-    t_m, t_b = [], []
-    for _ in range(opts["repeats"]):  # interleaved, so drifts hit both alike
-        t_b.append(_sample(base, inner_b))
-        t_m.append(_sample(run, inner_m))
+    t_m, t_b = time_interleaved(run, base, opts)
     if hasattr(run, "extra"):
         result.update(run.extra())
     torch.save(result, out_path)
@@ -363,26 +351,6 @@ def worker(workload: str, method: str, opts: dict, out_path: str) -> dict:
         "state_mib": (sum(p.numel() * p.element_size() for p in model.parameters())
                       + X.numel() * X.element_size()) / 2**20,
     }
-
-
-def spawn(workload: str, method: str, opts: dict, tmpdir: str, timeout: float):
-    out_path = os.path.join(tmpdir, f"{workload}-{method}.pt")
-    env = dict(os.environ, OMP_NUM_THREADS=str(THREADS), MKL_NUM_THREADS=str(THREADS))
-    if opts.get("malloc") == "stable":
-        env.update(STABLE_MALLOC)
-    cmd = [sys.executable, __file__, "--worker", workload, method, out_path, "--opts", json.dumps(opts)]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    except subprocess.TimeoutExpired:
-        return None, None, f"n/a: timed out after {timeout:.0f} s"
-    for line in proc.stdout.splitlines():
-        if line.startswith(MARK):
-            payload = json.loads(line[len(MARK):])
-            if "error" in payload:
-                return None, None, "n/a: " + payload["error"]
-            return payload, torch.load(out_path), None
-    tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-    return None, None, f"n/a: worker exited {proc.returncode}: {tail[0][:160]}"
 
 
 # --------------------------------------------------------------------------- references (parent)
@@ -561,15 +529,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     if args.worker:
-        workload, method, out_path = args.worker
-        try:
-            payload = worker(workload, method, json.loads(args.opts), out_path)
-        except Exception as exc:  # reported as n/a by the parent
-            traceback.print_exc()
-            msg = f"{type(exc).__name__}: {exc}".replace("\n", " ").replace("|", "/")
-            payload = {"error": msg[:200]}
-        print(MARK + json.dumps(payload), flush=True)
-        return 0
+        return worker_main(args, worker)
 
     opts = {"repeats": args.repeats or (3 if args.quick else 9), "warmup": 1 if args.quick else 3,
             "malloc": args.malloc}
@@ -626,7 +586,8 @@ def main(argv=None) -> int:
                 busy = wait_quiet(args.wait_idle)
                 busy_seen.append(busy)
                 t0 = time.perf_counter()
-                payload, result, err = spawn(wl, m, opts, tmpdir, args.timeout)
+                payload, result, err = spawn(wl, m, opts, tmpdir, args.timeout, script=__file__, threads=THREADS,
+                                             env=STABLE_MALLOC if opts["malloc"] == "stable" else None)
                 if err is None:
                     res_by_m[m] = (payload, result, busy)
                     base_ms.append(payload["base_s"] * 1e3)
