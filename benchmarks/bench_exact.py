@@ -161,61 +161,52 @@ def m_func_jacrev_true(model, X, Y, opts):
     return run
 
 
-def m_backpack_diag_ggn(model, X, Y, opts):
-    from backpack import backpack, extend
-    from backpack.extensions import DiagGGNExact
+def backpack_method(extension, reduce):
+    """A BackPACK method: one backward of the mean cross-entropy under ``extension()`` (a zero-argument factory of a
+    BackPACK extension); ``reduce(net, n)`` reads the per-parameter fields it leaves into the result dict."""
 
-    net = extend(model)
-    lossf = extend(nn.CrossEntropyLoss())  # reduction="mean": the GGN carries the 1/N factor
+    def factory(model, X, Y, opts):
+        from backpack import backpack, extend
 
-    def run():
-        net.zero_grad(set_to_none=True)
-        loss = lossf(net(X), Y)
-        with backpack(DiagGGNExact()):
-            loss.backward()
-        diag = _flat(p.diag_ggn_exact for p in net.parameters())
-        return {"diag": diag, "trace": float(diag.sum())}
+        net = extend(model)
+        lossf = extend(nn.CrossEntropyLoss())  # reduction="mean": the quantities carry the 1/N factor
+        n = len(X)
 
-    return run
+        def run():
+            net.zero_grad(set_to_none=True)
+            loss = lossf(net(X), Y)
+            with backpack(extension()):
+                loss.backward()
+            return reduce(net, n)
 
+        return run
 
-def m_backpack_batch_grad(model, X, Y, opts):
-    from backpack import backpack, extend
-    from backpack.extensions import BatchGrad
-
-    net = extend(model)
-    lossf = extend(nn.CrossEntropyLoss())
-    n = len(X)
-
-    def run():
-        net.zero_grad(set_to_none=True)
-        loss = lossf(net(X), Y)
-        with backpack(BatchGrad()):
-            loss.backward()
-        # grad_batch[n] is the gradient of the MEAN loss' n-th term, i.e. g_n / N
-        diag = _flat(p.grad_batch.square().sum(0) * n for p in net.parameters())
-        return {"diag": diag, "trace": float(diag.sum())}
-
-    return run
+    return factory
 
 
-def m_backpack_batch_l2(model, X, Y, opts):
-    from backpack import backpack, extend
-    from backpack.extensions import BatchL2Grad
+def _diag_result(diag: torch.Tensor) -> dict:
+    return {"diag": diag, "trace": float(diag.sum())}
 
-    net = extend(model)
-    lossf = extend(nn.CrossEntropyLoss())
-    n = len(X)
 
-    def run():
-        net.zero_grad(set_to_none=True)
-        loss = lossf(net(X), Y)
-        with backpack(BatchL2Grad()):
-            loss.backward()
-        # batch_l2[n] = ||g_n / N||^2 per parameter tensor
-        return {"trace": float(sum(p.batch_l2.sum() for p in net.parameters())) * n}
+def _ext(name: str, **kwargs):
+    """``backpack.extensions.<name>(**kwargs)``, imported lazily (BackPACK lives in the peers' environment only)."""
 
-    return run
+    def make():
+        from backpack import extensions
+
+        return getattr(extensions, name)(**kwargs)
+
+    return make
+
+
+m_backpack_diag_ggn = backpack_method(
+    _ext("DiagGGNExact"), lambda net, n: _diag_result(_flat(p.diag_ggn_exact for p in net.parameters())))
+# grad_batch[n] is the gradient of the MEAN loss' n-th term, i.e. g_n / N
+m_backpack_batch_grad = backpack_method(
+    _ext("BatchGrad"), lambda net, n: _diag_result(_flat(p.grad_batch.square().sum(0) * n for p in net.parameters())))
+# batch_l2[n] = ||g_n / N||^2 per parameter tensor
+m_backpack_batch_l2 = backpack_method(
+    _ext("BatchL2Grad"), lambda net, n: {"trace": float(sum(p.batch_l2.sum() for p in net.parameters())) * n})
 
 
 def m_nngeometry_diag(model, X, Y, opts):

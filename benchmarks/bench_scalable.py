@@ -36,8 +36,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from bench_exact import (
+    _diag_result,
+    _ext,
     _flat,
     _trim,
+    backpack_method,
     m_fwd_bwd,
     measure_peak,
     spawn,
@@ -135,22 +138,8 @@ def m_hand_hutch(model, X, Y, opts):
     return run
 
 
-def m_backpack_mc(model, X, Y, opts):
-    from backpack import backpack, extend
-    from backpack.extensions import DiagGGNMC
-
-    net = extend(model)
-    lossf = extend(nn.CrossEntropyLoss())  # reduction="mean": the GGN carries the 1/N factor
-
-    def run():
-        net.zero_grad(set_to_none=True)
-        loss = lossf(net(X), Y)
-        with backpack(DiagGGNMC(mc_samples=1)):
-            loss.backward()
-        d = _flat(p.diag_ggn_mc for p in net.parameters())
-        return {"diag": d, "trace": float(d.sum())}
-
-    return run
+m_backpack_mc = backpack_method(
+    _ext("DiagGGNMC", mc_samples=1), lambda net, n: _diag_result(_flat(p.diag_ggn_mc for p in net.parameters())))
 
 
 def m_curvlinops_trace(model, X, Y, opts):
