@@ -317,12 +317,26 @@ def vjp_checked(fm: FunctionalModel, X: Tensor):
     return f, pull
 
 
-def jvp_checked(fm: FunctionalModel, X: Tensor, tangent: dict[str, Tensor]):
-    """``(f (B, C), J t (B, C))`` for a tangent ``{name: tensor}`` (torch.func.jvp; vmap it over tangents)."""
+def jvp_checked(fm: FunctionalModel, X: Tensor, tangent: dict[str, Tensor], at: dict[str, Tensor] | None = None):
+    """``(f (B, C), J t (B, C))`` for a tangent ``{name: tensor}`` (torch.func.jvp; vmap it over tangents), at the
+    model's parameters or at ``at`` (same names)."""
     with _model_errors(X):
-        f, jt = jvp(lambda q: fm(q, X), (fm.params,), (tangent,))
+        f, jt = jvp(lambda q: fm(q, X), (fm.params if at is None else at,), (tangent,))
     _check_outputs(f, X)
     return f, jt
+
+
+def quadratic_sum(fm: FunctionalModel, batches, likelihood: Likelihood, kind: str, v: dict[str, Tensor], *,
+                  at: dict[str, Tensor] | None = None, samples: int = 1, generator=None) -> tuple[float, int]:
+    """``(Σ_n ‖V_nᵀ J_n v‖², N)`` over ``(X, Y)`` batches: ``N · vᵀ F v`` matrix-free, one jvp per batch (at the
+    model's parameters or at ``at``); F is never formed."""
+    total, n = 0.0, 0
+    for X, Y in batches:
+        f, jt = jvp_checked(fm, X, v, at)
+        V = sandwich(likelihood, kind, f, Y, samples, generator)
+        total += torch.einsum("bck,bc->bk", V, jt).square().sum().item()
+        n += len(X)
+    return total, n
 
 
 # ----------------------------------------------------------------------------- the sandwich V

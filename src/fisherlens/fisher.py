@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from ._core import Run, check_choice, check_dense, jvp_checked, sandwich
+from ._core import Run, check_choice, check_dense, quadratic_sum
 from .estimators import Estimate, draws
 
 Tensor = torch.Tensor
@@ -231,10 +231,6 @@ def fisher_rao_norm(
     {args}
     """
     run = Run(model, data, likelihood, kind, params, reduction, samples, generator, batch_size, "functional")
-    fm = run.fm
-    total = 0.0
-    for X, Y in run.batches():
-        f, jt = jvp_checked(fm, X, fm.params)
-        V = sandwich(likelihood, kind, f, Y, samples, generator)
-        total += torch.einsum("bck,bc->bk", V, jt).square().sum().item()
+    total, _ = quadratic_sum(run.fm, run.batches(), likelihood, kind, run.fm.params, samples=samples,
+                             generator=generator)
     return total * run.scale()

@@ -82,7 +82,6 @@ from types import SimpleNamespace
 
 import torch
 from torch import nn
-from torch.func import jvp
 
 from ._core import (
     FunctionalModel,
@@ -95,7 +94,7 @@ from ._core import (
     check_choice,
     check_kind,
     iter_batches,
-    sandwich,
+    quadratic_sum,
     vjp_checked,
 )
 from .estimators import probe_vectors
@@ -408,14 +407,8 @@ class Monitor:
                 raise ValueError("path_length: the number of selected parameters changed between records.")
             old = fm.unflatten(self._theta_prev.to(theta))
             delta = fm.unflatten(theta - self._theta_prev.to(theta))
-            need_y = self.kind == "empirical"
-            q, n = 0.0, 0
-            for X, Y in iter_batches(self.probe, fm, need_y=need_y, batch_size=self.batch_size):
-                with _model_errors(X):
-                    f, jt = jvp(lambda p, X=X: fm(p, X), (old,), (delta,))
-                V = sandwich(self.likelihood, self.kind, f, Y)
-                q += torch.einsum("bck,bc->bk", V, jt).square().sum().item()
-                n += len(X)
+            batches = iter_batches(self.probe, fm, need_y=self.kind == "empirical", batch_size=self.batch_size)
+            q, n = quadratic_sum(fm, batches, self.likelihood, self.kind, delta, at=old)
             self._path += math.sqrt(max(q / n, 0.0))
         self._theta_prev = theta
         return self._path
