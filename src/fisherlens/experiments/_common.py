@@ -9,13 +9,14 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .. import datasets
 
 Tensor = torch.Tensor
 
-__all__ = ["torch_threads", "split_with_probe", "make_mlp"]
+__all__ = ["torch_threads", "split_with_probe", "make_mlp", "evaluate"]
 
 
 @contextmanager
@@ -78,3 +79,18 @@ def make_mlp(
                     m.weight.uniform_(-bound, bound, generator=generator)
                     m.bias.uniform_(-bound, bound, generator=generator)
     return model
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, X: Tensor, y: Tensor, batch: int = 2048) -> tuple[float, float]:
+    """Mean softmax cross-entropy and accuracy (argmax) of a classifier's logits on ``X (N, …)``, labels ``y (N,)``;
+    evaluated in eval mode in batches of ``batch`` (the model's mode is restored)."""
+    was = model.training
+    model.eval()
+    loss = correct = 0.0
+    for i in range(0, len(X), batch):
+        f = model(X[i : i + batch])
+        loss += F.cross_entropy(f, y[i : i + batch], reduction="sum").item()
+        correct += (f.argmax(-1) == y[i : i + batch]).sum().item()
+    model.train(was)
+    return loss / len(X), correct / len(X)

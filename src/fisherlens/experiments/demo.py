@@ -36,7 +36,7 @@ import fisherlens as fl
 
 from .. import datasets, plots
 from ..runs import RunDir, read_csv, write_csv
-from ._common import make_mlp, split_with_probe
+from ._common import evaluate, make_mlp, split_with_probe
 
 Tensor = torch.Tensor
 
@@ -59,19 +59,6 @@ FIGURES = {
     "geometry.png": "Top Fisher eigenvalue, Fisher–Rao norm, gradient norm and path length on the Fisher manifold.",
     "layer_traces.png": "Per-parameter-tensor true-Fisher traces at the end of training (log).",
 }
-
-
-@torch.no_grad()
-def _loss_acc(model: nn.Module, X: Tensor, y: Tensor, batch: int = 2048) -> tuple[float, float]:
-    was = model.training
-    model.eval()
-    loss = correct = 0.0
-    for i in range(0, len(X), batch):
-        f = model(X[i : i + batch])
-        loss += F.cross_entropy(f, y[i : i + batch], reduction="sum").item()
-        correct += (f.argmax(-1) == y[i : i + batch]).sum().item()
-    model.train(was)
-    return loss / len(X), correct / len(X)
 
 
 def _naive_check(model: nn.Module, probe: tuple[Tensor, Tensor], n: int = NAIVE_N) -> float:
@@ -208,8 +195,8 @@ def demo(
     def checkpoint(step: int) -> dict:
         """Measure the checkpoint extras, then let the main monitor record (scheduled or forced)."""
         emp = mon_emp.record(step)
-        train_loss, train_acc = _loss_acc(model, Xtr, ytr)
-        test_loss, test_acc = _loss_acc(model, Xte, yte)
+        train_loss, train_acc = evaluate(model, Xtr, ytr)
+        test_loss, test_acc = evaluate(model, Xte, yte)
         was = model.training
         model.eval()
         layers = fl.fisher_blocks(model, probe, lik, kind="true", what="trace")

@@ -47,7 +47,7 @@ from .. import datasets, plots
 from .._core import Run, identity_sandwich
 from ..estimators import draws as estimator_draws
 from ..runs import RunDir, write_csv
-from ._common import split_with_probe, torch_threads
+from ._common import evaluate, split_with_probe, torch_threads
 
 Tensor = torch.Tensor
 
@@ -117,11 +117,6 @@ def _train(model: nn.Module, X: Tensor, y: Tensor, *, epochs: int, batch_size: i
             last = tot / n
     model.eval()
     return last
-
-
-@torch.no_grad()
-def _accuracy(model: nn.Module, X: Tensor, y: Tensor) -> float:
-    return (model(X).argmax(-1) == y).double().mean().item()
 
 
 # ----------------------------------------------------------------------------- exact single-draw variances
@@ -389,7 +384,7 @@ def estimators(
     torch.manual_seed(seed)
     model = _mlp(X.shape[1], hidden, C, X.dtype)
     train_loss = _train(model, Xtr, ytr, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, progress=progress)
-    test_acc, train_acc = _accuracy(model, Xte, yte), _accuracy(model, Xtr, ytr)
+    test_acc, train_acc = evaluate(model, Xte, yte)[1], evaluate(model, Xtr, ytr)[1]
     lik = fl.Categorical()
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     sizes = [p.numel() for _, p in model.named_parameters() if p.requires_grad]

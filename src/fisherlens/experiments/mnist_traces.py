@@ -64,7 +64,7 @@ import fisherlens as fl
 
 from .. import datasets, plots
 from ..runs import RunDir, Units, write_csv
-from ._common import make_mlp, torch_threads
+from ._common import evaluate, make_mlp, torch_threads
 
 Tensor = torch.Tensor
 
@@ -191,12 +191,6 @@ def _gen(seed: int, rep: int, stream: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 100_003 + rep) * 8 + stream)
 
 
-@torch.no_grad()
-def _accuracy(model: nn.Module, X: Tensor, y: Tensor, batch: int = 4096) -> float:
-    correct = sum(int((model(X[i : i + batch]).argmax(-1) == y[i : i + batch]).sum()) for i in range(0, len(X), batch))
-    return correct / len(X)
-
-
 # ----------------------------------------------------------------------------- one unit of work
 def train_unit(
     setup: Setup,
@@ -238,7 +232,7 @@ def train_unit(
 
     def record(step: int) -> None:
         model.eval()
-        test_acc = _accuracy(model, setup.Xte, setup.yte)
+        test_acc = evaluate(model, setup.Xte, setup.yte)[1]
         rec = mon.record(step, epoch=step / spe, test_accuracy=test_acc)
         model.train()
         f, t = float(rec["fisher_trace"]), float(rec["ntk_trace"])
