@@ -64,7 +64,7 @@ import fisherlens as fl
 
 from .. import datasets, plots
 from ..runs import RunDir, Units, write_csv
-from ._common import evaluate, make_mlp, torch_threads
+from ._common import evaluate, make_mlp, split_with_probe, torch_threads
 
 Tensor = torch.Tensor
 
@@ -176,10 +176,7 @@ def load_data(data, n_train: int | None, n_test: int | None, seed: int) -> tuple
         N = len(X)
         n_te = n_test if n_test is not None else round(0.2 * N)
         n_tr = n_train if n_train is not None else N - n_te
-        if n_tr + n_te > N:
-            n_te = max(1, round(0.2 * N))
-            n_tr = N - n_te
-        Xtr, ytr, Xte, yte = datasets.train_test_split(X, y, n_tr, n_te, seed=seed)
+        Xtr, ytr, Xte, yte = split_with_probe(X, y, n_tr, n_te, 0, seed)[:4]  # 80/20 if the set is too small
         desc = f"{key} ({len(Xtr)} train, {len(Xte)} test of {N})"
     if len(Xtr) < 1 or len(Xte) < 1:
         raise ValueError(f"mnist-traces: need at least one training and one test sample, got {len(Xtr)}/{len(Xte)}.")
