@@ -32,6 +32,7 @@ import math
 import os
 import warnings
 import weakref
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, jvp, vjp, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .likelihoods import Likelihood
 
@@ -212,12 +214,19 @@ class FunctionalModel:
 
 # ----------------------------------------------------------------------------- data streaming
 def _is_xy(data) -> bool:
-    return (
-        isinstance(data, (tuple, list))
-        and len(data) == 2
-        and isinstance(data[0], Tensor)
-        and (data[1] is None or isinstance(data[1], Tensor))
-    )
+    """Whether ``data`` is one ``(X, Y)`` pair of tensors (a tuple; a list of two tensors only when the second
+    cannot be a batch of inputs like the first)."""
+    if not (isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], Tensor)):
+        return False
+    X, Y = data
+    if Y is not None and not isinstance(Y, Tensor):
+        return False
+    if isinstance(data, list) and Y is not None and Y.shape[1:] == X.shape[1:] and Y.dtype == X.dtype:
+        raise ValueError(
+            "data=[A, B] is ambiguous: two tensors of the same shape and dtype may be two batches of inputs or one "
+            "(X, Y) pair. Pass a tuple (X, Y) for inputs with targets, or [(A,), (B,)] for two unlabelled batches."
+        )
+    return True
 
 
 def _split_batch(batch):
@@ -239,33 +248,42 @@ def _slices(X: Tensor, Y: Tensor | None, bs: int) -> Iterator[tuple[Tensor, Tens
         yield X[i : i + bs], None if Y is None else Y[i : i + bs]
 
 
-def iter_batches(data, fm: FunctionalModel, *, need_y: bool, batch_size: int | None = None) -> Iterator:
-    """Yield ``(X, Y)`` batches on the model's device; floating ``X`` cast to the model's dtype.
-
-    ``data`` is ``(X, Y)`` tensors (split into chunks of ``batch_size``), a ``Dataset`` (read through a
-    ``DataLoader``) or any iterable of batches (streamed: nothing is accumulated).  ``Y`` may be ``None``
-    unless ``need_y``.  Raises ``ValueError`` for empty data or mismatched lengths.
-    """
-    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+def _source(data, batch_size: int | None):
+    """The batch iterable behind ``data`` (see :func:`iter_batches`)."""
     if isinstance(data, Tensor):
         data = (data, None)
     if _is_xy(data):
         X, Y = data
         if Y is not None and len(Y) != len(X):
             raise ValueError(f"X has {len(X)} samples but Y has {len(Y)}; they must match.")
-        source = _slices(X, Y, batch_size or 256)
-    elif isinstance(data, torch.utils.data.Dataset):
-        source = torch.utils.data.DataLoader(data, batch_size=batch_size or 256, shuffle=False)
-    elif isinstance(data, Iterable) and not isinstance(data, (str, bytes, dict)):
-        source = data
-    else:
-        raise TypeError(
-            f"data must be a tuple (X, Y) of tensors, a torch Dataset or an iterable of (X, Y) batches; "
-            f"got {type(data).__name__}."
+        return _slices(X, Y, batch_size or 256)
+    if isinstance(data, torch.utils.data.DataLoader) and data.batch_size is None and data.batch_sampler is None:
+        raise ValueError(
+            "The DataLoader has batch_size=None (automatic batching off), so it yields single samples without a "
+            "batch dimension. Give it a batch_size, e.g. DataLoader(dataset, batch_size=64)."
         )
+    if isinstance(data, torch.utils.data.Dataset):
+        return torch.utils.data.DataLoader(data, batch_size=batch_size or 256, shuffle=False)
+    if isinstance(data, Iterable) and not isinstance(data, (str, bytes, dict)):
+        return data
+    raise TypeError(
+        f"data must be a tuple (X, Y) of tensors, a torch Dataset or an iterable of (X, Y) batches; "
+        f"got {type(data).__name__}."
+    )
+
+
+def iter_batches(data, fm: FunctionalModel, *, need_y: bool, batch_size: int | None = None) -> Iterator:
+    """Yield ``(X, Y)`` batches on the model's device; floating ``X`` cast to the model's dtype.
+
+    ``data`` is a tuple ``(X, Y)`` of tensors (split into chunks of ``batch_size``), a ``Dataset`` (read
+    through a ``DataLoader``) or any iterable of batches (streamed: nothing is accumulated).  ``Y`` may be
+    ``None`` unless ``need_y``.  Raises
+    ``ValueError`` for empty data, mismatched lengths and non-finite inputs.
+    """
+    if batch_size is not None and (not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1):
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
     seen = 0
-    for batch in source:
+    for batch in _source(data, batch_size):
         X, Y = _split_batch(batch)
         if X.dim() == 0 or len(X) == 0:
             continue
@@ -283,46 +301,88 @@ def iter_batches(data, fm: FunctionalModel, *, need_y: bool, batch_size: int | N
 
 
 @contextmanager
-def _model_errors(X: Tensor):
-    """Turn the model's failures on a batch into a ValueError that names the input shape."""
+def differentiable_kernels():
+    """Inside: ``nn.MultiheadAttention``'s fused fast path is off and ``scaled_dot_product_attention`` uses its
+    math kernel, which forward-mode AD (``jvp``) and per-sample hooks can see through; restored on exit."""
+    fast = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
     try:
-        yield
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast)
+
+
+@contextmanager
+def _model_errors(X: Tensor):
+    """Turn the model's failures on a batch into a ValueError that names the input shape (or the real cause)."""
+    try:
+        with differentiable_kernels():
+            yield
     except (RuntimeError, IndexError) as e:
+        if "forward AD" in str(e):
+            raise ValueError(
+                f"A kernel of the model has no forward-mode derivative ({e}). fisherlens already switches "
+                "attention to its differentiable math kernels; replace the remaining fused op (or use a view that "
+                "needs no jvp: fl.fisher_diag, fl.fisher_trace, fl.eigenvalues(method='gram'))."
+            ) from e
         raise ValueError(
             f"The model failed on a batch of inputs of shape {tuple(X.shape)} (dtype {X.dtype}): {e}. "
             "Check that the data matches the model's input shape."
         ) from e
 
 
-def _check_outputs(f: Tensor, X: Tensor) -> None:
+def all_finite(t: Tensor) -> bool:
+    """Whether a floating tensor has no NaN/inf: one sum (NaN and inf propagate), the elementwise test only when
+    the sum is not finite (it may just overflow)."""
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
+def check_inputs(X: Tensor) -> None:
+    """Refuse NaN/inf in floating inputs (their Fisher is undefined, and they poison every check)."""
+    if torch.is_floating_point(X) and not all_finite(X):
+        raise ValueError("The inputs contain NaN or inf; the Fisher is undefined there. Clean the data first.")
+
+
+def _check_outputs(f: Tensor, X: Tensor, dtype: torch.dtype) -> None:
+    if not torch.is_floating_point(f):
+        raise TypeError(f"The model returned {f.dtype} outputs; outputs must be floating point (logits, means).")
+    if f.dtype != dtype:
+        raise TypeError(
+            f"The model returned {f.dtype} outputs but its parameters are {dtype}; make them agree "
+            f"(e.g. model.to({dtype}) or drop the cast inside forward)."
+        )
     if f.shape[0] != X.shape[0]:
         raise ValueError(f"The model returned {f.shape[0]} outputs for a batch of {X.shape[0]} inputs.")
-    if not torch.isfinite(f).all():
+    if not all_finite(f.detach()):
         raise ValueError("The model produced NaN or inf outputs on this data; the Fisher is undefined there.")
 
 
 def forward_checked(fm: FunctionalModel, p, X: Tensor) -> Tensor:
     """``fm(p, X)`` with a clear error for inputs the model cannot take and for non-finite outputs."""
+    check_inputs(X)
     with _model_errors(X):
         f = fm(p, X)
-    _check_outputs(f, X)
+    _check_outputs(f, X, fm.dtype)
     return f
 
 
 def vjp_checked(fm: FunctionalModel, X: Tensor):
     """``(f (B, C), pull)``: one forward kept for pull-backs ``u (B, C) -> ({name: Jᵀu},)`` (torch.func.vjp)."""
+    check_inputs(X)
     with _model_errors(X):
         f, pull = vjp(lambda q: fm(q, X), fm.params)
-    _check_outputs(f, X)
+    _check_outputs(f, X, fm.dtype)
     return f, pull
 
 
 def jvp_checked(fm: FunctionalModel, X: Tensor, tangent: dict[str, Tensor], at: dict[str, Tensor] | None = None):
     """``(f (B, C), J t (B, C))`` for a tangent ``{name: tensor}`` (torch.func.jvp; vmap it over tangents), at the
-    model's parameters or at ``at`` (same names)."""
+    model's parameters or at ``at`` (same names).  Attention runs on its differentiable kernels."""
+    check_inputs(X)
     with _model_errors(X):
         f, jt = jvp(lambda q: fm(q, X), (fm.params if at is None else at,), (tangent,))
-    _check_outputs(f, X)
+    _check_outputs(f, X, fm.dtype)
     return f, jt
 
 
@@ -332,6 +392,7 @@ def quadratic_sum(fm: FunctionalModel, batches, likelihood: Likelihood, kind: st
     model's parameters or at ``at``); F is never formed."""
     total, n = 0.0, 0
     for X, Y in batches:
+        check_batch(fm, X)
         f, jt = jvp_checked(fm, X, v, at)
         V = sandwich(likelihood, kind, f, Y, samples, generator)
         total += torch.einsum("bck,bc->bk", V, jt).square().sum().item()
@@ -349,6 +410,8 @@ def sandwich(likelihood: Likelihood, kind: str, f: Tensor, y, samples: int = 1, 
     if kind == "empirical":
         return likelihood.residual(f, likelihood.check_targets(f, y))[:, :, None]
     if kind == "mc":
+        check_dense(f"kind='mc' with samples={samples} label draws for {len(f)} inputs", f.numel() * samples,
+                    4 * f.element_size(), "Use fewer samples=, or method='hutchinson'", None)
         ys = likelihood.sample(f, samples, generator)  # (k, B, ...)
         fk = f.expand(samples, *f.shape).reshape(-1, f.shape[-1])
         r = likelihood.residual(fk, ys.reshape(-1, *ys.shape[2:]))
@@ -362,10 +425,21 @@ def identity_sandwich(f: Tensor) -> Tensor:
 
 
 # ----------------------------------------------------------------------------- functional engine
+def _owners(fm: FunctionalModel, names) -> str:
+    """``'rnn' (RNN), 'head' (Linear)``: the modules that hold the parameters ``names``."""
+    out: dict[str, str] = {}
+    for n in names:
+        path = n.rpartition(".")[0]
+        out.setdefault(path or "<root>", type(fm.model.get_submodule(path)).__name__)
+    return ", ".join(f"'{k}' ({v})" for k, v in out.items())
+
+
 def functional_rows(fm: FunctionalModel, names: list[str], X: Tensor, V: Tensor) -> dict[str, Tensor]:
     """Per-sample factor rows ``G_bk = V_bkᵀ J_b`` for parameters ``names``: dict of ``(B, K, *shape)``.
 
-    ``vmap`` over samples of a ``vjp`` that is itself ``vmap``-ed over the K sandwich columns.
+    ``vmap`` over samples of a ``vjp`` that is itself ``vmap``-ed over the K sandwich columns.  Modules that
+    ``vmap`` cannot batch over samples (``nn.RNN``/``LSTM``/``GRU``, ``.item()``, data-dependent control flow) get
+    one ``vjp`` per sample instead — exact, with a one-time warning that names them and the cost.
     """
     fixed = {n: fm.params[n] for n in fm.names if n not in names}
     free = {n: fm.params[n] for n in names}
@@ -374,7 +448,22 @@ def functional_rows(fm: FunctionalModel, names: list[str], X: Tensor, V: Tensor)
         _, pull = vjp(lambda q: fm({**fixed, **q}, x[None])[0], free)
         return vmap(lambda c: pull(c)[0], in_dims=1)(v)
 
-    return vmap(one)(X, V)
+    plan = _plan(fm)
+    if not plan.loop:
+        try:
+            with differentiable_kernels():
+                return vmap(one)(X, V)
+        except RuntimeError as e:
+            plan.loop = True
+            warnings.warn(
+                f"torch.func.vmap cannot batch this model over samples ({str(e).splitlines()[0][:160]}). "
+                f"fisherlens computes the per-sample rows of {_owners(fm, names)} with one vjp per sample instead: "
+                "exact, but about batch-size times slower than the batched engines.",
+                stacklevel=4,
+            )
+    with _model_errors(X):
+        per = [one(X[b], V[b]) for b in range(len(X))]
+    return {n: torch.stack([r[n] for r in per]) for n in names}
 
 
 # ----------------------------------------------------------------------------- layerwise engine
@@ -398,6 +487,14 @@ def _conv_patches(m: nn.Module, a: Tensor) -> Tensor:
     else:
         ks, dil, st = m.kernel_size, m.dilation, m.stride
     return F.unfold(a, ks, dilation=dil, padding=0, stride=st)
+
+
+def _patch_numel(c: _Call) -> int:
+    """Per-sample numel of the unfolded patches of a conv call (0 for Linear)."""
+    if isinstance(c.module, nn.Linear):
+        return 0
+    k = math.prod(c.module.kernel_size)
+    return c.a.shape[1] * k * math.prod(c.tap.shape[2:])
 
 
 def _call_rows(c: _Call, g: Tensor, which: str) -> Tensor:
@@ -424,13 +521,34 @@ def _simple(calls: list[_Call], which: str) -> bool:
     return len(calls) == 1 and isinstance(calls[0].module, nn.Linear) and calls[0].a.dim() == 2
 
 
+def _ambiguous(c: _Call, B: int) -> bool:
+    """Whether shapes alone cannot show that a call's axis 0 is the batch: another axis than the layer's
+    feature (Linear: last) or channel (conv: 1) axis also has size B, e.g. a sequence-first ``(T, B, I)``
+    input with ``T = B``."""
+    rest = c.a.shape[1:-1] if isinstance(c.module, nn.Linear) else c.a.shape[2:]
+    return B in rest
+
+
+@dataclass
+class _Signature:
+    """What the verification of one input signature ``(shape[1:], dtype)`` established."""
+
+    calls: Counter  # id(owned module) -> calls per forward
+    simple: frozenset  # owned parameters whose diag/sqnorm/Gram need no materialised rows
+    act: int  # per-sample numel of all module outputs: the backward's working set per sandwich column
+    patch: int  # largest per-sample numel of unfolded conv patches
+
+
 @dataclass
 class _Plan:
-    """Which selected parameters the layerwise engine owns: name -> (attribute, [modules])."""
+    """Which selected parameters the layerwise engine owns (name -> (attribute, [modules])), and what was
+    verified per input signature."""
 
     owned: dict[str, tuple[str, list[nn.Module]]] = field(default_factory=dict)
-    verified: set = field(default_factory=set)  # (input shape, dtype) signatures already checked
-    out_dim: dict = field(default_factory=dict)  # (input shape, dtype) -> C
+    signatures: dict = field(default_factory=dict)  # (input shape[1:], dtype) -> _Signature
+    independent: set = field(default_factory=set)  # signatures checked by check_batch
+    out_dim: dict = field(default_factory=dict)  # (input shape[1:], dtype) -> C
+    loop: bool = False  # vmap cannot batch the model over samples: the functional engine loops
 
 
 #: model -> {(name, id(tensor)) selection: plan}; the verification result lives as long as the model.
@@ -466,20 +584,178 @@ def _make_plan(fm: FunctionalModel) -> _Plan:
 
 
 class _Recorder:
-    """Forward hooks on the owning layers: record inputs, add a zero tap to outputs."""
+    """Forward hooks on the owning layers (record inputs, add a zero tap to outputs); with ``measure``, also
+    count the per-sample numel of every module's output."""
 
-    def __init__(self, modules: Iterable[nn.Module]):
+    def __init__(self, modules: Iterable[nn.Module], measure: nn.Module | None = None):
         self.calls: list[_Call] = []
+        self.act = 0
         self.handles = [m.register_forward_hook(self._hook) for m in set(modules)]
+        if measure is not None:
+            self.handles += [m.register_forward_hook(self._measure) for m in measure.modules()]
 
     def _hook(self, m, inputs, out):
         tap = torch.zeros_like(out, requires_grad=True)
         self.calls.append(_Call(m, inputs[0].detach(), tap))
         return out + tap
 
+    def _measure(self, m, inputs, out):
+        if isinstance(out, Tensor) and out.dim():
+            self.act += out[0].numel()
+
     def close(self):
         for h in self.handles:
             h.remove()
+
+
+def _record(fm: FunctionalModel, plan: _Plan, X: Tensor, measure: bool = False):
+    """One forward of ``X`` with the owned layers tapped and the owned parameters requiring grad (so that
+    fused fast paths which bypass the layers' own forward stay off); returns ``(f, p, recorder)``."""
+    p = {n: t.detach().requires_grad_(n in plan.owned) for n, t in fm.params.items()}
+    rec = _Recorder((m for _, mods in plan.owned.values() for m in mods), fm.model if measure else None)
+    try:
+        with torch.enable_grad():
+            f = forward_checked(fm, p, X)
+    finally:
+        rec.close()
+    return f, p, rec
+
+
+def _tol(dtype: torch.dtype) -> float:
+    return 1e-9 if dtype == torch.float64 else 1e-4
+
+
+def _close(a: Tensor, b: Tensor) -> bool:
+    tol = _tol(a.dtype)
+    return bool(torch.allclose(a, b, rtol=tol, atol=tol * (b.abs().max().item() + 1e-30)))
+
+
+def _check_independent(fm: FunctionalModel, X: Tensor) -> None:
+    """Refuse models whose outputs are random or depend on the other inputs of the batch (per-sample Fisher
+    quantities are undefined for them): two forwards of ``X[:4]`` must agree, and so must ``X[:1]``, ``X[1:4]``
+    forwarded apart."""
+    X = X[: min(len(X), 4)]
+    with torch.no_grad():
+        f = forward_checked(fm, fm.params, X)
+        if not _close(forward_checked(fm, fm.params, X), f):
+            raise ValueError(
+                "The model gives different outputs for the same inputs on two calls (a random forward, e.g. "
+                "F.dropout(training=True) or noise); Fisher quantities need a deterministic model. Make the forward "
+                "deterministic (model.eval() and training=self.training)."
+            )
+        if len(X) > 1:
+            parts = torch.cat([forward_checked(fm, fm.params, X[:1]), forward_checked(fm, fm.params, X[1:])])
+            if not _close(parts, f):
+                raise ValueError(
+                    "The model's output for one input depends on the other inputs of its batch (e.g. centring by "
+                    "the batch mean, batch statistics); per-sample Fisher quantities are undefined for it. Compute "
+                    "such statistics per sample or from fixed buffers."
+                )
+
+
+def check_batch(fm: FunctionalModel, X: Tensor) -> None:
+    """Once per model, selection and input signature: the model is deterministic and sample-independent
+    (:func:`_check_independent`).  Every view that forwards data calls it."""
+    plan = _plan(fm)
+    key = (tuple(X.shape[1:]), X.dtype)
+    if key not in plan.independent:
+        _check_independent(fm, X)
+        plan.independent.add(key)
+
+
+def signature(fm: FunctionalModel, X: Tensor) -> _Signature:
+    """:func:`check_batch`, then the layerwise attribution (:func:`_verify`, which also measures the per-sample
+    sizes of the working budget), once per input signature."""
+    check_batch(fm, X)
+    plan = _plan(fm)
+    key = (tuple(X.shape[1:]), X.dtype)
+    if key not in plan.signatures:
+        plan.signatures[key] = _verify(fm, plan, X)
+    return plan.signatures[key]
+
+
+def _call_problems(plan: _Plan, calls: list[_Call], B: int, counts: Counter | None) -> dict[str, str]:
+    """Owned parameters whose calls in this forward do not show their per-sample attribution, with the reason:
+    an input whose axis 0 is not the batch, or a call count unlike the verified one (``counts``)."""
+    seen = Counter(id(c.module) for c in calls)
+    wrong = {id(c.module): tuple(c.a.shape) for c in calls if c.a.shape[0] != B or c.tap.shape[0] != B}
+    out = {}
+    for n, (_, mods) in plan.owned.items():
+        for m in mods:
+            if id(m) in wrong:
+                out[n] = f"its layer's input has shape {wrong[id(m)]}, whose first axis is not the batch of {B}"
+            elif counts is not None and seen[id(m)] != counts[id(m)]:
+                out[n] = f"its layer ran {seen[id(m)]} times in this forward, {counts[id(m)]} times when verified"
+    return out
+
+
+def _demote(plan: _Plan, problems: dict[str, str], stacklevel: int = 4) -> None:
+    """Hand parameters to the general engine for good, saying so once."""
+    for n in problems:
+        plan.owned.pop(n, None)
+    if problems:
+        why = "; ".join(f"'{n}': {r}" for n, r in problems.items())
+        warnings.warn(
+            f"The layerwise engine cannot prove the per-sample attribution of {len(problems)} parameter(s) ({why}). "
+            "fisherlens computes them with the general torch.func engine instead (exact, slower).",
+            stacklevel=stacklevel,
+        )
+
+
+def _verify(fm: FunctionalModel, plan: _Plan, X: Tensor) -> _Signature:
+    """Prove the layerwise attribution on ``X[:4]`` and measure the signature's per-sample sizes.
+
+    With random cotangents ``w_b`` and random per-sample weights ``c_b``, ``Σ_b c_b · row_b(w_b)`` must equal
+    autograd's ``∇_θ Σ_b c_b w_b·f_b``.  (Plain sums ``Σ_b row_b`` would not do: they are right whichever rows
+    are given to which sample.)  A parameter that fails — used outside its layer, or reached through inputs
+    whose first axis is not the batch — goes to the functional engine, with a warning.
+    """
+    X = X[: min(len(X), 4)]
+    B = len(X)
+    f, p, rec = _record(fm, plan, X, measure=True)
+    _demote(plan, _call_problems(plan, rec.calls, B, None), stacklevel=5)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    w = torch.randn(f.shape, generator=gen, dtype=f.dtype).to(f.device)
+    c = (torch.rand(B, generator=gen, dtype=f.dtype) + 0.5).to(f.device)
+    names = list(plan.owned)
+    if not names:
+        return _signature_of(fm, plan, rec)
+    with torch.enable_grad():
+        true = torch.autograd.grad((f * w * c[:, None]).sum(), [p[n] for n in names], retain_graph=True,
+                                   allow_unused=True)
+    grads, _ = _tap_grads(rec.calls, f, w[:, :, None])
+    bad = []
+    for n, t in zip(names, true, strict=True):
+        which, mods = plan.owned[n]
+        ids = {id(m) for m in mods}
+        est = torch.zeros(fm.sizes[n], dtype=f.dtype, device=f.device)
+        for c_, g in zip(rec.calls, grads, strict=True):
+            if id(c_.module) in ids:
+                est = est + torch.einsum("b,kbp->p", c, _call_rows(c_, g, which))
+        ref = torch.zeros_like(est) if t is None else t.reshape(-1)
+        if not _close(est, ref):
+            bad.append(n)
+    if bad:
+        for n in bad:
+            del plan.owned[n]
+        warnings.warn(
+            f"Parameters {bad} are used outside the layer that owns them (or their layer's inputs do not keep the "
+            "batch on axis 0); fisherlens uses the slower general (torch.func) engine for them.",
+            stacklevel=4,
+        )
+    return _signature_of(fm, plan, rec)
+
+
+def _signature_of(fm: FunctionalModel, plan: _Plan, rec: _Recorder) -> _Signature:
+    ids = {id(m) for _, mods in plan.owned.values() for m in mods}
+    calls = [c for c in rec.calls if id(c.module) in ids]
+    counts = Counter(id(c.module) for c in calls)
+    simple = frozenset(
+        n for n, (which, mods) in plan.owned.items()
+        if _simple([c for c in calls if any(c.module is m for m in mods)], which)
+    )
+    patch = max((_patch_numel(c) for c in calls), default=0)
+    return _Signature(counts, simple, rec.act, patch)
 
 
 class Stats:
@@ -525,34 +801,32 @@ def batch_stats(
 ) -> tuple[Tensor, Tensor, Stats]:
     """Forward ``X``, build ``V = make_v(f)``; return ``(f, V, stats)``.
 
-    ``want`` ⊆ {diag, diagk, sqnorm, gram, rows} names the :class:`Stats` to compute.
+    ``want`` ⊆ {diag, diagk, sqnorm, gram, rows} names the :class:`Stats` to compute.  The layerwise fast
+    path proves its attribution on every call: each owned layer's input keeps the batch on axis 0 and runs as
+    often as when verified, and where shapes alone cannot tell (:func:`_ambiguous`) one extra cotangent column
+    ``c_b·(V_b w)`` checks that each sample's output gradient lives in that sample's slice.
     """
     check_choice("engine", engine, ENGINES)
-    plan = _plan(fm) if engine != "functional" else _Plan()
-    owned = plan.owned
-    if owned and (tuple(X.shape[1:]), X.dtype) not in plan.verified:
-        _verify(fm, plan, X)
-        plan.verified.add((tuple(X.shape[1:]), X.dtype))
-    if engine == "layerwise" and len(owned) < len(fm.names):
-        missing = [n for n in fm.names if n not in owned]
+    plan = _plan(fm)
+    sig = signature(fm, X)
+    if engine == "layerwise" and len(plan.owned) < len(fm.names):
+        missing = [n for n in fm.names if n not in plan.owned]
         raise ValueError(
             f"engine='layerwise' handles only parameters of Linear/Conv1d/Conv2d layers used through them; "
             f"not {missing}. Use engine='auto'."
         )
     stats = Stats()
-    if not owned:
+    if engine == "functional" or not plan.owned:
         with torch.no_grad():
             f = forward_checked(fm, fm.params, X)
         V = make_v(f)
+        owned: dict = {}
     else:
-        rec = _Recorder(m for _, mods in owned.values() for m in mods)
-        try:
-            with torch.enable_grad():
-                f = forward_checked(fm, fm.params, X)
-        finally:
-            rec.close()
+        f, _, rec = _record(fm, plan, X)
+        _demote(plan, _call_problems(plan, rec.calls, len(X), sig.calls))
         V = make_v(f.detach())
-        _layerwise(fm, owned, rec.calls, f, V, want, stats)
+        _layerwise(fm, plan, rec.calls, f, V, want, stats)
+        owned = plan.owned
     rest = [n for n in fm.names if n not in owned]
     if rest:
         rows = functional_rows(fm, rest, X, V)
@@ -571,12 +845,23 @@ def output_dim(fm: FunctionalModel, X: Tensor) -> int:
     return cache[key]
 
 
-def rows_numel(fm: FunctionalModel, want: set[str], engine: str) -> int:
-    """Parameters whose rows get materialised: all for ``rows``/functional, else all but single-use Linear."""
-    if "rows" in want or engine == "functional":
-        return fm.P
-    simple = sum(fm.sizes[n] for n, (_, mods) in _plan(fm).owned.items() if len(mods) == 1)
-    return max(1, fm.P - simple)
+def chunk_size(fm: FunctionalModel, X: Tensor, K: int, want: set[str], engine: str = "auto", share: int = 1) -> int:
+    """Inputs per chunk so that one chunk's working memory fits :data:`WORK_BUDGET` ``/ share``.
+
+    Per input and sandwich column it counts the materialised rows (all P for ``rows``, the functional
+    engine and every layer but single-use Linear ones) and the backward's activations; conv layers add
+    their unfolded patches.  Refuses, before allocating, a single input that cannot fit in memory.
+    """
+    sig = signature(fm, X)
+    owned = {} if engine == "functional" else _plan(fm).owned
+    if "rows" in want:
+        rows = fm.P
+    else:
+        rows = fm.P - sum(fm.sizes[n] for n in sig.simple if n in owned)
+    per = fm.itemsize * ((K + 1) * (rows + sig.act) + sig.patch)
+    check_dense(f"One input's working set ({K} sandwich columns × {rows + sig.act} numbers)", per, 1,
+                "Use fewer samples=/columns, a parameter subset params=, or a scalable estimator", None)
+    return max(1, WORK_BUDGET // (share * per))
 
 
 def stream(
@@ -584,15 +869,10 @@ def stream(
     batch_size: int | None = None, engine: str = "auto",
 ) -> Iterator[tuple[int, Tensor, Tensor, Stats]]:
     """Stream ``data`` and yield ``(n, f, V, stats)`` per chunk, ``V = make_v(f, Y)`` with
-    ``columns(C)`` columns per sample.  Batches are split so that materialised rows fit
-    :data:`WORK_BUDGET`; nothing is accumulated across chunks."""
-    numel = rows_numel(fm, want, engine)
-    item = fm.itemsize
-    k = None
+    ``columns(C)`` columns per sample.  Batches are split so that a chunk's working memory fits
+    :data:`WORK_BUDGET` (:func:`chunk_size`); nothing is accumulated across chunks."""
     for X, Y in iter_batches(data, fm, need_y=need_y, batch_size=batch_size):
-        if k is None:
-            k = columns(output_dim(fm, X))
-        step = max(1, WORK_BUDGET // max(1, k * numel * item))
+        step = chunk_size(fm, X, columns(output_dim(fm, X)), want, engine)
         for i in range(0, len(X), step):
             Xc, Yc = X[i : i + step], None if Y is None else Y[i : i + step]
             f, V, st = batch_stats(fm, Xc, lambda f, Yc=Yc: make_v(f, Yc), want, engine)
@@ -616,10 +896,13 @@ class Run:
         self.batch_size, self.engine = batch_size, engine
         self.n = 0
 
-    def batches(self):
-        """Yield ``(X, Y)`` batches of the data, counting this pass's samples in ``self.n``."""
+    def batches(self, check: bool = True):
+        """Yield ``(X, Y)`` batches of the data, counting this pass's samples in ``self.n``; with ``check``, each
+        batch's signature is checked once (:func:`check_batch`) — callers that only gather the data pass False."""
         self.n = 0
         for X, Y in iter_batches(self.data, self.fm, need_y=self.kind == "empirical", batch_size=self.batch_size):
+            if check:
+                check_batch(self.fm, X)
             self.n += len(X)
             yield X, Y
 
@@ -647,94 +930,81 @@ class Run:
         return 1.0 / self.n if self.reduction == "mean" else 1.0
 
 
-def _tap_grads(calls: list[_Call], f: Tensor, V: Tensor) -> list[Tensor]:
-    """Output gradients of every recorded call for each sandwich column: ``(K, B, ...)`` each."""
+def _tap_grads(calls: list[_Call], f: Tensor, V: Tensor, check: bool = False):
+    """Output gradients of every recorded call for each sandwich column, ``(K, B, ...)`` each; with ``check``,
+    also those of one extra column ``c_b · (V_b w)`` (random ``c``, ``w``) and the pair ``(c, w)``."""
     K = V.shape[-1]
     cot = V.permute(2, 0, 1)  # (K, B, C)
+    cw = None
+    if check:
+        gen = torch.Generator(device="cpu").manual_seed(1)
+        c = (torch.rand(V.shape[0], generator=gen, dtype=V.dtype) + 0.5).to(V.device)
+        w = torch.randn(K, generator=gen, dtype=V.dtype).to(V.device)
+        cot = torch.cat([cot, (c[:, None] * (V @ w))[None]])
+        cw = (c, w)
     taps = [c.tap for c in calls]
     if not taps or not f.requires_grad:
         gs = [None] * len(taps)
-    elif K == 1:
+    elif cot.shape[0] == 1:
         gs = torch.autograd.grad(f, taps, cot[0], allow_unused=True)
         gs = [None if g is None else g[None] for g in gs]
     else:
         gs = torch.autograd.grad(f, taps, cot, allow_unused=True, is_grads_batched=True)
-    return [torch.zeros(K, *t.shape, dtype=t.dtype, device=t.device) if g is None else g
-            for g, t in zip(gs, taps, strict=True)]
+    gs = [torch.zeros(cot.shape[0], *t.shape, dtype=t.dtype, device=t.device) if g is None else g
+          for g, t in zip(gs, taps, strict=True)]
+    if not check:
+        return gs, None
+    return [g[:K] for g in gs], ([g[K] for g in gs], cw)
 
 
-def _layerwise(fm, owned, calls, f, V, want, stats: Stats) -> None:
-    grads = _tap_grads(calls, f, V)
+def _tap_problems(plan: _Plan, calls: list[_Call], grads, extra) -> dict[str, str]:
+    """Owned parameters with an ambiguous call whose output gradient for the check column ``c_b (V_b w)`` is not
+    ``c_b Σ_k w_k g_kb`` sample by sample along axis 0: their rows would mix samples."""
+    ext, (c, w) = extra
+    wrong = set()
+    for i, call in enumerate(calls):
+        if _ambiguous(call, len(c)):
+            want = c.reshape(-1, *[1] * (call.tap.dim() - 1)) * torch.einsum("k,kb...->b...", w, grads[i])
+            if not _close(ext[i], want):
+                wrong.add(id(call.module))
+    return {n: "the output gradient of its layer mixes the samples along axis 0 (the batch is on another axis)"
+            for n, (_, mods) in plan.owned.items() if any(id(m) in wrong for m in mods)}
+
+
+def _layerwise(fm, plan: _Plan, calls, f, V, want, stats: Stats) -> None:
+    check = any(_ambiguous(c, len(f)) for c in calls)
+    grads, extra = _tap_grads(calls, f, V, check)
+    if check:
+        _demote(plan, _tap_problems(plan, calls, grads, extra), stacklevel=5)
     by_module: dict[int, list[int]] = {}
     for i, c in enumerate(calls):
         by_module.setdefault(id(c.module), []).append(i)
-    for n, (which, mods) in owned.items():
+    for n, (which, mods) in plan.owned.items():
         idx = [i for m in mods for i in by_module.get(id(m), [])]
-        if not idx:  # parameter unused in this forward: its rows are zero
+        if not idx:  # parameter unused in this forward (as when verified): its rows are zero
             z = torch.zeros(V.shape[0], V.shape[-1], fm.sizes[n], dtype=f.dtype, device=f.device)
             stats.add_rows(n, z, want, fm.shapes[n])
             continue
         sub = [calls[i] for i in idx]
         if _simple(sub, which) and "rows" not in want:
-            g = grads[idx[0]]  # (K, B, O)
-            a2 = sub[0].a.square()  # (B, I)
-            if "diag" in want:
-                g2 = g.square().sum(0)  # (B, O)
-                stats.diag[n] = g2.sum(0) if which == "bias" else g2.T @ a2
-            if "diagk" in want:
-                stats.diagk[n] = g.square().sum(1) if which == "bias" else torch.einsum("kbo,bi->koi", g.square(), a2)
-            if "sqnorm" in want:
-                s = g.square().sum(-1).T  # (B, K)
-                stats.sqnorm[n] = s if which == "bias" else s * a2.sum(-1)[:, None]
-            if "gram" in want:
-                gg = torch.einsum("kbo,lbo->bkl", g, g)
-                stats.add_gram(gg if which == "bias" else gg * a2.sum(-1)[:, None, None])
+            _simple_stats(stats, n, which, grads[idx[0]], sub[0].a, want)
             continue
         r = sum(_call_rows(c, grads[i], which) for c, i in zip(sub, idx, strict=True)).transpose(0, 1)  # (B, K, numel)
         stats.add_rows(n, r, want, fm.shapes[n])
 
 
-def _verify(fm: FunctionalModel, plan: _Plan, X: Tensor) -> None:
-    """Check the layerwise attribution once per signature: Σ_b rows must equal autograd's gradient.
-
-    A parameter also used outside its layer (or on inputs whose first dimension is not the batch) fails
-    and is handed to the functional engine, with a warning.
-    """
-    owned = plan.owned
-    X = X[: min(len(X), 4)]
-    p = {n: t.clone().requires_grad_(n in owned) for n, t in fm.params.items()}
-    rec = _Recorder(m for _, mods in owned.values() for m in mods)
-    try:
-        with torch.enable_grad():
-            f = forward_checked(fm, p, X)
-    finally:
-        rec.close()
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    w = torch.randn(f.shape, generator=gen, dtype=f.dtype).to(f.device)
-    names = list(owned)
-    with torch.enable_grad():
-        true = torch.autograd.grad((f * w).sum(), [p[n] for n in names], retain_graph=True, allow_unused=True)
-    V = w[:, :, None]
-    grads = _tap_grads(rec.calls, f, V)
-    bad = []
-    for n, t in zip(names, true, strict=True):
-        which, mods = owned[n]
-        ids = {id(m) for m in mods}
-        idx = [i for i, c in enumerate(rec.calls) if id(c.module) in ids]
-        ok = all(rec.calls[i].a.shape[0] == len(X) for i in idx)
-        if ok:
-            est = sum((_call_rows(rec.calls[i], grads[i], which) for i in idx), torch.zeros(1, dtype=f.dtype))
-            est = est.sum((0, 1)) if idx else torch.zeros(fm.sizes[n], dtype=f.dtype, device=f.device)
-            ref = torch.zeros(fm.sizes[n], dtype=f.dtype, device=f.device) if t is None else t.reshape(-1)
-            tol = 1e-4 if f.dtype != torch.float64 else 1e-9
-            ok = torch.allclose(est, ref, rtol=tol, atol=tol * (ref.abs().max().item() + 1e-30))
-        if not ok:
-            bad.append(n)
-    for n in bad:
-        del owned[n]
-    if bad:
-        warnings.warn(
-            f"Parameters {bad} are used outside the layer that owns them; fisherlens uses the slower "
-            "general (torch.func) engine for them.",
-            stacklevel=3,
-        )
+def _simple_stats(stats: Stats, n: str, which: str, g: Tensor, a: Tensor, want: set[str]) -> None:
+    """Statistics of a Linear called once on ``a (B, I)`` with output gradients ``g (K, B, O)``, without rows:
+    ``Σ g²a²`` (diag), ``‖g‖²‖a‖²`` (sqnorm), ``(g_k·g_l)‖a‖²`` (Gram)."""
+    a2 = a.square()  # (B, I)
+    if "diag" in want:
+        g2 = g.square().sum(0)  # (B, O)
+        stats.diag[n] = g2.sum(0) if which == "bias" else g2.T @ a2
+    if "diagk" in want:
+        stats.diagk[n] = g.square().sum(1) if which == "bias" else torch.einsum("kbo,bi->koi", g.square(), a2)
+    if "sqnorm" in want:
+        s = g.square().sum(-1).T  # (B, K)
+        stats.sqnorm[n] = s if which == "bias" else s * a2.sum(-1)[:, None]
+    if "gram" in want:
+        gg = torch.einsum("kbo,lbo->bkl", g, g)
+        stats.add_gram(gg if which == "bias" else gg * a2.sum(-1)[:, None, None])

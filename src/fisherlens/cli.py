@@ -1,7 +1,10 @@
 """Command line: ``fisherlens list | run EXPERIMENT [options] | report DIR``.
 
-Bad input (unknown experiment, a folder holding a different run, a missing dataset, ...) prints one
-line ``fisherlens: error: ...`` to stderr and exits with status 2, without a traceback.
+Bad input (unknown experiment, a folder holding a different run, an existing folder that is not a run
+folder, a broken ``config.json``, a bad ``--set`` option, a missing dataset, ...) prints one line
+``fisherlens: error: ...`` to stderr and exits with status 2, without a traceback.  A run started into a
+folder that another ``fisherlens run`` is writing waits for that one to finish (see
+:class:`fisherlens.runs.RunDir`).
 """
 
 from __future__ import annotations
@@ -33,7 +36,13 @@ def _parser() -> argparse.ArgumentParser:
         "and summary.md into the run folder.",
     )
     r.add_argument("experiment", help="experiment name (see `fisherlens list`)")
-    r.add_argument("--out", type=Path, default=None, help="run folder (default: runs/EXPERIMENT)")
+    r.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="run folder (default: runs/EXPERIMENT): new, empty, or a run folder of the same settings; "
+        "a run started while another writes it waits for that one",
+    )
     r.add_argument("--quick", action="store_true", help="tiny settings (seconds), for smoke tests")
     r.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     r.add_argument(
@@ -106,12 +115,21 @@ def _option(text: str) -> tuple[str, object]:
 
 
 def _report(args: argparse.Namespace) -> int:
+    from .runs import read_config
+
     summary = args.dir / "summary.md"
     if not args.dir.is_dir():
         raise _UsageError(f"{args.dir}: no such run folder")
     if not summary.is_file():
         raise _UsageError(f"{args.dir}: no summary.md (unfinished run, or not a run folder)")
-    sys.stdout.write(summary.read_text(encoding="utf-8"))
+    try:
+        read_config(args.dir)  # a broken config.json: not a run folder fisherlens wrote
+        text = summary.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _UsageError(f"{summary} is not UTF-8 text ({e}); it was not written by fisherlens") from e
+    except (ValueError, OSError) as e:
+        raise _UsageError(str(e)) from e
+    sys.stdout.write(text)
     return 0
 
 

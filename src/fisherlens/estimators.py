@@ -19,21 +19,30 @@ bound: their CV grows without limit on peaked classifiers.
 
 Every estimate is an :class:`Estimate` ``(value, stderr, samples)``; ``stderr`` is the standard deviation
 over the draws divided by √samples (``nan`` for one draw).
+
+**Memory** is flat in the number of draws: :func:`estimate` processes them in chunks of
+:func:`draws_per_chunk` draws (the float64 ``(s, numel)`` block of a chunk fits
+:data:`fisherlens._core.WORK_BUDGET`), one pass over the data per chunk (the draws of a chunk share its
+forward passes), and keeps only float64 running means and sums of squared deviations (:class:`Moments`).
+With a single chunk (``samples · P · 8`` bytes within the budget) the random vectors are drawn in the same
+order as in one pass with all draws; with several, chunk by chunk (same law, other values for a given seed).
 """
 
 from __future__ import annotations
 
 import math
 import operator
+from collections.abc import Iterator
 
 import torch
 from torch.func import vmap
 
-from ._core import Run, check_choice, sandwich, vjp_checked
+from . import _core
+from ._core import Run, check_choice, check_dense, sandwich, vjp_checked
 
 Tensor = torch.Tensor
 
-__all__ = ["Estimate", "draws", "probe_vectors"]
+__all__ = ["Estimate", "Moments", "estimate", "draw_chunks", "draws", "draws_per_chunk", "probe_vectors"]
 
 METHODS = ("hutchinson", "mc")
 PROBES = ("rademacher", "gaussian")
@@ -140,14 +149,68 @@ def probe_vectors(run: Run, f: Tensor, method: str, probe: str, draws: int, gene
     return S @ eps
 
 
-def draws(run: Run, method: str, what: str, *, probe: str = "rademacher", per_sample: bool = False,
-          samples: int = 1) -> dict[str, Tensor]:
-    """Per-draw estimates ``{name: (samples, ...)}`` of each parameter's diag, trace or dense block.
+# ----------------------------------------------------------------------------- streamed draws
+class Moments:
+    """Running mean and sum of squared deviations of per-draw values, in float64.
 
-    ``run.kind`` must be ``"true"`` (the estimators target the true Fisher); normalised like ``run``.
+    Chunks of draws are merged with the pairwise update of Chan, Golub & LeVeque (1979): a chunk of ``s``
+    draws with mean ``m_c`` and ``M2_c = Σ (x − m_c)²`` joins ``(n, m, M2)`` as
+    ``m += δ·s/(n+s)``, ``M2 += M2_c + δ²·n·s/(n+s)`` with ``δ = m_c − m`` — no cancellation of
+    ``Σx² − (Σx)²/n``, and memory independent of the number of draws.
+
+    Attributes:
+        n: draws seen; ``mean``, ``m2``: float64 tensors shaped like one draw (``None`` before the first chunk).
     """
+
+    __slots__ = ("n", "mean", "m2")
+
+    def __init__(self):
+        self.n, self.mean, self.m2 = 0, None, None
+
+    def add(self, x: Tensor) -> None:
+        """Merge per-draw values ``x (s, ...)`` (any float dtype; one float64 working copy)."""
+        s = x.shape[0]
+        x = x.detach().to(torch.float64, copy=True)
+        mc = x.mean(0)
+        m2c = x.sub_(mc).square_().sum(0)
+        if self.n == 0:
+            self.n, self.mean, self.m2 = s, mc, m2c
+            return
+        n = self.n + s
+        delta = mc - self.mean
+        self.mean.add_(delta, alpha=s / n)
+        self.m2.add_(m2c).add_(delta.square_(), alpha=self.n * s / n)
+        self.n = n
+
+    def estimate(self, scalar: bool = False, dtype: torch.dtype | None = None) -> Estimate:
+        """The :class:`Estimate` ``(mean, √(M2/(n−1))/√n, n)``; floats if ``scalar``, else tensors in ``dtype``."""
+        S = self.n
+        err = (self.m2 / (S - 1)).sqrt_() / math.sqrt(S) if S > 1 else torch.full_like(self.mean, math.nan)
+        if scalar:
+            return Estimate(float(self.mean), float(err), S)
+        dtype = dtype or self.mean.dtype
+        return Estimate(self.mean.to(dtype), err.to(dtype), S)
+
+
+def draw_numel(fm, what: str) -> int:
+    """Numbers materialised per draw: the pulled-back vector ``v (P,)``, plus ``Σ numel²`` of the per-draw
+    ``v vᵀ`` blocks for ``what="dense"``."""
+    return fm.P + (sum(v * v for v in fm.sizes.values()) if what == "dense" else 0)
+
+
+def draws_per_chunk(fm, what: str, samples: int) -> int:
+    """Draws processed together, ``s = WORK_BUDGET // (8 · draw_numel)`` (at least 1, at most ``samples``).
+
+    ``WORK_BUDGET`` (:data:`fisherlens._core.WORK_BUDGET`, read at call time) bounds the float64 ``(s, numel)``
+    block of one chunk; the working memory is a few such blocks whatever the number of draws."""
+    return int(max(1, min(samples, _core.WORK_BUDGET // (8 * draw_numel(fm, what)))))
+
+
+def _check(run: Run, method: str, what: str, probe: str, per_sample: bool, samples: int, max_memory) -> int:
+    """Validate the request and refuse, before allocating, what cannot stream; returns the chunk size."""
     check_choice("method", method, METHODS)
     check_choice("probe", probe, PROBES)
+    check_choice("what", what, ("diag", "trace", "dense"))
     if run.kind != "true":
         raise ValueError(
             f"method={method!r} estimates the true Fisher; use kind='true' (kind={run.kind!r} is computed exactly "
@@ -155,33 +218,149 @@ def draws(run: Run, method: str, what: str, *, probe: str = "rademacher", per_sa
         )
     if per_sample and what == "dense":
         raise ValueError("per_sample=True is available for diag and trace; dense blocks use the batch estimator.")
-    fm, gen = run.fm, run.generator
-    acc: dict[str, Tensor] = {}
+    numel = draw_numel(run.fm, what)
+    check_dense(  # float64 running mean and M2, one float64 working draw, one draw in the model's dtype
+        f"{method} draws of the Fisher's {what} ({numel} numbers per draw)", numel, 24 + run.fm.itemsize,
+        "Use what='diag' or 'trace', or restrict params=" if what == "dense" else "Restrict params=", max_memory,
+    )
+    s = draws_per_chunk(run.fm, what, samples)
+    if s < samples:
+        _check_reiterable(run, samples, s)
+    return s
 
-    def add(n, x):
-        acc[n] = acc[n] + x if n in acc else x
 
-    if per_sample:
-        want = {"diagk"} if what == "diag" else {"sqnorm"}
-        make_v = lambda f, _: probe_vectors(run, f, method, probe, samples, gen)  # noqa: E731
-        for _, _, st in run.chunks(want, make_v, columns=lambda C: samples):
-            for n in fm.names:
-                add(n, st.diagk[n] if what == "diag" else st.sqnorm[n].sum(0))
-    else:
-        for X, _ in run.batches():
-            f, pull = vjp_checked(fm, X)
-            xi = probe_vectors(run, f, method, probe, samples, gen)  # (B, C, S)
-            if samples == 1:  # one plain backward pass (vmap over a single draw would only add overhead)
-                v = {n: t[None] for n, t in pull(xi[..., 0])[0].items()}
-            else:  # {name: (S, *shape)} = Σ_n J_nᵀ ξ_n per draw, draws batched
-                v = vmap(lambda c, pull=pull: pull(c)[0], in_dims=2)(xi)
-            for n in fm.names:
-                vn = v[n].reshape(samples, -1)
-                if what == "diag":
-                    add(n, vn.square().reshape(samples, *fm.shapes[n]))
-                elif what == "trace":
-                    add(n, vn.square().sum(-1))
-                else:
-                    add(n, vn[:, :, None] * vn[:, None, :])
-    s = run.scale()
-    return {n: a * s for n, a in acc.items()}
+def _check_reiterable(run: Run, samples: int, s: int) -> None:
+    """Several chunks read the data several times: refuse a one-shot iterator (its second pass is empty)."""
+    if isinstance(run.data, Iterator):
+        raise TypeError(
+            f"samples={samples} draws are streamed {s} at a time, one pass over the data per chunk, but the data "
+            "is a one-shot iterator; pass tensors, a Dataset, a DataLoader or a list of batches (or fewer samples)."
+        )
+
+
+def _batch_chunk(run: Run, method: str, what: str, probe: str, s_max: int) -> tuple[dict[str, Tensor], int]:
+    """One pass of the batch estimator: ``({name: (s, ...)} summed over the data (unscaled), s)``.
+
+    ``s ≤ s_max`` is fixed at the first batch so that the probe vectors ``ξ (B, C, s)`` also fit the budget
+    (``s · (draw_numel + B·C) · 8`` bytes)."""
+    fm, acc, s = run.fm, {}, None
+    for X, _ in run.batches():
+        f, pull = vjp_checked(fm, X)
+        if s is None:
+            s = int(max(1, min(s_max, _core.WORK_BUDGET // (8 * (draw_numel(fm, what) + f.numel())))))
+        xi = probe_vectors(run, f, method, probe, s, run.generator)  # (B, C, s)
+        if s == 1:  # one plain backward pass (vmap over a single draw would only add overhead)
+            v = {n: t[None] for n, t in pull(xi[..., 0])[0].items()}
+        else:  # {name: (s, *shape)} = Σ_n J_nᵀ ξ_n per draw, draws batched
+            v = vmap(lambda c, pull=pull: pull(c)[0], in_dims=2)(xi)
+        del xi, pull
+        for n in fm.names:
+            vn = v.pop(n).reshape(s, -1)
+            if what == "diag":  # in place: v is ours, and one (s, P) block fewer
+                x = vn.square_().reshape(s, *fm.shapes[n])
+            elif what == "trace":
+                x = torch.einsum("sp,sp->s", vn, vn)
+            else:
+                x = vn[:, :, None] * vn[:, None, :]
+            acc[n] = acc[n].add_(x) if n in acc else x
+    return acc, s
+
+
+def _per_sample_chunk(run: Run, method: str, what: str, probe: str, s: int) -> tuple[dict[str, Tensor], int]:
+    """One pass of the per-sample estimator for ``s`` draws: ``({name: (s, ...)} summed over the data, s)``;
+    :func:`fisherlens._core.stream` sizes the data chunks for the ``s`` columns."""
+    fm, acc = run.fm, {}
+    want = {"diagk"} if what == "diag" else {"sqnorm"}
+    make_v = lambda f, _: probe_vectors(run, f, method, probe, s, run.generator)  # noqa: E731
+    for _, _, st in run.chunks(want, make_v, columns=lambda C: s):
+        for n in fm.names:
+            x = st.diagk[n] if what == "diag" else st.sqnorm[n].sum(0)
+            acc[n] = acc[n] + x if n in acc else x
+    return acc, s
+
+
+def draw_chunks(run: Run, method: str, what: str, *, probe: str = "rademacher", per_sample: bool = False,
+                samples: int = 1, max_memory: int | None = None) -> Iterator[dict[str, Tensor]]:
+    """Per-draw estimates in consecutive chunks: ``{name: (s, ...)}`` per chunk of ``s`` draws, ``Σ s = samples``.
+
+    Each chunk is complete over the data (one pass per chunk; the vectors of chunk c are drawn for every batch
+    before those of chunk c+1, so with a single chunk the random stream is that of one pass with all draws).
+    ``s`` is :func:`draws_per_chunk`, lowered by the batch estimator so that its probe vectors fit too.
+    Normalised like ``run`` (``1/N`` for ``reduction="mean"``).  ``run.kind`` must be ``"true"``.  Refuses,
+    before reading data, a draw that cannot fit ``max_memory`` (default half the available memory) and
+    several chunks over one-shot data.
+
+    Returns:
+        An iterator of dicts: ``diag`` ``(s, *shape)``, ``trace`` ``(s,)``, ``dense`` ``(s, numel, numel)``.
+    """
+    s = _check(run, method, what, probe, per_sample, samples, max_memory)
+    one = _per_sample_chunk if per_sample else _batch_chunk
+
+    def gen():
+        done = 0
+        while done < samples:
+            if done:
+                _check_reiterable(run, samples, done)
+            acc, k = one(run, method, what, probe, min(s, samples - done))
+            done += k
+            scale = run.scale()
+            yield {n: acc[n].mul_(scale) for n in run.fm.names}
+
+    return gen()
+
+
+def draws(run: Run, method: str, what: str, *, probe: str = "rademacher", per_sample: bool = False,
+          samples: int = 1, max_memory: int | None = None) -> dict[str, Tensor]:
+    """All per-draw estimates ``{name: (samples, ...)}`` (for small cases: the stack is ``samples × numel``).
+
+    Same draws as :func:`estimate` for the same generator state; refused before reading the data when the
+    stack would not fit ``max_memory``.  Use :func:`estimate` for many draws (memory flat in ``samples``).
+    """
+    fm = run.fm
+    per_draw = {"diag": fm.P, "trace": len(fm.names)}.get(what, draw_numel(fm, what) - fm.P)
+    check_dense(f"a stack of samples={samples} draws", samples * per_draw, fm.itemsize,
+                "Use estimate() (streamed) or fewer samples", max_memory)
+    parts: dict[str, list[Tensor]] = {n: [] for n in fm.names}
+    for d in draw_chunks(run, method, what, probe=probe, per_sample=per_sample, samples=samples,
+                         max_memory=max_memory):
+        for n, x in d.items():
+            parts[n].append(x)
+    return {n: torch.cat(p) for n, p in parts.items()}
+
+
+def estimate(run: Run, method: str, what: str, *, probe: str = "rademacher", per_sample: bool = False,
+             samples: int = 1, total: bool = False, max_memory: int | None = None):
+    """Streamed estimates (:class:`Estimate`) of each parameter's diag, trace or dense block; memory flat in
+    ``samples``.
+
+    The draws of :func:`draw_chunks` are folded into float64 :class:`Moments` chunk by chunk; values and
+    standard errors come back in the model's dtype (floats for traces).
+
+    Args:
+        total: ``what="diag"``: one Estimate of the flat diagonal ``(P,)`` (named_parameters order);
+            ``what="trace"``: one float Estimate of ``tr F`` (the sum over parameters per draw, so its stderr
+            includes their covariance).  Not for ``"dense"``.
+        Others: as in :func:`draw_chunks`.
+
+    Returns:
+        ``{name: Estimate}``, or one :class:`Estimate` with ``total=True``.
+    """
+    if total and what == "dense":
+        raise ValueError("total=True is for what='diag' or 'trace'.")
+    names, trace_total = run.fm.names, total and what == "trace"
+    acc = {n: Moments() for n in (["total"] if trace_total else names)}
+    for d in draw_chunks(run, method, what, probe=probe, per_sample=per_sample, samples=samples,
+                         max_memory=max_memory):
+        if trace_total:
+            acc["total"].add(sum(d.values()))
+            continue
+        for n in names:
+            acc[n].add(d.pop(n))
+    dtype, scalar = run.fm.dtype, what == "trace"
+    if trace_total:
+        return acc["total"].estimate(scalar=True)
+    out = {n: m.estimate(scalar, dtype) for n, m in acc.items()}
+    if not total:
+        return out
+    return Estimate(torch.cat([out[n].value.reshape(-1) for n in names]),
+                    torch.cat([out[n].stderr.reshape(-1) for n in names]), samples)

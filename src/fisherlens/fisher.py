@@ -21,7 +21,7 @@ import math
 import torch
 
 from ._core import Run, check_choice, check_dense, quadratic_sum
-from .estimators import Estimate, draws
+from .estimators import Estimate, estimate
 
 Tensor = torch.Tensor
 
@@ -135,8 +135,7 @@ def fisher_diag(
     check_choice("method", method, METHODS)
     if method != "exact":
         run = Run(model, data, likelihood, kind, params, reduction, 1, generator, batch_size, engine)
-        d = draws(run, method, "diag", probe=probe, per_sample=per_sample, samples=_draws(samples))
-        return Estimate.from_draws(run.fm.flatten(d, lead=1))
+        return estimate(run, method, "diag", probe=probe, per_sample=per_sample, samples=_draws(samples), total=True)
     run = Run(model, data, likelihood, kind, params, reduction, samples, generator, batch_size, engine)
     return run.fm.flatten(diag_dict(run))
 
@@ -160,8 +159,7 @@ def fisher_trace(
     check_choice("method", method, METHODS)
     if method != "exact":
         run = Run(model, data, likelihood, kind, params, reduction, 1, generator, batch_size, engine)
-        d = draws(run, method, "trace", probe=probe, per_sample=per_sample, samples=_draws(samples))
-        return Estimate.from_draws(sum(d.values()), scalar=True)
+        return estimate(run, method, "trace", probe=probe, per_sample=per_sample, samples=_draws(samples), total=True)
     run = Run(model, data, likelihood, kind, params, reduction, samples, generator, batch_size, engine)
     return float(math.fsum(trace_dict(run).values()))
 
@@ -199,10 +197,10 @@ def fisher_blocks(
     check_choice("method", method, METHODS)
     if method != "exact":
         run = Run(model, data, likelihood, kind, params, reduction, 1, generator, batch_size, engine)
-        if what == "dense":
-            _check_blocks(run.fm, max_memory, extra=_draws(samples))
-        d = draws(run, method, what, probe=probe, per_sample=per_sample, samples=_draws(samples))
-        return {n: Estimate.from_draws(v, scalar=what == "trace") for n, v in d.items()}
+        if what == "dense":  # the result (value and stderr); the estimator checks its own running sums
+            _check_blocks(run.fm, max_memory, extra=2)
+        return estimate(run, method, what, probe=probe, per_sample=per_sample, samples=_draws(samples),
+                        max_memory=max_memory)
     run = Run(model, data, likelihood, kind, params, reduction, samples, generator, batch_size, engine)
     fm = run.fm
     if what == "diag":

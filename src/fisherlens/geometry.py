@@ -41,6 +41,17 @@ functions raise ``ValueError``, or, with ``regularize=eps``, use ``g + eps·I`` 
 metric; ``∂g`` is unchanged), emit :class:`IllConditionedMetricWarning` and go on.  :func:`curvature`
 never raises for a bad point: it returns per-point masks ``singular``/``regularized`` and a reason string,
 with NaN values only at points flagged ``singular`` (and a warning saying how many).
+
+Metrics that are not metrics: ``g`` must be symmetric (to a relative 1e-8) and positive definite.  A ``g``
+with an eigenvalue below ``−max|λ| / cond_max`` is *indefinite* (smaller negative eigenvalues are rounding of a
+singular metric and count as ill-conditioned): the single-point functions raise ``ValueError`` naming the
+smallest eigenvalue (``regularize`` does not apply), :func:`curvature` marks the point singular with that reason.
+A metric whose value changes with θ but not through autograd (written with ``.item()``, ``float()``,
+``.detach()``, numpy or ``torch.tensor(...)`` of θ's entries) would have zero derivatives, hence a silent
+``R = 0``: when all derivatives come out exactly zero the functions check, with one plain autograd evaluation
+(and one more at a nearby point), that the metric really is constant, and raise ``ValueError`` otherwise; a metric
+that fails under ``torch.func`` (``.item()`` under ``vmap``, numpy) raises ``ValueError`` too.  A graph cut in only
+some of the entries, next to a connected part, is not detected.
 """
 
 from __future__ import annotations
@@ -49,6 +60,7 @@ import copy
 import math
 import warnings
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -128,6 +140,63 @@ def _check_g(g: Tensor, lead: tuple[int, ...], d: int) -> None:
             f"The metric returned {g.dtype}; fisherlens.geometry needs float64 (third derivatives in single "
             "precision are mostly rounding error). Compute the metric in float64."
         )
+
+
+@contextmanager
+def _metric_errors(what: str):
+    """A metric that fails under ``torch.func`` (``vmap``/``jacfwd``) -> ``ValueError`` saying what to change."""
+    try:
+        yield
+    except RuntimeError as e:
+        raise ValueError(
+            f"{what}: evaluating the metric under torch.func (jacfwd/vmap) failed: {e} -- write the metric with "
+            "torch operations on θ (torch.stack, torch.diag, ...): .item(), float(), .numpy() or "
+            "torch.tensor(...) of θ's entries cut the autograd graph and cannot be vmapped."
+        ) from e
+
+
+def _spd_check(g: Tensor, cond_max: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Per matrix of ``g (..., d, d)`` (the metric as returned): ``(asymmetric, indefinite, λ_min)``.
+
+    Asymmetric: ``max|g − gᵀ| > 1e-8 max|g|``; indefinite: ``λ_min < −max|λ| / cond_max`` (eigenvalues of the
+    symmetric part).  Non-finite matrices are neither (the condition check reports them)."""
+    finite = torch.isfinite(g).flatten(-2).all(-1)
+    safe = torch.where(finite[..., None, None], g, torch.eye(g.shape[-1], dtype=g.dtype))
+    size = safe.abs().flatten(-2).amax(-1)
+    asym = finite & ((safe - safe.transpose(-1, -2)).abs().flatten(-2).amax(-1) > 1e-8 * size)
+    lam = torch.linalg.eigvalsh(_sym(safe))
+    lo = lam[..., 0]
+    indef = finite & (lo < -lam.abs().amax(-1) / cond_max)
+    return asym, indef, lo
+
+
+def _spd_reason(asym: bool, indef: bool, g: Tensor, lo: float) -> str:
+    if asym:
+        return (f"is not symmetric (max |g − gᵀ| = {(g - g.T).abs().max().item():.3g}, max |g| = "
+                f"{g.abs().max().item():.3g})")
+    return f"is not positive definite: its smallest eigenvalue is {lo:.6g}"
+
+
+def _graph_cut(metric: Metric, th: Tensor, g: Tensor) -> bool:
+    """True when the metric's value changes with θ but not through autograd (all its derivatives read 0).
+
+    Called only when every derivative came out exactly zero: one evaluation with ``θ.requires_grad`` tells a
+    connected graph (derivatives genuinely 0 here) from none; without a graph, a second evaluation near θ tells a
+    constant metric (fine, R = 0) from a cut one."""
+    with torch.enable_grad():
+        t = th.detach().clone().requires_grad_(True)
+        out = metric(t)
+    if not isinstance(out, Tensor) or out.requires_grad:
+        return False
+    with torch.no_grad():
+        other = metric(th + 1e-3 * (1 + th.abs()))
+    return not (isinstance(other, Tensor) and other.shape == g.shape and torch.equal(other.to(g.dtype), g))
+
+
+_CUT = ("the metric does not depend on θ through autograd, yet its value changes with θ: its derivatives read 0 "
+        "and every curvature would silently be 0. .item(), float(), .detach(), .numpy() or torch.tensor(...) of "
+        "θ's entries (or torch.no_grad) cut the autograd graph; write the metric with torch operations on θ "
+        "(torch.stack, torch.diag, ...).")
 
 
 def _check_cond(cond_max: float, regularize: float | None) -> None:
@@ -213,8 +282,17 @@ def _point(metric: Metric, theta, order: int, cond_max: float, regularize: float
     th = _as_theta(theta, batched=False)
     d = th.shape[0]
     _chunk_size(metric, d, order, None)  # refuses a point that cannot fit in memory
-    jets = _jets(metric, order)(th)
+    with _metric_errors(what):
+        jets = _jets(metric, order)(th)
     _check_g(jets[0], (), d)
+    asym, indef, lo = _spd_check(jets[0], cond_max)
+    if asym or indef:
+        raise ValueError(
+            f"{what}: the metric at θ={th.tolist()} {_spd_reason(bool(asym), bool(indef), jets[0], lo.item())}; a "
+            "metric must be symmetric positive definite (regularize= does not apply). Check its formula and signs."
+        )
+    if order >= 1 and not any(bool(j.any()) for j in jets[1:]) and _graph_cut(metric, th, jets[0]):
+        raise ValueError(f"{what}: {_CUT}")
     g = _sym(jets[0])
     cond = _condition(g).item()
     if not cond <= cond_max:
@@ -254,7 +332,10 @@ _POINT_DOC = """
             emit :class:`IllConditionedMetricWarning` (the warning is the flag; :func:`curvature` has masks).
 
     Raises:
-        ValueError: ``g`` non-finite or ``κ(g) > cond_max`` (without ``regularize``); ``d > MAX_DIM``.
+        ValueError: ``g`` non-finite or ``κ(g) > cond_max`` (without ``regularize``); ``g`` not symmetric, or
+            indefinite (an eigenvalue below ``−max|λ|/cond_max``; the message names the smallest); a metric that
+            changes with θ but not through autograd (``.item()``, ``.detach()``, numpy: the graph is cut) or that
+            fails under ``torch.func``; ``d > MAX_DIM``.
         TypeError: the metric does not return a float64 tensor.
 """
 
@@ -381,7 +462,8 @@ def metric_values(metric: Metric, thetas, *, chunk_size: int | None = None) -> T
     step = _chunk_size(metric, d, 0, chunk_size)
     out = []
     for i in range(0, M, step):
-        g = vmap(metric)(th[i : i + step])
+        with _metric_errors("metric_values"):
+            g = vmap(metric)(th[i : i + step])
         _check_g(g, (len(th[i : i + step]),), d)
         out.append(g)
     return torch.cat(out)
@@ -403,6 +485,9 @@ def curvature(
     Points whose metric is non-finite or has condition number above ``cond_max`` are *not* an error:
     with ``regularize=None`` they are marked ``singular`` (values NaN, reason given); with
     ``regularize=eps`` their values are those of ``g + eps·I`` and they are marked ``regularized``.
+    Points where ``g`` is not symmetric or is indefinite (module doc) are marked ``singular`` whatever
+    ``regularize``, the reason naming the smallest eigenvalue.  A metric whose graph is cut (module doc) or that
+    fails under ``torch.func`` raises ``ValueError``.
     A point whose curvature comes out non-finite is marked singular too.  One
     :class:`IllConditionedMetricWarning` summarises how many points were flagged.
 
@@ -432,27 +517,39 @@ def curvature(
     parts: dict[str, list[Tensor]] = {k: [] for k in ("metric", "scalar", "cond", "singular", "reg", *keep)}
     reasons: list[str] = []
     starts = range(0, M, step)
+    graph_checked = False
     for i in tqdm(starts, desc=desc, unit="chunk", disable=not progress or len(starts) < 2, leave=False):
-        g_raw, dg, ddg = jet(th[i : i + step])
+        with _metric_errors("curvature"):
+            g_raw, dg, ddg = jet(th[i : i + step])
         m = g_raw.shape[0]
         _check_g(g_raw, (m,), d)
+        flat = ~(dg.flatten(1).any(1) | ddg.flatten(1).any(1))  # every derivative exactly 0
+        if not graph_checked and flat.any():
+            j = int(flat.nonzero()[0])
+            if _graph_cut(metric, th[i + j], g_raw[j]):
+                raise ValueError(f"curvature: {_CUT}")
+            graph_checked = True
+        asym, indef, lo = _spd_check(g_raw, cond_max)
         g = _sym(g_raw)
         dg = 0.5 * (dg + dg.transpose(1, 2))
         ddg = 0.5 * (ddg + ddg.transpose(1, 2))
         cond = _condition(g)
         finite = torch.isfinite(g).flatten(1).all(1) & torch.isfinite(dg).flatten(1).all(1) \
             & torch.isfinite(ddg).flatten(1).all(1)
-        bad = ~(cond <= cond_max) | ~finite
+        not_spd = asym | indef
+        bad = ~(cond <= cond_max) | ~finite | not_spd
         reg = torch.zeros(m, dtype=torch.bool)
         why = [""] * m
         for j in torch.nonzero(bad).flatten().tolist():
             if not finite[j]:
                 why[j] = "metric or its derivatives non-finite"
+            elif not_spd[j]:
+                why[j] = "metric " + _spd_reason(bool(asym[j]), bool(indef[j]), g_raw[j], lo[j].item())
             else:
                 why[j] = f"condition number {cond[j].item():.3g} > cond_max={cond_max:.3g}"
         g_use = g
         if regularize is not None:
-            fixable = bad & finite
+            fixable = bad & finite & ~not_spd
             g_try = torch.where(fixable[:, None, None], g + regularize * eye, g)
             ok2 = _condition(g_try) <= cond_max
             reg = fixable & ok2
@@ -521,8 +618,10 @@ def path_length(metric: Metric, thetas, *, rule: str = "left", chunk_size: int |
         The length (float).  Cost: ``T`` metric evaluations, no derivatives.
 
     Raises:
-        ValueError: fewer than two points; ``g`` not positive semi-definite along a step (``Δθᵀ g Δθ < 0``
-            beyond rounding) or non-finite.
+        ValueError: fewer than two points; ``g`` non-finite, or not positive semi-definite at a point where it
+            is evaluated (an eigenvalue below ``−1e-10 max|λ|``, the message names the smallest) or along a step
+            (``Δθᵀ g Δθ < 0`` beyond rounding); a metric that fails under ``vmap``.  A metric whose autograd
+            graph is cut is fine here (no derivatives are taken).
     """
     if rule not in ("left", "midpoint"):
         raise ValueError(f"rule={rule!r} is not supported; choose 'left' or 'midpoint'.")
@@ -536,6 +635,12 @@ def path_length(metric: Metric, thetas, *, rule: str = "left", chunk_size: int |
     scale = torch.einsum("tii->t", g).abs() * delta.square().sum(-1)
     if not torch.isfinite(q).all():
         raise ValueError(f"path_length: the metric is not finite at step {int((~torch.isfinite(q)).nonzero()[0])}.")
+    lam = torch.linalg.eigvalsh(g)
+    indef = lam[:, 0] < -1e-10 * lam.abs().amax(-1)
+    if indef.any():
+        k = int(indef.nonzero()[0])
+        raise ValueError(f"path_length: the metric at step {k} is not positive semi-definite: its smallest "
+                         f"eigenvalue is {lam[k, 0].item():.6g}; a metric must be symmetric positive (semi-)definite.")
     neg = q < -1e-10 * scale
     if neg.any():
         k = int(neg.nonzero()[0])

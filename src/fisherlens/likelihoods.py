@@ -10,10 +10,17 @@ Fisher Λ (SCIENCE §2).  A likelihood knows
 * ``kl(f, g)``        per-sample KL(p(·|f) ‖ p(·|g)), used by the KL self-test.
 
 Shapes: ``f`` is always ``(B, C)``; labels are validated by ``check_targets``.
+
+Refused with a ``ValueError`` (never a silent NaN or a wrong finite number): NaN or inf targets (every
+``check_targets``); a loss whose value or gradient ``∂ℓ/∂f`` is NaN or inf on the given outputs and targets
+(``residual``, e.g. ``sqrt``/``log`` of a negative number); a Gaussian ``sigma`` that is not a positive finite
+number, or whose ``σ²`` or ``1/σ²`` is not a finite normal number in the model's dtype (``check_outputs``: in
+float32 ``1.1e-19 ≤ σ ≤ 9.2e18``).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -22,6 +29,16 @@ import torch.nn.functional as F
 Tensor = torch.Tensor
 
 __all__ = ["Likelihood", "Gaussian", "Categorical", "Bernoulli", "LossInduced"]
+
+
+def _check_finite_targets(y: Tensor, what: str) -> None:
+    """Refuse NaN/inf targets (a floating ``y``; integer labels are always finite)."""
+    if torch.is_floating_point(y) and not torch.isfinite(y).all():
+        bad = int((~torch.isfinite(y)).sum())
+        raise ValueError(
+            f"{what} contain NaN or inf ({bad} of {y.numel()} entries); the loss and its gradient are undefined "
+            "there. Remove or impute those samples."
+        )
 
 
 class Likelihood:
@@ -54,10 +71,26 @@ class Likelihood:
         return y
 
     def residual(self, f: Tensor, y: Tensor) -> Tensor:
-        """``r_n = ∂ℓ(f_n, y_n)/∂f_n``, shape ``(B, C)``; batched autograd, no loop over samples."""
+        """``r_n = ∂ℓ(f_n, y_n)/∂f_n``, shape ``(B, C)``; batched autograd, no loop over samples.
+
+        Raises ``ValueError`` when the loss or its gradient is NaN or inf for some sample (the Fisher would be
+        NaN, or finite and wrong): the message names the first such sample.
+        """
         with torch.enable_grad():
             f = f.detach().requires_grad_(True)
-            (r,) = torch.autograd.grad(self.loss(f, y).sum(), f)
+            ell = self.loss(f, y)
+            (r,) = torch.autograd.grad(ell.sum(), f)
+        good_value = torch.isfinite(ell.detach()).reshape(len(r), -1).all(1)
+        ok = good_value & torch.isfinite(r).reshape(len(r), -1).all(1)
+        if not ok.all():
+            i = int((~ok).nonzero()[0])
+            where = "value" if not good_value[i] else "gradient ∂ℓ/∂f"
+            shown = f" (output {f[i].detach().tolist()})" if f[i].numel() <= 8 else ""
+            raise ValueError(
+                f"The loss of {self!r} is NaN or inf ({where}) for {int((~ok).sum())} of {len(ok)} samples, first "
+                f"at sample {i}{shown}: the Fisher is undefined there. Check the loss's domain (e.g. sqrt or log of "
+                "a negative number, division by zero) and the outputs and targets you pass it."
+            )
         return r
 
     def __repr__(self) -> str:
@@ -65,13 +98,42 @@ class Likelihood:
 
 
 class Gaussian(Likelihood):
-    r"""Isotropic Gaussian ``N(y; f, σ² I)``: ``Λ = I/σ²``, ``S = I/σ``, loss ``‖f − y‖²/(2σ²)``."""
+    r"""Isotropic Gaussian ``N(y; f, σ² I)``: ``Λ = I/σ²``, ``S = I/σ``, loss ``‖f − y‖²/(2σ²)``.
+
+    ``sigma`` must be a positive finite number whose ``σ²`` and ``1/σ²`` are finite normal float64 numbers
+    (``1.5e-154 ≤ σ ≤ 6.7e153``; else ``ValueError``); outputs of a lower precision narrow the range to where
+    they are finite and normal in their dtype (float32: ``1.1e-19 ≤ σ ≤ 9.2e18``), checked by
+    :meth:`check_outputs`.
+    Targets: the outputs' shape, finite.
+    """
 
     def __init__(self, sigma: float = 1.0):
-        sigma = float(sigma)
-        if not sigma > 0 or not torch.isfinite(torch.tensor(sigma)):
-            raise ValueError(f"Gaussian(sigma={sigma}): sigma must be a positive finite number.")
-        self.sigma = sigma
+        try:
+            s = float(sigma)
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"Gaussian(sigma={sigma!r}): sigma must be a positive finite number.") from e
+        if not (s > 0 and math.isfinite(s)):
+            raise ValueError(f"Gaussian(sigma={sigma!r}): sigma must be a positive finite number.")
+        self.sigma = s
+        self._check_scale(torch.float64)
+
+    def _check_scale(self, dtype: torch.dtype) -> None:
+        """Refuse a σ whose ``σ²`` or ``Λ = 1/σ²`` is not a finite normal number in ``dtype`` (it would overflow
+        to inf, or underflow to 0 or a denormal): ``√tiny ≤ σ ≤ 1/√tiny``."""
+        if not dtype.is_floating_point:
+            return
+        hi = torch.finfo(dtype).tiny ** -0.5
+        lo = 1 / hi
+        if not lo <= self.sigma <= hi:
+            what = "1/sigma² overflows to inf" if self.sigma < lo else "1/sigma² underflows to 0"
+            raise ValueError(
+                f"Gaussian(sigma={self.sigma:g}): {what} (the output Fisher, and sigma² the other way) in {dtype}; "
+                f"sigma must lie in [{lo:.3g}, {hi:.3g}] there. Rescale the targets (and sigma with them), or use a "
+                "float64 model."
+            )
+
+    def check_outputs(self, f):
+        self._check_scale(f.dtype)
 
     def loss(self, f, y):
         return 0.5 * ((f - y) ** 2).sum(-1) / self.sigma**2
@@ -88,6 +150,8 @@ class Gaussian(Likelihood):
         return 0.5 * ((f - g) ** 2).sum(-1) / self.sigma**2
 
     def check_targets(self, f, y):
+        self.check_outputs(f)
+        _check_finite_targets(y, "Gaussian targets")
         if not torch.is_floating_point(y):
             y = y.to(f.dtype)
         if y.dim() == 1 and f.shape[-1] == 1:
@@ -107,7 +171,8 @@ class Categorical(Likelihood):
     r"""Softmax classifier on logits ``f``: ``π = softmax(f)``, ``Λ = diag(π) − π πᵀ``.
 
     Square root ``S = diag(√π) − π √πᵀ`` (check: ``S Sᵀ = diag(π) − 2ππᵀ + π(Σπ)πᵀ = Λ``).
-    Labels: integer classes ``(B,)`` in ``[0, C)`` or probability vectors ``(B, C)``.
+    Labels: integer classes ``(B,)`` in ``[0, C)`` or probability vectors ``(B, C)`` (finite, non-negative,
+    rows summing to 1); anything else, NaN and inf included, is refused.
     """
 
     def loss(self, f, y):
@@ -140,6 +205,7 @@ class Categorical(Likelihood):
     def check_targets(self, f, y):
         C = f.shape[-1]
         self.check_outputs(f)
+        _check_finite_targets(y, "Categorical labels")
         if torch.is_floating_point(y) and y.dim() == 2:
             if y.shape != f.shape:
                 raise ValueError(f"Probability targets must have shape {tuple(f.shape)}, got {tuple(y.shape)}.")
@@ -163,7 +229,7 @@ class Categorical(Likelihood):
 class Bernoulli(Likelihood):
     r"""One logit ``f (B, 1)``: ``π = sigmoid(f)``, ``Λ = π(1 − π)``, ``S = √(π(1 − π))``.
 
-    Labels in ``{0, 1}`` (or probabilities in ``[0, 1]``), shape ``(B,)`` or ``(B, 1)``.
+    Labels in ``{0, 1}`` (or probabilities in ``[0, 1]``), shape ``(B,)`` or ``(B, 1)``; NaN is refused.
     """
 
     def loss(self, f, y):
@@ -190,6 +256,7 @@ class Bernoulli(Likelihood):
 
     def check_targets(self, f, y):
         self.check_outputs(f)
+        _check_finite_targets(y, "Bernoulli labels")
         y = y.reshape(-1, 1).to(f.dtype)
         if y.shape[0] != f.shape[0]:
             raise ValueError(f"Got {y.shape[0]} labels for {f.shape[0]} inputs.")
@@ -202,7 +269,9 @@ class LossInduced(Likelihood):
     r"""The model ``p(y | f) ∝ exp(−ℓ(f, y))`` of seed 000 §3.2.5, defined by a loss only.
 
     Its normaliser is unknown, so only the empirical Fisher (``g_n = ∇_θ ℓ``) is defined.
-    ``loss(f (B, C), y) -> (B,)`` per-sample losses, e.g. from :mod:`fisherlens.losses`.
+    ``loss(f (B, C), y) -> (B,)`` per-sample losses, e.g. from :mod:`fisherlens.losses`.  Refused
+    (``ValueError``): NaN/inf floating targets, a loss of another shape, and a loss whose value or gradient is
+    NaN or inf on the data (:meth:`Likelihood.residual`).
     """
 
     has_fisher = False
@@ -224,6 +293,7 @@ class LossInduced(Likelihood):
     def check_targets(self, f, y):
         if y.shape[0] != f.shape[0]:
             raise ValueError(f"Got {y.shape[0]} targets for {f.shape[0]} inputs.")
+        _check_finite_targets(y, "The targets")
         return y.to(f.dtype) if torch.is_floating_point(y) else y
 
     def __repr__(self):

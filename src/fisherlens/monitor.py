@@ -85,16 +85,18 @@ from torch import nn
 
 from ._core import (
     FunctionalModel,
+    _ambiguous,
     _Call,
+    _call_problems,
     _call_rows,
     _model_errors,
     _plan,
     _simple,
-    _verify,
     check_choice,
     check_kind,
     iter_batches,
     quadratic_sum,
+    signature,
     vjp_checked,
 )
 from .estimators import probe_vectors
@@ -124,6 +126,29 @@ OBSERVABLES: dict[str, tuple[str, ...]] = {
 KINDS = ("true", "empirical")
 METHODS = ("exact", "hutchinson")
 _STATE_VERSION = 1
+#: the keys of :meth:`Monitor.state_dict`.
+_STATE_KEYS = ("version", "config", "step_count", "path", "theta_prev", "generator", "records")
+
+
+def _check_run_folder(run) -> None:
+    """``run=`` must be a RunDir or a path of a folder (existing or not): not a file, nor inside one."""
+    if isinstance(run, RunDir):
+        return
+    if not isinstance(run, (str, os.PathLike)):
+        raise TypeError(f"run must be a fisherlens.runs.RunDir or a folder path, got {type(run).__name__}.")
+    path = Path(run)
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise ValueError(f"run={str(run)!r}: {str(p)!r} is an existing file, not a folder; the Monitor writes "
+                                 "metrics.csv into a run folder. Pass a folder path.")
+            break
+    if (path / "metrics.csv").is_dir():
+        raise ValueError(f"run={str(run)!r}: {str(path / 'metrics.csv')!r} is a folder; the Monitor needs to write "
+                         "its table there.")
+    if (path / "metrics.csv").exists() and not (path / RunDir.MARKER).exists():
+        raise ValueError(f"run={str(run)!r} holds a metrics.csv that fisherlens did not write (no {RunDir.MARKER} "
+                         "marker); the Monitor would append to it. Choose a new or empty folder.")
 
 
 def _positive_int(name: str, v) -> int:
@@ -152,7 +177,8 @@ class Monitor:
         params: parameter subset (names, module prefixes or tensors), as everywhere in the library.
         run: a :class:`fisherlens.runs.RunDir` or a folder: each record is appended (atomically, the table is
             rewritten) to ``metrics.csv`` there — after the rows already in it; :meth:`load_state_dict` rewrites
-            the table to the restored records.  Extra columns join the header when they first appear.
+            the table to the restored records.  Extra columns join the header when they first appear.  A path
+            that is (or lies inside) an existing regular file raises ``ValueError``.
         tensorboard: a log folder for ``torch.utils.tensorboard`` (ignored, with a warning, if not installed).
         batch_size: chunk size of tensor probes (default 256, as the library).
 
@@ -208,6 +234,8 @@ class Monitor:
                             "batches, a DataLoader), not a one-shot iterator.")
         if batch_size is not None:
             _positive_int("batch_size", batch_size)
+        if run is not None:
+            _check_run_folder(run)
         self.model, self.likelihood, self.probe = model, likelihood, probe
         self.observables = tuple(obs)
         self.kind, self.method, self.generator, self.params = kind, method, generator, params
@@ -224,6 +252,7 @@ class Monitor:
         if run is not None:
             self._csv = (run.path if isinstance(run, RunDir) else Path(run)) / "metrics.csv"
             self._csv.parent.mkdir(parents=True, exist_ok=True)
+            (self._csv.parent / RunDir.MARKER).touch()  # a folder the monitor writes is a run folder
         self._tb = None
         if tensorboard is not None:
             try:
@@ -433,10 +462,18 @@ class Monitor:
         written after the checkpoint by an interrupted run are dropped and recorded again.
 
         Raises:
-            ValueError: the state is not a Monitor state or comes from a monitor configured differently.
+            ValueError: the state is not a Monitor state (not a dict, an unknown ``version``, missing keys: the
+                message lists them) or comes from a monitor configured differently.
         """
         if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
             raise ValueError("Not a fisherlens Monitor state (missing or unknown 'version').")
+        missing = [k for k in _STATE_KEYS if k not in state]
+        if missing:
+            raise ValueError(f"Incomplete Monitor state: missing keys {missing} (a state_dict() has "
+                             f"{list(_STATE_KEYS)}); pass the dict that Monitor.state_dict() returned.")
+        if not isinstance(state["config"], dict):
+            raise ValueError(f"Not a fisherlens Monitor state: 'config' is a {type(state['config']).__name__}, "
+                             "not a dict.")
         if state["config"] != self._config():
             diff = sorted(k for k in self._config() if state["config"].get(k) != self._config()[k])
             raise ValueError(f"The state comes from a monitor configured differently (differs in: {', '.join(diff)}).")
@@ -582,18 +619,22 @@ class _BatchCapture:
                                  "so per-sample gradients of the batch are not defined; measure on the probe.")
         f = out[:, None] if out.dim() == 1 else out
         X = inputs[0]
-        key = (tuple(X.shape[1:]), X.dtype)
-        if key not in self.plan.verified:
-            self.busy = True
-            try:
-                _verify(self.fm, self.plan, X.detach())
-            finally:
-                self.busy = False
-            self.plan.verified.add(key)
+        self.busy = True
+        try:
+            sig = signature(self.fm, X.detach())
+        finally:
+            self.busy = False
         missing = [n for n in self.owned if n not in self.plan.owned]
         if missing:
             raise ValueError(f"batch_fisher_trace: parameters {missing} are used outside their layers; "
                              "measure 'fisher_trace' on the probe instead.")
+        problems = _call_problems(self.plan, calls, len(X), sig.calls)
+        problems.update({n: "its layer's input has another axis of the batch's size" for n, (_, ms) in
+                         self.owned.items() for c in calls if c.module in ms and _ambiguous(c, len(X))})
+        if problems:
+            raise ValueError("batch_fisher_trace cannot prove the per-sample attribution of the training batch ("
+                             + "; ".join(f"'{n}': {r}" for n, r in problems.items())
+                             + "); measure 'fisher_trace' on the probe instead.")
         self.captured = True
         mon = self.mon
         fd = f.detach()

@@ -11,12 +11,12 @@ import math
 import torch
 
 from ._core import (
-    WORK_BUDGET,
     FunctionalModel,
     Run,
     batch_stats,
     check_choice,
     check_dense,
+    chunk_size,
     identity_sandwich,
     output_dim,
     stream,
@@ -25,6 +25,12 @@ from ._core import (
 Tensor = torch.Tensor
 
 __all__ = ["ntk", "ntk_trace", "fisher_ntk_trace", "TraceRelation"]
+
+
+def _check_batch_size(batch_size) -> None:
+    """``None`` or a positive integer (a bool, 0, a negative number or a float is refused)."""
+    if batch_size is not None and (not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1):
+        raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}.")
 
 
 def _inputs(x, fm: FunctionalModel) -> Tensor:
@@ -54,13 +60,15 @@ def ntk(
         model: module mapping ``(B, ...)`` inputs to ``(B, C)`` outputs.
         x1: inputs ``(N1, ...)``; x2: inputs ``(N2, ...)``, default ``x1``.
         params: parameter subset (names, module prefixes or tensors); default all trainable.
-        batch_size: inputs per Jacobian chunk (default: as many as fit a 512 MiB working budget).
+        batch_size: inputs per Jacobian chunk (default: as many as fit a 512 MiB working budget); a positive
+            integer (anything else raises ``ValueError``).
         engine: ``"auto"``, ``"layerwise"`` or ``"functional"`` (see :func:`fisherlens.fisher_diag`).
         max_memory: largest size of the result in bytes (default half the available memory).
 
     Returns:
         Tensor ``(N1, N2, C, C)``; summed over parameters, not averaged over outputs.
     """
+    _check_batch_size(batch_size)
     fm = FunctionalModel(model, params)
     x1 = _inputs(x1, fm)
     x2 = x1 if x2 is None else _inputs(x2, fm)
@@ -70,7 +78,7 @@ def ntk(
         f"ntk of {len(x1)}×{len(x2)} inputs with C={C}", len(x1) * len(x2) * C * C, item,
         "Use fl.ntk_trace, or fewer inputs", max_memory,
     )
-    step = batch_size or max(1, WORK_BUDGET // (2 * C * fm.P * item))
+    step = batch_size or chunk_size(fm, x1, C, {"rows"}, engine, share=2)  # two chunks held
     out = torch.empty(len(x1), len(x2), C, C, dtype=fm.dtype, device=fm.device)
     if x2 is x1 and len(x1) <= step:  # everything in one chunk: one Jacobian pass
         _, J = next(_jacobians(fm, x1, step, engine))
@@ -85,9 +93,11 @@ def ntk_trace(model, x, *, params=None, reduction: str = "sum", batch_size=None,
     """Trace of the NTK, ``tr Θ = Σ_n Σ_a ‖∇_θ f_a(x_n)‖²`` (``reduction="mean"`` divides by N).
 
     ``x`` is an input tensor ``(N, ...)`` or any ``data`` accepted elsewhere (labels are ignored); streamed,
-    and on the fast path no Jacobian is materialised.
+    and on the fast path no Jacobian is materialised.  ``batch_size``: ``None`` or a positive integer
+    (else ``ValueError``).
     """
     check_choice("reduction", reduction, ("mean", "sum"))
+    _check_batch_size(batch_size)
     fm = FunctionalModel(model, params)
     total, n = 0.0, 0
     chunks = stream(
@@ -143,8 +153,10 @@ def fisher_ntk_trace(
     One backward pass per batch with the C identity columns and the K sandwich columns side by side
     gives the per-sample Gram ``[I V]ᵀ J_n J_nᵀ [I V]``: its ``I`` block is ``Θ_nn``, its ``V`` block's trace
     the direct ``tr F_n``.  Arguments as in :func:`fisherlens.fisher_trace`; ``per_sample=True`` also
-    returns the per-input traces (memory O(N)).
+    returns the per-input traces (memory O(N)); ``batch_size`` is ``None`` or a positive integer (else
+    ``ValueError``).
     """
+    _check_batch_size(batch_size)
     run = Run(model, data, likelihood, kind, params, "mean", samples, generator, batch_size, engine)
     fis = side = ntr = 0.0
     keep: list[tuple[Tensor, Tensor]] = []

@@ -15,6 +15,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from .runs import atomic_write_bytes
+
 __all__ = ["line_plot", "line_panels", "bar_plot", "diag_scatter"]
 
 DPI = 120
@@ -29,23 +31,15 @@ def _arr(v) -> np.ndarray:
 
 
 def save_png(fig: Figure, path: str | os.PathLike, *, tight: bool = True, dpi: int = DPI) -> Path:
-    """Write ``fig`` as a PNG atomically (temp file in the same folder + ``os.replace``); returns the path.
+    """Write ``fig`` as a PNG atomically (:func:`fisherlens.runs.atomic_write_bytes`: a uniquely named temp
+    file in the same folder, fsync, ``os.replace``, so concurrent writers never clash); returns the path.
 
     ``tight=False`` keeps a layout set by hand (``tight_layout`` costs seconds on large multi-panel figures).
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)
     if tight:
         fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        fig.savefig(tmp, dpi=dpi, format="png")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return atomic_write_bytes(path, lambda fh: fig.savefig(fh, dpi=dpi, format="png"))
 
 
 def _draw_lines(ax, x, series, stds, *, xlabel, ylabel, title, logy, styles=None) -> None:

@@ -50,7 +50,7 @@ from ._core import check_choice, check_dense, check_kind, sandwich
 
 Tensor = torch.Tensor
 
-__all__ = ["Factors", "KhatriRao", "Eigen", "factors", "per_input_fisher", "data_fisher", "SUPPORTED"]
+__all__ = ["Factors", "KhatriRao", "Eigen", "factors", "factor_sizes", "per_input_fisher", "data_fisher", "SUPPORTED"]
 
 #: parameter-free elementwise maps (any depth of them may follow a Linear).
 ELEMENTWISE = (
@@ -234,7 +234,10 @@ class Factors:
 
     def gram(self, scale: float = 1.0) -> Tensor:
         """The data Gram ``scale · Ĝ Ĝᵀ``, shape ``(N·K, N·K)``, block (n, m) = ``Σ_l M_{l,n} M_{l,m}ᵀ κ_l(n, m)``,
-        ``κ_l = u_l·u_l'`` (weight selected) ``+ 1`` (bias selected)."""
+        ``κ_l = u_l·u_l'`` (weight selected) ``+ 1`` (bias selected).
+
+        Products and sums in float64 whatever the factors' dtype (float32 factors lose nothing to the length-n_l
+        sums); returns float64."""
         N, K = self.N, self.K
         out = None
         for i, Ml in enumerate(self.M):
@@ -242,11 +245,12 @@ class Factors:
             for p in self.names:
                 if self.layer[p] != i:
                     continue
-                k = self.outputs.new_ones(N, N) if self.bias[p] else self.inputs[i] @ self.inputs[i].T
+                u = self.inputs[i].double()
+                k = u.new_ones(N, N) if self.bias[p] else u @ u.T
                 kern = k if kern is None else kern + k
             if kern is None:
                 continue
-            flat = Ml.reshape(N * K, -1)
+            flat = Ml.reshape(N * K, -1).double()
             g = (flat @ flat.T).view(N, K, N, K).mul_(kern[:, None, :, None] * scale)
             out = g if out is None else out.add_(g)
         return out.view(N * K, N * K)
@@ -277,23 +281,12 @@ def factors(model: nn.Module, X: Tensor, likelihood, kind: str = "true", *, y: T
     """
     check_kind(likelihood, kind)
     prep, layers, names = _parse(model)
-    if not isinstance(X, Tensor):
-        raise TypeError(f"X must be a tensor of inputs (N, ...), got {type(X).__name__}.")
+    h = _first_input(prep, layers, X)
     W0 = layers[0].linear.weight
     dtype, dev = W0.dtype, W0.device
-    if X.dim() < 1 or len(X) == 0:
-        raise ValueError(f"X must be a non-empty batch of inputs (N, ...), got shape {tuple(X.shape)}.")
-    h = X.to(dev, dtype, copy=bool(prep))  # copy: an in-place activation before the first Linear must not edit X
     derivs: list[Tensor] = []  # φ_l'(a_l), elementwise part
     inputs: list[Tensor] = []
     with torch.no_grad():
-        for m in prep:
-            h = m(h)
-        if h.dim() != 2 or h.shape[1] != layers[0].linear.in_features:
-            raise ValueError(
-                f"Inputs of shape {tuple(X.shape)} reach the first Linear as {tuple(h.shape)}; it needs "
-                f"(N, {layers[0].linear.in_features}). Pass a batch (N, ...) of inputs shaped for the model."
-            )
         for ly in layers:
             inputs.append(h)
             a = ly.linear(h)
@@ -335,6 +328,53 @@ def factors(model: nn.Module, X: Tensor, likelihood, kind: str = "true", *, y: T
             raise TypeError(f"Parameter '{n}' does not belong to a Linear layer of the model. Supported: {SUPPORTED}.")
         shapes[n] = named[n].shape
     return Factors(names, shapes, layer, bias, inputs, Ms, f, V)
+
+
+def _first_input(prep: list[nn.Module], layers: list[_Layer], X: Tensor, shape=None) -> Tensor:
+    """The first Linear's input ``(N, in_features)`` from ``X (N, ...)`` (cast to the model's dtype and device, the
+    preprocessing modules applied); ``TypeError``/``ValueError`` for inputs the model cannot take (messages name
+    ``shape``, default ``X.shape``)."""
+    if not isinstance(X, Tensor):
+        raise TypeError(f"X must be a tensor of inputs (N, ...), got {type(X).__name__}.")
+    if X.dim() < 1 or len(X) == 0:
+        raise ValueError(f"X must be a non-empty batch of inputs (N, ...), got shape {tuple(X.shape)}.")
+    W0 = layers[0].linear.weight
+    h = X.to(W0.device, W0.dtype, copy=bool(prep))  # copy: an in-place activation before the first Linear keeps X
+    with torch.no_grad():
+        for m in prep:
+            h = m(h)
+    if h.dim() != 2 or h.shape[1] != layers[0].linear.in_features:
+        raise ValueError(
+            f"Inputs of shape {tuple(X.shape if shape is None else shape)} reach the first Linear as "
+            f"{(len(X) if shape is None else shape[0], *h.shape[1:])}; it needs "
+            f"(N, {layers[0].linear.in_features}). Pass a batch (N, ...) of inputs shaped for the model."
+        )
+    return h
+
+
+def factor_sizes(model: nn.Module, X: Tensor, likelihood, kind: str = "true", *,
+                 samples: int = 1) -> tuple[int, int, int]:
+    """``(N, K, P)`` of :func:`factors` for inputs ``X (N, ...)`` from shapes alone — no factor is built, so that
+    a result too large for memory (the ``N·K × N·K`` Gram, ``P × P`` dense Fishers) is refused before allocating.
+
+    ``K`` is the sandwich's columns (``C`` outputs for ``kind="true"``, 1 for ``"empirical"``, ``samples`` for
+    ``"mc"``), ``P`` the number of selected parameters.  Raises as :func:`factors` does for unsupported models and
+    inputs (the preprocessing runs on the first input only)."""
+    return _sizes(model, X, likelihood, kind, samples)[:3]
+
+
+def _sizes(model: nn.Module, X: Tensor, likelihood, kind: str, samples: int) -> tuple[int, int, int, int]:
+    """``(N, K, P, itemsize)`` of :func:`factor_sizes`, with the model's bytes per number."""
+    check_kind(likelihood, kind)
+    prep, layers, names = _parse(model)
+    if isinstance(X, Tensor) and X.dim() >= 1:
+        _first_input(prep, layers, X[:1], X.shape)
+    else:
+        _first_input(prep, layers, X)
+    C = layers[-1].linear.out_features
+    K = {"empirical": 1, "mc": samples}.get(kind, C)
+    params = dict(model.named_parameters())
+    return len(X), K, sum(params[n].numel() for n in names), layers[0].linear.weight.element_size()
 
 
 # ----------------------------------------------------------------------------- results
@@ -398,7 +438,8 @@ class Eigen:
 def _eigen(G: Tensor, fa: Factors, W_shape, scale: float, batched: bool) -> Eigen:
     """Eigen-decomposition of the Gram ``G`` and the pull-back ``v = Gᵀw/√(λ/scale)`` of its eigenvectors."""
     vals, W = torch.linalg.eigh(G)
-    vals, W = vals.flip(-1).clamp_min(0.0), W.flip(-1)
+    dtype = fa.outputs.dtype  # G may be the float64 data Gram: eigenpairs computed in float64, returned in dtype
+    vals, W = vals.flip(-1).clamp_min(0.0).to(dtype), W.flip(-1).to(dtype)
     R = vals.shape[-1]
     tol = R * torch.finfo(vals.dtype).eps * vals[..., :1]
     keep = vals > tol
@@ -443,18 +484,19 @@ def per_input_fisher(model: nn.Module, x: Tensor, likelihood, what: str = "dense
     X = x if batched else x[None]
     if y is not None and not batched:
         y = torch.as_tensor(y).reshape(1, *torch.as_tensor(y).shape)
+    if what == "dense":  # refused from the shapes, before any factor is built
+        N, _, P, item = _sizes(model, X, likelihood, kind, samples)
+        check_dense(f"{N} dense per-input Fisher(s) with P={P}", N * P**2, item,
+                    "Use what='gram', 'eigenvalues', 'eigh' or 'blocks'", max_memory)
     fa = factors(model, X, likelihood, kind, y=y, samples=samples, generator=generator)
-    out = _per_input(fa, what, max_memory)
+    out = _per_input(fa, what)
     if batched or what in ("blocks", "eigh"):
         return out if batched else _unbatch(out)
     return out[0]
 
 
-def _per_input(fa: Factors, what: str, max_memory):
-    if what == "dense":
-        item = fa.outputs.element_size()
-        check_dense(f"{fa.N} dense per-input Fisher(s) with P={fa.P}", fa.N * fa.P**2, item,
-                    "Use what='gram', 'eigenvalues', 'eigh' or 'blocks'", max_memory)
+def _per_input(fa: Factors, what: str):
+    if what == "dense":  # the caller checked the memory
         R = fa.rows()
         return R.transpose(1, 2) @ R
     if what == "blocks":
@@ -489,22 +531,24 @@ def data_fisher(model: nn.Module, X: Tensor, likelihood, what: str = "dense", *,
     """
     check_choice("what", what, WHAT_DATA)
     check_choice("reduction", reduction, ("mean", "sum"))
+    N, K, P, item = _sizes(model, X, likelihood, kind, samples)  # refused from the shapes, before the factors
+    if what == "dense":
+        check_dense(f"the dense Fisher with P={P}", P**2, item, "Use what='gram' or 'eigh'", max_memory)
+    else:  # the float64 Gram and one float64 temporary of its size
+        check_dense(f"the Gram matrix of N·K = {N * K} rows (float64)", 2 * (N * K) ** 2, 8, "Use fewer inputs",
+                    max_memory)
     fa = factors(model, X, likelihood, kind, y=y, samples=samples, generator=generator)
     scale = 1.0 / fa.N if reduction == "mean" else 1.0
-    item = fa.outputs.element_size()
     if what == "dense":
-        check_dense(f"the dense Fisher with P={fa.P}", fa.P**2, item, "Use what='gram' or 'eigh'", max_memory)
         out = fa.outputs.new_zeros(fa.P, fa.P)
         step = max(1, (256 * 2**20) // max(1, fa.K * fa.P * item))
         for i in range(0, fa.N, step):
             R = fa.rows(slice(i, i + step)).reshape(-1, fa.P)
             out.addmm_(R.T, R)
         return out.mul_(scale)
-    NK = fa.N * fa.K
-    check_dense(f"the Gram matrix of N·K = {NK} rows", 2 * NK * NK, item, "Use fewer inputs", max_memory)
-    G = fa.gram(scale)
+    G = fa.gram(scale)  # float64; results in the model's dtype
     if what == "gram":
-        return G
+        return G.to(fa.outputs.dtype)
     if what == "eigenvalues":
-        return torch.linalg.eigvalsh(G).flip(-1).clamp_min(0.0)
+        return torch.linalg.eigvalsh(G).flip(-1).clamp_min(0.0).to(fa.outputs.dtype)
     return _eigen(G, fa, (fa.N, fa.K), scale, batched=False)

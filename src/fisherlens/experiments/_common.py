@@ -4,6 +4,7 @@ ReLU MLP of the MNIST studies."""
 from __future__ import annotations
 
 import math
+import numbers
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -16,7 +17,54 @@ from .. import datasets
 
 Tensor = torch.Tensor
 
-__all__ = ["torch_threads", "split_with_probe", "make_mlp", "evaluate"]
+__all__ = [
+    "torch_threads", "split_with_probe", "make_mlp", "evaluate", "as_tuple", "check_int", "check_ints",
+    "check_number", "check_bool",
+]
+
+
+# ----------------------------------------------------------------------------- option validation
+def as_tuple(value) -> tuple:
+    """A list option as a tuple; a single value (``--set widths=8``) becomes a one-element tuple."""
+    return tuple(value) if isinstance(value, (list, tuple)) else (value,)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_int(name: str, value, lo: int = 1) -> int:
+    """``value`` if it is an integer ≥ ``lo``, else ``ValueError`` naming the option ``name``."""
+    if not _is_int(value) or value < lo:
+        raise ValueError(f"{name} must be an integer ≥ {lo}, got {value!r}.")
+    return value
+
+
+def check_ints(name: str, value, lo: int = 1, *, allow_empty: bool = False) -> tuple[int, ...]:
+    """A list of integers ≥ ``lo`` as a tuple (a single integer is a one-element list; empty only with
+    ``allow_empty``), else ``ValueError`` naming the option ``name``."""
+    t = as_tuple(value)
+    if (not t and not allow_empty) or not all(_is_int(v) and v >= lo for v in t):
+        what = "list" if allow_empty else "non-empty list"
+        raise ValueError(f"{name} must be an integer ≥ {lo} or a {what} of them, got {value!r}.")
+    return t
+
+
+def check_number(name: str, value, *, lo: float | None = None) -> float:
+    """``value`` as a float if it is a finite real number (``> lo`` when given), else ``ValueError`` naming the
+    option ``name``."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or (lo is not None and not value > lo):
+        bound = "" if lo is None else f" > {lo:g}"
+        raise ValueError(f"{name} must be a finite number{bound}, got {value!r}.")
+    return float(value)
+
+
+def check_bool(name: str, value) -> bool:
+    """``value`` if it is ``True`` or ``False``, else ``ValueError`` naming the option."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}.")
+    return value
 
 
 @contextmanager
@@ -25,7 +73,7 @@ def torch_threads(n: int | None) -> Iterator[None]:
     if n is None:
         yield
         return
-    if not isinstance(n, int) or n < 1:
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise ValueError(f"threads must be a positive integer or None, got {n!r}.")
     old = torch.get_num_threads()
     torch.set_num_threads(n)

@@ -36,7 +36,7 @@ import fisherlens as fl
 
 from .. import datasets, plots
 from ..runs import RunDir, read_csv, write_csv
-from ._common import evaluate, make_mlp, split_with_probe
+from ._common import check_int, check_ints, check_number, evaluate, make_mlp, split_with_probe
 
 Tensor = torch.Tensor
 
@@ -123,7 +123,7 @@ def demo(
         n_train, n_test, n_probe: sample counts (default 4000 / 1000 / 512; quick 300 / 200 / 64);
             shrunk to an 80/20 split when the dataset is smaller.
         batch_size, lr: Adam mini-batch size and learning rate.
-        hidden: hidden widths.
+        hidden: hidden widths (a single integer: one hidden layer).
         checkpoints_per_epoch: probe records per epoch (plus one before training).
         progress: show a tqdm bar over training steps.
 
@@ -146,6 +146,9 @@ def demo(
     ):
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ValueError(f"{name} must be a positive integer, got {v!r}.")
+    check_int("seed", seed, 0)
+    check_number("lr", lr, lo=0)
+    hidden = check_ints("hidden", hidden, allow_empty=True)  # --set hidden=16: one hidden layer
     config = {
         "experiment": "demo",
         "quick": quick,

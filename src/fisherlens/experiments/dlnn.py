@@ -20,6 +20,7 @@ relaxed.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import time
 from pathlib import Path
@@ -32,7 +33,7 @@ from tqdm.auto import tqdm
 from ..plots import save_png
 from ..runs import RunDir, write_csv
 from ..theory import dlnn as th
-from ._common import torch_threads
+from ._common import as_tuple, check_int, torch_threads
 
 __all__ = ["dlnn"]
 
@@ -81,6 +82,7 @@ def dlnn(
         data: unused (synthetic teacher task).
         input_dim: N0 (default 40; quick 16).  train: P (default 16; quick 6).  test: M unseen inputs.
         depths: L values (default 1, 2, 3; quick 1, 2).  widths: N values (default 20, 32, 64, 128; quick 8, 16).
+            A single integer is a one-element list.
         sigma2: σ².  teacher_var: τ².  temperature: sampling T (> 0).
         chains / samples / burn_in: per point (default 192 / 200 / 100 sweeps; quick 64 / 40 / 20).
         sampler: ``"gibbs"`` (default) or ``"mala"``.
@@ -100,8 +102,8 @@ def _run(out, quick, seed, N0, P, M, depths, widths, sigma2, tau2, T, chains, sa
          progress) -> Path:
     N0 = (16 if quick else 40) if N0 is None else N0
     P = (6 if quick else 16) if P is None else P
-    depths = tuple((1, 2) if quick else (1, 2, 3)) if depths is None else tuple(depths)
-    widths = tuple((8, 16) if quick else (20, 32, 64, 128)) if widths is None else tuple(widths)
+    depths = tuple((1, 2) if quick else (1, 2, 3)) if depths is None else as_tuple(depths)  # depths=2: (2,)
+    widths = tuple((8, 16) if quick else (20, 32, 64, 128)) if widths is None else as_tuple(widths)
     chains = (64 if quick else 192) if chains is None else chains
     samples = (40 if quick else 200) if samples is None else samples
     burn_in = (20 if quick else 100) if burn_in is None else burn_in
@@ -115,7 +117,9 @@ def _run(out, quick, seed, N0, P, M, depths, widths, sigma2, tau2, T, chains, sa
     if P >= N0:
         raise ValueError(f"need train < input_dim (α0 = P/N0 < 1), got P = {P}, N0 = {N0}.")
     if not depths or not widths or not all(is_int(d) and d >= 1 for d in (*depths, *widths)):
-        raise ValueError(f"depths and widths must be non-empty lists of positive integers, got {depths}, {widths}.")
+        raise ValueError(f"depths and widths must be non-empty lists of positive integers (or one integer), got "
+                         f"depths={depths}, widths={widths}.")
+    check_int("seed", seed, 0)
     for name, v in (("sigma2", sigma2), ("teacher_var", tau2)):
         if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0:
             raise ValueError(f"{name} must be a positive finite number, got {v!r}.")
@@ -200,10 +204,9 @@ def _run(out, quick, seed, N0, P, M, depths, widths, sigma2, tau2, T, chains, sa
 
 
 def temperature_ok(T) -> float:
-    T = float(T)
-    if not (T > 0 and math.isfinite(T)):
+    if not isinstance(T, numbers.Real) or isinstance(T, bool) or not (T > 0 and math.isfinite(T)):
         raise ValueError(f"temperature must be positive and finite (the sampler needs T > 0), got {T!r}.")
-    return T
+    return float(T)
 
 
 def _curves(X, y, xs, depths, widths, sigma2, T, P, N0) -> dict:

@@ -47,7 +47,7 @@ from .. import datasets, plots
 from .._core import Run, identity_sandwich
 from ..estimators import draws as estimator_draws
 from ..runs import RunDir, write_csv
-from ._common import evaluate, split_with_probe, torch_threads
+from ._common import check_int, check_ints, check_number, evaluate, split_with_probe, torch_threads
 
 Tensor = torch.Tensor
 
@@ -333,7 +333,7 @@ def estimators(
         seed: seeds the split, the initialisation, the batch order and all random draws.
         data: ``"mnist-subset"`` (default), ``"digits"`` or a folder of MNIST IDX files.
         n_train, n_test, n_probe: sample counts (default 4000 / 1000 / 256; quick 300 / 200 / 64).
-        hidden: hidden widths (default ``(32,)``; quick ``(16,)``).
+        hidden: hidden widths (default ``(32,)``; quick ``(16,)``; a single integer: one hidden layer).
         epochs: training epochs (default 2; quick 1).
         draws: single draws per estimator for bias, CV and error-vs-draws (default 4096; quick 128);
             a multiple of 256 (or at most 256).
@@ -352,7 +352,7 @@ def estimators(
     n_train = d[0] if n_train is None else n_train
     n_test = d[1] if n_test is None else n_test
     n_probe = d[2] if n_probe is None else n_probe
-    hidden = tuple(d[3] if hidden is None else hidden)
+    hidden = check_ints("hidden", d[3] if hidden is None else hidden, allow_empty=True)  # hidden=16: one layer
     epochs = d[4] if epochs is None else epochs
     draws = d[5] if draws is None else draws
     trace_draws = d[6] if trace_draws is None else trace_draws
@@ -364,6 +364,8 @@ def estimators(
             raise ValueError(f"{name} must be a positive integer, got {v!r}.")
     if draws < 2:
         raise ValueError(f"draws must be at least 2 (a variance is estimated), got {draws}.")
+    check_int("seed", seed, 0)
+    check_number("lr", lr, lo=0)
     chunk = min(256, draws)
     if draws % chunk:
         raise ValueError(f"draws must be a multiple of 256 (or at most 256), got {draws}.")

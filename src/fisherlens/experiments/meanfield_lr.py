@@ -36,7 +36,7 @@ import fisherlens as fl
 
 from ..runs import RunDir, write_csv
 from ..theory.random_networks import MLPEnsemble, single_thread, standard_normals
-from ._common import torch_threads
+from ._common import check_int, check_ints, check_number, torch_threads
 from .meanfield_spectrum import CASES, COLORS, _save, check_gaussian_data
 
 Tensor = torch.Tensor
@@ -127,7 +127,7 @@ def meanfield_lr(
         quick: tiny settings for tests (M ∈ {16, 32}, 6 learning rates, 1 trial, 30 steps).
         seed: seeds every draw; runs are deterministic.
         data: unused (Gaussian inputs and a teacher network); any value other than the CLI default is refused.
-        m_values: widths M (default 7 values from 32 to 256, log-spaced; the paper went wider).
+        m_values: widths M (default 7 values from 32 to 256, log-spaced; the paper went wider; one integer: one M).
         n_eta: learning rates per activation (default 20), log-spaced from ``min_M η_c / eta_margin`` to
             ``max_M η_c · eta_margin``.
         trials: independent (teacher, student, inputs) draws per cell, losses averaged (default 3; paper 5).
@@ -149,7 +149,11 @@ def meanfield_lr(
 
 def _meanfield_lr(out, quick, seed, m_values, n_eta, eta_margin, trials, steps, samples, depth, outputs, momentum,
                   threshold, dtype, progress) -> Path:
-    m_values = tuple((16, 32) if quick else (32, 45, 64, 91, 128, 181, 256)) if m_values is None else tuple(m_values)
+    if m_values is None:
+        m_values = (16, 32) if quick else (32, 45, 64, 91, 128, 181, 256)
+    m_values = check_ints("m_values", m_values)  # --set m_values=16: one width
+    if len(set(m_values)) != len(m_values):
+        raise ValueError(f"m_values must be distinct widths, got {m_values!r}.")
     n_eta = (6 if quick else 20) if n_eta is None else n_eta
     trials = (1 if quick else 3) if trials is None else trials
     steps = 30 if quick and steps == 100 else steps
@@ -157,10 +161,11 @@ def _meanfield_lr(out, quick, seed, m_values, n_eta, eta_margin, trials, steps, 
                     ("depth", depth), ("outputs", outputs)):
         if not isinstance(v, int) or isinstance(v, bool) or v < (2 if name in ("n_eta", "depth") else 1):
             raise ValueError(f"{name} must be an integer ≥ {2 if name in ('n_eta', 'depth') else 1}, got {v!r}.")
-    if not m_values or any(int(m) < 1 for m in m_values):
-        raise ValueError("m_values must be a non-empty list of positive integers.")
-    if not 0 <= momentum < 1 or not eta_margin > 1 or not threshold > 0:
-        raise ValueError("need 0 ≤ momentum < 1, eta_margin > 1 and threshold > 0.")
+    check_int("seed", seed, 0)
+    if not 0 <= check_number("momentum", momentum) < 1:
+        raise ValueError(f"momentum must be in [0, 1), got {momentum!r}.")
+    check_number("eta_margin", eta_margin, lo=1)
+    check_number("threshold", threshold, lo=0)
     if dtype not in ("float32", "float64"):
         raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}.")
     tdt = getattr(torch, dtype)
@@ -237,6 +242,8 @@ def _meanfield_lr(out, quick, seed, m_values, n_eta, eta_margin, trials, steps, 
 
 def _edges(v: np.ndarray) -> np.ndarray:
     lv = np.log(v)
+    if len(lv) == 1:  # a single width (--set m_values=16): a cell one factor of 2 wide
+        return np.exp(lv[0] + np.log(2) * np.array([-0.5, 0.5]))
     mid = (lv[1:] + lv[:-1]) / 2
     return np.exp(np.concatenate([[lv[0] - (mid[0] - lv[0])], mid, [lv[-1] + (lv[-1] - mid[-1])]]))
 

@@ -39,7 +39,7 @@ import fisherlens as fl
 from ..plots import save_png as _save
 from ..runs import RunDir, write_csv
 from ..theory.random_networks import MLPEnsemble, ensemble_stats, single_thread, standard_normals
-from ._common import torch_threads
+from ._common import check_int, check_ints, torch_threads
 
 __all__ = ["meanfield_spectrum", "CASES", "check_gaussian_data", "torch_threads"]
 
@@ -126,7 +126,7 @@ def meanfield_spectrum(
         seed: seeds every draw (networks and inputs); runs are deterministic.
         data: unused (Gaussian inputs); any value other than the CLI default is refused.
         seeds: networks per point (default 100 as in the paper — about a minute of CPU time; quick 4).
-        m_values: widths M (default 16 … 2048 in powers of 2).
+        m_values: widths M (default 16 … 2048 in powers of 2; one integer: one M).
         samples: T for the M sweep (seed 003: 100).
         depth: L weight layers (seed 003 fig 1: 3); outputs: C (1).
         t_sweep_m: M of the T sweep (default 512, quick 32); t_values: its T values (default 1 … 500).
@@ -149,17 +149,21 @@ def meanfield_spectrum(
 def _meanfield_spectrum(out, quick, seed, seeds, m_values, samples, depth, outputs, t_sweep_m, t_values, dtype,
                         library_check_max_m, threads, progress) -> Path:
     seeds = (4 if quick else 100) if seeds is None else seeds
-    m_values = tuple((16, 32, 64) if quick else (16, 32, 64, 128, 256, 512, 1024, 2048)) if m_values is None else (
-        tuple(m_values))
+    if m_values is None:
+        m_values = (16, 32, 64) if quick else (16, 32, 64, 128, 256, 512, 1024, 2048)
+    m_values = check_ints("m_values", m_values)  # --set m_values=64: one width
     t_sweep_m = (32 if quick else 512) if t_sweep_m is None else t_sweep_m
-    t_values = tuple((1, 5, 20, 50) if quick else (1, 2, 5, 10, 20, 50, 100, 200, 500)) if t_values is None else (
-        tuple(t_values))
+    if t_values is None:
+        t_values = (1, 5, 20, 50) if quick else (1, 2, 5, 10, 20, 50, 100, 200, 500)
+    t_values = check_ints("t_values", t_values)
+    for name, v in (("m_values", m_values), ("t_values", t_values)):
+        if len(set(v)) != len(v):
+            raise ValueError(f"{name} must be distinct, got {v!r}.")
     for name, v in (("seeds", seeds), ("samples", samples), ("depth", depth), ("outputs", outputs),
                     ("t_sweep_m", t_sweep_m), ("library_check_max_m", library_check_max_m)):
         if not isinstance(v, int) or isinstance(v, bool) or v < (2 if name in ("seeds", "depth") else 1):
             raise ValueError(f"{name} must be an integer ≥ {2 if name in ('seeds', 'depth') else 1}, got {v!r}.")
-    if not m_values or not t_values or any(int(m) < 1 for m in m_values) or any(int(t) < 1 for t in t_values):
-        raise ValueError("m_values and t_values must be non-empty lists of positive integers.")
+    check_int("seed", seed, 0)
     tdt = _dtype(dtype)
     config = {
         "experiment": "meanfield-spectrum", "quick": quick, "seed": seed, "data": "gaussian N(0, I) (synthetic)",

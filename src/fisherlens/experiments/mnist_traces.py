@@ -64,11 +64,11 @@ import fisherlens as fl
 
 from .. import datasets, plots
 from ..runs import RunDir, Units, write_csv
-from ._common import evaluate, make_mlp, split_with_probe, torch_threads
+from ._common import as_tuple, check_bool, check_int, evaluate, make_mlp, split_with_probe, torch_threads
 
 Tensor = torch.Tensor
 
-__all__ = ["LOSSES", "COLUMNS", "Setup", "load_data", "train_unit", "trace_fit", "mnist_traces"]
+__all__ = ["LOSSES", "COLUMNS", "CKPT_KEYS", "Setup", "load_data", "train_unit", "trace_fit", "mnist_traces"]
 
 
 @dataclass(frozen=True)
@@ -108,6 +108,8 @@ QUICK = dict(epochs=2, n_train=256, n_test=128, n_probe=64, batch_size=32, lr=1e
              measure_per_epoch=2, threads=1)
 
 CKPT_VERSION = 1
+#: the keys of a unit checkpoint (written by :func:`train_unit` through ``save``).
+CKPT_KEYS = ("version", "unit", "epoch", "model", "optimizer", "generator", "monitor", "rows")
 
 
 # ----------------------------------------------------------------------------- model and data
@@ -198,6 +200,7 @@ def train_unit(
     state: Mapping | None = None,
     save: Callable[[Mapping], object] | None = None,
     on_step: Callable[[], None] | None = None,
+    checkpoint: str | os.PathLike | None = None,
 ) -> tuple[list[dict], nn.Module]:
     """Train one network (loss, width, replicate) and record the traces; resumable from a checkpoint.
 
@@ -210,9 +213,14 @@ def train_unit(
             epoch it holds.
         save: called with the checkpoint (a dict loadable with ``weights_only=True``) after every epoch.
         on_step: called after every optimiser step (progress bars).
+        checkpoint: the file ``state`` was read from, named in the error for a checkpoint that does not fit.
 
     Returns:
         ``(rows, model)``: one row per recorded step (columns :data:`COLUMNS`) and the trained model.
+
+    Raises:
+        ValueError: ``state`` is not a checkpoint of this unit (another unit or version, missing keys, or contents
+            that do not restore).
     """
     case = LOSSES[loss_key]
     loss_fn = case.make()
@@ -242,15 +250,8 @@ def train_unit(
         })
 
     if state is not None:
-        if state.get("version") != CKPT_VERSION or state.get("unit") != unit:
-            raise ValueError(f"mnist-traces: checkpoint for {state.get('unit')} (version {state.get('version')}) "
-                             f"does not belong to unit {unit}; delete it to restart that unit.")
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        gen.set_state(state["generator"])
-        mon.load_state_dict(state["monitor"])
-        rows = [dict(r) for r in state["rows"]]
-        start = int(state["epoch"])
+        rows, start = _restore(state, unit, setup.epochs, model, opt, gen, mon,
+                               "checkpoint" if checkpoint is None else f"checkpoint {checkpoint}")
     else:
         record(0)
 
@@ -278,6 +279,30 @@ def train_unit(
             })
     model.eval()
     return rows, model
+
+
+def _restore(state: Mapping, unit: dict, epochs: int, model, opt, gen, mon, what: str) -> tuple[list[dict], int]:
+    """Load a unit checkpoint into the training objects; returns ``(rows, epoch)`` (``ValueError`` if it does not
+    belong to ``unit`` or does not restore; ``what`` names it in the message)."""
+    redo = "delete it to restart that unit."
+    if state.get("version") != CKPT_VERSION or state.get("unit") != unit:
+        raise ValueError(f"mnist-traces: {what} is for {state.get('unit')} (version {state.get('version')}) and does "
+                         f"not belong to unit {unit}; {redo}")
+    missing = [k for k in CKPT_KEYS if k not in state]
+    if missing:
+        raise ValueError(f"mnist-traces: {what} lacks the key(s) {', '.join(map(repr, missing))}; {redo}")
+    try:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        gen.set_state(state["generator"])
+        mon.load_state_dict(state["monitor"])
+        rows, start = [dict(r) for r in state["rows"]], int(state["epoch"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"mnist-traces: {what} of unit {unit} does not restore ({type(e).__name__}: {e}); "
+                         f"{redo}") from e
+    if not 0 <= start <= epochs:
+        raise ValueError(f"mnist-traces: {what} is at epoch {start}, outside 0..{epochs}; {redo}")
+    return rows, start
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -382,8 +407,8 @@ def mnist_traces(
     n_probe = base["n_probe"] if n_probe is None else n_probe
     batch_size = base["batch_size"] if batch_size is None else batch_size
     lr = base["lr"] if lr is None else lr
-    widths = tuple(base["widths"] if widths is None else ([widths] if isinstance(widths, int) else widths))
-    losses = tuple(LOSSES if losses is None else ([losses] if isinstance(losses, str) else losses))
+    widths = tuple(base["widths"]) if widths is None else as_tuple(widths)  # widths=16: one width
+    losses = tuple(LOSSES) if losses is None else as_tuple(losses)
     seeds = base["seeds"] if seeds is None else seeds
     measure_per_epoch = base["measure_per_epoch"] if measure_per_epoch is None else measure_per_epoch
     threads = base["threads"] if threads is None else threads
@@ -406,8 +431,10 @@ def mnist_traces(
     bad = [k for k in losses if k not in LOSSES]
     if bad or not losses or len(set(losses)) != len(losses):
         raise ValueError(f"mnist-traces: unknown or repeated losses {bad or list(losses)}; choose from {list(LOSSES)}.")
-    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr > 0:
+    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not 0 < lr < math.inf:
         raise ValueError(f"mnist-traces: lr must be a positive number, got {lr!r}.")
+    check_int("mnist-traces: seed", seed, 0)
+    check_bool("mnist-traces: figures", figures)
 
     desc, Xtr, ytr, Xte, yte = load_data(data, n_train, n_test, seed)  # before the folder: bad --data leaves no trace
     config = {
@@ -436,9 +463,10 @@ def mnist_traces(
     def work(key, state, save):
         loss_key, width, rep = by_key[key]
         bar.set_postfix_str(key)
-        if state is not None:
-            bar.update(int(state["epoch"]) * setup.steps_per_epoch)
-        rows, _ = train_unit(setup, loss_key, width, rep, state=state, save=save, on_step=lambda: bar.update(1))
+        if state is not None and isinstance(state["epoch"], int):  # the keys are checked by units.run
+            bar.update(state["epoch"] * setup.steps_per_epoch)
+        rows, _ = train_unit(setup, loss_key, width, rep, state=state, save=save, on_step=lambda: bar.update(1),
+                             checkpoint=units.checkpoint_file(key))
         return rows
 
     def on_done(key, rows):
@@ -450,7 +478,7 @@ def mnist_traces(
             for key in keys:  # keep the bar right for units read back from disk
                 if units.is_done(key):
                     bar.update(setup.total_steps)
-            units.run(keys, work, on_done=on_done)
+            units.run(keys, work, on_done=on_done, state_keys=CKPT_KEYS)
         finally:
             bar.close()
     elapsed = time.perf_counter() - t0

@@ -63,7 +63,7 @@ import fisherlens as fl
 from .. import datasets
 from ..plots import save_png
 from ..runs import RunDir, save_checkpoint, write_csv
-from ._common import torch_threads
+from ._common import as_tuple, torch_threads
 
 Tensor = torch.Tensor
 
@@ -292,11 +292,11 @@ def _check_int(name: str, v, lo: int) -> None:
 
 
 def _hidden_list(hidden) -> list[tuple[int, ...]]:
-    try:
-        out = [tuple(int(w) for w in (h if isinstance(h, (tuple, list)) else (h,))) for h in hidden]
-    except (TypeError, ValueError):
-        raise ValueError(f"hidden must be a list of hidden-width tuples, e.g. [(), (16,), (25,)], "
-                         f"got {hidden!r}.") from None
+    """Architectures as hidden-width tuples; a single width (``--set hidden=16``) is one architecture."""
+    out = [as_tuple(h) for h in as_tuple(hidden)]
+    if not all(isinstance(w, int) and not isinstance(w, bool) for h in out for w in h):
+        raise ValueError(f"hidden must be a list of hidden-width tuples of integers, e.g. [(), (16,), (25,)], "
+                         f"got {hidden!r}.")
     if not out or any(w < 1 for h in out for w in h) or any(len(h) > 1 for h in out):
         raise ValueError(f"hidden must list architectures with 0 or 1 hidden layer of width ≥ 1, got {hidden!r}.")
     if len(set(out)) != len(out):
@@ -336,7 +336,8 @@ def sloppy(
         epochs: Adam epochs (default 50, quick 2).
         n_train, n_test: training / held-out images (default 4000 / 1000; quick 300 / 200); with a larger
             ``--data`` set more can be asked for (``--set n_train=60000``).
-        hidden: architectures as hidden widths (default ``[(), (16,), (25,)]``: 784-10, 784-16-10, 784-25-10).
+        hidden: architectures as hidden widths (default ``[(), (16,), (25,)]``: 784-10, 784-16-10, 784-25-10;
+            a single integer ``16``: the one architecture 784-16-10).
         batch_size, lr: Adam mini-batch (128, seed 002) and learning rate.
         easy, hard: dataset indices of the two inputs (default: automatic, over all networks — easy: the
             held-out image with the largest ensemble-mean probability of its true class; hard: the one with the
@@ -375,6 +376,7 @@ def sloppy(
     N = len(X)
     if n_train + n_test > N:
         raise ValueError(f"n_train + n_test = {n_train + n_test} exceeds the {N} images of {data!r}.")
+    _check_int("seed", seed, 0)
     for name, v in (("easy", easy), ("hard", hard)):
         if v is not None:
             if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < N:

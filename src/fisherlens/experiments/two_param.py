@@ -47,7 +47,7 @@ import fisherlens as fl
 from .. import geometry
 from ..plots import save_png
 from ..runs import RunDir, write_csv
-from ._common import torch_threads
+from ._common import as_tuple, check_int, check_number, torch_threads
 
 Tensor = torch.Tensor
 DTYPE = torch.float64
@@ -231,6 +231,41 @@ def _fmt(v: float) -> str:
     return f"{v:.10g}"
 
 
+# ----------------------------------------------------------------------------- option checks
+def _lr_plan(lr, keys: list[str]) -> dict[str, float]:
+    """``lr`` as ``{loss: learning rate}``: a mapping naming known losses, or one number for every loss in ``keys``."""
+    if lr is None:
+        return {}
+    if not isinstance(lr, dict):  # --set lr=0.1: the same learning rate for every loss
+        lr = dict.fromkeys(keys, lr)
+    for k, v in lr.items():
+        if k not in LOSSES:
+            raise ValueError(f"two-param: lr= names unknown loss {k!r}.")
+        check_number(f"two-param: lr[{k!r}] (a number, or a mapping {{loss: number}})", v, lo=0)
+    return lr
+
+
+def _check_numbers(name: str, value, n: int, what: str) -> None:
+    """Refuse anything but a list of ``n`` finite numbers for the option ``name``."""
+    if not isinstance(value, (list, tuple)) or len(value) != n:
+        raise ValueError(f"two-param: {name} must be {n} numbers {what}, got {value!r}.")
+    for i, v in enumerate(value):
+        check_number(f"two-param: {name}[{i}]", v)
+
+
+def _check_scalars(seed, n_data, data, steepness, cond_max, regularize, chunk_size) -> None:
+    """The scalar options of :func:`two_param` (each refused with a message naming it)."""
+    check_int("two-param: seed", seed, 0)
+    if data is None or isinstance(data, str):  # a named data set is drawn with n_data points
+        check_int("two-param: n_data", n_data, 2)
+    check_number("two-param: steepness", steepness, lo=0)
+    check_number("two-param: cond_max", cond_max, lo=1)
+    if regularize is not None:
+        check_number("two-param: regularize (None or eps > 0)", regularize, lo=0)
+    if chunk_size is not None:
+        check_int("two-param: chunk_size", chunk_size, 1)
+
+
 # ----------------------------------------------------------------------------- the experiment
 def two_param(
     out: str | os.PathLike,
@@ -262,11 +297,11 @@ def two_param(
         n_data: points in a named data set (default 100; quick 40).
         grid: ``(θ₁ min, θ₁ max, θ₂ min, θ₂ max)`` of the θ grid.
         resolution: grid points per axis (default 201; quick 21).
-        losses: subset of :data:`LOSSES` (default all three).
+        losses: subset of :data:`LOSSES` (default all three; one name: that loss only).
         steps: gradient-descent steps for every loss (default per loss, 400; quick 60).
-        lr: ``{loss: learning rate}`` overriding :data:`LOSSES`.
+        lr: ``{loss: learning rate}`` overriding :data:`LOSSES`, or one number for every loss.
         theta0: start of gradient descent (seed: (0.5, 0.5)).
-        steepness: the factor 5 of eq 5.2.1.
+        steepness: the factor 5 of eq 5.2.1 (a positive number).
         cond_max: points whose metric has a larger condition number are singular (or regularised).
         regularize: ``None`` (flag singular points) or ``eps`` (use ``I + eps·Id`` there, flagged).
         chunk_size: grid points per vectorised chunk (default: automatic).
@@ -280,26 +315,24 @@ def two_param(
     """
     n_data = n_data if n_data is not None else (40 if quick else 100)
     resolution = resolution if resolution is not None else (21 if quick else 201)
-    keys = list(losses) if losses is not None else list(LOSSES)
+    keys = list(LOSSES) if losses is None else list(as_tuple(losses))  # losses=l2_norm: that one
     for k in keys:
         if k not in LOSSES:
             raise ValueError(f"two-param: unknown loss {k!r}; choose from {', '.join(LOSSES)}.")
     if not keys:
         raise ValueError("two-param: losses= is empty.")
-    lr = dict(lr or {})
-    for k in lr:
-        if k not in LOSSES:
-            raise ValueError(f"two-param: lr= names unknown loss {k!r}.")
+    lr = _lr_plan(lr, keys)
     if not isinstance(resolution, int) or resolution < 2:
         raise ValueError(f"two-param: resolution must be an integer >= 2, got {resolution!r}.")
-    if len(grid) != 4 or not (grid[0] < grid[1] and grid[2] < grid[3]):
+    _check_numbers("grid", grid, 4, "(θ1 min, θ1 max, θ2 min, θ2 max)")
+    if not (grid[0] < grid[1] and grid[2] < grid[3]):
         raise ValueError(f"two-param: grid must be (θ1 min, θ1 max, θ2 min, θ2 max) with min < max, got {grid!r}.")
-    if len(theta0) != 2:
-        raise ValueError(f"two-param: theta0 must be two numbers (θ1, θ2), got {theta0!r}.")
+    _check_numbers("theta0", theta0, 2, "(θ1, θ2)")
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise ValueError(f"two-param: threads must be a positive integer or None, got {threads!r}.")
     if steps is not None and (not isinstance(steps, int) or steps < 1):
         raise ValueError(f"two-param: steps must be a positive integer, got {steps!r}.")
+    _check_scalars(seed, n_data, data, steepness, cond_max, regularize, chunk_size)
     default_steps = 60 if quick else None
     plan = {k: {"lr": float(lr.get(k, LOSSES[k].lr)),
                 "steps": steps or default_steps or LOSSES[k].steps} for k in keys}

@@ -339,13 +339,29 @@ _resolve_activation = activation  # ``meanfield``'s argument shadows the name
 
 
 # ----------------------------------------------------------------------------- the theory
-def _per_layer(name: str, v, L: int) -> np.ndarray:
-    arr = np.broadcast_to(np.asarray(v, dtype=float), (L,)).copy() if np.ndim(v) == 0 else np.asarray(v, float)
+def _per_layer(name: str, v, L: int, *, positive: bool = False) -> np.ndarray:
+    try:
+        arr = np.broadcast_to(np.asarray(v, dtype=float), (L,)).copy() if np.ndim(v) == 0 else np.asarray(v, float)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"{name} must be a number or a sequence of {L} numbers, got {v!r}.") from e
     if arr.shape != (L,):
         raise ValueError(f"{name} must be a number or a sequence of {L} numbers (one per weight layer).")
-    if not np.all(np.isfinite(arr)) or np.any(arr < 0):
-        raise ValueError(f"{name} must be finite and non-negative, got {v!r}.")
+    if not np.all(np.isfinite(arr)) or np.any(arr < 0) or (positive and np.any(arr == 0)):
+        why = (" (a zero weight variance makes the layer's weights 0: the Fisher degenerates and λ_max → 0, "
+               "η_c → ∞)") if positive else ""
+        raise ValueError(f"{name} must be finite and {'positive' if positive else 'non-negative'}, got {v!r}{why}.")
     return arr
+
+
+def _width_scale(M, name: str = "M") -> np.ndarray:
+    """The width scale(s) M as a float array; refuses M <= 0, NaN, inf (λ_max < 0, η_c < 0 otherwise)."""
+    try:
+        a = np.asarray(M, dtype=float)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"{name} (the width scale) must be a number or an array of numbers, got {M!r}.") from e
+    if a.size == 0 or not np.all(np.isfinite(a)) or np.any(a <= 0):
+        raise ValueError(f"{name} (the width scale, M_l = α_l M) must be positive and finite, got {M!r}.")
+    return a
 
 
 def _out(x: np.ndarray):
@@ -357,9 +373,10 @@ class MeanField:
     """Macroscopic variables and eigenvalue statistics of seed 003 (see the module docstring).
 
     Layer arrays are indexed from 0: ``q[l−1] = q^l`` and ``q_tilde[l−1] = q̃^l`` (l = 1 … L),
-    ``q_hat[l] = q̂^l`` (l = 0 … L−1).  Methods take the width scale M (number or array) and return the
-    seed's large-M formulas; ``finite_size=True`` keeps the exact parameter count P(M) and the O(1) bias terms
-    (same macroscopic variables — a finite-M refinement that is not part of seed 003).
+    ``q_hat[l] = q̂^l`` (l = 0 … L−1).  Methods take the width scale M (number or array, positive and finite:
+    anything else raises ``ValueError``) and return the seed's large-M formulas; ``finite_size=True`` keeps
+    the exact parameter count P(M) and the O(1) bias terms (same macroscopic variables — a finite-M refinement
+    that is not part of seed 003).
 
     Attributes:
         activation: the :class:`Activation`.
@@ -392,11 +409,12 @@ class MeanField:
     # -- sizes
     def layer_widths(self, M: int) -> list[int]:
         """Integer widths ``[M_0, …, M_{L−1}, C]`` at scale M (``M_l = round(α_l M)``, at least 1)."""
+        M = float(_width_scale(M))
         return [max(1, round(a * M)) for a in self.widths] + [self.outputs]
 
     def n_params(self, M: ArrayLike) -> ArrayLike:
         """Exact parameter count ``P = Σ_l M_l (M_{l−1} + 1)`` (≈ α M² for large M)."""
-        Ms = np.atleast_1d(np.asarray(M, dtype=float))
+        Ms = np.atleast_1d(_width_scale(M))
         P = np.array([sum(w[i + 1] * (w[i] + 1) for i in range(self.depth)) for w in map(self._widths_f, Ms)])
         return _out(P if np.ndim(M) else P[0])
 
@@ -419,7 +437,7 @@ class MeanField:
     # -- statistics
     def mean_eigenvalue(self, M: ArrayLike, *, finite_size: bool = False) -> ArrayLike:
         """``m_λ = C κ1 / M`` (Theorem 1, eq 13); ``finite_size``: ``C K_ss / P(M)``."""
-        M = np.asarray(M, dtype=float)
+        M = _width_scale(M)
         if not finite_size:
             return _out(self.outputs * self.kappa1 / M)
         Kss, _ = self._gram_entries(M)
@@ -428,7 +446,7 @@ class MeanField:
     def second_moment(self, M: ArrayLike, *, finite_size: bool = False) -> ArrayLike:
         """``s_λ = C α ((T−1)/T κ2² + κ1²/T)`` (Theorem 3, eq 14; independent of M);
         ``finite_size``: ``C ((T−1)/T K_st² + K_ss²/T) / P(M)``."""
-        M = np.asarray(M, dtype=float)
+        M = _width_scale(M)
         a, b = self._tw()
         if not finite_size:
             return _out(np.full(M.shape, self.outputs * self.alpha * (a * self.kappa2**2 + b * self.kappa1**2)))
@@ -439,7 +457,7 @@ class MeanField:
     def max_eigenvalue(self, M: ArrayLike, *, finite_size: bool = False) -> ArrayLike:
         """``λ_max = α ((T−1)/T κ2 + κ1/T) M`` (Theorem 4, eq 16; independent of C);
         ``finite_size``: ``(T−1)/T K_st + K_ss/T`` (adds the O(1) bias terms)."""
-        M = np.asarray(M, dtype=float)
+        M = _width_scale(M)
         a, b = self._tw()
         if not finite_size:
             return _out(self.alpha * (a * self.kappa2 + b * self.kappa1) * M)
@@ -451,14 +469,26 @@ class MeanField:
         return _out(np.asarray(self.second_moment(M)) - np.asarray(self.mean_eigenvalue(M)) ** 2)
 
     def critical_learning_rate(self, M: ArrayLike, momentum: float = 0.0) -> ArrayLike:
-        """``η_c = 2(1 + μ)/λ_max`` (Lemma 6 with Theorem 4: eq 20); batch GD with momentum μ diverges above it."""
+        """``η_c = 2(1 + μ)/λ_max`` (Lemma 6 with Theorem 4: eq 20); batch GD with momentum μ diverges above it.
+
+        Raises ``ValueError`` when λ_max vanishes at leading order (κ2 = 0 with T = ∞: an odd activation
+        without bias, see the module doc) — the theory then gives no finite η_c."""
         if not 0 <= momentum < 1:
             raise ValueError(f"momentum must lie in [0, 1), got {momentum!r}.")
-        return _out(2 * (1 + momentum) / np.asarray(self.max_eigenvalue(M)))
+        lam = np.asarray(self.max_eigenvalue(M))
+        if not np.all(lam > 0):
+            raise ValueError(
+                f"λ_max = {float(np.min(lam)):.3g} at leading order (kappa2 = {self.kappa2:.3g}, samples T = "
+                f"{self.samples}): no finite critical learning rate. With sigma_b2 = 0 an odd activation has κ2 = 0; "
+                "use sigma_b2 > 0, a finite T, or measure λ_max."
+            )
+        return _out(2 * (1 + momentum) / lam)
 
     def count_bound(self, M: ArrayLike, k: float) -> ArrayLike:
-        """Corollary 2: ``N(λ ≥ k) ≤ min(α κ1 C M / k, C T)``."""
-        M = np.asarray(M, dtype=float)
+        """Corollary 2: ``N(λ ≥ k) ≤ min(α κ1 C M / k, C T)`` (k > 0)."""
+        M = _width_scale(M)
+        if not np.all(np.asarray(k, dtype=float) > 0):
+            raise ValueError(f"k (the eigenvalue threshold) must be positive, got {k!r}.")
         return _out(np.minimum(self.alpha * self.kappa1 * self.outputs * M / k, self.outputs * self.samples))
 
     def fisher_rao_norm(self) -> float:
@@ -478,7 +508,7 @@ class MeanField:
     def large_output_bounds(self, M: ArrayLike) -> dict[str, ArrayLike | tuple[ArrayLike, ArrayLike]]:
         """Seed 003 §4.3 for C = O(M) (eqs 21–22), with s_λ and λ_max the C = O(1) values at this C:
         ``m'_λ = m_λ``, ``s_λ ≤ s'_λ ≤ C s_λ``, ``λ_max ≤ λ'_max ≤ √(α C s_λ) M``."""
-        M = np.asarray(M, dtype=float)
+        M = _width_scale(M)
         s = np.asarray(self.second_moment(M))
         return {
             "mean": self.mean_eigenvalue(M),
@@ -523,7 +553,8 @@ def meanfield(
     Args:
         activation: ``"relu"``, ``"tanh"``, ``"linear"``, ``"erf"`` (φ = erf x), ``"sigmoid"``, a pair
             ``(φ, φ')`` or a callable φ with ``derivative=φ'`` (numpy-vectorised; kinks at 0 are fine).
-        sigma_w2, sigma_b2: weight and bias variances σ_w², σ_b² (eq 8), a number or one per weight layer.
+        sigma_w2, sigma_b2: weight and bias variances σ_w², σ_b² (eq 8), a number or one per weight layer;
+            σ_w² > 0 and σ_b² ≥ 0, finite (else ``ValueError`` naming the argument).
         depth: L ≥ 2, the number of weight layers (L − 1 hidden layers).
         widths: ``(α_0, …, α_{L−1})`` with ``M_l = α_l M`` for the input and hidden layers (default all 1).
         outputs: C, the number of linear outputs.
@@ -531,7 +562,8 @@ def meanfield(
         derivative: φ' when ``activation`` is a bare callable.
         integrator: ``"quadrature"`` (default; half-range Gauss–Hermite, any activation) or ``"closed"``
             (closed forms; only linear, ReLU and erf).
-        q0, q0_st: input statistics ``q̂^0 = |x|²/M_0`` and ``q̂^0_st = x(s)·x(t)/M_0`` (1 and 0 for N(0, I)).
+        q0, q0_st: input statistics ``q̂^0 = |x|²/M_0`` and ``q̂^0_st = x(s)·x(t)/M_0`` (1 and 0 for N(0, I));
+            ``q0 > 0`` and ``|q0_st| ≤ q0``, finite.
 
     Returns:
         A :class:`MeanField`.  Warns (``UserWarning``) when κ2 = 0 — an odd activation without bias keeps
@@ -542,12 +574,17 @@ def meanfield(
     if not isinstance(depth, (int, np.integer)) or isinstance(depth, bool) or depth < 2:
         raise ValueError(f"depth (number of weight layers L) must be an integer ≥ 2, got {depth!r}.")
     L = int(depth)
-    if not isinstance(outputs, (int, np.integer)) or outputs < 1:
+    if not isinstance(outputs, (int, np.integer)) or isinstance(outputs, bool) or outputs < 1:
         raise ValueError(f"outputs (C) must be a positive integer, got {outputs!r}.")
     T = float(samples)
     if not (T >= 1):
         raise ValueError(f"samples (T) must be ≥ 1 (or math.inf), got {samples!r}.")
-    sw, sb = _per_layer("sigma_w2", sigma_w2, L), _per_layer("sigma_b2", sigma_b2, L)
+    sw, sb = _per_layer("sigma_w2", sigma_w2, L, positive=True), _per_layer("sigma_b2", sigma_b2, L)
+    q0, q0_st = float(q0), float(q0_st)
+    if not (math.isfinite(q0) and q0 > 0):
+        raise ValueError(f"q0 (the input statistic |x|²/M_0) must be positive and finite, got {q0!r}.")
+    if not (math.isfinite(q0_st) and abs(q0_st) <= q0):
+        raise ValueError(f"q0_st (x(s)·x(t)/M_0) must be finite with |q0_st| <= q0 = {q0!r}, got {q0_st!r}.")
     alphas = np.ones(L) if widths is None else np.asarray(widths, dtype=float)
     if alphas.shape != (L,) or not np.all(alphas > 0) or not np.all(np.isfinite(alphas)):
         raise ValueError(f"widths must be {L} positive numbers (α_0, …, α_{{L−1}}), got {widths!r}.")

@@ -84,11 +84,24 @@ class Elementwise(nn.Module):
         return self.name
 
 
-def _per_layer(v: float | Sequence[float], L: int) -> list[float]:
-    vals = [float(v)] * L if isinstance(v, (int, float)) else [float(x) for x in v]
+def _per_layer(v: float | Sequence[float], L: int, name: str = "variance", positive: bool = False) -> list[float]:
+    """Per-layer variances: finite, ``> 0`` (``positive``, the weights') or ``≥ 0`` (the biases')."""
+    try:
+        vals = [float(v)] * L if isinstance(v, (int, float)) else [float(x) for x in v]
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"{name} must be a number or {L} per-layer numbers, got {v!r}.") from e
     if len(vals) != L:
-        raise ValueError(f"expected a number or {L} per-layer values, got {v!r}.")
+        raise ValueError(f"{name}: expected a number or {L} per-layer values, got {v!r}.")
+    if not all(math.isfinite(x) and (x > 0 if positive else x >= 0) for x in vals):
+        raise ValueError(f"{name} must be finite and {'positive' if positive else 'non-negative'}, got {v!r}.")
     return vals
+
+
+def _positive_integer(m) -> bool:
+    try:
+        return not isinstance(m, bool) and float(m).is_integer() and int(m) >= 1
+    except (TypeError, ValueError, OverflowError):
+        return False
 
 
 def standard_normals(
@@ -124,9 +137,12 @@ class MLPEnsemble:
         cls, Zw: Sequence[Tensor], Zb: Sequence[Tensor], activation: str | tuple[TorchFn, TorchFn],
         sigma_w2: float | Sequence[float], sigma_b2: float | Sequence[float],
     ) -> MLPEnsemble:
-        """Scale standard normals to ``W^l = (σ_w²/M_{l−1})^{1/2} Z``, ``b^l = σ_b Z'`` (seed 003 eq 8)."""
+        """Scale standard normals to ``W^l = (σ_w²/M_{l−1})^{1/2} Z``, ``b^l = σ_b Z'`` (seed 003 eq 8).
+
+        ``sigma_w2 > 0`` and ``sigma_b2 ≥ 0`` (finite; a number or one per layer), else ``ValueError``."""
         L = len(Zw)
-        sw, sb = _per_layer(sigma_w2, L), _per_layer(sigma_b2, L)
+        sw = _per_layer(sigma_w2, L, "sigma_w2", positive=True)
+        sb = _per_layer(sigma_b2, L, "sigma_b2")
         name, phi, dphi = _torch_act(activation)
         W = [z * math.sqrt(s / z.shape[-1]) for z, s in zip(Zw, sw, strict=True)]
         b = [z * math.sqrt(s) for z, s in zip(Zb, sb, strict=True)]
@@ -138,9 +154,12 @@ class MLPEnsemble:
         sigma_b2: float | Sequence[float], generator: torch.Generator | None = None,
         dtype: torch.dtype = torch.float64,
     ) -> MLPEnsemble:
-        """Draw E networks with widths ``sizes = [M_0, M_1, …, M_{L−1}, C]``."""
-        if len(sizes) < 3 or any(int(m) < 1 for m in sizes):
-            raise ValueError(f"sizes must be [M_0, …, M_{{L−1}}, C] with L ≥ 2 and positive entries, got {sizes!r}.")
+        """Draw E networks with widths ``sizes = [M_0, M_1, …, M_{L−1}, C]`` (positive integers; E ≥ 1)."""
+        if not isinstance(E, int) or isinstance(E, bool) or E < 1:
+            raise ValueError(f"E (the number of networks) must be a positive integer, got {E!r}.")
+        if len(sizes) < 3 or not all(_positive_integer(m) for m in sizes):
+            raise ValueError(f"sizes must be [M_0, …, M_{{L−1}}, C] with L ≥ 2 and positive integer entries, got "
+                             f"{sizes!r}.")
         return cls.from_normals(*standard_normals(E, [int(m) for m in sizes], generator, dtype), activation,
                                 sigma_w2, sigma_b2)
 
