@@ -171,3 +171,11 @@ def test_exact_diag_peak_memory_flat_in_n(monkeypatch):
     peaks = {n: _peak_rss_growth(lambda n=n: fl.fisher_diag(model, X[:n], lik, batch_size=n)) for n in (8, 32, 96)}
     per_input = 10 * 4 * (3 * 16 * 32 * 32)  # ≈ 2 MB of output gradients alone per input (C = 10 columns)
     assert peaks[96] - peaks[8] < 12 * per_input, peaks  # unchunked, 88 more inputs would add > 88 × per_input
+
+
+def test_float32_overflow_refused_not_returned():
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2).float().eval()
+    X, Y = torch.randn(5, 4), torch.randn(5, 2)
+    with pytest.raises(ValueError, match="overflowed"):
+        fl.fisher_diag(model, (X, Y), fl.Gaussian(1e-15), "empirical")

@@ -338,6 +338,19 @@ def all_finite(t: Tensor) -> bool:
     return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
+def finite_result(what: str, value):
+    """Return ``value`` (a tensor, a float or a dict of them) after checking it is finite: an overflow in the
+    model's dtype (e.g. 1/σ⁴ of a tiny σ in float32) is refused, never returned as inf/NaN."""
+    items = value.values() if isinstance(value, dict) else [value]
+    for v in items:
+        if not (all_finite(v) if isinstance(v, Tensor) else math.isfinite(v)):
+            raise ValueError(
+                f"{what} overflowed to inf/NaN in the model's dtype; compute in float64 (model.double()) or rescale "
+                "the outputs (e.g. a larger sigma)."
+            )
+    return value
+
+
 def check_inputs(X: Tensor) -> None:
     """Refuse NaN/inf in floating inputs (their Fisher is undefined, and they poison every check)."""
     if torch.is_floating_point(X) and not all_finite(X):

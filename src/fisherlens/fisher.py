@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from ._core import Run, check_choice, check_dense, quadratic_sum
+from ._core import Run, check_choice, check_dense, finite_result, quadratic_sum
 from .estimators import Estimate, estimate
 
 Tensor = torch.Tensor
@@ -90,7 +90,7 @@ def dense(run: Run, make_v=None, columns=None) -> Tensor:
     for _, _, st in run.chunks({"rows"}, make_v, columns):
         R = torch.cat([st.rows[n] for n in fm.names], dim=-1).reshape(-1, fm.P)
         out.addmm_(R.T, R)
-    return out * run.scale()
+    return finite_result("The Fisher matrix", out * run.scale())
 
 
 def diag_dict(run: Run, make_v=None, columns=None) -> dict[str, Tensor]:
@@ -101,7 +101,7 @@ def diag_dict(run: Run, make_v=None, columns=None) -> dict[str, Tensor]:
         for n in fm.names:
             acc[n] += st.diag[n]
     s = run.scale()
-    return {n: v * s for n, v in acc.items()}
+    return finite_result("The Fisher diagonal", {n: v * s for n, v in acc.items()})
 
 
 def trace_dict(run: Run, make_v=None, columns=None) -> dict[str, float]:
@@ -112,7 +112,7 @@ def trace_dict(run: Run, make_v=None, columns=None) -> dict[str, float]:
         for n in fm.names:
             acc[n] += st.sqnorm[n].sum().item()
     s = run.scale()
-    return {n: v * s for n, v in acc.items()}
+    return finite_result("The Fisher trace", {n: v * s for n, v in acc.items()})
 
 
 @_doc
@@ -214,7 +214,7 @@ def fisher_blocks(
             r = st.rows[n].reshape(-1, fm.sizes[n])
             acc[n].addmm_(r.T, r)
     s = run.scale()
-    return {n: v * s for n, v in acc.items()}
+    return finite_result("A Fisher block", {n: v * s for n, v in acc.items()})
 
 
 @_doc
