@@ -22,7 +22,7 @@ demo: venv
 	$(VENV)/bin/fisherlens run demo --out $(OUT)
 
 test: venv
-	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks examples
 	$(PY) -m pytest -q -p no:cacheprovider
 
 bench: venv

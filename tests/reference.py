@@ -11,6 +11,9 @@ Output models and losses are described by plain *specs* (tuples), not by library
   they are integer class labels);
 * ``("custom", fn)`` — a user callable ``fn(f (B, C), y) -> (B,)`` defined in the tests.
 
+Also here: the output-space square roots ``S`` (``S Sᵀ = Λ``) and the factor rows ``Ĵ`` of the true Fisher
+(SCIENCE §2, §6), and Brioschi's formula for the curvature of a 2-D metric from finite differences.
+
 Conventions (SCIENCE.md): θ is the concatenation of the selected parameters, flattened, in
 ``named_parameters()`` order; ``J_n = ∂f(x_n)/∂θ`` is ``(C, P)``; every Fisher is a mean over the
 N inputs; the NTK is summed over parameters and not averaged over outputs.
@@ -18,6 +21,7 @@ N inputs; the NTK is summed over parameters and not averaged over outputs.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -198,6 +202,32 @@ def fisher(model, X, Y, spec, kind, names=None, labels=None) -> Tensor:
     raise ValueError(kind)
 
 
+def sqrt_output_fisher(spec, f: Tensor) -> Tensor:
+    """``S (N, C, C)`` with ``S_n S_nᵀ = Λ(f_n)`` for outputs ``f (N, C)``, written out by hand (SCIENCE §2)."""
+    N, C = f.shape
+    name = spec[0]
+    if name == "gaussian":
+        return torch.eye(C, dtype=f.dtype).expand(N, C, C) / spec[1]
+    if name == "bernoulli":
+        p = 1 / (1 + torch.exp(-f))
+        return (p * (1 - p)).sqrt().reshape(N, 1, 1)
+    if name != "categorical":
+        raise ValueError(f"no output Fisher for {spec}")
+    p = torch.exp(f - torch.logsumexp(f, -1, keepdim=True))
+    out = []
+    for n in range(N):
+        sp = p[n].sqrt()
+        out.append(torch.diag(sp) - torch.outer(p[n], sp))
+    return torch.stack(out)
+
+
+def factor_rows(model, X: Tensor, spec, names=None) -> Tensor:
+    """``Ĵ (N·C, P)`` with rows ``(S_nᵀ J_n)``: ``F = Ĵᵀ Ĵ / N``, and column p of Ĵ is the ``a`` of SCIENCE §6."""
+    J = jacobians(model, X, names)
+    S = sqrt_output_fisher(spec, outputs(model, X))
+    return torch.einsum("nck,ncp->nkp", S, J).reshape(-1, J.shape[-1])
+
+
 def blocks(F_: Tensor, model, names=None) -> dict[str, Tensor]:
     """Diagonal blocks ``F[name, name]`` of a dense Fisher."""
     return {n: F_[s, s] for n, s in slices(model, names).items()}
@@ -254,3 +284,27 @@ def relation_ntk_side(model, X, Y, spec, kind, labels=None) -> float:
                 r = residual(spec, f[n], labels[j, n])
                 total += float(r @ t @ r) / labels.shape[0]
     return total / len(X)
+
+
+# ----------------------------------------------------------------------------- curvature of a 2-D metric
+def brioschi(metric, q, h: float = 2e-3) -> float:
+    """2K by Brioschi's formula from central differences of E = g11, F = g12, G = g22 (Richardson-extrapolated
+    over h and h/2; independent of the Christoffel route).  ``metric(q (2,)) -> (2, 2)`` float64."""
+
+    def step(i, j):
+        return torch.tensor((i, j), dtype=torch.float64)
+
+    def once(h):
+        qq = torch.as_tensor(q, dtype=torch.float64)
+        S = {(i, j): metric(qq + h * step(i, j)).numpy() for i in (-1, 0, 1) for j in (-1, 0, 1)}
+        g0 = S[0, 0]
+        du, dv = (S[1, 0] - S[-1, 0]) / (2 * h), (S[0, 1] - S[0, -1]) / (2 * h)
+        duu, dvv = (S[1, 0] - 2 * g0 + S[-1, 0]) / h**2, (S[0, 1] - 2 * g0 + S[0, -1]) / h**2
+        duv = (S[1, 1] - S[1, -1] - S[-1, 1] + S[-1, -1]) / (4 * h * h)
+        E, F, Gg = g0[0, 0], g0[0, 1], g0[1, 1]
+        A = np.array([[-dvv[0, 0] / 2 + duv[0, 1] - duu[1, 1] / 2, du[0, 0] / 2, du[0, 1] - dv[0, 0] / 2],
+                      [dv[0, 1] - du[1, 1] / 2, E, F], [dv[1, 1] / 2, F, Gg]])
+        B = np.array([[0, dv[0, 0] / 2, du[1, 1] / 2], [dv[0, 0] / 2, E, F], [du[1, 1] / 2, F, Gg]])
+        return 2 * (np.linalg.det(A) - np.linalg.det(B)) / (E * Gg - F * F) ** 2
+
+    return (4 * once(h / 2) - once(h)) / 3

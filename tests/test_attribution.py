@@ -11,7 +11,7 @@ import warnings
 import pytest
 import reference as ref
 import torch
-from conftest import assert_close
+from helpers import assert_close
 from torch import nn
 
 import fisherlens as fl

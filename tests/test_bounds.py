@@ -4,20 +4,15 @@
 from __future__ import annotations
 
 import pytest
+import reference
 import torch
-from _models3 import (
-    DT,
-    Scaled,
-    jacobians,
-    make_case,
-    one_thread,  # noqa: F401  (autouse fixture: one intra-op thread)
-    outputs,
-    true_fisher,
-)
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from zoo import DT, Scaled, make_case
 
 import fisherlens as fl
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def hand_lambda(logits: torch.Tensor) -> torch.Tensor:
@@ -79,8 +74,8 @@ def test_core_spectrum_hypothesis(rows):
 
 # ----------------------------------------------------------------------------- envelopes pulled back through J
 def hand_envelopes(model, X):
-    J = jacobians(model, X)  # (N, C, P)
-    p = torch.softmax(outputs(model, X), -1)
+    J = reference.jacobians(model, X)  # (N, C, P)
+    p = torch.softmax(reference.outputs(model, X), -1)
     N = len(X)
     U_diag = torch.einsum("ncp,nc,ncq->pq", J, p, J) / N
     U_iso = torch.einsum("n,ncp,ncq->pq", 1 - p.square().sum(-1), J, J) / N
@@ -97,11 +92,11 @@ def test_envelopes_are_loewner_upper_bounds(name, seed, scale):
     model = Scaled(c.model, scale) if scale != 1.0 else c.model
     c = type(c)(c.name, model, c.X, c.Y, c.lik, c.batch_size)
     F = fl.fisher_matrix(model, c.data, c.lik, batch_size=3)
-    torch.testing.assert_close(F, true_fisher(c), rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(F, reference.true_fisher(c.model, c.X, c.spec), rtol=1e-10, atol=1e-14)
     hand = dict(zip(("diag", "isotropic"), hand_envelopes(model, c.X), strict=True))
     P = F.shape[0]
     for which, Uh in hand.items():
-        U = fl.bounds.envelope(model, c.data, which, "matrix", batch_size=3)
+        U = fl.bounds.envelope(model, c.data, which, "dense", batch_size=3)
         assert U.shape == (P, P)
         s = float(Uh.abs().max())
         torch.testing.assert_close(U, Uh, rtol=1e-10, atol=1e-13 * s)
@@ -144,13 +139,20 @@ def test_envelope_argument_errors():
     with pytest.raises(ValueError):
         fl.bounds.envelope(c.model, c.X, "diag", "eigs")
     with pytest.raises(ValueError):
-        fl.bounds.envelope(c.model, c.X, "diag", "matrix", max_memory=8)
+        fl.bounds.envelope(c.model, c.X, "diag", "dense", max_memory=8)
 
 
 def test_envelope_refuses_a_one_logit_model():
     """core_spectrum refuses C < 2; so must the envelope of a one-logit "categorical" model (its U_diag would be
     (1/N) Σ J_nᵀ J_n, since the softmax of one logit is 1, bounding a Fisher that is identically 0)."""
     c = make_case("bernoulli", n=4)
-    for what in ("diag", "trace", "matrix"):
+    for what in ("diag", "trace", "dense"):
         with pytest.raises(ValueError, match="Categorical"):
             fl.bounds.envelope(c.model, c.X, "diag", what)
+
+
+def test_old_spelling_matrix_still_works_with_a_warning():
+    c = make_case("mlp", n=3)
+    with pytest.warns(FutureWarning, match="what='dense'"):
+        U = fl.bounds.envelope(c.model, c.X, "diag", "matrix")
+    torch.testing.assert_close(U, fl.bounds.envelope(c.model, c.X, "diag", "dense"), rtol=0, atol=0)

@@ -23,7 +23,7 @@ FIGURES = [
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
-    """One quick demo run shared by the tests below (a few seconds)."""
+    """One quick demo run shared by the tests below (a few seconds); those tests are marked ``study``."""
     pytest.importorskip("mlxtend")
     out = tmp_path_factory.mktemp("runs") / "demo"
     assert main(["run", "demo", "--quick", "--out", str(out), "--no-progress"]) == 0
@@ -38,6 +38,7 @@ def test_list(capsys):
         assert name in text and desc[:30] in text and callable(fn)
 
 
+@pytest.mark.study
 def test_run_demo_quick_writes_run_folder(quick_run):
     for name in ["config.json", "metrics.csv", "steps.csv", "summary.md", *FIGURES]:
         assert (quick_run / name).is_file(), name
@@ -80,6 +81,7 @@ def test_run_demo_quick_writes_run_folder(quick_run):
         assert f"]({name})" in summary  # relative links
 
 
+@pytest.mark.study
 def test_rerun_same_config_is_deterministic(quick_run, tmp_path):
     pytest.importorskip("mlxtend")
     from fisherlens.experiments.demo import demo
@@ -88,6 +90,7 @@ def test_rerun_same_config_is_deterministic(quick_run, tmp_path):
     assert (out / "metrics.csv").read_text() == (quick_run / "metrics.csv").read_text()
 
 
+@pytest.mark.study
 def test_report(quick_run, capsys):
     assert main(["report", str(quick_run)]) == 0
     assert capsys.readouterr().out == (quick_run / "summary.md").read_text()
@@ -114,6 +117,7 @@ def test_unknown_experiment(tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.study
 def test_run_refuses_folder_of_other_config(quick_run, capsys):
     before = (quick_run / "config.json").read_text()
     assert (
@@ -139,6 +143,7 @@ def test_argparse_usage_errors_exit_2(capsys):
     assert e.value.code == 2
 
 
+@pytest.mark.study
 def test_set_options_reach_the_experiment(tmp_path, capsys):
     assert main(["run", "demo", "--quick", "--no-progress", "--out", str(tmp_path / "a"), "--set", "bogus=1"]) == 2
     assert "bogus" in capsys.readouterr().err

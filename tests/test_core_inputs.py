@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import build
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+from zoo import build
 
 import fisherlens as fl
 

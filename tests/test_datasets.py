@@ -1,4 +1,5 @@
-"""Datasets: the IDX reader on files written here, the MNIST folder loader, embedded sets."""
+"""fisherlens.datasets: the IDX reader on files written here (``helpers.write_idx``), the MNIST folder loader,
+embedded sets."""
 
 from __future__ import annotations
 
@@ -9,37 +10,12 @@ import sys
 import numpy as np
 import pytest
 import torch
+from helpers import IDX_CODES, idx_bytes, write_idx
 
 from fisherlens import datasets
 
-CODES = {
-    np.uint8: 0x08,
-    np.int8: 0x09,
-    np.int16: 0x0B,
-    np.int32: 0x0C,
-    np.float32: 0x0D,
-    np.float64: 0x0E,
-}
 
-
-def idx_bytes(arr: np.ndarray) -> bytes:
-    """Serialise ``arr`` in the IDX format (big-endian header and data)."""
-    code = CODES[arr.dtype.type]
-    head = bytes([0, 0, code, arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape)
-    return head + arr.astype(arr.dtype.newbyteorder(">")).tobytes()
-
-
-def write_idx(path, arr: np.ndarray, gz: bool = False):
-    data = idx_bytes(arr)
-    if gz:
-        with gzip.open(path, "wb") as fh:
-            fh.write(data)
-    else:
-        path.write_bytes(data)
-    return path
-
-
-@pytest.mark.parametrize("dtype", list(CODES))
+@pytest.mark.parametrize("dtype", list(IDX_CODES))
 def test_idx_roundtrip_all_types(tmp_path, dtype):
     rng = np.random.default_rng(0)
     arr = (rng.standard_normal((3, 4, 5)) * 100).astype(dtype)

@@ -303,6 +303,7 @@ def test_drift_flags_unrelaxed_chains():
 
 
 # ----------------------------------------------------------------------------- study
+@pytest.mark.study
 def test_study_quick_via_cli(tmp_path, capsys):
     import json
 
@@ -335,6 +336,7 @@ def test_study_quick_via_cli(tmp_path, capsys):
         study(tmp_path / "bad2", quick=True, data="mnist", progress=False)
 
 
+@pytest.mark.study
 @pytest.mark.parametrize("opts, match", [
     ({"depths": (1.5,)}, "depths and widths"),
     ({"widths": ()}, "depths and widths"),

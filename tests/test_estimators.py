@@ -1,8 +1,15 @@
-"""Random Fisher estimators (SCIENCE §6): unbiasedness, honest standard errors, exact single-draw variances.
+"""fisherlens.estimators, the random Fisher estimators (SCIENCE §6): unbiasedness, honest standard errors, exact
+single-draw variances, and draws streamed with memory flat in ``samples``.
 
 References are independent of the library: the exact Fisher comes from per-sample Jacobians built one
-``autograd.grad`` at a time (``_models3``), and the exact distribution of one draw is obtained by enumerating
+``autograd.grad`` at a time (``reference.py``), and the exact distribution of one draw is obtained by enumerating
 every Rademacher sign pattern (or every label combination for the MC Fisher) — no random reference.
+
+Streaming: deterministic evidence instead of a memory profiler.  With ``fisherlens._core.WORK_BUDGET`` made small,
+the probe vectors ``ξ (B, C, s)`` and the vmapped pull-back's output ``{name: (s, *shape)}`` — the blocks that grow
+with the number of draws — are recorded and must never hold more than the budget's ``s`` draws, whatever
+``samples`` is (up to ``10**9``, which must start streaming at once).  The streamed mean / standard error must
+equal those of the stacked per-draw values, and stay unbiased with many chunks.
 """
 
 from __future__ import annotations
@@ -12,20 +19,17 @@ import itertools
 import math
 
 import pytest
+import reference
 import torch
-from _models3 import (
-    DT,
-    Scaled,
-    bonferroni_z,
-    factor_rows,
-    jacobians,
-    make_case,
-    one_thread,  # noqa: F401  (autouse fixture: one intra-op thread)
-    outputs,
-    true_fisher,
-)
+from helpers import bonferroni_z
+from torch.func import vmap as real_vmap
+from zoo import DT, Scaled, make_case, tanh_mlp
 
 import fisherlens as fl
+from fisherlens import _core, estimators
+from fisherlens._core import Request
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 ROOT2 = math.sqrt(2.0)
 CASES = ["mlp", "cnn", "bernoulli", "gauss", "free"]
@@ -40,7 +44,7 @@ def case(name: str, n: int = 8, batch_size: int = 3):
 @functools.cache
 def exact(name: str):
     c = case(name)
-    F = true_fisher(c)
+    F = reference.true_fisher(c.model, c.X, c.spec)
     names = [n for n, _ in c.model.named_parameters()]
     sizes = [p.numel() for p in c.model.parameters()]
     offs = [0, *itertools.accumulate(sizes)]
@@ -138,7 +142,7 @@ def test_every_batch_counts():
                                batch_size=bs, per_sample=per_sample)
             zscores(d.value, d.stderr, torch.diagonal(F), f"batch_size={bs}")
             if bs < N:
-                R = factor_rows(c.model, c.X[:bs], c.lik)
+                R = reference.factor_rows(c.model, c.X[:bs], c.spec)
                 for first_only in (R.square().sum(0) / N, R.square().sum(0) / bs):
                     assert float(((d.value - first_only).abs() / d.stderr).max()) > 8
 
@@ -313,7 +317,7 @@ def test_rademacher_variance_closed_form_matches_enumeration():
     """SCIENCE §6: Var v_p² = 2(Σa²)² − 2Σa⁴ (per independent batch), checked against all sign patterns."""
     for name, n in (("mlp", 4), ("bernoulli", 8), ("gauss", 6), ("cnn", 4)):
         c = make_case(name, n=n)
-        A = factor_rows(c)  # column p is the vector a of entry p
+        A = reference.factor_rows(c.model, c.X, c.spec)  # column p is the vector a of entry p
         K = A.shape[0] // n
         for groups in (groups_of(n, K, None, False), groups_of(n, K, 2, False), groups_of(n, K, None, True)):
             mean, mu2, _, _ = rademacher_law(A, groups, n)
@@ -335,7 +339,7 @@ def test_single_draw_cv_and_variance(name, n, probe, batch_size, per_sample):
     """Per diagonal entry, the sample CV (= stderr·√S / value) and sample variance (= stderr²·S) of the library's
     draws match their exact values within the sampling error; CV ≤ √2 (Rademacher), = √2 (Gaussian, one batch)."""
     c = make_case(name, n=n)
-    A = factor_rows(c)
+    A = reference.factor_rows(c.model, c.X, c.spec)
     K = A.shape[0] // n
     groups = groups_of(n, K, batch_size, per_sample)
     law = rademacher_law if probe == "rademacher" else gaussian_law
@@ -343,7 +347,8 @@ def test_single_draw_cv_and_variance(name, n, probe, batch_size, per_sample):
     S = 3000
     e = fl.fisher_diag(c.model, c.data, c.lik, method="hutchinson", probe=probe, per_sample=per_sample, samples=S,
                        generator=gen(11), batch_size=batch_size)
-    torch.testing.assert_close(mean, torch.diagonal(true_fisher(c)), rtol=1e-10, atol=1e-15)
+    F = reference.true_fisher(c.model, c.X, c.spec)
+    torch.testing.assert_close(mean, torch.diagonal(F), rtol=1e-10, atol=1e-15)
     random = mu2 > 1e-20 * float(mean.max()) ** 2
     z = bonferroni_z(2 * int(random.sum())) + 1.0
     cv_hat = e.stderr * math.sqrt(S) / e.value
@@ -365,9 +370,9 @@ def test_single_draw_cv_and_variance(name, n, probe, batch_size, per_sample):
 def mc_law(model, X, S_rows=None):
     """Exact law of one MC draw ``X_p = (Σ_n J_nᵀ (π_n − e_{y_n}))_p² / N`` (one label per input) for a
     Categorical model, by enumerating all C^N label combinations with their probabilities."""
-    J = jacobians(model, X)  # (N, C, P)
+    J = reference.jacobians(model, X)  # (N, C, P)
     N, C, _ = J.shape
-    pi = torch.softmax(outputs(model, X), -1)
+    pi = torch.softmax(reference.outputs(model, X), -1)
     mean = mu2 = mu3 = mu4 = 0
     draws, probs = [], []
     for ys in itertools.product(range(C), repeat=N):
@@ -386,9 +391,9 @@ def mc_law(model, X, S_rows=None):
 def test_mc_fisher_cv_exceeds_root2_on_a_peaked_classifier_while_hutchinson_stays_below():
     c = make_case("mlp", seed=0, n=5)
     model = Scaled(c.model, 3.0)  # logits ×3: max softmax probability > 0.99 on every input
-    pi = torch.softmax(outputs(model, c.X), -1)
+    pi = torch.softmax(reference.outputs(model, c.X), -1)
     assert float(pi.max(-1).values.min()) > 0.99
-    F = true_fisher(type(c)("peaked", model, c.X, c.Y, c.lik, None))
+    F = reference.true_fisher(model, c.X, c.spec)
     mean, mu2, mu3, mu4 = mc_law(model, c.X)
     torch.testing.assert_close(mean, torch.diagonal(F), rtol=1e-9, atol=1e-18)  # the MC Fisher is unbiased
     cv_mc = mu2.sqrt() / mean
@@ -400,10 +405,182 @@ def test_mc_fisher_cv_exceeds_root2_on_a_peaked_classifier_while_hutchinson_stay
     cv_mc_hat = e_mc.stderr * math.sqrt(S) / e_mc.value
     cv_h_hat = e_h.stderr * math.sqrt(S) / e_h.value
     assert float((cv_mc_hat > ROOT2).double().mean()) > 0.8, cv_mc_hat
-    A = factor_rows(model, c.X, c.lik)
+    A = reference.factor_rows(model, c.X, c.spec)
     hm, h2, h3, h4 = rademacher_law(A, groups_of(5, 3, None, False), 5)
     cv_h, se_h = cv_and_se(hm, h2, h3, h4, S)
     assert (cv_h <= ROOT2 * (1 + 1e-9)).all()
     assert (cv_h_hat <= ROOT2 + (bonferroni_z(len(cv_h)) + 1) * se_h).all(), cv_h_hat
     # the peaked MC estimate is much noisier than Hutchinson's for the same number of draws
     assert float((e_mc.stderr / e_mc.value).median()) > 3 * float((e_h.stderr / e_h.value).median())
+
+
+# ----------------------------------------------------------------------------- streamed draws: memory flat in samples
+STREAM_N, STREAM_C, STREAM_BATCH = 9, 3, 4
+COMBOS = [("diag", False), ("trace", False), ("dense", False), ("diag", True), ("trace", True)]  # no per-sample dense
+
+
+class Stop(Exception):
+    """Raised by the recording probe to end a (long) streamed call early."""
+
+
+@pytest.fixture
+def setup():
+    g = torch.Generator().manual_seed(0)
+    model = tanh_mlp(4, 5, STREAM_C).to(DT).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=DT))
+    X = torch.randn(STREAM_N, 4, generator=g, dtype=DT)
+    return model, X, fl.Categorical()
+
+
+@pytest.fixture
+def record(monkeypatch):
+    """Record the draws of every ``probe_vectors`` call and the numel of every vmapped pull-back output;
+    ``rec["stop"] = k`` raises :class:`Stop` at the (k+1)-th probe call."""
+    rec = {"draws": [], "vjp_numel": [], "stop": None}
+    probe = estimators.probe_vectors
+
+    def probe_rec(run, f, method, probe_kind, draws, generator):
+        if rec["stop"] is not None and len(rec["draws"]) >= rec["stop"]:
+            raise Stop
+        rec["draws"].append(draws)
+        return probe(run, f, method, probe_kind, draws, generator)
+
+    def vmap_rec(fn, in_dims=0):
+        def g(*args):
+            out = real_vmap(fn, in_dims=in_dims)(*args)
+            rec["vjp_numel"].append(sum(t.numel() for t in out.values()))
+            return out
+
+        return g
+
+    monkeypatch.setattr(estimators, "probe_vectors", probe_rec)
+    monkeypatch.setattr(estimators, "vmap", vmap_rec)
+    return rec
+
+
+def budget_for(monkeypatch, draws: int, numel: int) -> int:
+    """Set WORK_BUDGET so that ``draws`` draws of ``numel`` float64 numbers fit (and not one more)."""
+    budget = 8 * numel * draws + 8 * numel // 2
+    monkeypatch.setattr(_core, "WORK_BUDGET", budget)
+    return budget
+
+
+def P_of(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("what", ["diag", "trace", "dense"])
+def test_batch_estimator_blocks_are_flat_in_samples(setup, record, monkeypatch, what):
+    model, X, L = setup
+    P = P_of(model)
+    numel = P + (sum(p.numel() ** 2 for p in model.parameters()) if what == "dense" else 0)
+    limit = 4
+    budget_for(monkeypatch, limit, numel + STREAM_BATCH * STREAM_C)  # the batch estimator also counts ξ (B, C, s)
+    peaks = {}
+    for S in (3, 40, 400):
+        record["draws"].clear()
+        record["vjp_numel"].clear()
+        fn = {"diag": fl.fisher_diag, "trace": fl.fisher_trace}.get(what)
+        kw = dict(method="hutchinson", samples=S, generator=torch.Generator().manual_seed(1), batch_size=STREAM_BATCH)
+        e = fn(model, X, L, **kw) if fn else fl.fisher_blocks(model, X, L, what="dense", **kw)
+        assert (e.samples if fn else next(iter(e.values())).samples) == S
+        batches = math.ceil(STREAM_N / STREAM_BATCH)
+        assert sum(record["draws"]) == S * batches  # every draw sees every batch once
+        assert max(record["draws"]) <= limit
+        assert max(record["vjp_numel"], default=0) <= limit * P
+        peaks[S] = (max(record["draws"]), max(record["vjp_numel"], default=0))
+    assert peaks[40] == peaks[400]  # flat: ten times the draws, the same largest blocks
+
+
+@pytest.mark.parametrize("what", ["diag", "trace"])
+def test_per_sample_estimator_chunks_its_probe_vectors(setup, record, monkeypatch, what):
+    model, X, L = setup
+    P = P_of(model)
+    budget_for(monkeypatch, 5, P)
+    fn = fl.fisher_diag if what == "diag" else fl.fisher_trace
+    for S in (7, 300):
+        record["draws"].clear()
+        e = fn(model, X, L, method="hutchinson", per_sample=True, samples=S, generator=torch.Generator().manual_seed(2))
+        assert e.samples == S
+        assert max(record["draws"]) <= 5
+        assert sum(record["draws"]) >= S
+
+
+@pytest.mark.parametrize(("what", "per_sample"), COMBOS)
+def test_a_billion_draws_start_streaming_without_allocating(setup, record, monkeypatch, what, per_sample):
+    """samples=10**9 is neither refused nor allocated up front: the first chunks hold the budget's draws."""
+    model, X, L = setup
+    monkeypatch.setattr(_core, "WORK_BUDGET", 2**16)
+    record["stop"] = 3
+    kw = dict(method="mc", samples=10**9, per_sample=per_sample, generator=torch.Generator().manual_seed(3))
+    with pytest.raises(Stop):
+        if what == "dense":
+            fl.fisher_blocks(model, X, L, what="dense", **kw)
+        else:
+            (fl.fisher_diag if what == "diag" else fl.fisher_trace)(model, X, L, **kw)
+    assert len(record["draws"]) == 3 and max(record["draws"]) <= 2**16 // (8 * P_of(model))
+
+
+@pytest.mark.parametrize(("what", "per_sample"), COMBOS)
+def test_streamed_moments_equal_the_stacked_draws(setup, monkeypatch, what, per_sample):
+    """Chan's merge over many chunks gives the two-pass mean and stderr of all draws (same random stream)."""
+    model, X, L = setup
+    monkeypatch.setattr(_core, "WORK_BUDGET", 8 * 3 * (P_of(model) + 200))  # a few draws per chunk
+    out = {}
+    for how in ("stack", "stream"):
+        run = Request(model=model, data=X, likelihood=L, generator=torch.Generator().manual_seed(4),
+                      batch_size=STREAM_BATCH)
+        kw = dict(probe="gaussian", per_sample=per_sample, samples=101)
+        if how == "stack":
+            d = estimators.draws(run, "hutchinson", what, **kw)
+            out[how] = {n: fl.Estimate.from_draws(v, scalar=what == "trace") for n, v in d.items()}
+        else:
+            out[how] = estimators.estimate(run, "hutchinson", what, **kw)
+    assert estimators.draws_per_chunk(run.fm, what, 101) < 101
+    for n, a in out["stack"].items():
+        b = out["stream"][n]
+        assert a.samples == b.samples == 101
+        torch.testing.assert_close(torch.as_tensor(b.value), torch.as_tensor(a.value), rtol=1e-12, atol=1e-15)
+        torch.testing.assert_close(torch.as_tensor(b.stderr), torch.as_tensor(a.stderr), rtol=1e-9, atol=1e-15)
+
+
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_many_chunks_stay_unbiased(setup, monkeypatch, per_sample):
+    model, X, L = setup
+    exact = fl.fisher_diag(model, X, L)
+    tr = float(exact.sum())
+    monkeypatch.setattr(_core, "WORK_BUDGET", 8 * 40 * (P_of(model) + STREAM_BATCH * STREAM_C))
+    kw = dict(method="hutchinson", per_sample=per_sample, samples=1500, batch_size=STREAM_BATCH)
+    d = fl.fisher_diag(model, X, L, generator=torch.Generator().manual_seed(5), **kw)
+    z = (d.value - exact) / d.stderr
+    assert float(z.abs().max()) < 4.5 and 0.2 < float(z.square().mean()) < 3.0
+    t = fl.fisher_trace(model, X, L, generator=torch.Generator().manual_seed(6), **kw)
+    assert abs(t.value - tr) < 4.5 * t.stderr and t.stderr < 0.2 * tr
+
+
+def test_one_shot_data_is_refused_before_reading_when_several_passes_are_needed(setup, monkeypatch):
+    model, X, L = setup
+    touched = []
+
+    def stream():
+        touched.append(1)
+        yield X, None
+
+    monkeypatch.setattr(_core, "WORK_BUDGET", 8 * 4 * P_of(model))
+    with pytest.raises(TypeError, match="one-shot iterator"):
+        fl.fisher_diag(model, stream(), L, method="hutchinson", samples=50)
+    assert touched == []
+    one = fl.fisher_diag(model, stream(), L, method="hutchinson", samples=2)  # a single chunk: one pass is enough
+    assert one.samples == 2 and touched == [1]
+
+
+def test_one_draw_that_cannot_fit_is_refused_before_reading(setup):
+    model, X, L = setup
+    run = Request(model=model, data=X, likelihood=L)
+    with pytest.raises(ValueError, match="numbers per draw"):
+        estimators.estimate(run, "hutchinson", "dense", samples=3, max_memory=100)
+    assert run.n == 0
+    with pytest.raises(ValueError, match="stack of samples=1000000"):
+        estimators.draws(run, "hutchinson", "diag", samples=10**6, max_memory=10**6)

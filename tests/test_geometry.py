@@ -1,6 +1,7 @@
 """fisherlens.geometry: Christoffel symbols, Riemann/Ricci tensors, scalar curvature, path length, the Fisher
 metric of a model and the KL self-test — against closed forms, a symbolic (sympy) derivation and finite
-differences (SCIENCE §8 conventions: unit 2-sphere R = +2)."""
+differences (SCIENCE §8 conventions: unit 2-sphere R = +2); metrics that are not symmetric positive definite or whose
+autograd graph is cut are refused."""
 
 from __future__ import annotations
 
@@ -9,8 +10,11 @@ import warnings
 
 import numpy as np
 import pytest
+import reference as ref
 import torch
+from helpers import raises
 from torch import nn
+from zoo import tanh_mlp
 
 import fisherlens as fl
 
@@ -337,7 +341,7 @@ def test_path_length_straight_line_in_polar_coordinates():
 # ----------------------------------------------------------------------------- fisher_metric of models
 def _mlp(seed: int, d_in=3, hidden=4, C=3):
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(d_in, hidden), nn.Tanh(), nn.Linear(hidden, C)).double()
+    return tanh_mlp(d_in, hidden, C).double()
 
 
 @pytest.mark.parametrize(
@@ -388,7 +392,7 @@ def test_fisher_metric_ntk_trace_and_loss():
     X = torch.randn(6, 3, dtype=D)
     Y = torch.randint(0, 2, (6,))
     m = G.fisher_metric(model, (X, Y), fl.Categorical(), "empirical")
-    assert m.ntk_trace(m.theta0).item() == pytest.approx(fl.ntk_trace(model, X), rel=1e-10)
+    assert m.ntk_trace(m.theta0).item() == pytest.approx(fl.ntk_trace(model, X, reduction="sum"), rel=1e-10)
     assert m.loss(m.theta0).item() == pytest.approx(nn.functional.cross_entropy(model(X), Y).item(), rel=1e-12)
     # the metric is independent of later changes to the model (it holds a float64 copy)
     with torch.no_grad():
@@ -434,27 +438,7 @@ def test_curvature_of_a_small_network_against_brioschi():
         q = m.theta0 + t(0.3, 0.5)
         R = G.scalar_curvature(m, q)
         assert abs(R) > 1e-3
-        assert R == pytest.approx(brioschi(m, q), rel=1e-5)
-
-
-def brioschi(metric, q, h: float = 2e-3) -> float:
-    """2K by Brioschi's formula from central differences of E = g11, F = g12, G = g22 (Richardson-extrapolated
-    over h and h/2; independent of the Christoffel route)."""
-
-    def once(h):
-        qq = torch.as_tensor(q, dtype=D)
-        S = {(i, j): metric(qq + h * t(i, j)).numpy() for i in (-1, 0, 1) for j in (-1, 0, 1)}
-        g0 = S[0, 0]
-        du, dv = (S[1, 0] - S[-1, 0]) / (2 * h), (S[0, 1] - S[0, -1]) / (2 * h)
-        duu, dvv = (S[1, 0] - 2 * g0 + S[-1, 0]) / h**2, (S[0, 1] - 2 * g0 + S[0, -1]) / h**2
-        duv = (S[1, 1] - S[1, -1] - S[-1, 1] + S[-1, -1]) / (4 * h * h)
-        E, F, Gg = g0[0, 0], g0[0, 1], g0[1, 1]
-        A = np.array([[-dvv[0, 0] / 2 + duv[0, 1] - duu[1, 1] / 2, du[0, 0] / 2, du[0, 1] - dv[0, 0] / 2],
-                      [dv[0, 1] - du[1, 1] / 2, E, F], [dv[1, 1] / 2, F, Gg]])
-        B = np.array([[0, dv[0, 0] / 2, du[1, 1] / 2], [dv[0, 0] / 2, E, F], [du[1, 1] / 2, F, Gg]])
-        return 2 * (np.linalg.det(A) - np.linalg.det(B)) / (E * Gg - F * F) ** 2
-
-    return (4 * once(h / 2) - once(h)) / 3
+        assert R == pytest.approx(ref.brioschi(m, q), rel=1e-5)
 
 
 # ----------------------------------------------------------------------------- KL self-test
@@ -471,3 +455,72 @@ def test_kl_check(lik, C):
     assert abs(big - 1) > abs(r - 1)  # the quadratic approximation degrades with the step
     with pytest.raises(ValueError, match="KL"):
         G.kl_check(model, (X, torch.zeros(20, C, dtype=D)), fl.LossInduced(fl.losses.mean_power(2)))
+
+
+# ----------------------------------------------------------------------------- metrics that are not metrics
+def indefinite(q):
+    return torch.diag(torch.stack([1 + q[0] ** 2, -(1 + q[1] ** 2)]))
+
+
+def asymmetric(q):
+    return torch.stack([torch.stack([1 + q[0] ** 2, 0.3 + 0 * q[0]]), torch.stack([0 * q[0], 1 + q[1] ** 2])])
+
+
+def with_item(q):  # .item() cuts the graph: forward-mode derivatives read 0
+    a = q[0].item()
+    return torch.tensor([[1.0, 0.0], [0.0, 1.0 + a * a]], dtype=D)
+
+
+def with_detach(q):
+    t = q.detach()
+    return torch.diag(torch.stack([torch.ones((), dtype=D), 1 + t[0] ** 2 + t[1] ** 2]))
+
+
+def with_numpy(q):
+    return torch.as_tensor([[1.0, 0.0], [0.0, 1.0 + float(q.numpy()[0]) ** 2]], dtype=D)
+
+
+POINT_FNS = [G.christoffel, G.riemann, G.ricci, G.scalar_curvature]
+TH = torch.tensor([0.3, 0.2], dtype=D)
+
+
+@pytest.mark.parametrize("fn", POINT_FNS)
+def test_indefinite_and_asymmetric_metrics_refused(fn):
+    raises(ValueError, r"not positive definite: its smallest eigenvalue is -1\.04", fn, indefinite, TH)
+    raises(ValueError, r"smallest eigenvalue", fn, indefinite, TH, regularize=10.0)  # not a conditioning problem
+    raises(ValueError, r"not symmetric", fn, asymmetric, TH)
+
+
+def test_indefinite_metric_in_batch_and_path():
+    q = torch.tensor([[0.3, 0.2], [0.1, 0.4]], dtype=D)
+    with pytest.warns(G.IllConditionedMetricWarning, match="2 of 2 points are singular"):
+        c = G.curvature(indefinite, q, regularize=1e-3)
+    assert c.singular.all() and torch.isnan(c.scalar).all() and not c.regularized.any()
+    assert "smallest eigenvalue is -1.04" in c.reason[0]
+    raises(ValueError, r"smallest eigenvalue", G.path_length, indefinite, q)
+
+
+@pytest.mark.parametrize("fn", POINT_FNS)
+@pytest.mark.parametrize("metric", [with_item, with_detach])
+def test_metric_with_cut_graph_refused(fn, metric):
+    raises(ValueError, r"autograd.*\.item\(\)", fn, metric, TH)
+
+
+def test_metric_with_cut_graph_refused_in_batch():
+    q = torch.tensor([[0.3, 0.2], [0.1, 0.4]], dtype=D)
+    raises(ValueError, r"autograd", G.curvature, with_detach, q)
+    raises(ValueError, r"\.item\(\)", G.curvature, with_item, q)  # fails under vmap
+    raises(ValueError, r"\.item\(\)", G.path_length, with_item, q)
+    raises(ValueError, r"torch operations", G.scalar_curvature, with_numpy, TH)
+    # the length needs no derivatives: a detached metric gives the right value
+    assert G.path_length(with_detach, q) > 0
+
+
+def test_constant_and_flat_points_still_fine():
+    const = lambda q: torch.eye(2, dtype=D)  # noqa: E731 - no autograd dependence, genuinely constant
+    assert G.scalar_curvature(const, TH) == 0.0
+    assert not G.christoffel(const, TH).any()
+    quad = lambda q: torch.diag(1 + q**2)  # noqa: E731 - derivatives exactly 0 at the origin, graph intact
+    assert not G.christoffel(quad, torch.zeros(2, dtype=D)).any()
+    c = G.curvature(const, torch.randn(3, 2, dtype=D))
+    assert (c.scalar == 0).all() and not c.singular.any()

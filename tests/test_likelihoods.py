@@ -1,14 +1,17 @@
-"""Output models and seed losses against their textbook formulas, and the KL self-test
-``sqrt(2 KL(p_θ ‖ p_{θ+dθ}) / dθᵀ F dθ) → 1`` (seed 002 eqs 4.1–4.2)."""
+"""Output models and seed losses against their textbook formulas, the KL self-test
+``sqrt(2 KL(p_θ ‖ p_{θ+dθ}) / dθᵀ F dθ) → 1`` (seed 002 eqs 4.1–4.2), and a Gaussian σ whose 1/σ² must fit the
+dtype (refused, never inf)."""
 
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import reference as ref
 import torch
-from conftest import LIKS, assert_close, build, logcosh, targets
+from helpers import assert_close, raises
+from zoo import LIKS, build, logcosh, targets
 
 import fisherlens as fl
 
@@ -155,3 +158,38 @@ def test_custom_loss_callable_is_used():
     assert_close(got, expected, what="custom")
     other = ref.empirical_fisher(model, X, Y, ("lp", 2.0))
     assert not torch.allclose(got, other)
+
+
+# ----------------------------------------------------------------------------- Gaussian sigma vs dtype
+@pytest.fixture
+def mlp():
+    model, X = build("mlp_relu", seed=60)
+    return model, X
+
+
+def test_gaussian_sigma_must_fit_the_dtype(mlp):
+    model, X = mlp
+    model32, X32 = model.float(), X.float()
+    y32 = torch.randn(len(X), 3, dtype=torch.float32)
+    for sigma in (1e-30, 1e-21, 1e-19 / 2):  # 1/σ² overflows float32 or σ² is a denormal (limit 1.08e-19)
+        for kind in ("true", "empirical", "mc"):
+            raises(ValueError, r"1/sigma² overflows to inf .* in torch\.float32", fl.fisher_trace, model32,
+                   (X32, y32), fl.Gaussian(sigma), kind)
+    raises(ValueError, r"underflows to 0 .* in torch\.float32", fl.fisher_trace, model32, (X32, y32),
+           fl.Gaussian(1e20))
+    # float64 cannot hold 1/σ² either: refused at construction
+    raises(ValueError, r"overflows to inf .* in torch\.float64", fl.Gaussian, 1e-160)
+    raises(ValueError, r"sigma must be a positive finite number", fl.Gaussian, -0.0)
+    raises(TypeError, r"sigma", fl.Gaussian, "small")
+
+
+def test_small_gaussian_sigma_in_float32_that_fits_is_right(mlp):
+    """A small σ whose σ² and 1/σ² fit float32 gives the scaled Fisher (true: 1/σ², empirical: 1/σ⁴)."""
+    model, X = mlp
+    y = torch.randn(len(X), 3)
+    ref = {k: fl.fisher_trace(model, (X, y), fl.Gaussian(1.0), k) for k in ("true", "empirical")}
+    model32, X32, y32 = model.float(), X.float(), y.float()
+    for kind, sigma, scale in (("true", 1e-15, 1e30), ("empirical", 1e-8, 1e32)):
+        got = fl.fisher_trace(model32, (X32, y32), fl.Gaussian(sigma), kind)
+        assert math.isfinite(got)
+        assert got == pytest.approx(ref[kind] * scale, rel=1e-4), kind

@@ -5,7 +5,8 @@
 * the statistics' formulas, the κ2 = 0 warning, argument checks;
 * the batched exact dual matrix of :class:`fl.theory.MLPEnsemble` against the library (Gram route, dense F,
   Fisher–Rao norm);
-* random ensembles (uniform and non-uniform widths) against the theory, with tolerances from the ensemble spread.
+* random ensembles (uniform and non-uniform widths) against the theory, with tolerances from the ensemble spread;
+* bad widths and variances refused, naming the argument.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from helpers import raises
 from scipy import integrate
 
 import fisherlens as fl
@@ -31,13 +33,8 @@ from fisherlens.theory.random_networks import MLPEnsemble, ensemble_stats, rando
 CASES = {"tanh": (3.0, 0.64), "relu": (2.0, 0.1), "linear": (1.0, 0.1)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Many small batched ops: one intra-op thread is fastest and immune to oversubscribed cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+#: many small batched ops: one intra-op thread is fastest and immune to oversubscribed cores
+pytestmark = pytest.mark.usefixtures("one_thread")
 STATS = {"mean": "mean_eigenvalue", "second_moment": "second_moment", "max": "max_eigenvalue"}
 
 
@@ -364,3 +361,43 @@ def test_fisher_rao_theorem5_against_ensembles():
     fr, _ = ens.fisher_rao(X)
     f = ens(X)
     torch.testing.assert_close(fr, 9 * (f**2).sum((1, 2)) / T)
+
+
+# ----------------------------------------------------------------------------- bad widths and variances
+NAN, INF = float("nan"), float("inf")
+
+
+def test_meanfield_widths_must_be_positive():
+    th = fl.theory.meanfield("relu", 2.0, 0.1, 3, samples=100)
+    for M in (0, -5.0, NAN, INF, [100.0, 0.0]):
+        for method in (th.mean_eigenvalue, th.second_moment, th.max_eigenvalue, th.critical_learning_rate,
+                       th.variance, th.large_output_bounds, th.n_params):
+            raises(ValueError, r"M \(the width scale", method, M)
+        raises(ValueError, r"M \(the width scale", th.count_bound, M, 1.0)
+    raises(ValueError, r"M \(the width scale", th.layer_widths, 0)
+    raises(ValueError, r"k \(the eigenvalue threshold\)", th.count_bound, 100.0, 0.0)
+    assert th.critical_learning_rate(100.0) > 0
+
+
+def test_meanfield_variances():
+    raises(ValueError, r"sigma_w2 must be finite and positive", fl.theory.meanfield, "relu", 0.0, 0.1, 3)
+    raises(ValueError, r"sigma_w2", fl.theory.meanfield, "relu", [2.0, 0.0, 2.0], 0.1, 3)
+    raises(ValueError, r"sigma_b2 must be finite and non-negative", fl.theory.meanfield, "relu", 2.0, -0.1, 3)
+    raises(ValueError, r"q0", fl.theory.meanfield, "relu", 2.0, 0.1, 3, q0=0.0)
+    raises(ValueError, r"q0_st", fl.theory.meanfield, "relu", 2.0, 0.1, 3, q0_st=2.0)
+    # an odd activation without bias and T = ∞: λ_max = 0 at leading order, so no finite η_c
+    with pytest.warns(UserWarning, match="kappa2 = 0"):
+        th = fl.theory.meanfield("tanh", 1.5, 0.0, 3)
+    raises(ValueError, r"no finite critical learning rate", th.critical_learning_rate, 100.0)
+
+
+def test_random_networks_variances_and_sizes():
+    gen = torch.Generator().manual_seed(0)
+    raises(ValueError, r"sigma_w2", MLPEnsemble.sample, 2, [3, 4, 1], "relu", 0.0, 0.1, gen)
+    raises(ValueError, r"sigma_w2", MLPEnsemble.sample, 2, [3, 4, 1], "relu", -1.0, 0.1, gen)
+    raises(ValueError, r"sigma_b2", MLPEnsemble.sample, 2, [3, 4, 1], "relu", 1.0, NAN, gen)
+    raises(ValueError, r"E \(the number of networks\)", MLPEnsemble.sample, 0, [3, 4, 1], "relu", 1.0, 0.1, gen)
+    raises(ValueError, r"positive integer entries", MLPEnsemble.sample, 2, [3, 4.5, 1], "relu", 1.0, 0.1, gen)
+    raises(ValueError, r"sigma_w2", fl.theory.random_mlp, "relu", 0.0, 0.0, [3, 4, 1])
+    net = fl.theory.random_mlp("relu", 2.0, 0.0, [3, 4, 1], generator=gen)
+    assert net(torch.randn(2, 3, dtype=torch.float64)).shape == (2, 1)

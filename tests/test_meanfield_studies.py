@@ -13,6 +13,8 @@ from fisherlens.experiments.meanfield_lr import meanfield_lr
 from fisherlens.experiments.meanfield_spectrum import meanfield_spectrum
 from fisherlens.runs import read_csv
 
+pytestmark = pytest.mark.study
+
 PNG = b"\x89PNG\r\n\x1a\n"
 
 

@@ -17,13 +17,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_datasets import write_idx
+from helpers import write_idx
 
 from fisherlens import runs
 from fisherlens.cli import main
 from fisherlens.experiments import EXPERIMENTS
 from fisherlens.experiments import mnist_traces as mt
 from fisherlens.experiments._common import make_mlp
+
+pytestmark = pytest.mark.study
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 #: a reduced quick run for the in-process tests (12 units of 16 steps)

@@ -1,5 +1,6 @@
 """fl.Monitor: every observable equals the direct library call at the same step (float64), schedules,
-step counting, resuming from a state dict, the run folder's CSV, the batch (training-forward) path, and errors."""
+step counting, resuming from a state dict, the run folder's CSV, the batch (training-forward) path, and errors
+(a run folder that is a file, a state dict with missing keys)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import build
+from helpers import raises
 from torch import nn
+from zoo import build
 
 import fisherlens as fl
 from fisherlens.runs import RunDir, read_csv
@@ -459,3 +461,39 @@ def test_batch_fisher_trace_refuses_batchnorm_in_training_mode():
     F.cross_entropy(model(X), y).backward()
     _close(mon.step()["batch_fisher_trace"],
            fl.fisher_trace(model, (X, y), fl.Categorical(), params=["0", "3"]), "batch_fisher_trace")
+
+
+# ----------------------------------------------------------------------------- run folder and state errors
+@pytest.fixture
+def mlp():
+    model, X = build("mlp_relu", seed=60)
+    return model, X
+
+
+def test_monitor_run_is_a_file(mlp, tmp_path):
+    model, X = mlp
+    probe = (X, torch.zeros(len(X), dtype=torch.long))
+    f = tmp_path / "notes.txt"
+    f.write_text("not a folder")
+    raises(ValueError, r"existing file, not a folder", fl.Monitor, model, fl.Categorical(), probe,
+           observables=("loss",), run=f)
+    raises(ValueError, r"existing file", fl.Monitor, model, fl.Categorical(), probe, observables=("loss",),
+           run=str(f / "sub"))
+    raises(TypeError, r"run must be", fl.Monitor, model, fl.Categorical(), probe, observables=("loss",), run=3)
+    mon = fl.Monitor(model, fl.Categorical(), probe, observables=("loss",), run=tmp_path / "new" / "run")
+    mon.record(0)
+    assert (tmp_path / "new" / "run" / "metrics.csv").is_file()
+
+
+def test_monitor_state_missing_keys(mlp):
+    model, X = mlp
+    probe = (X, torch.zeros(len(X), dtype=torch.long))
+    mon = fl.Monitor(model, fl.Categorical(), probe, observables=("loss",))
+    mon.record(0)
+    state = mon.state_dict()
+    partial = {k: v for k, v in state.items() if k not in ("config", "generator")}
+    with pytest.raises(ValueError, match=r"missing keys \['config', 'generator'\]"):
+        mon.load_state_dict(partial)
+    raises(ValueError, r"'config' is a list", mon.load_state_dict, {**state, "config": []})
+    mon.load_state_dict(state)
+    assert len(mon.records) == 1

@@ -6,18 +6,14 @@ import functools
 
 import numpy as np
 import pytest
+import reference
 import torch
-from _models3 import (
-    DT,
-    jacobians,
-    make_case,
-    one_thread,  # noqa: F401  (autouse fixture: one intra-op thread)
-    outputs,
-    true_fisher,
-)
 from scipy.sparse.linalg import LinearOperator, eigsh
+from zoo import DT, make_case
 
 import fisherlens as fl
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 CASES = ["mlp", "cnn", "bernoulli", "gauss", "free"]
 KINDS = ["true", "empirical", "mc"]
@@ -34,7 +30,7 @@ def gen(seed: int) -> torch.Generator:
 
 def empirical_fisher(c) -> torch.Tensor:
     """``(1/N) Σ g_n g_nᵀ`` with ``g_n = J_nᵀ r_n`` and residuals ``r = ∂ℓ/∂f`` written out by hand."""
-    J, f = jacobians(c.model, c.X), outputs(c.model, c.X)
+    J, f = reference.jacobians(c.model, c.X), reference.outputs(c.model, c.X)
     if isinstance(c.lik, fl.Categorical):
         r = torch.softmax(f, -1) - torch.nn.functional.one_hot(c.Y, f.shape[-1]).to(DT)
     elif isinstance(c.lik, fl.Bernoulli):
@@ -62,7 +58,7 @@ def test_products_match_the_dense_fisher(name, kind):
     c = case(name)
     F = dense(c, kind, seed=3)
     if kind == "true":
-        close(F, true_fisher(c), "fisher_matrix vs slow reference")
+        close(F, reference.true_fisher(c.model, c.X, c.spec), "fisher_matrix vs slow reference")
     elif kind == "empirical":
         close(F, empirical_fisher(c), "empirical fisher_matrix vs slow reference")
     P = F.shape[0]
@@ -142,7 +138,7 @@ def test_dataloader_list_and_dataset(kind):
 
 def test_params_subset_and_reduction_sum():
     c = case("mlp")
-    F = true_fisher(c)
+    F = reference.true_fisher(c.model, c.X, c.spec)
     names = [n for n, _ in c.model.named_parameters()]
     sizes = [p.numel() for p in c.model.parameters()]
     sel = [names[0], names[3]]

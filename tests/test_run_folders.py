@@ -5,6 +5,7 @@ and a foreign checkpoint is refused with the file and the missing keys named."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -18,16 +19,9 @@ from matplotlib.figure import Figure
 
 from fisherlens import plots, runs
 from fisherlens.cli import main
-from fisherlens.experiments import (
-    demo,
-    dlnn,
-    estimators,
-    meanfield_lr,
-    meanfield_spectrum,
-    mnist_traces,
-    sloppy,
-    two_param,
-)
+from fisherlens.experiments import EXPERIMENTS, STUDIES, mnist_traces, study
+
+pytestmark = pytest.mark.study
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
@@ -203,13 +197,12 @@ class _Accepted(Exception):
 
 @pytest.fixture
 def no_run(monkeypatch):
-    """Stop every study where it would create its run folder (no study runs)."""
+    """Stop every study where the runner would create its run folder (no study runs)."""
 
     def fake(out, config):
         raise _Accepted(config)
 
-    for mod in (demo, dlnn, estimators, meanfield_lr, meanfield_spectrum, mnist_traces, sloppy, two_param):
-        monkeypatch.setattr(mod, "RunDir", fake)
+    monkeypatch.setattr(study, "RunDir", fake)
 
 
 @pytest.mark.parametrize(("name", "option", "check"), [
@@ -329,3 +322,70 @@ def test_monitor_refuses_a_foreign_metrics_csv(tmp_path):
     mon = fl.Monitor(model, fl.Categorical(), (X, y), observables=("loss",), run=fresh)
     mon.record(0)
     fl.Monitor(model, fl.Categorical(), (X, y), observables=("loss",), run=fresh)  # its own folder: fine
+
+
+
+# ------------------------------------------------------------------------------------- the study skeleton
+@pytest.mark.parametrize("name", list(STUDIES))
+def test_every_study_has_a_config_with_quick_overrides(name):
+    cls = STUDIES[name]
+    assert cls.name == name and cls.description and EXPERIMENTS[name][0] == cls.description
+    fields = set(cls.Config.options())
+    assert set(cls.Config.QUICK) <= fields and {"seed"} <= fields
+    full, quick = cls.Config.create(name), cls.Config.create(name, quick=True)
+    assert not full.quick and quick.quick
+    explicit = cls.Config.create(name, **cls.Config.QUICK)  # --quick is the QUICK options, nothing else
+    assert dataclasses.replace(explicit, quick=True) == quick
+    assert cls.Config.create(name, quick=True, seed=3).seed == 3  # an explicit option wins over QUICK
+
+
+def test_unknown_option_is_refused_before_any_work(tmp_path):
+    with pytest.raises(study.UnknownOption, match="'bogus'") as e:
+        EXPERIMENTS["two-param"][1](tmp_path / "r", quick=True, bogus=1)
+    assert isinstance(e.value, TypeError) and "resolution" in str(e.value)  # the known options are listed
+    assert not (tmp_path / "r").exists()
+
+
+@dataclasses.dataclass
+class _ToyConfig(study.StudyConfig):
+    QUICK = {"n": 2}
+    n: int = 5
+    threads: int | None = 1
+
+    def validate(self):
+        super().validate()
+        if self.n < 1:
+            raise ValueError(f"n must be ≥ 1, got {self.n}")
+
+
+class _Toy(study.Study):
+    name, description, Config = "toy", "a toy study", _ToyConfig
+
+    def setup(self, cfg):
+        return list(range(cfg.n))
+
+    def compute(self, cfg, run):
+        assert torch.get_num_threads() == cfg.threads  # the runner pinned them
+        run.write_csv("metrics.csv", [{"i": i, "sq": i * i} for i in run.inputs])
+        run.lap("squares")
+        return sum(run.inputs)
+
+    def figures(self, results, run):
+        return {"none.png": "no figure, just a name"}
+
+    def report(self, results, run):
+        return f"total {results}; figures {sorted(run.figures)}; laps {sorted(run.laps)}\n"
+
+
+def test_runner_owns_folder_config_threads_and_summary(tmp_path):
+    before = torch.get_num_threads()
+    path = study.run_study(_Toy, tmp_path / "toy", quick=True, seed=4, progress=False)
+    assert torch.get_num_threads() == before
+    assert runs.read_config(path) == {"experiment": "toy", "quick": True, "seed": 4, "n": 2, "threads": 1}
+    assert runs.read_csv(path / "metrics.csv") == [{"i": "0", "sq": "0"}, {"i": "1", "sq": "1"}]
+    assert (path / "summary.md").read_text() == "total 1; figures ['none.png']; laps ['squares']\n"
+    with pytest.raises(ValueError, match="n must be"):
+        study.run_study(_Toy, tmp_path / "bad", n=0)
+    with pytest.raises(ValueError, match="threads"):
+        study.run_study(_Toy, tmp_path / "bad", threads=0)
+    assert not (tmp_path / "bad").exists()

@@ -27,6 +27,8 @@ from fisherlens.experiments.sloppy import (
 )
 from fisherlens.runs import read_csv
 
+pytestmark = pytest.mark.study
+
 D = torch.float64
 EPS = torch.finfo(D).eps
 

@@ -3,71 +3,38 @@
 Every structured result is compared in float64 (rtol 1e-8) with the slow loops of ``reference.py`` (one
 ``autograd.grad`` per sample and output) and with the generic engine (``fl.fisher_matrix``,
 ``fl.eigenvalues(method="gram")``); the blocks also against seed 002's formulas written out index by index.
+A float32 model's data Gram is accumulated in float64, and oversized Grams are refused before the factors exist.
 """
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import reference as ref
 import torch
-from conftest import assert_close
+from helpers import assert_close, leading_error
 from torch import nn
+from zoo import LIKS, N32, SIGMA, build_mlp, float32_mlp, scale_
 
 import fisherlens as fl
 
 pytestmark = pytest.mark.usefixtures("float64")
 
 RTOL = 1e-8
-SIGMA = 0.7
+#: the MLPs of the zoo checked here, and the output models
+STRUCTURED = ("linear", "0h_sigmoid", "0h_softmax", "1h_tanh", "1h_relu_softmax", "1h_sigmoid_tanh_nobias",
+              "1h_identity_logsoftmax", "2h_mixed")
+OUTPUTS = ("gaussian", "categorical")
 
-
-def _seeded(seed: int):
-    torch.manual_seed(seed)
-    return torch.Generator().manual_seed(100 + seed)
-
-
-def _scale(model: nn.Module, s: float = 1.5) -> nn.Module:
-    with torch.no_grad():  # larger weights: saturated units, peaked softmax, a spread spectrum
-        for p in model.parameters():
-            p.mul_(s)
-    return model.double().eval()
-
-
-# name -> (factory, input shape, outputs)
-ARCHS = {
-    "linear": (lambda: nn.Linear(5, 3), (5,), 3),
-    "0h_sigmoid": (lambda: nn.Sequential(nn.Linear(5, 3), nn.Sigmoid()), (5,), 3),
-    "0h_softmax": (lambda: nn.Sequential(nn.Linear(5, 4), nn.Softmax(dim=-1)), (5,), 4),
-    "1h_tanh": (lambda: nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)), (5,), 3),
-    "1h_relu_softmax": (lambda: nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4), nn.Softmax(1)),
-                        (6,), 4),
-    "1h_sigmoid_tanh_nobias": (lambda: nn.Sequential(nn.Linear(5, 4, bias=False), nn.Sigmoid(),
-                                                     nn.Linear(4, 3, bias=False), nn.Tanh()), (5,), 3),
-    "1h_identity_logsoftmax": (lambda: nn.Sequential(nn.Linear(5, 4), nn.Identity(), nn.Linear(4, 3),
-                                                     nn.LogSoftmax(-1)), (5,), 3),
-    "2h_mixed": (lambda: nn.Sequential(nn.Flatten(), nn.Linear(6, 4), nn.GELU(), nn.Tanh(),
-                                       nn.Linear(4, 5, bias=False), nn.Softplus(), nn.Linear(5, 3)), (2, 3), 3),
-}
-LIKS = {"gaussian": (lambda: fl.Gaussian(SIGMA), ("gaussian", SIGMA)),
-        "categorical": (fl.Categorical, ("categorical",))}
-
-
-def build(arch: str, seed: int = 0, n: int = 1):
-    make, shape, C = ARCHS[arch]
-    g = _seeded(seed)
-    model = _scale(make())
-    X = torch.randn((n, *shape), generator=g)
-    return model, X, C
-
-
-CASES = [pytest.param(a, lk, id=f"{a}-{lk}") for a in ARCHS for lk in LIKS]
+CASES = [pytest.param(a, lk, id=f"{a}-{lk}") for a in STRUCTURED for lk in OUTPUTS]
 
 
 # ----------------------------------------------------------------------------- per-input dense and blocks
 @pytest.mark.parametrize(("arch", "lik"), CASES)
 def test_per_input_dense_and_blocks_equal_autodiff(arch, lik):
-    model, X, _ = build(arch, seed=1)
-    L, spec = LIKS[lik][0](), LIKS[lik][1]
+    model, X, _ = build_mlp(arch, seed=1)
+    L, spec = LIKS[lik].make(), LIKS[lik].spec
     expected = ref.true_fisher(model, X, spec)
     got = fl.structure.per_input_fisher(model, X[0], L)
     assert_close(got, expected, rtol=RTOL, what=f"{arch} dense vs reference")
@@ -83,7 +50,7 @@ def test_per_input_dense_and_blocks_equal_autodiff(arch, lik):
 
 def test_seed002_eq_4_8_blocks_written_out():
     """A_ij and B_ij of seed 002 (one hidden layer, Gaussian σ, no biases; 4.8b with φ₀′ → φ₁′)."""
-    model, X, _ = build("1h_sigmoid_tanh_nobias", seed=2)
+    model, X, _ = build_mlp("1h_sigmoid_tanh_nobias", seed=2)
     x0 = X[0]
     W1, W2 = model[0].weight.detach(), model[2].weight.detach()
     a1 = W1 @ x0
@@ -114,7 +81,7 @@ def test_seed002_eq_4_8_blocks_written_out():
 
 def test_softmax_output_block_is_full():
     """Softmax output with the Gaussian model (seed 002 §4.3): A_22 = D Λ D with D = diag(π) − ππᵀ."""
-    model, X, _ = build("1h_relu_softmax", seed=3)
+    model, X, _ = build_mlp("1h_relu_softmax", seed=3)
     kr = fl.structure.per_input_fisher(model, X[0], fl.Gaussian(SIGMA), "blocks")
     with torch.no_grad():
         pi = model(X)[0]
@@ -126,7 +93,7 @@ def test_softmax_output_block_is_full():
 # ----------------------------------------------------------------------------- Gram and spectrum
 def test_gram_closed_form_one_hidden_layer_with_biases():
     """G = D₂D₂ᵀ(‖x₁‖²+1) + (D₂W₂Φ₁')(D₂W₂Φ₁')ᵀ(‖x₀‖²+1) for the Gaussian σ = 1 and an elementwise output."""
-    model, X, _ = build("1h_tanh", seed=4)  # identity output: D₂ = I
+    model, X, _ = build_mlp("1h_tanh", seed=4)  # identity output: D₂ = I
     x0 = X[0]
     W1, b1, W2 = model[0].weight.detach(), model[0].bias.detach(), model[2].weight.detach()
     a1 = W1 @ x0 + b1
@@ -141,8 +108,8 @@ def test_gram_closed_form_one_hidden_layer_with_biases():
 
 @pytest.mark.parametrize(("arch", "lik"), CASES)
 def test_eigen_equals_dense_and_generic_gram(arch, lik):
-    model, X, C = build(arch, seed=5)
-    L, spec = LIKS[lik][0](), LIKS[lik][1]
+    model, X, C = build_mlp(arch, seed=5)
+    L, spec = LIKS[lik].make(), LIKS[lik].spec
     F = ref.true_fisher(model, X, spec)
     dense = torch.linalg.eigvalsh(F).flip(0)
     vals = fl.structure.per_input_fisher(model, X[0], L, "eigenvalues")
@@ -172,7 +139,7 @@ def test_eigen_equals_dense_and_generic_gram(arch, lik):
 
 
 def test_batched_per_input_equals_single():
-    model, X, C = build("1h_relu_softmax", seed=6, n=5)
+    model, X, C = build_mlp("1h_relu_softmax", seed=6, n=5)
     L = fl.Categorical()
     one = [fl.structure.per_input_fisher(model, x, L) for x in X]
     assert_close(fl.structure.per_input_fisher(model, X, L, batched=True), torch.stack(one), rtol=RTOL,
@@ -194,8 +161,8 @@ def test_batched_per_input_equals_single():
 @pytest.mark.parametrize(("arch", "lik"), [("2h_mixed", "gaussian"), ("1h_relu_softmax", "categorical"),
                                            ("linear", "categorical"), ("1h_sigmoid_tanh_nobias", "gaussian")])
 def test_data_fisher(arch, lik):
-    model, X, C = build(arch, seed=7, n=6)
-    L, spec = LIKS[lik][0](), LIKS[lik][1]
+    model, X, C = build_mlp(arch, seed=7, n=6)
+    L, spec = LIKS[lik].make(), LIKS[lik].spec
     F = ref.true_fisher(model, X, spec)
     assert_close(fl.structure.data_fisher(model, X, L), F, rtol=RTOL, what="data dense")
     assert_close(fl.structure.data_fisher(model, X, L, reduction="sum"), 6 * F, rtol=RTOL, what="sum")
@@ -216,7 +183,7 @@ def test_data_fisher(arch, lik):
 
 
 def test_empirical_kind_and_bernoulli():
-    model, X, _ = build("1h_tanh", seed=8, n=4)
+    model, X, _ = build_mlp("1h_tanh", seed=8, n=4)
     Y = torch.randn(4, 3, generator=torch.Generator().manual_seed(9))
     L = fl.LossInduced(fl.losses.lp_norm(4))
     got = fl.structure.data_fisher(model, X, L, kind="empirical", y=Y)
@@ -230,7 +197,7 @@ def test_empirical_kind_and_bernoulli():
 
 
 def test_mc_kind_matches_generic_engine_with_the_same_generator():
-    model, X, _ = build("1h_relu_softmax", seed=12, n=5)
+    model, X, _ = build_mlp("1h_relu_softmax", seed=12, n=5)
     L = fl.Categorical()
     got = fl.structure.data_fisher(model, X, L, kind="mc", samples=3, generator=torch.Generator().manual_seed(4))
     exp = fl.fisher_matrix(model, X, L, "mc", samples=3, generator=torch.Generator().manual_seed(4))
@@ -240,7 +207,7 @@ def test_mc_kind_matches_generic_engine_with_the_same_generator():
 
 def test_nested_sequential():
     torch.manual_seed(13)
-    model = _scale(nn.Sequential(nn.Sequential(nn.Linear(4, 5), nn.Tanh()), nn.Sequential(nn.Linear(5, 3)),
+    model = scale_(nn.Sequential(nn.Sequential(nn.Linear(4, 5), nn.Tanh()), nn.Sequential(nn.Linear(5, 3)),
                                  nn.Softmax(-1)))
     X = torch.randn(3, 4, generator=torch.Generator().manual_seed(14))
     L = fl.Categorical()
@@ -251,7 +218,7 @@ def test_nested_sequential():
 
 
 def test_frozen_parameters_are_left_out():
-    model, X, _ = build("1h_tanh", seed=10, n=3)
+    model, X, _ = build_mlp("1h_tanh", seed=10, n=3)
     model[0].bias.requires_grad_(False)
     model[2].weight.requires_grad_(False)
     L = fl.Gaussian(SIGMA)
@@ -265,7 +232,7 @@ def test_frozen_parameters_are_left_out():
 
 
 def test_float32_matches_float64():
-    model, X, _ = build("1h_relu_softmax", seed=11)
+    model, X, _ = build_mlp("1h_relu_softmax", seed=11)
     v64 = fl.structure.per_input_fisher(model, X[0], fl.Gaussian(), "eigenvalues")
     v32 = fl.structure.per_input_fisher(model.float(), X[0].float(), fl.Gaussian(), "eigenvalues")
     assert v32.dtype == torch.float32
@@ -298,7 +265,7 @@ def test_unsupported_models_raise(model, match):
 
 
 def test_bad_inputs_raise():
-    model, X, _ = build("1h_tanh")
+    model, X, _ = build_mlp("1h_tanh")
     lin = model[0]
     with pytest.raises(TypeError, match="used twice"):
         fl.structure.per_input_fisher(nn.Sequential(lin, nn.Tanh(), lin), torch.randn(5), fl.Gaussian())
@@ -319,7 +286,7 @@ def test_bad_inputs_raise():
         fl.structure.data_fisher(model, X, "gaussian")
     with pytest.raises(ValueError, match="GiB"):
         fl.structure.per_input_fisher(model, X[0], fl.Gaussian(), max_memory=100)
-    bad = _scale(nn.Sequential(nn.Linear(5, 3)))
+    bad = scale_(nn.Sequential(nn.Linear(5, 3)))
     with torch.no_grad():
         bad[0].weight[0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
@@ -329,7 +296,7 @@ def test_bad_inputs_raise():
 def test_inplace_activations_leave_the_inputs_alone():
     """An in-place activation before the first Linear must not overwrite the caller's X (review fix)."""
     torch.manual_seed(15)
-    model = _scale(nn.Sequential(nn.ReLU(inplace=True), nn.Linear(4, 3), nn.ReLU(inplace=True), nn.Linear(3, 2)))
+    model = scale_(nn.Sequential(nn.ReLU(inplace=True), nn.Linear(4, 3), nn.ReLU(inplace=True), nn.Linear(3, 2)))
     X = torch.randn(5, 4, generator=torch.Generator().manual_seed(16))
     X0 = X.clone()
     got = fl.structure.data_fisher(model, X, fl.Gaussian(SIGMA))
@@ -337,3 +304,40 @@ def test_inplace_activations_leave_the_inputs_alone():
     plain = nn.Sequential(nn.ReLU(), nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)).double()
     plain.load_state_dict(model.state_dict())
     assert_close(got, ref.true_fisher(plain, X0, ("gaussian", SIGMA)), rtol=RTOL, what="in-place activations")
+
+
+# ----------------------------------------------------------------------------- float32 models and refusals
+#: float32 rows, a float64 Gram: ~1e-7 (a float32 Gram was off by 3e-6 to 2e-5; see test_spectrum.py)
+GRAM32_RTOL = 1e-6
+
+
+def test_structure_data_fisher_gram_in_float64():
+    model, X = float32_mlp(1)
+    lik = fl.Gaussian()
+    ref64 = fl.structure.data_fisher(copy.deepcopy(model).double(), X.double(), lik, "eigenvalues")
+    vals = fl.structure.data_fisher(model, X, lik, "eigenvalues")
+    G = fl.structure.data_fisher(model, X, lik, "gram")
+    assert vals.dtype == G.dtype == torch.float32
+    assert leading_error(vals, ref64) < GRAM32_RTOL
+
+
+def test_structure_functions_refuse_before_factors(no_factors):
+    model, X = float32_mlp(0)
+    lik = fl.Categorical()
+    for what in ("gram", "eigenvalues", "eigh"):
+        with pytest.raises(ValueError, match=r"Gram matrix of N·K = 640 rows"):
+            fl.structure.data_fisher(model, X, lik, what, max_memory=10**6)
+    with pytest.raises(ValueError, match="dense Fisher"):
+        fl.structure.data_fisher(model, X, lik, "dense", max_memory=10**4)
+    with pytest.raises(ValueError, match="dense per-input"):
+        fl.structure.per_input_fisher(model, X, lik, "dense", batched=True, max_memory=10**6)
+
+
+def test_factor_sizes_match_the_factors():
+    model, X = float32_mlp(0)
+    for kind, kw in (("true", {}), ("empirical", {"y": torch.zeros(N32, dtype=torch.long)}), ("mc", {"samples": 3})):
+        fa = fl.structure.factors(model, X, fl.Categorical(), kind, **kw)
+        sizes = fl.structure.factor_sizes(model, X, fl.Categorical(), kind, samples=kw.get("samples", 1))
+        assert sizes == (fa.N, fa.K, fa.P), kind
+    with pytest.raises(ValueError, match="N, 64"):
+        fl.structure.factor_sizes(model, X[:, :, :4], fl.Categorical())

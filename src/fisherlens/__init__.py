@@ -2,7 +2,9 @@
 
 Exact and scalable Fisher information (true, empirical, Monte-Carlo), the empirical NTK and the
 Fisher–NTK trace relation, random estimators, matrix-free operators and spectra, for any ``torch.nn.Module``.
-Conventions: ``SCIENCE.md``; every data-averaged quantity is a mean over the N inputs unless ``reduction="sum"``.
+Conventions: docs/conventions.md defines every quantity once (its anchors are cited throughout); every
+data-averaged quantity is a mean over the N inputs unless ``reduction="sum"``. The research works behind the
+library are listed in docs/references.md.
 """
 
 from . import bounds, geometry, losses, structure, theory

@@ -1,4 +1,4 @@
-"""Deterministic core-space bounds of the categorical Fisher (seed 004, SCIENCE §7).
+"""Deterministic core-space bounds of the categorical Fisher (arXiv:2505.13614; docs/conventions.md#core-space-bounds).
 
 In the core space of class probabilities π the output Fisher is ``Λ = diag(π) − π πᵀ``:
 
@@ -23,7 +23,7 @@ import math
 
 import torch
 
-from ._core import Run, check_choice, check_dense
+from ._core import Request, check_choice, check_dense, renamed
 from .fisher import dense, diag_dict, trace_dict
 from .likelihoods import Categorical
 
@@ -68,14 +68,17 @@ def envelope(
     Args:
         which: ``"diag"`` for ``U_π = (1/N) Σ J_nᵀ diag(π_n) J_n`` or ``"isotropic"`` for
             ``U_iso = (1/N) Σ (1 − ‖π_n‖²) J_nᵀ J_n``.
-        what: ``"diag"`` → ``(P,)``, ``"trace"`` → float, ``"matrix"`` → ``(P, P)`` (refused if too large).
+        what: ``"diag"`` → ``(P,)``, ``"trace"`` → float, ``"dense"`` → ``(P, P)`` (refused if too large; the
+            old spelling ``"matrix"`` still works, with a ``FutureWarning``), as in :func:`fisherlens.fisher_blocks`.
         Others: as in :func:`fisherlens.fisher_diag` (the model's outputs are logits).
     """
     check_choice("which", which, ENVELOPES)
-    check_choice("what", what, ("diag", "trace", "matrix"))
-    run = Run(model, data, Categorical(), "true", params, reduction, 1, None, batch_size, engine)
+    what = renamed("what", what, {"matrix": "dense"})
+    check_choice("what", what, ("diag", "trace", "dense"))
+    run = Request(model=model, data=data, likelihood=Categorical(), params=params, reduction=reduction,
+                  batch_size=batch_size, engine=engine)
     fm, make_v, cols = run.fm, _sandwich(which), (lambda C: C)
-    if what == "matrix":
+    if what == "dense":
         check_dense(f"envelope matrix with P={fm.P}", fm.P**2, fm.itemsize, "Use what='diag' or 'trace'", max_memory)
         return dense(run, make_v, cols)
     if what == "diag":

@@ -79,24 +79,22 @@ def _list() -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .experiments import EXPERIMENTS
+    from .experiments import STUDIES, UnknownOption, run_study
 
-    if args.experiment not in EXPERIMENTS:
+    if args.experiment not in STUDIES:
         raise _UsageError(
-            f"unknown experiment {args.experiment!r}; known: {', '.join(sorted(EXPERIMENTS))} "
+            f"unknown experiment {args.experiment!r}; known: {', '.join(sorted(STUDIES))} "
             "(see `fisherlens list`)"
         )
-    fn = EXPERIMENTS[args.experiment][1]
     out = args.out if args.out is not None else Path("runs") / args.experiment
     options = dict(_option(s) for s in args.set)
     if args.data is not None:
         options["data"] = args.data
     try:
-        path = fn(out, quick=args.quick, seed=args.seed, progress=not args.no_progress, **options)
-    except TypeError as e:  # an option the experiment does not take
-        if options and "argument" in str(e):
-            raise _UsageError(f"{args.experiment}: {e}") from e
-        raise
+        path = run_study(STUDIES[args.experiment], out, quick=args.quick, seed=args.seed,
+                         progress=not args.no_progress, **options)
+    except UnknownOption as e:  # an option the study does not have
+        raise _UsageError(str(e)) from e
     except (ValueError, OSError, ImportError) as e:  # bad data/folder/options, missing extras
         raise _UsageError(str(e)) from e
     print(f"wrote {path}  (summary: {Path(path) / 'summary.md'})")

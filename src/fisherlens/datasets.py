@@ -270,6 +270,16 @@ def train_test_split(
 
     Raises:
         ValueError: mismatched lengths or more samples requested than available.
+
+    Example:
+        >>> import torch
+        >>> from fisherlens.datasets import train_test_split
+        >>> X, y = torch.rand(100, 4), torch.arange(100) % 3
+        >>> X_train, y_train, X_test, y_test = train_test_split(X, y, n_train=60, n_test=20)
+        >>> X_train.shape, X_test.shape
+        (torch.Size([60, 4]), torch.Size([20, 4]))
+        >>> torch.equal(train_test_split(X, y, 60, 20)[1], y_train)   # the same seed gives the same split
+        True
     """
     N = len(X)
     if len(y) != N:

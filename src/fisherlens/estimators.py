@@ -1,4 +1,4 @@
-"""Random estimators of the Fisher: Hutchinson "detach-and-mix" (seed 004) and Monte-Carlo labels.
+"""Random estimators of the Fisher: Hutchinson "detach-and-mix" (arXiv:2505.13614) and Monte-Carlo labels.
 
 Both draw, per input and per draw s, a random output-space vector ``ξ_n`` with ``E[ξ_n] = 0`` and
 ``E[ξ_n ξ_nᵀ] = Λ(f_n)`` from the **detached** outputs:
@@ -31,14 +31,13 @@ order as in one pass with all draws; with several, chunk by chunk (same law, oth
 from __future__ import annotations
 
 import math
-import operator
 from collections.abc import Iterator
 
 import torch
 from torch.func import vmap
 
-from . import _core
-from ._core import Run, check_choice, check_dense, sandwich, vjp_checked
+from ._core import Request, check_choice, check_dense, vjp_checked, work_budget
+from .results import Estimate
 
 Tensor = torch.Tensor
 
@@ -48,99 +47,14 @@ METHODS = ("hutchinson", "mc")
 PROBES = ("rademacher", "gaussian")
 
 
-class Estimate:
-    """A random estimate that behaves like its ``value`` (a float or a tensor).
-
-    Attributes:
-        value: the mean over ``samples`` independent draws.
-        stderr: standard error of ``value`` (sample standard deviation / √samples; ``nan`` if samples = 1).
-        samples: number of independent draws.
-    """
-
-    __slots__ = ("value", "stderr", "samples")
-
-    def __init__(self, value, stderr, samples: int):
-        self.value, self.stderr, self.samples = value, stderr, samples
-
-    @classmethod
-    def from_draws(cls, draws: Tensor, scalar: bool = False) -> Estimate:
-        """Estimate from per-draw values ``(S, ...)``."""
-        S = draws.shape[0]
-        mean = draws.mean(0)
-        if S > 1:  # two-pass variance: several times faster than Tensor.std on (S, P)
-            err = ((draws - mean).square().sum(0) / (S - 1)).sqrt() / math.sqrt(S)
-        else:
-            err = torch.full_like(mean, math.nan)
-        return cls(float(mean), float(err), S) if scalar else cls(mean, err, S)
-
-    def __float__(self):
-        return float(self.value)
-
-    def __array__(self, dtype=None, copy=None):
-        import numpy as np
-
-        v = self.value.detach().cpu().numpy() if isinstance(self.value, Tensor) else np.asarray(self.value)
-        return v.astype(dtype) if dtype is not None else v
-
-    @classmethod
-    def __torch_function__(cls, func, types, args=(), kwargs=None):
-        def unwrap(a):
-            if isinstance(a, Estimate):
-                return torch.as_tensor(a.value)
-            if isinstance(a, (list, tuple)):
-                return type(a)(unwrap(x) for x in a)
-            return a
-
-        return func(*unwrap(args), **{k: unwrap(v) for k, v in (kwargs or {}).items()})
-
-    def __getattr__(self, name):  # shape, dtype, numel, sum, ... of the value
-        return getattr(self.value, name)
-
-    def __getitem__(self, i):
-        return self.value[i]
-
-    def __len__(self):
-        return len(self.value)
-
-    def __iter__(self):
-        return iter(self.value)
-
-    def __repr__(self):
-        if isinstance(self.value, Tensor):
-            return f"Estimate(value=tensor{tuple(self.value.shape)}, samples={self.samples})"
-        return f"Estimate(value={self.value:.6g}, stderr={self.stderr:.3g}, samples={self.samples})"
-
-    def __format__(self, spec):
-        return format(self.value, spec)
-
-
-def _binary(op, reflected=False):
-    def f(self, other):
-        other = other.value if isinstance(other, Estimate) else other
-        return op(other, self.value) if reflected else op(self.value, other)
-
-    return f
-
-
-for _name, _op in [("add", operator.add), ("sub", operator.sub), ("mul", operator.mul),
-                   ("truediv", operator.truediv), ("pow", operator.pow)]:
-    setattr(Estimate, f"__{_name}__", _binary(_op))
-    setattr(Estimate, f"__r{_name}__", _binary(_op, reflected=True))
-for _name, _op in [("lt", operator.lt), ("le", operator.le), ("gt", operator.gt), ("ge", operator.ge),
-                   ("eq", operator.eq), ("ne", operator.ne)]:
-    setattr(Estimate, f"__{_name}__", _binary(_op))
-Estimate.__neg__ = lambda self: -self.value
-Estimate.__abs__ = lambda self: abs(self.value)
-Estimate.__hash__ = None
-
-
-def probe_vectors(run: Run, f: Tensor, method: str, probe: str, draws: int, generator) -> Tensor:
-    """Random output-space vectors ``ξ (B, C, draws)`` with ``E ξ = 0``, ``E ξ ξᵀ = Λ(f)`` per input."""
+def probe_vectors(likelihood, f: Tensor, method: str, probe: str, draws: int, generator) -> Tensor:
+    """Random output-space vectors ``ξ (B, C, draws)`` with ``E ξ = 0``, ``E ξ ξᵀ = Λ(f)`` per input, from
+    outputs ``f (B, C)``: ``S ε`` (Hutchinson, ``probe`` ε) or sampled-label residuals (``method="mc"``)."""
     f = f.detach()
-    run.lik.check_outputs(f)
+    likelihood.check_outputs(f)
     if method == "mc":
-        return sandwich(run.lik, "mc", f, None, draws, generator) * math.sqrt(draws)
-    S = run.lik.sqrt_fisher(f)  # (B, C, C)
+        return likelihood.sandwich(f, "mc", None, draws, generator) * math.sqrt(draws)
+    S = likelihood.sqrt_fisher(f)  # (B, C, C)
     shape = (f.shape[0], S.shape[-1], draws)
     if probe == "rademacher":
         eps = torch.randint(0, 2, shape, generator=generator, device=f.device).to(f.dtype) * 2 - 1
@@ -203,10 +117,10 @@ def draws_per_chunk(fm, what: str, samples: int) -> int:
 
     ``WORK_BUDGET`` (:data:`fisherlens._core.WORK_BUDGET`, read at call time) bounds the float64 ``(s, numel)``
     block of one chunk; the working memory is a few such blocks whatever the number of draws."""
-    return int(max(1, min(samples, _core.WORK_BUDGET // (8 * draw_numel(fm, what)))))
+    return int(max(1, min(samples, work_budget() // (8 * draw_numel(fm, what)))))
 
 
-def _check(run: Run, method: str, what: str, probe: str, per_sample: bool, samples: int, max_memory) -> int:
+def _check(run: Request, method: str, what: str, probe: str, per_sample: bool, samples: int, max_memory) -> int:
     """Validate the request and refuse, before allocating, what cannot stream; returns the chunk size."""
     check_choice("method", method, METHODS)
     check_choice("probe", probe, PROBES)
@@ -229,7 +143,7 @@ def _check(run: Run, method: str, what: str, probe: str, per_sample: bool, sampl
     return s
 
 
-def _check_reiterable(run: Run, samples: int, s: int) -> None:
+def _check_reiterable(run: Request, samples: int, s: int) -> None:
     """Several chunks read the data several times: refuse a one-shot iterator (its second pass is empty)."""
     if isinstance(run.data, Iterator):
         raise TypeError(
@@ -238,7 +152,7 @@ def _check_reiterable(run: Run, samples: int, s: int) -> None:
         )
 
 
-def _batch_chunk(run: Run, method: str, what: str, probe: str, s_max: int) -> tuple[dict[str, Tensor], int]:
+def _batch_chunk(run: Request, method: str, what: str, probe: str, s_max: int) -> tuple[dict[str, Tensor], int]:
     """One pass of the batch estimator: ``({name: (s, ...)} summed over the data (unscaled), s)``.
 
     ``s ≤ s_max`` is fixed at the first batch so that the probe vectors ``ξ (B, C, s)`` also fit the budget
@@ -247,8 +161,8 @@ def _batch_chunk(run: Run, method: str, what: str, probe: str, s_max: int) -> tu
     for X, _ in run.batches():
         f, pull = vjp_checked(fm, X)
         if s is None:
-            s = int(max(1, min(s_max, _core.WORK_BUDGET // (8 * (draw_numel(fm, what) + f.numel())))))
-        xi = probe_vectors(run, f, method, probe, s, run.generator)  # (B, C, s)
+            s = int(max(1, min(s_max, work_budget() // (8 * (draw_numel(fm, what) + f.numel())))))
+        xi = probe_vectors(run.likelihood, f, method, probe, s, run.generator)  # (B, C, s)
         if s == 1:  # one plain backward pass (vmap over a single draw would only add overhead)
             v = {n: t[None] for n, t in pull(xi[..., 0])[0].items()}
         else:  # {name: (s, *shape)} = Σ_n J_nᵀ ξ_n per draw, draws batched
@@ -266,12 +180,12 @@ def _batch_chunk(run: Run, method: str, what: str, probe: str, s_max: int) -> tu
     return acc, s
 
 
-def _per_sample_chunk(run: Run, method: str, what: str, probe: str, s: int) -> tuple[dict[str, Tensor], int]:
+def _per_sample_chunk(run: Request, method: str, what: str, probe: str, s: int) -> tuple[dict[str, Tensor], int]:
     """One pass of the per-sample estimator for ``s`` draws: ``({name: (s, ...)} summed over the data, s)``;
     :func:`fisherlens._core.stream` sizes the data chunks for the ``s`` columns."""
     fm, acc = run.fm, {}
     want = {"diagk"} if what == "diag" else {"sqnorm"}
-    make_v = lambda f, _: probe_vectors(run, f, method, probe, s, run.generator)  # noqa: E731
+    make_v = lambda f, _: probe_vectors(run.likelihood, f, method, probe, s, run.generator)  # noqa: E731
     for _, _, st in run.chunks(want, make_v, columns=lambda C: s):
         for n in fm.names:
             x = st.diagk[n] if what == "diag" else st.sqnorm[n].sum(0)
@@ -279,7 +193,7 @@ def _per_sample_chunk(run: Run, method: str, what: str, probe: str, s: int) -> t
     return acc, s
 
 
-def draw_chunks(run: Run, method: str, what: str, *, probe: str = "rademacher", per_sample: bool = False,
+def draw_chunks(run: Request, method: str, what: str, *, probe: str = "rademacher", per_sample: bool = False,
                 samples: int = 1, max_memory: int | None = None) -> Iterator[dict[str, Tensor]]:
     """Per-draw estimates in consecutive chunks: ``{name: (s, ...)}`` per chunk of ``s`` draws, ``Σ s = samples``.
 
@@ -309,7 +223,7 @@ def draw_chunks(run: Run, method: str, what: str, *, probe: str = "rademacher", 
     return gen()
 
 
-def draws(run: Run, method: str, what: str, *, probe: str = "rademacher", per_sample: bool = False,
+def draws(run: Request, method: str, what: str, *, probe: str = "rademacher", per_sample: bool = False,
           samples: int = 1, max_memory: int | None = None) -> dict[str, Tensor]:
     """All per-draw estimates ``{name: (samples, ...)}`` (for small cases: the stack is ``samples × numel``).
 
@@ -328,7 +242,7 @@ def draws(run: Run, method: str, what: str, *, probe: str = "rademacher", per_sa
     return {n: torch.cat(p) for n, p in parts.items()}
 
 
-def estimate(run: Run, method: str, what: str, *, probe: str = "rademacher", per_sample: bool = False,
+def estimate(run: Request, method: str, what: str, *, probe: str = "rademacher", per_sample: bool = False,
              samples: int = 1, total: bool = False, max_memory: int | None = None):
     """Streamed estimates (:class:`Estimate`) of each parameter's diag, trace or dense block; memory flat in
     ``samples``.

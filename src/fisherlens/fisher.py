@@ -1,7 +1,7 @@
 """Exact Fisher information: dense matrix, diagonal, trace, per-parameter blocks, Fisher–Rao norm.
 
-Normalisation (SCIENCE §3): with per-sample Jacobians ``J_n (C×P)`` and the kind's sandwich ``V_n``
-(see :mod:`fisherlens._core`),
+Normalisation (docs/conventions.md#fisher-information): with per-sample Jacobians ``J_n (C×P)`` and the kind's
+sandwich ``V_n`` (:meth:`fisherlens.Likelihood.sandwich`),
 
     F = (1/N) Σ_n J_nᵀ V_n V_nᵀ J_n        (``reduction="sum"`` drops the 1/N),
 
@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from ._core import Run, check_choice, check_dense, finite_result, quadratic_sum
+from ._core import Request, check_choice, check_dense, finite_result, quadratic_sum
 from .estimators import Estimate, estimate
 
 Tensor = torch.Tensor
@@ -30,7 +30,16 @@ METHODS = ("exact", "hutchinson", "mc")
 __all__ = ["fisher_matrix", "fisher_diag", "fisher_trace", "fisher_blocks", "fisher_rao_norm"]
 
 
-_DOC_ARGS = """
+def fisher_matrix(
+    model, data, likelihood, kind="true", *, params=None, reduction="mean", samples=1, generator=None,
+    batch_size=None, engine="auto", max_memory: int | None = None,
+) -> Tensor:
+    """Dense Fisher matrix ``F (P, P)`` = ``(1/N) Σ_n J_nᵀ V_n V_nᵀ J_n``.
+
+    Refused before allocating when ``P²`` entries would not fit in memory (``max_memory`` bytes, default
+    half the available memory); use :func:`fisher_diag`, :func:`fisher_trace`,
+    :func:`fisher_blocks` or ``params=`` instead.
+
     Args:
         model: any ``torch.nn.Module`` mapping a batch ``x`` to outputs ``(B, C)`` (1-D output: C = 1);
             BatchNorm/Dropout must be in eval mode.
@@ -45,32 +54,13 @@ _DOC_ARGS = """
         batch_size: chunk size when ``data`` are tensors or a Dataset (default 256).
         engine: ``"auto"`` (layerwise fast path where it applies, verified; torch.func elsewhere),
             ``"layerwise"`` or ``"functional"`` (pure ``torch.func``; the general reference path).
-"""
-
-
-def _doc(f):
-    f.__doc__ = f.__doc__.replace("{args}", _DOC_ARGS.strip("\n"))
-    return f
-
-
-@_doc
-def fisher_matrix(
-    model, data, likelihood, kind="true", *, params=None, reduction="mean", samples=1, generator=None,
-    batch_size=None, engine="auto", max_memory: int | None = None,
-) -> Tensor:
-    """Dense Fisher matrix ``F (P, P)`` = ``(1/N) Σ_n J_nᵀ V_n V_nᵀ J_n``.
-
-    Refused before allocating when ``P²`` entries would not fit in memory (``max_memory`` bytes, default
-    half the available memory); use :func:`fisher_diag`, :func:`fisher_trace`,
-    :func:`fisher_blocks` or ``params=`` instead.
-
-    {args}
         max_memory: largest size of the result in bytes.
 
     Returns:
         Tensor ``(P, P)`` in the model's dtype.
     """
-    run = Run(model, data, likelihood, kind, params, reduction, samples, generator, batch_size, engine)
+    run = Request(model=model, data=data, likelihood=likelihood, kind=kind, params=params, reduction=reduction,
+                  samples=samples, generator=generator, batch_size=batch_size, engine=engine)
     fm = run.fm
     item = fm.itemsize
     check_dense(
@@ -83,7 +73,7 @@ def fisher_matrix(
 
 # The three reductions below take an optional sandwich ``make_v(f, y) -> (B, C, K)`` with ``columns(C) = K``
 # in place of the kind's own (the core-space envelopes of fisherlens.bounds use them).
-def dense(run: Run, make_v=None, columns=None) -> Tensor:
+def dense(run: Request, make_v=None, columns=None) -> Tensor:
     """``(1/N) Σ_n G_nᵀ G_n`` from materialised rows, ``(P, P)`` (the caller checks the memory)."""
     fm = run.fm
     out = torch.zeros(fm.P, fm.P, dtype=fm.dtype, device=fm.device)
@@ -93,7 +83,7 @@ def dense(run: Run, make_v=None, columns=None) -> Tensor:
     return finite_result("The Fisher matrix", out * run.scale())
 
 
-def diag_dict(run: Run, make_v=None, columns=None) -> dict[str, Tensor]:
+def diag_dict(run: Request, make_v=None, columns=None) -> dict[str, Tensor]:
     """Per-parameter diagonals ``{name: (*shape)}``."""
     fm = run.fm
     acc = {n: torch.zeros(fm.shapes[n], dtype=fm.dtype, device=fm.device) for n in fm.names}
@@ -104,7 +94,7 @@ def diag_dict(run: Run, make_v=None, columns=None) -> dict[str, Tensor]:
     return finite_result("The Fisher diagonal", {n: v * s for n, v in acc.items()})
 
 
-def trace_dict(run: Run, make_v=None, columns=None) -> dict[str, float]:
+def trace_dict(run: Request, make_v=None, columns=None) -> dict[str, float]:
     """Per-parameter traces ``{name: float}``."""
     fm = run.fm
     acc = dict.fromkeys(fm.names, 0.0)
@@ -115,14 +105,15 @@ def trace_dict(run: Run, make_v=None, columns=None) -> dict[str, float]:
     return finite_result("The Fisher trace", {n: v * s for n, v in acc.items()})
 
 
-@_doc
 def fisher_diag(
     model, data, likelihood, kind="true", method="exact", *, params=None, reduction="mean", samples=1,
     generator=None, batch_size=None, engine="auto", probe="rademacher", per_sample=False,
 ) -> Tensor | Estimate:
     """Diagonal of the Fisher, ``diag F (P,)`` = ``(1/N) Σ_n Σ_k (V_nᵀ J_n)_k²``, without forming F.
 
-    {args}
+    Args:
+        model, data, likelihood, kind, params, reduction, samples, generator, batch_size, engine: as in
+            :func:`fisher_matrix`.
         method: ``"exact"``; or a random estimate of the true Fisher's diagonal (see
             :mod:`fisherlens.estimators`): ``"hutchinson"`` (one backward pass per batch and draw) or
             ``"mc"`` (sampled labels), with ``samples`` draws.
@@ -134,13 +125,14 @@ def fisher_diag(
     """
     check_choice("method", method, METHODS)
     if method != "exact":
-        run = Run(model, data, likelihood, kind, params, reduction, 1, generator, batch_size, engine)
+        run = Request(model=model, data=data, likelihood=likelihood, kind=kind, params=params, reduction=reduction,
+                      generator=generator, batch_size=batch_size, engine=engine)
         return estimate(run, method, "diag", probe=probe, per_sample=per_sample, samples=_draws(samples), total=True)
-    run = Run(model, data, likelihood, kind, params, reduction, samples, generator, batch_size, engine)
+    run = Request(model=model, data=data, likelihood=likelihood, kind=kind, params=params, reduction=reduction,
+                  samples=samples, generator=generator, batch_size=batch_size, engine=engine)
     return run.fm.flatten(diag_dict(run))
 
 
-@_doc
 def fisher_trace(
     model, data, likelihood, kind="true", method="exact", *, params=None, reduction="mean", samples=1,
     generator=None, batch_size=None, engine="auto", probe="rademacher", per_sample=False,
@@ -149,7 +141,9 @@ def fisher_trace(
 
     Computed from per-sample squared norms; per-sample gradients are not materialised on the fast path.
 
-    {args}
+    Args:
+        model, data, likelihood, kind, params, reduction, samples, generator, batch_size, engine: as in
+            :func:`fisher_matrix`.
         method: ``"exact"``, ``"hutchinson"`` or ``"mc"`` (as in :func:`fisher_diag`).
         probe, per_sample: as in :func:`fisher_diag`.
 
@@ -158,9 +152,11 @@ def fisher_trace(
     """
     check_choice("method", method, METHODS)
     if method != "exact":
-        run = Run(model, data, likelihood, kind, params, reduction, 1, generator, batch_size, engine)
+        run = Request(model=model, data=data, likelihood=likelihood, kind=kind, params=params, reduction=reduction,
+                      generator=generator, batch_size=batch_size, engine=engine)
         return estimate(run, method, "trace", probe=probe, per_sample=per_sample, samples=_draws(samples), total=True)
-    run = Run(model, data, likelihood, kind, params, reduction, samples, generator, batch_size, engine)
+    run = Request(model=model, data=data, likelihood=likelihood, kind=kind, params=params, reduction=reduction,
+                  samples=samples, generator=generator, batch_size=batch_size, engine=engine)
     return float(math.fsum(trace_dict(run).values()))
 
 
@@ -177,7 +173,6 @@ def _check_blocks(fm, max_memory, extra: int = 1) -> None:
     )
 
 
-@_doc
 def fisher_blocks(
     model, data, likelihood, kind="true", what="diag", method="exact", *, params=None, reduction="mean",
     samples=1, generator=None, batch_size=None, engine="auto", probe="rademacher", per_sample=False,
@@ -188,7 +183,9 @@ def fisher_blocks(
     ``what="diag"``: the diagonal shaped like the parameter; ``"trace"``: a float per tensor (they sum to
     ``fisher_trace``); ``"dense"``: the diagonal block ``F_[name, name]`` of shape ``(numel, numel)``.
 
-    {args}
+    Args:
+        model, data, likelihood, kind, params, reduction, samples, generator, batch_size, engine: as in
+            :func:`fisher_matrix`.
         what: ``"diag"``, ``"trace"`` or ``"dense"``.
         method, probe, per_sample: as in :func:`fisher_diag`; random methods give :class:`Estimate` values.
         max_memory: largest total size of the dense blocks in bytes.
@@ -196,12 +193,14 @@ def fisher_blocks(
     check_choice("what", what, ("diag", "trace", "dense"))
     check_choice("method", method, METHODS)
     if method != "exact":
-        run = Run(model, data, likelihood, kind, params, reduction, 1, generator, batch_size, engine)
+        run = Request(model=model, data=data, likelihood=likelihood, kind=kind, params=params, reduction=reduction,
+                      generator=generator, batch_size=batch_size, engine=engine)
         if what == "dense":  # the result (value and stderr); the estimator checks its own running sums
             _check_blocks(run.fm, max_memory, extra=2)
         return estimate(run, method, what, probe=probe, per_sample=per_sample, samples=_draws(samples),
                         max_memory=max_memory)
-    run = Run(model, data, likelihood, kind, params, reduction, samples, generator, batch_size, engine)
+    run = Request(model=model, data=data, likelihood=likelihood, kind=kind, params=params, reduction=reduction,
+                  samples=samples, generator=generator, batch_size=batch_size, engine=engine)
     fm = run.fm
     if what == "diag":
         return diag_dict(run)
@@ -217,7 +216,6 @@ def fisher_blocks(
     return finite_result("A Fisher block", {n: v * s for n, v in acc.items()})
 
 
-@_doc
 def fisher_rao_norm(
     model, data, likelihood, kind="true", *, params=None, reduction="mean", samples=1, generator=None,
     batch_size=None,
@@ -226,9 +224,12 @@ def fisher_rao_norm(
 
     One ``torch.func.jvp`` per batch (``J_n θ`` for all n at once); F is never formed.
 
-    {args}
+    Args:
+        model, data, likelihood, kind, params, reduction, samples, generator, batch_size, engine: as in
+            :func:`fisher_matrix`.
     """
-    run = Run(model, data, likelihood, kind, params, reduction, samples, generator, batch_size, "functional")
+    run = Request(model=model, data=data, likelihood=likelihood, kind=kind, params=params, reduction=reduction,
+                  samples=samples, generator=generator, batch_size=batch_size, engine="functional")
     total, _ = quadratic_sum(run.fm, run.batches(), likelihood, kind, run.fm.params, samples=samples,
                              generator=generator)
     return total * run.scale()

@@ -1,11 +1,14 @@
-r"""Riemannian geometry of a metric ``g(θ)``: Christoffel symbols, curvature, path length (SCIENCE §8).
+r"""Riemannian geometry of a metric ``g(θ)``: Christoffel symbols, curvature, path length.
+
+Conventions: docs/conventions.md#curvature; the Fisher metric as the Riemannian metric of a statistical manifold
+follows Sauter (2023), *Investigating the Evolution of Fisher Information for Neural Network Dynamics*, §3.2.
 
 A *metric* is any callable ``θ (d,) -> g (d, d)`` written with torch operations (``torch.stack``, not
 ``torch.tensor(...)`` on entries of θ), so that ``torch.func`` can differentiate it to second order and
 ``vmap`` it over many θ.  :func:`fisher_metric` builds one for a model with a handful of parameters.
 Everything is evaluated in float64.
 
-Conventions (SCIENCE §8, the standard ones; the unit 2-sphere has ``R = +2``), with
+Conventions (docs/conventions.md#curvature, the standard ones; the unit 2-sphere has ``R = +2``), with
 ``∂_k g_{ij} = dg[i, j, k]``:
 
 * ``Γ^i_{jk} = ½ g^{im} (∂_j g_{mk} + ∂_k g_{mj} − ∂_m g_{jk})``                → ``Gamma[i, j, k]``
@@ -68,7 +71,7 @@ from torch import nn
 from torch.func import grad, jacfwd, jacrev, vmap
 from tqdm.auto import tqdm
 
-from ._core import WORK_BUDGET, FunctionalModel, available_memory, check_kind, iter_batches
+from ._core import FunctionalModel, available_memory, check_kind, iter_batches, work_budget
 from .likelihoods import Likelihood
 
 Tensor = torch.Tensor
@@ -323,7 +326,12 @@ def _point(metric: Metric, theta, order: int, cond_max: float, regularize: float
 
 
 # ----------------------------------------------------------------------------- single-point API
-_POINT_DOC = """
+def christoffel(metric: Metric, theta, *, cond_max: float = COND_MAX, regularize: float | None = None) -> Tensor:
+    """Christoffel symbols of the second kind ``Γ[i, j, k] = Γ^i_{jk}``, shape ``(d, d, d)``.
+
+    ``Γ^i_{jk} = ½ g^{im} (∂_j g_{mk} + ∂_k g_{mj} − ∂_m g_{jk})``, symmetric in ``j, k``.
+    Cost: ``d`` forward-mode metric evaluations; memory ``O(d³)``.
+
     Args:
         metric: callable ``θ (d,) -> g (d, d)`` (float64, torch ops; e.g. :func:`fisher_metric`).
         theta: the point, shape ``(d,)``.
@@ -337,28 +345,11 @@ _POINT_DOC = """
             changes with θ but not through autograd (``.item()``, ``.detach()``, numpy: the graph is cut) or that
             fails under ``torch.func``; ``d > MAX_DIM``.
         TypeError: the metric does not return a float64 tensor.
-"""
-
-
-def _doc(f):
-    f.__doc__ = f.__doc__.replace("{args}", _POINT_DOC.strip("\n"))
-    return f
-
-
-@_doc
-def christoffel(metric: Metric, theta, *, cond_max: float = COND_MAX, regularize: float | None = None) -> Tensor:
-    """Christoffel symbols of the second kind ``Γ[i, j, k] = Γ^i_{jk}``, shape ``(d, d, d)``.
-
-    ``Γ^i_{jk} = ½ g^{im} (∂_j g_{mk} + ∂_k g_{mj} − ∂_m g_{jk})``, symmetric in ``j, k``.
-    Cost: ``d`` forward-mode metric evaluations; memory ``O(d³)``.
-
-    {args}
     """
     g, dg = _point(metric, theta, 1, cond_max, regularize, "christoffel")
     return _christoffel_from(g, dg)
 
 
-@_doc
 def riemann(metric: Metric, theta, *, cond_max: float = COND_MAX, regularize: float | None = None) -> Tensor:
     """Riemann tensor ``Riem[a, b, c, d] = R^a_{bcd}``, shape ``(d, d, d, d)``.
 
@@ -366,23 +357,45 @@ def riemann(metric: Metric, theta, *, cond_max: float = COND_MAX, regularize: fl
     Cost: ``d²`` forward-mode metric evaluations (third derivatives of a model for a Fisher metric);
     memory ``O(d⁴)``.
 
-    {args}
+    Args:
+        metric: callable ``θ (d,) -> g (d, d)`` (float64, torch ops; e.g. :func:`fisher_metric`).
+        theta: the point, shape ``(d,)``.
+        cond_max: largest accepted condition number of ``g``.
+        regularize: ``None`` (raise for an ill-conditioned ``g``) or ``eps``: use ``g + eps·I`` there and
+            emit :class:`IllConditionedMetricWarning` (the warning is the flag; :func:`curvature` has masks).
+
+    Raises:
+        ValueError: ``g`` non-finite or ``κ(g) > cond_max`` (without ``regularize``); ``g`` not symmetric, or
+            indefinite (an eigenvalue below ``−max|λ|/cond_max``; the message names the smallest); a metric that
+            changes with θ but not through autograd (``.item()``, ``.detach()``, numpy: the graph is cut) or that
+            fails under ``torch.func``; ``d > MAX_DIM``.
+        TypeError: the metric does not return a float64 tensor.
     """
     g, dg, ddg = _point(metric, theta, 2, cond_max, regularize, "riemann")
     return _curvature_from(g, dg, ddg)[1]
 
 
-@_doc
 def ricci(metric: Metric, theta, *, cond_max: float = COND_MAX, regularize: float | None = None) -> Tensor:
     """Ricci tensor ``Ric[b, d] = R_{bd} = R^a_{bad}``, shape ``(d, d)`` (symmetric). Cost as :func:`riemann`.
 
-    {args}
+    Args:
+        metric: callable ``θ (d,) -> g (d, d)`` (float64, torch ops; e.g. :func:`fisher_metric`).
+        theta: the point, shape ``(d,)``.
+        cond_max: largest accepted condition number of ``g``.
+        regularize: ``None`` (raise for an ill-conditioned ``g``) or ``eps``: use ``g + eps·I`` there and
+            emit :class:`IllConditionedMetricWarning` (the warning is the flag; :func:`curvature` has masks).
+
+    Raises:
+        ValueError: ``g`` non-finite or ``κ(g) > cond_max`` (without ``regularize``); ``g`` not symmetric, or
+            indefinite (an eigenvalue below ``−max|λ|/cond_max``; the message names the smallest); a metric that
+            changes with θ but not through autograd (``.item()``, ``.detach()``, numpy: the graph is cut) or that
+            fails under ``torch.func``; ``d > MAX_DIM``.
+        TypeError: the metric does not return a float64 tensor.
     """
     g, dg, ddg = _point(metric, theta, 2, cond_max, regularize, "ricci")
     return _curvature_from(g, dg, ddg)[2]
 
 
-@_doc
 def scalar_curvature(
     metric: Metric, theta, *, cond_max: float = COND_MAX, regularize: float | None = None
 ) -> float:
@@ -390,7 +403,27 @@ def scalar_curvature(
 
     For many points use :func:`curvature` (vectorised, with per-point singular masks).
 
-    {args}
+    Args:
+        metric: callable ``θ (d,) -> g (d, d)`` (float64, torch ops; e.g. :func:`fisher_metric`).
+        theta: the point, shape ``(d,)``.
+        cond_max: largest accepted condition number of ``g``.
+        regularize: ``None`` (raise for an ill-conditioned ``g``) or ``eps``: use ``g + eps·I`` there and
+            emit :class:`IllConditionedMetricWarning` (the warning is the flag; :func:`curvature` has masks).
+
+    Raises:
+        ValueError: ``g`` non-finite or ``κ(g) > cond_max`` (without ``regularize``); ``g`` not symmetric, or
+            indefinite (an eigenvalue below ``−max|λ|/cond_max``; the message names the smallest); a metric that
+            changes with θ but not through autograd (``.item()``, ``.detach()``, numpy: the graph is cut) or that
+            fails under ``torch.func``; ``d > MAX_DIM``.
+        TypeError: the metric does not return a float64 tensor.
+
+    Example:
+        The unit 2-sphere in polar coordinates has ``R = +2`` (docs/conventions.md#curvature):
+
+        >>> import torch, fisherlens as fl
+        >>> sphere = lambda th: torch.diag(torch.stack([torch.ones_like(th[0]), torch.sin(th[0]) ** 2]))
+        >>> round(fl.geometry.scalar_curvature(sphere, torch.tensor([1.0, 0.3])), 10)
+        2.0
     """
     g, dg, ddg = _point(metric, theta, 2, cond_max, regularize, "scalar_curvature")
     R = _curvature_from(g, dg, ddg)[3].item()
@@ -449,7 +482,7 @@ def _chunk_size(metric, d: int, order: int, chunk_size: int | None) -> int:
             + (f", N={metric.n} samples" if isinstance(metric, FisherMetric) else "")
             + f") but only {limit / 2**30:.2f} GiB may be used: use fewer parameters (params=) or fewer samples."
         )
-    return int(max(1, min(8192, WORK_BUDGET // max(per, 1))))
+    return int(max(1, min(8192, work_budget() // max(per, 1))))
 
 
 def metric_values(metric: Metric, thetas, *, chunk_size: int | None = None) -> Tensor:
@@ -602,10 +635,11 @@ def curvature(
 
 # ----------------------------------------------------------------------------- path length
 def path_length(metric: Metric, thetas, *, rule: str = "left", chunk_size: int | None = None) -> float:
-    """Riemannian length of a discretised path ``θ_0, …, θ_T`` (SCIENCE §8, seed 000 eq 3.2.13).
+    """Riemannian length of a discretised path ``θ_0, …, θ_T`` (Sauter 2023, eq 3.2.13).
 
-    ``rule="left"`` (default, as SCIENCE §8): ``s = Σ_k sqrt(Δθ_kᵀ g(θ_k) Δθ_k)``, ``Δθ_k = θ_{k+1} − θ_k``
-    — first order in the step; ``rule="midpoint"``: ``g`` at ``(θ_k + θ_{k+1})/2`` — second order.
+    Conventions: docs/conventions.md#path-length.  ``rule="left"`` (default, as there):
+    ``s = Σ_k sqrt(Δθ_kᵀ g(θ_k) Δθ_k)``, ``Δθ_k = θ_{k+1} − θ_k`` — first order in the step;
+    ``rule="midpoint"``: ``g`` at ``(θ_k + θ_{k+1})/2`` — second order.
     Exact for any rule when ``g`` is constant along each step.
 
     Args:
@@ -678,7 +712,7 @@ class FisherMetric:
 
     * ``kind="true"``:      ``F = (1/N) Σ_n J_nᵀ Λ(f_n) J_n`` (Gaussian, Categorical, Bernoulli);
     * ``kind="empirical"``: ``F = (1/N) Σ_n g_n g_nᵀ``, ``g_n = ∇_θ ℓ(f_θ(x_n), y_n)`` (any likelihood,
-      including ``fl.LossInduced(loss)``, the loss-induced Fisher of seed 000 §3.2.5);
+      including ``fl.LossInduced(loss)``, the loss-induced Fisher of Sauter (2023, §3.2.5));
 
     ``reduction="sum"`` drops the ``1/N``.  Per-sample Jacobians come from ``torch.func.jacfwd`` of the
     whole batch (``mode="forward"``: ``d`` forward-mode passes) or from ``vmap`` over samples of
@@ -712,7 +746,7 @@ class FisherMetric:
         self.dim = fm0.P
         self.theta0 = self._fm.flatten(self._fm.params).detach().clone()
         self.kind, self.likelihood, self.reduction = kind, likelihood, reduction
-        limit = max_data_bytes if max_data_bytes is not None else min(WORK_BUDGET, available_memory() // 8)
+        limit = max_data_bytes if max_data_bytes is not None else min(work_budget(), available_memory() // 8)
         X, Y = _materialise(data, self._fm, kind == "empirical", limit)
         self.X = X
         with torch.no_grad():
@@ -832,7 +866,9 @@ def fisher_metric(model: nn.Module, data, likelihood: Likelihood, kind: str = "t
 # ----------------------------------------------------------------------------- KL self-test
 def kl_check(model: nn.Module, data, likelihood: Likelihood, dtheta=None, *, params=None, scale: float = 1e-4,
              generator: torch.Generator | None = None) -> float:
-    """KL self-test (seed 002 eqs 4.1–4.2): ``sqrt(2 KL(p_θ ‖ p_{θ+dθ}) / dθᵀ F dθ)`` → 1 as ``dθ → 0``.
+    """KL self-test (Luzzatto 2023, eqs 4.1–4.2): ``sqrt(2 KL(p_θ ‖ p_{θ+dθ}) / dθᵀ F dθ)`` → 1 as ``dθ → 0``.
+
+    See docs/conventions.md#kl-self-test.
 
     ``KL = (1/N) Σ_n KL(p(·|f_θ(x_n)) ‖ p(·|f_{θ+dθ}(x_n)))`` (``likelihood.kl``) and ``F`` the true Fisher at
     the model's current θ (both means over the data).  Deviations are ``O(‖dθ‖)``.

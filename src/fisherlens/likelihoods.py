@@ -1,7 +1,7 @@
 """Output models ("likelihoods") p(y | f) and their output-space Fisher Λ(f).
 
 Every Fisher in fisherlens is the pull-back ``J_nᵀ Λ(f_n) J_n`` of an output-space
-Fisher Λ (SCIENCE §2).  A likelihood knows
+Fisher Λ (docs/conventions.md#output-models).  A likelihood knows
 
 * ``loss(f, y)``      per-sample negative log-likelihood (up to a y-independent constant), ``(B,)``;
 * ``sqrt_fisher(f)``  a square root ``S`` with ``S Sᵀ = Λ(f)``, ``(B, C, C)``;
@@ -42,25 +42,37 @@ def _check_finite_targets(y: Tensor, what: str) -> None:
 
 
 class Likelihood:
-    """Base class of the output models.  Subclasses define the methods listed in the module doc."""
+    """Base class of the output models ``p(y | f)``.
+
+    **A new output model subclasses this and implements** :meth:`loss` **and, when its Fisher exists,**
+    :meth:`sqrt_fisher` **,** :meth:`sample` **and** :meth:`kl` (set ``has_fisher = False`` otherwise);
+    :meth:`check_outputs`/:meth:`check_targets` validate, :meth:`fisher_out`, :meth:`residual` and
+    :meth:`sandwich` follow from the rest.  Shapes: outputs ``f (B, C)``, labels in the form
+    :meth:`check_targets` returns.
+    """
 
     #: whether ``Λ(f)`` exists (kind="true" and kind="mc" need it).
     has_fisher: bool = True
 
     def loss(self, f: Tensor, y: Tensor) -> Tensor:
+        """Per-sample negative log-likelihood ``ℓ(f_n, y_n)`` (up to a y-independent constant), ``(B,)``."""
         raise NotImplementedError
 
     def sqrt_fisher(self, f: Tensor) -> Tensor:
+        """A square root ``S (B, C, C)`` of the output-space Fisher: ``S Sᵀ = Λ(f) = E_y[∇_f ℓ ∇_f ℓᵀ]``."""
         raise NotImplementedError
 
     def fisher_out(self, f: Tensor) -> Tensor:
+        """``Λ(f) (B, C, C)``."""
         s = self.sqrt_fisher(f)
         return s @ s.transpose(-1, -2)
 
     def sample(self, f: Tensor, k: int, generator: torch.Generator | None = None) -> Tensor:
+        """``k`` labels per input drawn from ``p(y | f)``, ``(k, B, ...)`` (``generator`` for reproducibility)."""
         raise NotImplementedError
 
     def kl(self, f: Tensor, g: Tensor) -> Tensor:
+        """Per-sample ``KL(p(·|f) ‖ p(·|g))``, ``(B,)``."""
         raise NotImplementedError
 
     def check_outputs(self, f: Tensor) -> None:
@@ -69,6 +81,34 @@ class Likelihood:
     def check_targets(self, f: Tensor, y: Tensor) -> Tensor:
         """Validate labels against outputs ``f (B, C)``; return them in the form ``loss`` expects."""
         return y
+
+    def sandwich(self, f: Tensor, kind: str, y: Tensor | None = None, samples: int = 1,
+                 generator: torch.Generator | None = None) -> Tensor:
+        """The factor ``V (B, C, K)`` of the per-input Fisher ``F_n = J_nᵀ V_n V_nᵀ J_n`` from outputs ``f (B, C)``.
+
+        * ``kind="true"``: ``V = S(f)``, ``V Vᵀ = Λ(f)`` (K = C);
+        * ``kind="empirical"``: ``V = ∂ℓ(f, y)/∂f`` at the observed labels ``y`` (K = 1);
+        * ``kind="mc"``: ``V = [∂ℓ(f, ŷ_1)/∂f … ∂ℓ(f, ŷ_k)/∂f] / √k`` with ``ŷ ~ p(y | f)``, ``k = samples`` (K = k),
+          so that ``E[V Vᵀ] = Λ(f)``.
+
+        Refuses, before allocating, ``samples`` draws that cannot fit in memory.
+        """
+        from ._core.checks import check_dense  # the core's memory rule (imported late: the core imports this)
+
+        f = f.detach()
+        self.check_outputs(f)
+        if kind == "true":
+            return self.sqrt_fisher(f)
+        if kind == "empirical":
+            return self.residual(f, self.check_targets(f, y))[:, :, None]
+        if kind != "mc":
+            raise ValueError(f"kind={kind!r} is not supported; choose one of 'true', 'empirical', 'mc'.")
+        check_dense(f"kind='mc' with samples={samples} label draws for {len(f)} inputs", f.numel() * samples,
+                    4 * f.element_size(), "Use fewer samples=, or method='hutchinson'", None)
+        ys = self.sample(f, samples, generator)  # (k, B, ...)
+        fk = f.expand(samples, *f.shape).reshape(-1, f.shape[-1])
+        r = self.residual(fk, ys.reshape(-1, *ys.shape[2:]))
+        return r.reshape(samples, *f.shape).permute(1, 2, 0) / math.sqrt(samples)
 
     def residual(self, f: Tensor, y: Tensor) -> Tensor:
         """``r_n = ∂ℓ(f_n, y_n)/∂f_n``, shape ``(B, C)``; batched autograd, no loop over samples.
@@ -266,7 +306,7 @@ class Bernoulli(Likelihood):
 
 
 class LossInduced(Likelihood):
-    r"""The model ``p(y | f) ∝ exp(−ℓ(f, y))`` of seed 000 §3.2.5, defined by a loss only.
+    r"""The model ``p(y | f) ∝ exp(−ℓ(f, y))`` of Sauter (2023) §3.2.5, defined by a loss only.
 
     Its normaliser is unknown, so only the empirical Fisher (``g_n = ∇_θ ℓ``) is defined.
     ``loss(f (B, C), y) -> (B,)`` per-sample losses, e.g. from :mod:`fisherlens.losses`.  Refused

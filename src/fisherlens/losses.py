@@ -1,4 +1,7 @@
-"""The loss families of seed 000 §5.1 (eqs 5.1.5–5.1.7), as per-sample losses ``ℓ(f (B, C), y) -> (B,)``.
+"""The loss families of Sauter (2023, §5.1, eqs 5.1.5–5.1.7), as per-sample losses ``ℓ(f (B, C), y) -> (B,)``.
+
+Sauter (2023): *Investigating the Evolution of Fisher Information for Neural Network Dynamics*, B.Sc. thesis,
+University of Stuttgart (docs/references.md).  Definitions: docs/conventions.md#losses.
 
 Targets ``y`` may be ``(B, C)`` floats (one-hot or soft) or integer class labels ``(B,)``,
 which are one-hot encoded with ``C = f.shape[-1]``.  Use with :class:`fisherlens.LossInduced`.
@@ -35,9 +38,15 @@ def as_targets(f: Tensor, y: Tensor) -> Tensor:
 
 
 def lp_norm(p: float = 2) -> Loss:
-    r"""L_p-norm loss (seed 000 eq 5.1.5): ``ℓ = (Σ_c |f_c − y_c|^p)^{1/p}``, ``p ≥ 1``.
+    r"""L_p-norm loss (Sauter 2023, eq 5.1.5): ``ℓ = (Σ_c |f_c − y_c|^p)^{1/p}``, ``p ≥ 1``.
 
     Its gradient at zero residual is taken as 0 (the subgradient torch uses).
+
+    Example:
+        >>> import torch
+        >>> from fisherlens.losses import lp_norm
+        >>> lp_norm(2)(torch.tensor([[3.0, 0.0]]), torch.tensor([[0.0, 4.0]]))
+        tensor([5.])
     """
     p = float(p)
     if not p >= 1:
@@ -51,9 +60,9 @@ def lp_norm(p: float = 2) -> Loss:
 
 
 def mean_power(n: int = 2) -> Loss:
-    r"""Mean power loss of order n (seed 000 eq 5.1.6): ``ℓ = (1/C) Σ_c (f_c − y_c)^n``.
+    r"""Mean power loss of order n (Sauter 2023, eq 5.1.6): ``ℓ = (1/C) Σ_c (f_c − y_c)^n``.
 
-    Odd ``n`` gives a loss that is unbounded below (as written in the seed); even ``n`` is the usual choice.
+    Odd ``n`` gives a loss that is unbounded below (as written in the thesis); even ``n`` is the usual choice.
     """
     if int(n) != n or n < 1:
         raise ValueError(f"mean_power(n={n}): n must be a positive integer.")
@@ -67,7 +76,16 @@ def mean_power(n: int = 2) -> Loss:
 
 
 def softmax_cross_entropy() -> Loss:
-    r"""Softmax cross-entropy (seed 000 eq 5.1.7): ``ℓ = −Σ_c y_c log softmax(f)_c`` (via log-softmax)."""
+    r"""Softmax cross-entropy (Sauter 2023, eq 5.1.7): ``ℓ = −Σ_c y_c log softmax(f)_c`` (via log-softmax).
+
+    Integer labels are one-hot encoded, so this is torch's per-sample cross-entropy:
+
+        >>> import torch
+        >>> from fisherlens.losses import softmax_cross_entropy
+        >>> f, y = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 3.0]]), torch.tensor([0, 2])
+        >>> torch.allclose(softmax_cross_entropy()(f, y), torch.nn.functional.cross_entropy(f, y, reduction="none"))
+        True
+    """
 
     def loss(f: Tensor, y: Tensor) -> Tensor:
         return -(as_targets(f, y) * F.log_softmax(f, dim=-1)).sum(-1)

@@ -12,9 +12,11 @@ Usage (a plain loop; the monitor never touches the optimiser)::
         opt.zero_grad(); loss.backward(); opt.step()
         mon.step(loss=loss, outputs=out, targets=y)       # counts steps 1, 2, ...; returns a record or None
 
-Observables (columns of a record; every record also has ``step``).  All probe quantities are **means over
-the probe inputs** (SCIENCE §3–4), measured on the parameters *after* the optimiser step, with the model in
-eval mode.  Costs are per record, in units of one forward+backward pass over the probe (N inputs, C outputs):
+Observables (columns of a record; every record also has ``step``). All probe quantities are **means over the probe
+inputs** (docs/conventions.md#fisher-information), measured on the parameters *after* the optimiser step, with the
+model in eval mode. Costs are per record, in units of one forward+backward pass over the probe (N inputs, C
+outputs):
+
 
 ==========================  ====================================================================  ==============
 observable                  value (library function it comes from)                                cost
@@ -33,7 +35,7 @@ observable                  value (library function it comes from)              
 ``top_eigenvalue``          :func:`fisherlens.eigenvalues` (``k=1``, ``method="lanczos"``)          ~15-30 FVPs
 ``rao_norm``                :func:`fisherlens.fisher_rao_norm`, ``θᵀ F θ``                          1 jvp
 ``path_length``             ``Σ_k sqrt(Δθ_kᵀ F(θ_k) Δθ_k)`` between consecutive records             1 jvp
-                            (SCIENCE §8, left rule; 0 at the first record)
+                            (docs/conventions.md#path-length, left rule; 0 at the first record)
 ``batch_fisher_trace``      tr F on the **training batch** of this step, at θ *before* the         see below
                             optimiser step, from the caller's own forward/backward
 ==========================  ====================================================================  ==============
@@ -74,29 +76,30 @@ from __future__ import annotations
 import math
 import os
 import warnings
-import weakref
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 from torch import nn
 
 from ._core import (
+    Call,
+    Capture,
     FunctionalModel,
-    _ambiguous,
-    _Call,
-    _call_problems,
-    _call_rows,
-    _model_errors,
-    _plan,
-    _simple,
+    Stats,
+    WeakHook,
+    ambiguous,
+    call_problems,
     check_choice,
     check_kind,
     iter_batches,
+    layer_stats,
+    model_errors,
+    plan_for,
     quadratic_sum,
     signature,
+    tap_grads,
     vjp_checked,
 )
 from .estimators import probe_vectors
@@ -396,7 +399,7 @@ class Monitor:
             if want_grad:
                 f, pull = vjp_checked(fm, X)
             else:
-                with torch.no_grad(), _model_errors(X):
+                with torch.no_grad(), model_errors(X):
                     f = fm(fm.params, X)
             f = f.detach()
             y = lik.check_targets(f, Y)
@@ -512,41 +515,13 @@ def _device(model: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
-def _disabled_hook(*_):
-    return None
-
-
-class _Hook:
-    """A forward hook that calls a bound method through a weak reference.
-
-    A deep copy (or pickle) of the hooked model gets a disabled hook: the copy is not monitored, and the
-    monitor is neither copied nor kept alive by the model."""
-
-    def __init__(self, method):
-        self.ref = weakref.WeakMethod(method)
-
-    def __call__(self, *args):
-        fn = self.ref()
-        return None if fn is None else fn(*args)
-
-    def __deepcopy__(self, memo):
-        return _disabled_hook
-
-    def __reduce__(self):
-        return (_make_disabled, ())
-
-
-def _make_disabled():
-    return _disabled_hook
-
-
 def _probe_xi(lik, f: Tensor, draws: int, generator) -> Tensor:
     """Hutchinson vectors ``ξ = S ε (B, C, draws)``, Rademacher ε drawn exactly as
     :func:`fisherlens.estimators.probe_vectors` draws them (same generator calls, same values up to rounding).
 
     For ``fl.Categorical`` without the ``(B, C, C)`` matrix: ``S ε = √π ⊙ ε − π (√π · ε)``."""
     if type(lik) is not Categorical:
-        return probe_vectors(SimpleNamespace(lik=lik), f, "hutchinson", "rademacher", draws, generator)
+        return probe_vectors(lik, f, "hutchinson", "rademacher", draws, generator)
     lik.check_outputs(f)
     eps = torch.randint(0, 2, (f.shape[0], f.shape[1], draws), generator=generator, device=f.device).to(f.dtype) * 2 - 1
     p = torch.softmax(f, dim=-1)[..., None]
@@ -555,8 +530,9 @@ def _probe_xi(lik, f: Tensor, draws: int, generator) -> Tensor:
 
 
 class _BatchCapture:
-    """Hooks for ``batch_fisher_trace``: layer inputs from the caller's training forward, output gradients
-    from an extra activation-only backward (true Fisher) or from the caller's backward (empirical)."""
+    """``batch_fisher_trace``: the core's :class:`~fisherlens._core.Capture` records the layer calls of the
+    caller's training forward; output gradients come from an extra activation-only backward (true Fisher) or
+    from the caller's backward (empirical); the core's :func:`~fisherlens._core.layer_stats` reduces them."""
 
     def __init__(self, mon: Monitor):
         self.mon = mon
@@ -569,7 +545,7 @@ class _BatchCapture:
         finally:
             for m, t in modes:
                 m.training = t
-        plan = _plan(fm)
+        plan = plan_for(fm)
         missing = [n for n in fm.names if n not in plan.owned]
         if missing:
             raise ValueError(
@@ -578,141 +554,103 @@ class _BatchCapture:
         self.fm, self.plan = fm, plan
         self.owned = dict(plan.owned)
         self.identity = [(which, m, fm.tensors[n]) for n, (which, ms) in self.owned.items() for m in ms]
-        mods = {id(m): m for _, ms in self.owned.values() for m in ms}
-        self.calls: list[_Call] = []
-        self.layouts: dict = {}
         #: BatchNorm / Dropout modules: in training mode they make per-sample gradients undefined
         self.mixing = [(n, m) for n, m in mon.model.named_modules()
                        if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd))]
-        self.handles = [m.register_forward_hook(_Hook(self._layer_hook)) for m in mods.values()]
-        self.handles.append(mon.model.register_forward_hook(_Hook(self._root_hook)))
+        self.capture = Capture((m for _, ms in self.owned.values() for m in ms), tap=False, weak=True,
+                               when=self._recording)
+        self.root = mon.model.register_forward_hook(WeakHook(self._root_hook))
         self.clear()
 
     def arm(self, flag: bool) -> None:
         self.armed = flag
 
     def clear(self) -> None:
+        self.capture.calls = []
         self.calls, self.grads, self.f, self.u = [], None, None, None
         self.value_true: float | None = None
         self.captured = False
 
     def close(self) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles = []
+        self.capture.close()
+        self.root.remove()
 
-    def _layer_hook(self, m, inputs, out):
-        if self.armed and not self.busy and not self.captured and torch.is_grad_enabled():
-            self.calls.append(_Call(m, inputs[0].detach(), out))
+    def _recording(self) -> bool:
+        return self.armed and not self.busy and not self.captured and torch.is_grad_enabled()
 
     def _root_hook(self, model, inputs, out):
         if not self.armed or self.busy or self.captured:
             return
-        calls, self.calls = self.calls, []
+        calls, self.capture.calls = self.capture.calls, []
         if not isinstance(out, Tensor) or not out.requires_grad:
             return  # an evaluation forward (no autograd): wait for the training forward
         if any(getattr(m, which) is not t for which, m, t in self.identity):
             return  # a torch.func.functional_call forward (e.g. a library call) with substituted parameters
+        self._prove(calls, inputs[0].detach())
+        self.captured = True
+        f = out[:, None] if out.dim() == 1 else out
+        self.mon.likelihood.check_outputs(f.detach())
+        if self.mon.kind == "true":
+            self._true(calls, f)
+        else:
+            self._watch_backward(calls, f, out)
+
+    def _prove(self, calls: list[Call], X: Tensor) -> None:
+        """Refuse a training batch whose per-sample attribution the core cannot prove (as in its engine)."""
         for name, m in self.mixing:
             if m.training and (isinstance(m, nn.modules.batchnorm._BatchNorm) or m.p > 0):
                 raise ValueError(f"batch_fisher_trace: module '{name}' ({type(m).__name__}) is in training mode, "
                                  "so per-sample gradients of the batch are not defined; measure on the probe.")
-        f = out[:, None] if out.dim() == 1 else out
-        X = inputs[0]
         self.busy = True
         try:
-            sig = signature(self.fm, X.detach())
+            sig = signature(self.fm, X)
         finally:
             self.busy = False
         missing = [n for n in self.owned if n not in self.plan.owned]
         if missing:
             raise ValueError(f"batch_fisher_trace: parameters {missing} are used outside their layers; "
                              "measure 'fisher_trace' on the probe instead.")
-        problems = _call_problems(self.plan, calls, len(X), sig.calls)
+        problems = call_problems(self.plan, calls, len(X), sig.calls)
         problems.update({n: "its layer's input has another axis of the batch's size" for n, (_, ms) in
-                         self.owned.items() for c in calls if c.module in ms and _ambiguous(c, len(X))})
+                         self.owned.items() for c in calls if c.module in ms and ambiguous(c, len(X))})
         if problems:
             raise ValueError("batch_fisher_trace cannot prove the per-sample attribution of the training batch ("
                              + "; ".join(f"'{n}': {r}" for n, r in problems.items())
                              + "); measure 'fisher_trace' on the probe instead.")
-        self.captured = True
-        mon = self.mon
-        fd = f.detach()
-        mon.likelihood.check_outputs(fd)
+
+    def _true(self, calls: list[Call], f: Tensor) -> None:
+        """One backward to the layer outputs of the columns ``ξ = S ε`` (Hutchinson) or ``S`` (exact)."""
+        mon, fd = self.mon, f.detach()
+        hutch = mon.method == "hutchinson"
+        V = _probe_xi(mon.likelihood, fd, mon.draws, mon.generator) if hutch else mon.likelihood.sqrt_fisher(fd)
+        K = V.shape[-1]
+        grads = tap_grads(calls, f, V, retain_graph=True)
+        self.value_true = self._sqnorm(calls, grads, K) / (len(fd) * (K if hutch else 1))
+
+    def _watch_backward(self, calls: list[Call], f: Tensor, out: Tensor) -> None:
+        """Empirical: the δ of the caller's own backward, captured by one multi-tensor gradient hook."""
+        self.calls, self.f = calls, f.detach()
         outs = [c.tap for c in calls]
-        if mon.kind == "true":
-            if mon.method == "hutchinson":
-                V = _probe_xi(mon.likelihood, fd, mon.draws, mon.generator)
-            else:
-                V = mon.likelihood.sqrt_fisher(fd)
-            K = V.shape[-1]
-            cot = V.permute(2, 0, 1)
-            if K == 1:
-                gs = torch.autograd.grad(f, outs, cot[0], retain_graph=True, allow_unused=True)
-                gs = [None if g is None else g[None] for g in gs]
-            else:
-                gs = torch.autograd.grad(f, outs, cot, retain_graph=True, allow_unused=True, is_grads_batched=True)
-            self.calls = calls
-            self.value_true = self._sqnorm(calls, gs, K) / (len(fd) * (K if mon.method == "hutchinson" else 1))
-            self.calls = []
-        else:  # empirical: the δ of the caller's own backward, captured by one multi-tensor gradient hook
-            self.calls = calls
-            self.f = fd
-            at = next((i for i, o in enumerate(outs) if o is out), None)  # the root output is often the last layer's
-            tensors = outs if at is not None else [*outs, out]
-            at = len(outs) if at is None else at
-            shape, n = f.shape, len(outs)
+        at = next((i for i, o in enumerate(outs) if o is out), None)  # the root output is often the last layer's
+        tensors = outs if at is not None else [*outs, out]
+        at = len(outs) if at is None else at
+        shape, n = f.shape, len(outs)
 
-            def on_grads(gs, n=n, at=at, shape=shape):
-                self.grads = [None if g is None else g.detach()[None] for g in gs[:n]]
-                self.u = None if gs[at] is None else gs[at].detach().reshape(shape)
+        def on_grads(gs, n=n, at=at, shape=shape):
+            self.grads = [None if g is None else g.detach()[None] for g in gs[:n]]
+            self.u = None if gs[at] is None else gs[at].detach().reshape(shape)
 
-            torch.autograd.graph.register_multi_grad_hook(tensors, on_grads)
+        torch.autograd.graph.register_multi_grad_hook(tensors, on_grads)
 
-    def _layout(self, calls: list[_Call]) -> tuple[dict[int, tuple[bool, bool]], list[tuple[str, list[int]]]]:
-        """How the owned parameters map onto this forward's calls (cached per call structure): single Linear
-        calls ``{call: (has weight, has bias)}`` reduced by ghost norms, and ``[(which, calls)]`` needing rows."""
-        key = tuple((id(c.module), c.a.dim()) for c in calls)
-        if key not in self.layouts:
-            by_module: dict[int, list[int]] = {}
-            for i, c in enumerate(calls):
-                by_module.setdefault(id(c.module), []).append(i)
-            simple: dict[int, tuple[bool, bool]] = {}
-            rows: list[tuple[str, list[int]]] = []
-            for which, mods in self.owned.values():
-                idx = [i for m in mods for i in by_module.get(id(m), [])]
-                if not idx:
-                    continue  # unused in this forward: zero rows
-                if _simple([calls[i] for i in idx], which):
-                    w, b = simple.get(idx[0], (False, False))
-                    simple[idx[0]] = (w or which == "weight", b or which == "bias")
-                else:
-                    rows.append((which, idx))
-            self.layouts[key] = (simple, rows)
-        return self.layouts[key]
-
-    def _sqnorm(self, calls: list[_Call], grads: list, K: int) -> float:
-        """``Σ_{n,k} ‖G_nk‖²`` over the owned parameters from layer inputs and output gradients ``(K, B, …)``.
-
-        A Linear layer called once on ``(B, I)`` inputs: ``Σ_k ‖δ_nk‖² (‖a_n‖² + 1)`` for weight and bias (ghost
-        norms, no per-sample rows); any other layer: the per-sample rows of the layerwise engine."""
+    def _sqnorm(self, calls: list[Call], grads: list, K: int) -> float:
+        """``Σ_{n,k} ‖G_nk‖²`` over the owned parameters from layer inputs and output gradients ``(K, B, …)``, by
+        the core's layer rules (ghost norms ``‖δ_n‖²‖a_n‖²`` for a Linear called once, rows otherwise)."""
         grads = [torch.zeros(K, *c.tap.shape, dtype=c.tap.dtype, device=c.tap.device) if g is None else g
                  for g, c in zip(grads, calls, strict=True)]
-        simple, rows = self._layout(calls)
-        total = None
-        for i, (w, b) in simple.items():
-            g2 = torch.linalg.vector_norm(grads[i], dim=-1).square().sum(0)  # (B,) Σ_k ‖δ_nk‖², no temporary
-            if w:
-                a2 = torch.linalg.vector_norm(calls[i].a, dim=-1).square()
-                t = g2 @ (a2 + 1.0) if b else g2 @ a2
-            else:
-                t = g2.sum()
-            total = t if total is None else total + t
-        for which, idx in rows:
-            r = sum(_call_rows(calls[i], grads[i], which) for i in idx)
-            t = r.square().sum()
-            total = t if total is None else total + t
-        return 0.0 if total is None else total.item()
+        B = calls[0].a.shape[0] if calls else 0
+        stats = Stats()
+        layer_stats(self.fm, self.plan, calls, grads, {"sqnorm"}, stats, B, K)
+        return math.fsum(s.sum().item() for s in stats.sqnorm.values())
 
     def value(self, targets, outputs, loss=None, *, required: bool) -> float:
         """The batch trace of the captured step (NaN when none was captured, e.g. for ``record(0)``)."""

@@ -1,18 +1,21 @@
-"""Empirical neural tangent kernel and the Fisher–NTK trace relation of seed 000 §5.1.
+"""Empirical neural tangent kernel and the Fisher–NTK trace relation of Sauter (2023) §5.1.
 
-Convention (SCIENCE §4): ``Θ_{nm,ab} = ∇_θ f_a(x_n) · ∇_θ f_b(x_m)``, shape ``(N, M, C, C)``, **summed over
-parameters and not averaged over outputs** (neural-tangents averages over outputs by default; we do not).
+Convention (docs/conventions.md#neural-tangent-kernel): ``Θ_{nm,ab} = ∇_θ f_a(x_n) · ∇_θ f_b(x_m)``, shape ``(N, M,
+C, C)``, **summed over parameters and not averaged over outputs** (neural-tangents averages over outputs by default;
+we do not).
+
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
 from ._core import (
     FunctionalModel,
-    Run,
+    Request,
     batch_stats,
     check_choice,
     check_dense,
@@ -21,6 +24,7 @@ from ._core import (
     output_dim,
     stream,
 )
+from .results import TraceRelation
 
 Tensor = torch.Tensor
 
@@ -89,13 +93,22 @@ def ntk(
     return out
 
 
-def ntk_trace(model, x, *, params=None, reduction: str = "sum", batch_size=None, engine="auto") -> float:
-    """Trace of the NTK, ``tr Θ = Σ_n Σ_a ‖∇_θ f_a(x_n)‖²`` (``reduction="mean"`` divides by N).
+def ntk_trace(model, x, *, params=None, reduction: str | None = None, batch_size=None, engine="auto") -> float:
+    """Trace of the NTK, ``tr Θ = Σ_n Σ_a ‖∇_θ f_a(x_n)‖²`` with ``reduction="sum"``, ``(1/N) tr Θ`` with
+    ``"mean"``.
+
+    The library's rule is "mean unless ``reduction="sum"``"; ``ntk_trace`` used to default to the sum, so for now
+    an omitted ``reduction`` still gives the sum, with a ``FutureWarning`` (the default becomes ``"mean"``):
+    pass ``reduction`` explicitly.
 
     ``x`` is an input tensor ``(N, ...)`` or any ``data`` accepted elsewhere (labels are ignored); streamed,
     and on the fast path no Jacobian is materialised.  ``batch_size``: ``None`` or a positive integer
     (else ``ValueError``).
     """
+    if reduction is None:
+        warnings.warn("fl.ntk_trace's default reduction will change from 'sum' to 'mean' (the library's rule); pass "
+                      "reduction='sum' (today's default) or reduction='mean' explicitly.", FutureWarning, stacklevel=2)
+        reduction = "sum"
     check_choice("reduction", reduction, ("mean", "sum"))
     _check_batch_size(batch_size)
     fm = FunctionalModel(model, params)
@@ -110,45 +123,11 @@ def ntk_trace(model, x, *, params=None, reduction: str = "sum", batch_size=None,
     return total / n if reduction == "mean" else total
 
 
-class TraceRelation(float):
-    """The Fisher–NTK trace relation (seed 000 eq 5.1.2): a float equal to ``tr F``, with both sides.
-
-    Attributes (all means over the N inputs):
-        fisher_trace: ``tr F`` computed directly, ``(1/N) Σ_n ‖V_nᵀ J_n‖²`` (empirical: ``(1/N) Σ ‖g_n‖²``).
-        ntk_side: the right-hand side ``(1/N) Σ_n tr(V_nᵀ Θ_nn V_n)`` — ``(1/N) Σ r_nᵀ Θ_nn r_n`` for the
-            empirical Fisher, ``(1/N) Σ tr(Λ_n Θ_nn)`` for the true Fisher; equal to ``fisher_trace``.
-        ntk_trace: ``(1/N) Σ_n tr Θ_nn``, the NTK alone.
-        ratio: ``fisher_trace / ntk_trace``; constant over training when the NTK alone explains tr F.
-        per_sample: optional ``(fisher (N,), ntk (N,))`` per-input traces (``per_sample=True``).
-    """
-
-    fisher_trace: float
-    ntk_side: float
-    ntk_trace: float
-    per_sample: tuple[Tensor, Tensor] | None
-
-    def __new__(cls, fisher_trace, ntk_side, ntk_trace, per_sample=None):
-        obj = super().__new__(cls, fisher_trace)
-        obj.fisher_trace, obj.ntk_side, obj.ntk_trace = fisher_trace, ntk_side, ntk_trace
-        obj.per_sample = per_sample
-        return obj
-
-    @property
-    def ratio(self) -> float:
-        return self.fisher_trace / self.ntk_trace if self.ntk_trace else math.nan
-
-    def __repr__(self):
-        return (
-            f"TraceRelation(fisher_trace={self.fisher_trace:.6g}, ntk_side={self.ntk_side:.6g}, "
-            f"ntk_trace={self.ntk_trace:.6g}, ratio={self.ratio:.6g})"
-        )
-
-
 def fisher_ntk_trace(
     model, data, likelihood, kind: str = "empirical", *, params=None, samples: int = 1, generator=None,
     batch_size=None, engine: str = "auto", per_sample: bool = False,
 ) -> TraceRelation:
-    """Both sides of ``tr F = (1/N) Σ_n tr(V_nᵀ Θ_nn V_n)`` (SCIENCE §4), plus ``tr Θ`` alone.
+    """Both sides of ``tr F = (1/N) Σ_n tr(V_nᵀ Θ_nn V_n)`` (docs/conventions.md#trace-relation), plus ``tr Θ`` alone.
 
     One backward pass per batch with the C identity columns and the K sandwich columns side by side
     gives the per-sample Gram ``[I V]ᵀ J_n J_nᵀ [I V]``: its ``I`` block is ``Θ_nn``, its ``V`` block's trace
@@ -157,7 +136,8 @@ def fisher_ntk_trace(
     ``ValueError``).
     """
     _check_batch_size(batch_size)
-    run = Run(model, data, likelihood, kind, params, "mean", samples, generator, batch_size, engine)
+    run = Request(model=model, data=data, likelihood=likelihood, kind=kind, params=params, samples=samples,
+                  generator=generator, batch_size=batch_size, engine=engine)
     fis = side = ntr = 0.0
     keep: list[tuple[Tensor, Tensor]] = []
 

@@ -16,7 +16,7 @@ import torch
 from scipy.sparse.linalg import LinearOperator
 from torch.func import vmap
 
-from ._core import Run, check_dense, jvp_checked, sandwich, vjp_checked
+from ._core import Request, check_dense, jvp_checked, vjp_checked
 
 Tensor = torch.Tensor
 
@@ -30,7 +30,7 @@ class FisherOperator:
     :meth:`to_scipy`; ``shape``, ``dtype``, ``device``; ``products`` counts Fisher–vector products so far.
     """
 
-    def __init__(self, run: Run):
+    def __init__(self, run: Request):
         if isinstance(run.data, Iterator):
             raise TypeError("The Fisher operator reads the data on every product; pass a re-iterable (tensors, a "
                             "list of batches, a DataLoader), not a one-shot iterator.")
@@ -69,7 +69,7 @@ class FisherOperator:
                 jv = jvp_checked(fm, X, {n: t[0] for n, t in tangents.items()})[1][None]
             else:
                 jv = vmap(lambda t, X=X: jvp_checked(fm, X, t)[1])(tangents)  # (k, B, C)
-            V = sandwich(run.lik, run.kind, f, Y, run.samples, gen)  # (B, C, K)
+            V = run.likelihood.sandwich(f, run.kind, Y, run.samples, gen)  # (B, C, K)
             u = torch.einsum("bcj,bdj,kbd->kbc", V, V, jv)
             if M.shape[1] == 1:
                 out += fm.flatten(pull(u[0])[0])[None]
@@ -100,7 +100,7 @@ class FisherOperator:
         from .fisher import fisher_matrix  # the row engine is faster than P products
 
         r = self.run
-        return fisher_matrix(r.fm.model, r.data, r.lik, r.kind, params=r.fm.names, reduction=r.reduction,
+        return fisher_matrix(r.fm.model, r.data, r.likelihood, r.kind, params=r.fm.names, reduction=r.reduction,
                              samples=r.samples, batch_size=r.batch_size, engine=r.engine, max_memory=max_memory)
 
     def to_scipy(self) -> LinearOperator:
@@ -117,7 +117,7 @@ class FisherOperator:
         return LinearOperator(self.shape, matvec=mv, rmatvec=mv, matmat=mm, rmatmat=mm, dtype=np.float64)
 
     def __repr__(self):
-        return f"FisherOperator(P={self.shape[0]}, kind={self.run.kind!r}, likelihood={self.run.lik!r})"
+        return f"FisherOperator(P={self.shape[0]}, kind={self.run.kind!r}, likelihood={self.run.likelihood!r})"
 
 
 def fisher_operator(
@@ -129,5 +129,6 @@ def fisher_operator(
     Each product streams the data once: per batch one forward, one ``jvp`` and one ``vjp``.
     Iterable data must be re-iterable (a ``DataLoader``, a list, tensors), since every product reads it again.
     """
-    return FisherOperator(Run(model, data, likelihood, kind, params, reduction, samples, generator, batch_size,
-                              "functional"))
+    return FisherOperator(Request(model=model, data=data, likelihood=likelihood, kind=kind, params=params,
+                                  reduction=reduction, samples=samples, generator=generator, batch_size=batch_size,
+                                  engine="functional"))

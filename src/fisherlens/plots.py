@@ -94,6 +94,14 @@ def line_plot(
 
     Returns:
         The path written.
+
+    Example:
+        >>> import pathlib, tempfile
+        >>> from fisherlens.plots import line_plot
+        >>> out = pathlib.Path(tempfile.mkdtemp()) / "loss.png"
+        >>> path = line_plot(out, [0, 1, 2], {"train": [1.0, 0.5, 0.25], "test": [1.1, 0.7, 0.6]}, ylabel="loss")
+        >>> path.name, path.read_bytes()[1:4]
+        ('loss.png', b'PNG')
     """
     fig = Figure(figsize=figsize)
     ax = fig.add_subplot()

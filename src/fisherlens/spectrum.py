@@ -1,24 +1,27 @@
 """Fisher spectra: dense, the exact Gram (dual) route, Lanczos top-k, stochastic Lanczos quadrature.
 
-Duality (SCIENCE §5, seed 003's dual matrix): stacking the factor rows ``Ĵ = [V_1ᵀ J_1; …; V_Nᵀ J_N]`` (NK × P),
-``F = (1/N) Ĵᵀ Ĵ`` and the NK × NK Gram matrix ``(1/N) Ĵ Ĵᵀ`` share their nonzero eigenvalues; an eigenvector
-``w`` of the Gram with eigenvalue λ gives the Fisher eigenvector ``Ĵᵀ w / √(N λ)``.  When P ≫ NK this is the
-*whole* nonzero spectrum, exactly (seed 002 §4.3 could compute 8 of 19,885 eigenvalues of a per-input FIM).
+Duality (docs/conventions.md#gram-duality; the dual matrix of Karakida et al. 2019): stacking the factor rows
+``Ĵ = [V_1ᵀ J_1; …; V_Nᵀ J_N]`` (NK × P), ``F = (1/N) Ĵᵀ Ĵ`` and the NK × NK Gram matrix ``(1/N) Ĵ Ĵᵀ`` share
+their nonzero eigenvalues; an eigenvector ``w`` of the Gram with eigenvalue λ gives the Fisher eigenvector
+``Ĵᵀ w / √(N λ)``. When P ≫ NK this is the *whole* nonzero spectrum, exactly (Luzzatto 2023, §4.3, could compute
+8 of 19,885 eigenvalues of a per-input FIM).
+
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import numpy as np
 import torch
 from scipy.sparse.linalg import eigsh
 
 from . import structure as _structure
-from ._core import WORK_BUDGET, Run, batch_stats, check_choice, check_dense, iter_batches, output_dim
+from ._core import Request, batch_stats, check_choice, check_dense, iter_batches, output_dim, work_budget
 from .fisher import fisher_matrix
 from .operator import FisherOperator
+from .results import SpectralDensity
 
 Tensor = torch.Tensor
 
@@ -51,14 +54,14 @@ def _descending(vals: Tensor, vecs: Tensor | None, k: int | None):
 class _Rows:
     """Factor rows ``Ĵ_i (b_i·K, P)`` of the data's chunks, recomputable with identical sandwiches."""
 
-    def __init__(self, run: Run):
+    def __init__(self, run: Request):
         self.run, fm = run, run.fm
         self.chunks: list[tuple[Tensor, dict]] = []
         K = None
         for X, Y in run.batches():
             if K is None:
                 K = run.columns(output_dim(fm, X))
-                step = max(1, WORK_BUDGET // (K * fm.P * fm.itemsize))
+                step = max(1, work_budget() // (K * fm.P * fm.itemsize))
             for i in range(0, len(X), step):
                 self.chunks.append((X[i : i + step], {"y": None if Y is None else Y[i : i + step]}))
         self.K = K
@@ -79,12 +82,12 @@ class _Rows:
         return torch.cat([st.rows[n] for n in self.run.fm.names], dim=-1).reshape(-1, self.run.fm.P)
 
 
-def _gram_eigen(run: Run, k: int | None, vectors: bool, max_memory: int | None):
+def _gram_eigen(run: Request, k: int | None, vectors: bool, max_memory: int | None):
     R = _Rows(run)
     fm, M = run.fm, R.n * R.K
     _check_gram(M, max_memory)
     scale = _gram_scale(run, R.n)
-    if M * fm.P * fm.itemsize <= 4 * WORK_BUDGET:  # all rows at once
+    if M * fm.P * fm.itemsize <= 4 * work_budget():  # all rows at once
         J = torch.cat([R.rows(i) for i in range(len(R))])
         G = _gram64(J)
     else:  # chunk pairs, recomputing rows: memory O(M² + chunk·P)
@@ -125,7 +128,7 @@ def _gram64(A: Tensor, B: Tensor | None = None) -> Tensor:
     if A.dtype == torch.float64 and B.dtype == torch.float64:
         return A @ B.T
     out = torch.zeros(A.shape[0], B.shape[0], dtype=torch.float64, device=A.device)
-    width = max(1, WORK_BUDGET // (8 * (A.shape[0] + B.shape[0])))
+    width = max(1, work_budget() // (8 * (A.shape[0] + B.shape[0])))
     for a in range(0, A.shape[1], width):
         a64 = A[:, a : a + width].double()
         b64 = a64 if B is A else B[:, a : a + width].double()
@@ -133,7 +136,7 @@ def _gram64(A: Tensor, B: Tensor | None = None) -> Tensor:
     return out
 
 
-def _gram_scale(run: Run, n: int) -> float:
+def _gram_scale(run: Request, n: int) -> float:
     return 1.0 / n if run.reduction == "mean" else 1.0
 
 
@@ -150,7 +153,7 @@ def _gram_solve(G: Tensor, k: int | None, vectors: bool, pullback, dtype) -> tup
     return vals.to(dtype), U / U.norm(dim=0).clamp_min(torch.finfo(dtype).tiny)
 
 
-def _structure_reason(run: Run) -> str | None:
+def _structure_reason(run: Request) -> str | None:
     """``None`` when :mod:`fisherlens.structure` computes exactly the Gram of ``run``; else why it does not.
 
     Decided before any data is read: the model passes the structure's own parser (:data:`structure.SUPPORTED`),
@@ -173,7 +176,7 @@ def _structure_reason(run: Run) -> str | None:
     return None
 
 
-def _gather(run: Run) -> tuple[list, Tensor | None, Tensor | None]:
+def _gather(run: Request) -> tuple[list, Tensor | None, Tensor | None]:
     """Read the data once: ``(batches, X, Y)``, ``X (N, ...)`` floating inputs and labels ``Y`` (``kind="empirical"``
     only) concatenated, or ``X = None`` when the batches cannot be joined into one floating tensor."""
     batches = list(run.batches(check=False))
@@ -185,7 +188,7 @@ def _gather(run: Run) -> tuple[list, Tensor | None, Tensor | None]:
     return batches, (X if torch.is_floating_point(X) else None), Y
 
 
-def _precheck_gram(run: Run, max_memory: int | None) -> None:
+def _precheck_gram(run: Request, max_memory: int | None) -> None:
     """For tensor data (N known without reading it), refuse a Gram too large for ``max_memory`` before the
     structured route gathers the inputs; other data are checked by :func:`_structured_gram`."""
     data = run.data
@@ -194,13 +197,13 @@ def _precheck_gram(run: Run, max_memory: int | None) -> None:
     if not isinstance(data, Tensor):
         return
     try:
-        N, K, _ = _structure.factor_sizes(run.fm.model, data, run.lik, run.kind)
+        N, K, _ = _structure.factor_sizes(run.fm.model, data, run.likelihood, run.kind)
     except (TypeError, ValueError):
         return  # the route itself decides (and explains)
     _check_gram(N * K, max_memory)
 
 
-def _structured_gram(run: Run, X: Tensor, Y: Tensor | None, k: int | None, vectors: bool,
+def _structured_gram(run: Request, X: Tensor, Y: Tensor | None, k: int | None, vectors: bool,
                      max_memory: int | None, strict: bool):
     """The Gram route on :func:`fisherlens.structure.factors` (Khatri–Rao factors, no autograd, no P-wide rows):
     the same Gram ``scale · Ĵ Ĵᵀ`` (block ``(n, m) = Σ_l M_{l,n} M_{l,m}ᵀ κ_l(n, m)``, structure's module doc) and
@@ -209,14 +212,14 @@ def _structured_gram(run: Run, X: Tensor, Y: Tensor | None, k: int | None, vecto
     The Gram's size comes from the shapes (:func:`fisherlens.structure.factor_sizes`): a Gram too large for
     ``max_memory`` is refused before any factor is built."""
     try:
-        N, K, _ = _structure.factor_sizes(run.fm.model, X, run.lik, run.kind)
+        N, K, _ = _structure.factor_sizes(run.fm.model, X, run.likelihood, run.kind)
     except (TypeError, ValueError):
         if strict:
             raise
         return None
     _check_gram(N * K, max_memory)
     try:
-        fa = _structure.factors(run.fm.model, X, run.lik, run.kind, y=Y)
+        fa = _structure.factors(run.fm.model, X, run.likelihood, run.kind, y=Y)
     except (TypeError, ValueError):
         if strict:
             raise
@@ -235,7 +238,7 @@ def eigenvalues(
     """Eigenvalues of the Fisher, descending (and optionally its eigenvectors, columns of ``(P, k)``).
 
     **Accuracy per route** (relative error of an eigenvalue λ against the same model in float64; measured on
-    small float32 CNNs/MLPs, tests/test_gram_accuracy.py).  Results come back in the model's dtype.
+    small float32 CNNs/MLPs, tests/test_spectrum.py).  Results come back in the model's dtype.
 
     * ``"gram"``: the Gram is accumulated from float64 products of the (float32) rows, and its eigenvalues are
       computed in float64.  The error is that of the float32 forward/backward passes that produce the rows:
@@ -253,7 +256,8 @@ def eigenvalues(
             (via the Gram matrix, or the dense matrix when P ≤ N·K) — every nonzero one is among them.
             ``k > P``, and on the Gram route ``k > N·K``, raise ``ValueError`` (the message gives the largest
             allowed k) instead of returning fewer values.
-        method: ``"dense"`` (eigh of the P×P matrix), ``"gram"`` (the exact NK×NK dual, SCIENCE §5),
+        method: ``"dense"`` (eigh of the P×P matrix), ``"gram"`` (the exact NK×NK dual,
+            docs/conventions.md#gram-duality),
             ``"lanczos"`` (top-k, matrix-free: ``scipy.sparse.linalg.eigsh`` — implicitly restarted Lanczos with
             reorthogonalisation — on :func:`fisherlens.fisher_operator`; needs ``k``), or ``"auto"``: dense when
             P ≤ 2048 or P ≤ N·K, else Gram when N·K ≤ 8192, else Lanczos.
@@ -262,7 +266,7 @@ def eigenvalues(
             an MLP of :data:`fisherlens.structure.SUPPORTED`, the selected parameters among its trainable Linear
             parameters, ``kind="true"`` or ``"empirical"`` (not ``"mc"``: its labels are drawn per chunk of the
             generic route), inputs that join into one floating tensor — with the same Gram ``scale · Ĵ Ĵᵀ``
-            assembled from the Khatri–Rao factors ``M_l ⊗ u_l`` (seed 002 eq 4.9) without autograd or P-wide rows
+            assembled from the Khatri–Rao factors ``M_l ⊗ u_l`` (Luzzatto 2023, eq 4.9) without autograd or P-wide rows
             (tens of times faster for the Gram of a 784-25-10 network), and the same eigenvector normalisation;
             otherwise, and for the other methods, the generic engine (``"generic"``).  ``"structure"``: the
             structured Gram route or a ``ValueError`` saying why it does not apply.  ``"generic"``: the generic
@@ -279,7 +283,8 @@ def eigenvalues(
         raise ValueError(f"k must be a positive integer or None, got {k!r}.")
     check_choice("engine", engine, EIG_ENGINES)
     generic = "auto" if engine in ("auto", "structure", "generic") else engine
-    run = Run(model, data, likelihood, kind, params, reduction, samples, generator, batch_size, generic)
+    run = Request(model=model, data=data, likelihood=likelihood, kind=kind, params=params, reduction=reduction,
+                  samples=samples, generator=generator, batch_size=batch_size, engine=generic)
     P = run.fm.P
     if k is not None and k > P:
         raise ValueError(f"k={k} is larger than the number of parameters P = {P}: the Fisher has only {P} "
@@ -348,7 +353,7 @@ def eigenvalues(
     return (vals, vecs) if return_vectors else vals
 
 
-def _out_dim(run: Run, data) -> int:
+def _out_dim(run: Request, data) -> int:
     X, _ = next(iter(iter_batches(data, run.fm, need_y=False, batch_size=1)))
     return output_dim(run.fm, X)
 
@@ -386,32 +391,6 @@ def lanczos(matmat, P: int, probes: Tensor, steps: int) -> tuple[Tensor, Tensor]
     return torch.stack(alpha, 1), (torch.stack(beta, 1) if beta else Q.new_zeros(Q.shape[1], 0))
 
 
-@dataclass
-class SpectralDensity:
-    """Result of :func:`spectral_density`.
-
-    Attributes:
-        grid: eigenvalue grid ``(G,)`` (log-spaced when ``log``).
-        density: density on the grid ``(G,)``: per unit λ, or per unit log10 λ when ``log``; it integrates to
-            ``1 − zero_mass`` over the grid's variable.
-        nodes, weights: quadrature nodes (Ritz values) and weights ``(probes, m)``; weights sum to 1 per probe.
-        zero_mass: weight of nodes ≤ ``floor`` (the null space; only for ``log``).
-        dim: P, so that ``dim · Σ w θ^p / probes`` estimates ``tr F^p``.
-    """
-
-    grid: Tensor
-    density: Tensor
-    nodes: Tensor
-    weights: Tensor
-    zero_mass: float
-    log: bool
-    dim: int
-
-    def moment(self, p: int) -> float:
-        """Estimate of ``tr(F^p) / P`` from the quadrature (exact in expectation for p < 2m)."""
-        return float((self.weights * self.nodes**p).sum(1).mean())
-
-
 def spectral_density(
     model, data, likelihood, kind: str = "true", *, probes: int = 8, steps: int = 40, grid: int = 400,
     sigma: float | None = None, log: bool = True, floor: float | None = None, generator=None, params=None,
@@ -428,7 +407,8 @@ def spectral_density(
     """
     if not isinstance(probes, int) or probes < 1 or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"probes and steps must be positive integers, got {probes!r}, {steps!r}.")
-    run = Run(model, data, likelihood, kind, params, reduction, 1, generator, batch_size, "functional")
+    run = Request(model=model, data=data, likelihood=likelihood, kind=kind, params=params, reduction=reduction,
+                  generator=generator, batch_size=batch_size, engine="functional")
     op = FisherOperator(run)  # copies the generator's state for kind="mc" labels; probes then use it
     P = run.fm.P
     steps = min(steps, P)
@@ -463,7 +443,7 @@ def spectral_density(
 
 
 def spectrum_stats(eigs, dim: int | None = None) -> dict[str, float]:
-    """Mean, second moment and maximum of a spectrum (seed 003's m_λ, s_λ, λ_max).
+    """Mean, second moment and maximum of a spectrum (Karakida et al. 2019: m_λ, s_λ, λ_max).
 
     ``dim`` is the matrix size P when ``eigs`` holds only the nonzero eigenvalues (the zeros still count in
     the mean ``Σλ/P`` and second moment ``Σλ²/P``); default ``len(eigs)``.  Refused (``ValueError``): no
@@ -489,7 +469,8 @@ def spectrum_stats(eigs, dim: int | None = None) -> dict[str, float]:
 
 
 def critical_learning_rate(lambda_max: float, momentum: float = 0.0) -> float:
-    """``η_c = 2(1 + μ)/λ_max`` (seed 003 Lemma 6 / eq 20): gradient descent with momentum μ diverges above it."""
+    """``η_c = 2(1 + μ)/λ_max`` (Karakida et al. 2019, Lemma 6 / eq 20): gradient descent with momentum μ
+    diverges above it."""
     lam, mu = float(lambda_max), float(momentum)
     if not lam > 0 or not math.isfinite(lam):
         raise ValueError(f"lambda_max must be a positive finite number, got {lambda_max!r}.")

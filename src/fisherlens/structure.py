@@ -1,4 +1,4 @@
-r"""Analytic layer structure of the Fisher of a multilayer perceptron (seed 002 §4.2, eqs 4.7–4.9).
+r"""Analytic layer structure of the Fisher of a multilayer perceptron (Luzzatto 2023, §4.2, eqs 4.7–4.9).
 
 For an ``nn.Sequential`` of ``nn.Linear`` layers and elementwise activations (optionally ending in a
 ``Softmax``/``LogSoftmax``) the per-input Jacobian has a closed form, and so has every Fisher view.
@@ -20,14 +20,15 @@ The factor rows ``G = Vᵀ J`` (K×P) are then Khatri–Rao products, per parame
 
 * **blocks** (eq 4.9): ``F[p, q] = A_{lm} ⊗ B_{pq}`` with ``A_{lm} = M_lᵀ M_m`` (n_l×n_m) and
   ``B_{pq} = u_p u_qᵀ`` where ``u_p = u_l`` for a weight and ``u_p = [1]`` for a bias;
-* **Gram** (the C×C dual, SCIENCE §5): ``G Gᵀ = Σ_l M_l M_lᵀ (‖u_l‖² + 1)`` (the ``+1`` only with a bias);
+* **Gram** (the C×C dual, docs/conventions.md#gram-duality): ``G Gᵀ = Σ_l M_l M_lᵀ (‖u_l‖² + 1)`` (the ``+1``
+  only with a bias);
 * **eigenvectors**: a Gram eigenpair ``(λ, w)`` gives the Fisher eigenvector ``v = Gᵀ w/√λ``, per layer
   ``v[W_l] = (M_lᵀ w) u_lᵀ/√λ`` — a rank-one ``n_l × n_{l-1}`` matrix: in the first layer every hidden
   unit's incoming-weight pattern is a multiple of the input itself.
 
-Seed 002 writes these for zero (eq 4.7) and one (eqs 4.8a–c) hidden layer, Gaussian output model, no biases
+Luzzatto (2023) writes these for zero (eq 4.7) and one (eqs 4.8a–c) hidden layer, Gaussian output model, no biases
 and elementwise φ₂: there ``K = C``, ``V = I/σ``, ``M_2 = diag φ₂'(a₂)/σ``, ``A_{22} = diag φ₂'(a₂)²/σ²``
-(4.8a), ``A_{11} = Φ₁' W₂ᵀ Φ₂'² W₂ Φ₁'/σ²`` (4.8b, with the seed's typo φ₀′ → φ₁′), ``A_{12}`` (4.8c).
+(4.8a), ``A_{11} = Φ₁' W₂ᵀ Φ₂'² W₂ Φ₁'/σ²`` (4.8b, with the thesis's typo φ₀′ → φ₁′), ``A_{12}`` (4.8c).
 Here the same formulas hold at any depth, with biases, for softmax outputs (``D_L`` a full matrix, so
 ``A_{LL} = D_L Λ D_L`` is no longer diagonal) and for any output model with a Fisher.
 
@@ -46,7 +47,8 @@ import torch
 from torch import nn
 from torch.func import jvp
 
-from ._core import check_choice, check_dense, check_kind, sandwich
+from ._core import check_choice, check_dense, check_kind, work_budget
+from .results import Eigen, split_flat
 
 Tensor = torch.Tensor
 
@@ -67,16 +69,6 @@ SUPPORTED = (
 )
 WHAT_ONE = ("dense", "blocks", "gram", "eigenvalues", "eigh")
 WHAT_DATA = ("dense", "gram", "eigenvalues", "eigh")
-
-
-def _split(v: Tensor, names, shapes) -> dict[str, Tensor]:
-    """Split flat ``v (..., P)`` in ``named_parameters`` order into ``{name: (..., *shape)}``."""
-    out, i = {}, 0
-    for n in names:
-        k = shapes[n].numel()
-        out[n] = v[..., i : i + k].reshape(*v.shape[:-1], *shapes[n])
-        i += k
-    return out
 
 
 # ----------------------------------------------------------------------------- model parsing
@@ -263,7 +255,7 @@ class Factors:
 
     def unflatten(self, v: Tensor) -> dict[str, Tensor]:
         """Split ``v (..., P)`` into ``{name: (..., *shape)}`` (e.g. a first-layer eigenvector as ``(H, 784)``)."""
-        return _split(v, self.names, self.shapes)
+        return split_flat(v, self.names, self.shapes)
 
 
 def factors(model: nn.Module, X: Tensor, likelihood, kind: str = "true", *, y: Tensor | None = None,
@@ -309,7 +301,7 @@ def factors(model: nn.Module, X: Tensor, likelihood, kind: str = "true", *, y: T
         raise ValueError("The model produced NaN or inf outputs on these inputs; the Fisher is undefined there.")
     if kind == "empirical" and y is None:
         raise ValueError("kind='empirical' needs the labels: pass y=.")
-    V = sandwich(likelihood, kind, f, None if y is None else y.to(dev), samples, generator)  # (N, C, K)
+    V = likelihood.sandwich(f, kind, None if y is None else y.to(dev), samples, generator)  # (N, C, K)
     # M_L = Vᵀ D_L, D_L = J_out diag(φ_L')
     Vt = V.transpose(1, 2)
     M_last = (Vt @ Jout if out_map is not None else Vt) * derivs[-1][:, None, :]
@@ -384,7 +376,7 @@ class KhatriRao:
 
     Attributes:
         names: parameter names; ``shapes``: their shapes; ``layer``: name → layer index.
-        A: ``A[l][m] = M_lᵀ M_m``, shape ``(n_l, n_m)`` (seed 002's ``A_{ij}``; with a leading ``N`` when batched).
+        A: ``A[l][m] = M_lᵀ M_m``, shape ``(n_l, n_m)`` (Luzzatto 2023's ``A_{ij}``; with a leading ``N`` when batched).
         u: name → input factor ``u_p`` (the layer input for a weight, ``[1]`` for a bias).
     """
 
@@ -395,7 +387,7 @@ class KhatriRao:
     u: dict[str, Tensor]
 
     def B(self, p: str, q: str) -> Tensor:
-        """``B_pq = u_p u_qᵀ`` (seed 002's ``B_{ij}``)."""
+        """``B_pq = u_p u_qᵀ`` (Luzzatto 2023's ``B_{ij}``)."""
         return self.u[p][..., :, None] * self.u[q][..., None, :]
 
     def block(self, p: str, q: str) -> Tensor:
@@ -407,32 +399,6 @@ class KhatriRao:
     def to_dense(self) -> Tensor:
         """The whole ``F (P, P)`` (or ``(N, P, P)``) assembled from the blocks."""
         return torch.cat([torch.cat([self.block(p, q) for q in self.names], -1) for p in self.names], -2)
-
-
-@dataclass
-class Eigen:
-    """Nonzero spectrum of a Fisher from its Gram matrix, with eigenvectors in parameter space.
-
-    Attributes:
-        values: all Gram eigenvalues, descending ``(R,)`` (``R = N·K``; every nonzero Fisher eigenvalue is among
-            them, the remaining ``P − R`` are zero).  Round-off negatives are clamped to 0.
-        vectors: unit Fisher eigenvectors as columns ``(P, R)``; a column is zero where its eigenvalue is
-            numerically zero (``λ ≤ R·eps·λ_max``), since there ``Gᵀw/√λ`` is not defined.
-        rank: number of numerically nonzero eigenvalues.
-    Batched per-input results carry a leading ``N`` on ``values``, ``vectors`` and ``rank``.
-    """
-
-    values: Tensor
-    vectors: Tensor
-    rank: Tensor | int
-    names: list[str]
-    shapes: dict[str, torch.Size]
-
-    def unflatten(self) -> dict[str, Tensor]:
-        """Eigenvectors per parameter: ``{name: (..., R, *shape)}`` (eigenvector index before the parameter's
-        shape, e.g. ``(R, 25, 784)`` for the first layer of a 784-25-10 network)."""
-        v = self.vectors.transpose(-1, -2)
-        return _split(v, self.names, self.shapes)
 
 
 def _eigen(G: Tensor, fa: Factors, W_shape, scale: float, batched: bool) -> Eigen:
@@ -459,14 +425,14 @@ def _eigen(G: Tensor, fa: Factors, W_shape, scale: float, batched: bool) -> Eige
 def per_input_fisher(model: nn.Module, x: Tensor, likelihood, what: str = "dense", *, kind: str = "true",
                      y: Tensor | None = None, batched: bool = False, samples: int = 1,
                      generator: torch.Generator | None = None, max_memory: int | None = None):
-    r"""The Fisher of one input (seed 002 eq 4.6: ``F = J(x)ᵀ Λ(f(x)) J(x)``), from the layer structure.
+    r"""The Fisher of one input (Luzzatto 2023, eq 4.6: ``F = J(x)ᵀ Λ(f(x)) J(x)``), from the layer structure.
 
     Args:
         model: ``nn.Sequential`` of Linear layers and elementwise activations, optional final Softmax
-            (:data:`SUPPORTED`); any depth (seed 002 treats 0 and 1 hidden layers).
+            (:data:`SUPPORTED`); any depth (Luzzatto 2023 treats 0 and 1 hidden layers).
         x: one input without batch dimension (e.g. ``(784,)``); with ``batched=True`` a batch ``(N, ...)``
             and every result gets a leading ``N`` (the N per-input Fishers, not their mean).
-        likelihood: ``fl.Gaussian(σ)`` (seed 002 eq 4.5), ``fl.Categorical()`` (on the outputs as logits),
+        likelihood: ``fl.Gaussian(σ)`` (Luzzatto 2023, eq 4.5), ``fl.Categorical()`` (on the outputs as logits),
             ``fl.Bernoulli()``, or ``fl.LossInduced`` with ``kind="empirical"``.
         what: ``"dense"`` — ``F (P, P)``; ``"blocks"`` — :class:`KhatriRao` (eq 4.9); ``"gram"`` — the
             ``K×K`` dual ``G Gᵀ = Σ_l s_l M_l M_lᵀ``; ``"eigenvalues"`` — its eigenvalues ``(K,)``, descending
@@ -541,7 +507,7 @@ def data_fisher(model: nn.Module, X: Tensor, likelihood, what: str = "dense", *,
     scale = 1.0 / fa.N if reduction == "mean" else 1.0
     if what == "dense":
         out = fa.outputs.new_zeros(fa.P, fa.P)
-        step = max(1, (256 * 2**20) // max(1, fa.K * fa.P * item))
+        step = max(1, work_budget() // (2 * max(1, fa.K * fa.P * item)))
         for i in range(0, fa.N, step):
             R = fa.rows(slice(i, i + step)).reshape(-1, fa.P)
             out.addmm_(R.T, R)

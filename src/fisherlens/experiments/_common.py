@@ -1,12 +1,12 @@
-"""Helpers shared by the experiments: thread control, the train/test/probe split of a classification set, and the
-ReLU MLP of the MNIST studies."""
+"""Helpers shared by the studies: option validation, thread control, the train/test/probe split of a
+classification set, the ReLU MLP of the MNIST studies and its mini-batch training loop."""
 
 from __future__ import annotations
 
 import math
 import numbers
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -18,8 +18,9 @@ from .. import datasets
 Tensor = torch.Tensor
 
 __all__ = [
-    "torch_threads", "split_with_probe", "make_mlp", "evaluate", "as_tuple", "check_int", "check_ints",
-    "check_number", "check_bool",
+    "torch_threads", "split_with_probe", "make_mlp", "train_epoch", "evaluate", "arch_name", "rel_dev", "as_tuple",
+    "check_int", "check_ints", "check_number", "check_bool", "check_choice", "check_distinct", "check_threads",
+    "check_synthetic_data",
 ]
 
 
@@ -67,14 +68,53 @@ def check_bool(name: str, value) -> bool:
     return value
 
 
+def check_choice(name: str, value, choices: Sequence) -> object:
+    """``value`` if it is one of ``choices``, else ``ValueError`` naming the option and the choices."""
+    if value not in choices:
+        raise ValueError(f"{name} must be {' or '.join(map(repr, choices))}, got {value!r}.")
+    return value
+
+
+def check_distinct(name: str, values: Sequence) -> None:
+    """``ValueError`` naming the option when ``values`` repeats an entry."""
+    if len(set(values)) != len(values):
+        raise ValueError(f"{name} must be distinct, got {values!r}.")
+
+
+def check_threads(name: str, value) -> None:
+    """``value`` must be a positive integer or ``None`` (torch's thread setting left alone)."""
+    if value is not None and (not _is_int(value) or value < 1):
+        raise ValueError(f"{name} must be a positive integer or None, got {value!r}.")
+
+
+def check_synthetic_data(data, what: str) -> None:
+    """Studies that draw their own inputs refuse any ``--data`` but the command line's defaults; ``what`` says what
+    the study draws instead."""
+    if data not in (None, "mnist-subset", "gaussian", "synthetic"):
+        raise ValueError(f"this study {what}; --data {data!r} is not used — drop it.")
+
+
+def rel_dev(a: float, b: float) -> float:
+    """Relative deviation ``|a − b| / max(|a|, |b|)`` (0 for two zeros)."""
+    return abs(a - b) / max(abs(a), abs(b), 1e-300)
+
+
+def arch_name(d_in: int, hidden: Sequence[int], n_out: int) -> str:
+    """``"784-16-10"`` for an MLP ``d_in → hidden… → n_out``."""
+    return "-".join(str(v) for v in (d_in, *hidden, n_out))
+
+
 @contextmanager
 def torch_threads(n: int | None) -> Iterator[None]:
-    """Set torch's intra-op thread count inside the block (``None``: leave it); restored afterwards."""
+    """Set torch's intra-op thread count inside the block (``None``: leave it); restored afterwards.
+
+    The one place where the studies pin threads (also for single-threaded timing and small batched
+    eigen-decompositions, which stall on oversubscribed cores).
+    """
     if n is None:
         yield
         return
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        raise ValueError(f"threads must be a positive integer or None, got {n!r}.")
+    check_threads("threads", n)
     old = torch.get_num_threads()
     torch.set_num_threads(n)
     try:
@@ -102,16 +142,19 @@ def make_mlp(
     *,
     generator: torch.Generator | None = None,
     dtype: torch.dtype = torch.float32,
+    weights: Sequence[tuple[Tensor, Tensor]] | None = None,
 ) -> nn.Sequential:
     """ReLU MLP ``d_in → hidden… → n_out`` with layers named ``fc1, relu1, …, out``.
 
     Initialisation is PyTorch's default for ``nn.Linear``, ``U(−1/√fan_in, 1/√fan_in)`` for weights and biases;
     with ``generator`` the layers are created uninitialised and drawn from it in layer order (weight, then bias),
-    so the global RNG is never touched.  The dtype is explicit so that the initialisation does not depend on
-    torch's default dtype.
+    so the global RNG is never touched.  With ``weights`` (one ``(W, b)`` per layer, in order) the layers are
+    created uninitialised and these values copied in (neither RNG is touched).  The dtype is explicit so that
+    the initialisation does not depend on torch's default dtype.
     """
     layers: OrderedDict[str, nn.Module] = OrderedDict()
-    make = nn.Linear if generator is None else (lambda i, o, **kw: nn.utils.skip_init(nn.Linear, i, o, **kw))
+    drawn = generator is None and weights is None  # nn.Linear's own initialisation (global RNG)
+    make = nn.Linear if drawn else (lambda i, o, **kw: nn.utils.skip_init(nn.Linear, i, o, **kw))
     prev = d_in
     for i, h in enumerate(hidden, 1):
         layers[f"fc{i}"] = make(prev, h, dtype=dtype)
@@ -119,14 +162,50 @@ def make_mlp(
         prev = h
     layers["out"] = make(prev, n_out, dtype=dtype)
     model = nn.Sequential(layers)
-    if generator is not None:
-        with torch.no_grad():
-            for m in model:
-                if isinstance(m, nn.Linear):
-                    bound = 1.0 / math.sqrt(m.in_features)
-                    m.weight.uniform_(-bound, bound, generator=generator)
-                    m.bias.uniform_(-bound, bound, generator=generator)
+    linears = [m for m in model if isinstance(m, nn.Linear)]
+    with torch.no_grad():
+        if weights is not None:
+            if len(weights) != len(linears):
+                raise ValueError(f"make_mlp: {len(weights)} (W, b) pairs for {len(linears)} layers.")
+            for m, (W, b) in zip(linears, weights, strict=True):
+                m.weight.copy_(W)
+                m.bias.copy_(b)
+        elif generator is not None:
+            for m in linears:
+                bound = 1.0 / math.sqrt(m.in_features)
+                m.weight.uniform_(-bound, bound, generator=generator)
+                m.bias.uniform_(-bound, bound, generator=generator)
     return model
+
+
+def train_epoch(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    X: Tensor,
+    y: Tensor,
+    loss: Callable[[Tensor, Tensor], Tensor],
+    *,
+    batch_size: int,
+    generator: torch.Generator,
+    after_step: Callable[[Tensor, Tensor, Tensor], None] | None = None,
+) -> None:
+    """One epoch of mini-batch training: a seeded permutation (``torch.randperm(len(X), generator=generator)``),
+    then per batch ``loss(model(X[idx]), y[idx])`` (a scalar), ``zero_grad``, ``backward`` and ``opt.step()``.
+
+    ``after_step(loss, outputs, idx)`` is called after every optimiser step (the batch's loss tensor, the model
+    outputs of the forward pass and the batch indices), e.g. for monitors and progress bars.
+    """
+    n = len(X)
+    perm = torch.randperm(n, generator=generator)
+    for i in range(0, n, batch_size):
+        idx = perm[i : i + batch_size]
+        outputs = model(X[idx])
+        value = loss(outputs, y[idx])
+        opt.zero_grad(set_to_none=True)
+        value.backward()
+        opt.step()
+        if after_step is not None:
+            after_step(value, outputs, idx)
 
 
 @torch.no_grad()

@@ -1,4 +1,4 @@
-"""Seed 002 ch. 3: deep linear networks — BPKR, the exact Meijer-G (HZ) result and the Gaussian limit against
+"""Luzzatto 2023 ch. 3: deep linear networks — BPKR, the exact Meijer-G (HZ) result and the Gaussian limit against
 ensembles of networks sampled from the weight posterior.
 
 Task: teacher regression with ``x ~ N(0, I_{N_0})``, ``y = θ_t·x``, ``θ_t ~ N(0, τ²/N_0 I)`` (so the mean squared
@@ -22,20 +22,19 @@ from __future__ import annotations
 import math
 import numbers
 import os
-import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from matplotlib.figure import Figure
-from tqdm.auto import tqdm
 
 from ..plots import save_png
-from ..runs import RunDir, write_csv
 from ..theory import dlnn as th
-from ._common import as_tuple, check_int, torch_threads
+from ._common import as_tuple, check_choice, check_int, check_number, check_synthetic_data
+from .study import Study, StudyConfig, StudyRun, run_study
 
-__all__ = ["dlnn"]
+__all__ = ["dlnn", "Dlnn", "DlnnConfig"]
 
 COLORS = {1: "tab:blue", 2: "tab:orange", 3: "tab:green"}
 FIGURES = {
@@ -49,164 +48,201 @@ FIGURES = {
 }
 
 
-def _check_data(data) -> None:
-    if data not in (None, "mnist-subset", "gaussian", "synthetic"):
-        raise ValueError(f"this study draws its own Gaussian teacher task; --data {data!r} is not used — drop it.")
+def temperature_ok(T) -> float:
+    """``T`` as a float if it is a positive finite number, else ``ValueError`` (the sampler needs T > 0)."""
+    if not isinstance(T, numbers.Real) or isinstance(T, bool) or not (T > 0 and math.isfinite(T)):
+        raise ValueError(f"temperature must be positive and finite (the sampler needs T > 0), got {T!r}.")
+    return float(T)
 
 
-def dlnn(
-    out: str | os.PathLike,
-    *,
-    quick: bool = False,
-    seed: int = 0,
-    data: str | None = None,
-    input_dim: int | None = None,
-    train: int | None = None,
-    test: int = 64,
-    depths: tuple[int, ...] | None = None,
-    widths: tuple[int, ...] | None = None,
-    sigma2: float = 1.0,
-    teacher_var: float = 4.0,
-    temperature: float = 1e-3,
-    chains: int | None = None,
-    samples: int | None = None,
-    burn_in: int | None = None,
-    sampler: str = "gibbs",
-    threads: int | None = 1,
-    progress: bool = True,
-) -> Path:
+@dataclass
+class DlnnConfig(StudyConfig):
+    """Options of the deep-linear-network study (defaults: the full study; ``--quick``: :attr:`QUICK`).
+
+    Attributes:
+        seed: seeds the task and the chains.
+        data: unused (synthetic teacher task); any value other than the command line's default is refused.
+        input_dim: N0 (40; quick 16).  train: P (16; quick 6).  test: M unseen inputs.
+        depths: L values (1, 2, 3; quick 1, 2).  widths: N values (20, 32, 64, 128; quick 8, 16).  A single
+            integer is a one-element list.
+        sigma2: σ².  teacher_var: τ².  temperature: sampling T (> 0).
+        chains / samples / burn_in: per point (192 / 200 / 100 sweeps; quick 64 / 40 / 20).
+        sampler: ``"gibbs"`` (default) or ``"mala"``.
+        threads: torch intra-op threads (default 1; ``None`` keeps torch's setting).
+    """
+
+    QUICK = {"input_dim": 16, "train": 6, "depths": (1, 2), "widths": (8, 16), "chains": 64, "samples": 40,
+             "burn_in": 20}
+
+    data: str | None = None
+    input_dim: int = 40
+    train: int = 16
+    test: int = 64
+    depths: tuple[int, ...] = (1, 2, 3)
+    widths: tuple[int, ...] = (20, 32, 64, 128)
+    sigma2: float = 1.0
+    teacher_var: float = 4.0
+    temperature: float = 1e-3
+    chains: int = 192
+    samples: int = 200
+    burn_in: int = 100
+    sampler: str = "gibbs"
+    threads: int | None = 1
+
+    def validate(self) -> None:
+        check_synthetic_data(self.data, "draws its own Gaussian teacher task")
+        self.depths, self.widths = as_tuple(self.depths), as_tuple(self.widths)  # depths=2: (2,)
+        for name, lo in (("input_dim", 2), ("train", 1), ("test", 1), ("chains", 2), ("samples", 2),
+                         ("burn_in", 0)):
+            check_int(name, getattr(self, name), lo)
+        if self.train >= self.input_dim:
+            raise ValueError(f"need train < input_dim (α0 = P/N0 < 1), got P = {self.train}, N0 = {self.input_dim}.")
+        ints = all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in (*self.depths, *self.widths))
+        if not self.depths or not self.widths or not ints:
+            raise ValueError(f"depths and widths must be non-empty lists of positive integers (or one integer), got "
+                             f"depths={self.depths}, widths={self.widths}.")
+        super().validate()
+        for name in ("sigma2", "teacher_var"):
+            check_number(name, getattr(self, name), lo=0)
+        check_choice("sampler", self.sampler, ("gibbs", "mala"))
+        temperature_ok(self.temperature)
+
+
+@dataclass
+class _Task:
+    """The teacher regression task: training inputs and labels, unseen test inputs."""
+
+    X: np.ndarray
+    y: np.ndarray
+    xs: np.ndarray
+    base: float  # mean over the test inputs of Var f per unit kernel factor: Var = E[s] N0/σ² · base
+
+
+def _task(cfg: DlnnConfig) -> _Task:
+    """Draw the task (float64, seeded): inputs, teacher, unseen inputs."""
+    gen = torch.Generator().manual_seed(cfg.seed)
+    N0, sigma2 = cfg.input_dim, cfg.sigma2
+
+    def normal(*shape: int) -> np.ndarray:
+        return torch.randn(shape, generator=gen, dtype=torch.float64).numpy()
+
+    X = normal(cfg.train, N0)
+    y = X @ (normal(N0) * math.sqrt(cfg.teacher_var / N0))
+    xs = normal(cfg.test, N0)
+    # the T = 0 Gaussian limit of depth 1 has Var f(x) = σ⁴/N0 ‖x_⊥‖²: one σ² less is the kernel-factor unit
+    base = float(th.GaussianLimit(X, y, 1, sigma2).variance(xs).mean()) / sigma2
+    return _Task(X, y, xs, base)
+
+
+def _point(cfg: DlnnConfig, task: _Task, L: int, N: int, run: StudyRun) -> tuple[dict, list[dict]]:
+    """Sample the ensemble at depth L, width N and compare it with the theories: the metrics.csv row and the
+    inputs.csv rows of this point."""
+    X, y, xs, sigma2, T, N0 = task.X, task.y, task.xs, cfg.sigma2, float(cfg.temperature), cfg.input_dim
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 1000 * L + N)
+    t0 = run.elapsed()
+    ps = th.sample_posterior(X, y, xs, L, N, sigma2, T, chains=cfg.chains, samples=cfg.samples,
+                             burn_in=cfg.burn_in, method=cfg.sampler, generator=gen, progress=False)
+    t_sample = run.elapsed() - t0
+    ex, hz = th.ExactPosterior(X, y, L, N, sigma2, T), th.HZ(X, y, L, N, sigma2)
+    b0, bT = th.BPKR(X, y, L, N, sigma2), th.BPKR(X, y, L, N, sigma2, T)
+    gl, glT = th.GaussianLimit(X, y, L, sigma2), th.GaussianLimit(X, y, L, sigma2, T)
+    m, mse = ps.mean()
+    v, vse = ps.variance()
+    av, avse = ps.average_variance()
+    ex_v, ex_m = ex.variance(xs), ex.mean(xs)
+    theo = {"exact_T": float(ex_v.mean()), "hz": float(hz.variance(xs).mean()),
+            "bpkr": float(b0.variance(xs).mean()), "bpkr_T": float(bT.variance(xs).mean()),
+            "gauss": float(gl.variance(xs).mean()), "gauss_T": float(glT.variance(xs).mean())}
+    sc, scse = ps.scale()
+    unit = task.base * sigma2**L
+    row = {
+        "L": L, "N": N, "alpha": cfg.train / N, "var_mc": av, "var_mc_se": avse,
+        **{f"var_{k}": val for k, val in theo.items()},
+        "z_exact_T": (av - theo["exact_T"]) / avse, "z_bpkr_T": (av - theo["bpkr_T"]) / avse,
+        "z_gauss_T": (av - theo["gauss_T"]) / avse,
+        "rel_hz_bpkr": theo["hz"] / theo["bpkr"] - 1, "rel_hz_gauss": theo["hz"] / theo["gauss"] - 1,
+        "u0_bpkr": b0.u0, "u0_hz": sigma2 * (1 + hz.z_star), "u0_bpkr_T": bT.u0,
+        "u_eff_exact": sigma2 * (hz.scale_mean * N0 / sigma2 ** (L + 1)) ** (1 / L),
+        "u_eff_mc": sigma2 * max(av / unit, 0.0) ** (1 / L),
+        "u_eff_mc_se": sigma2 / L * (av / unit) ** (1 / L - 1) * avse / unit,
+        "hz_ratio": hz.ratio, "hz_ratio_asym": hz.ratio_asymptotic, "hz_method": hz.method_used,
+        "hz_vs_quadrature": hz.ratio / th.HZ(X, y, L, N, sigma2, method="quadrature").ratio - 1,
+        "scale_mc": sc, "scale_mc_se": scse, "scale_exact_T": ex.scale_mean, "drift": ps.drift(),
+        "mean_max_abs_z": float(np.max(np.abs(m - ex_m) / mse)),
+        "var_max_abs_z": float(np.max(np.abs(v - ex_v) / vse)),
+        "residual_mc": float(ps.chain_residual.mean()), "acceptance": ps.acceptance,
+        "sample_seconds": t_sample,
+    }
+    hz_m, b0_v = hz.mean(xs), b0.variance(xs)  # (M,) each, batched over the test inputs
+    in_rows = [{"L": L, "N": N, "input": t, "mean_mc": float(m[t]), "mean_se": float(mse[t]),
+                "mean_exact_T": float(ex_m[t]), "mean_hz": float(hz_m[t]), "var_mc": float(v[t]),
+                "var_se": float(vse[t]), "var_exact_T": float(ex_v[t]), "var_bpkr": float(b0_v[t])}
+               for t in range(cfg.test)]
+    return row, in_rows
+
+
+class Dlnn(Study):
+    """Deep-linear-network ensembles vs BPKR / HZ / Gaussian limit (module docstring)."""
+
+    name = "dlnn"
+    description = ("Luzzatto 2023 ch. 3: deep linear networks sampled from the weight posterior (Gibbs/MALA) vs the "
+                   "exact "
+                   "posterior, HZ (Meijer G), BPKR kernel renormalisation and the Gaussian limit, over depth and "
+                   "width.")
+    Config = DlnnConfig
+
+    def config_json(self, cfg: DlnnConfig, inputs) -> dict:
+        return {
+            "experiment": "dlnn", "quick": cfg.quick, "seed": cfg.seed, "input_dim": cfg.input_dim,
+            "train": cfg.train, "test": cfg.test, "alpha0": cfg.train / cfg.input_dim, "depths": list(cfg.depths),
+            "widths": list(cfg.widths), "sigma2": cfg.sigma2, "teacher_var": cfg.teacher_var,
+            "temperature": float(cfg.temperature), "chains": cfg.chains, "samples": cfg.samples,
+            "burn_in": cfg.burn_in, "sampler": cfg.sampler, "threads": cfg.threads,
+            "task": "x ~ N(0, I_N0), y = theta_t . x, theta_t ~ N(0, teacher_var/N0 I)",
+            "prior": "W^l ~ N(0, sigma2/N_{l-1}) (Luzzatto 2023, eq 3.5)",
+        }
+
+    def compute(self, cfg: DlnnConfig, run: StudyRun) -> dict:
+        task = _task(cfg)
+        rows, in_rows = [], []
+        with run.bar(len(cfg.depths) * len(cfg.widths), unit="point") as bar:
+            for L in cfg.depths:
+                for N in cfg.widths:
+                    row, per_input = _point(cfg, task, L, N, run)
+                    rows.append(row)
+                    in_rows += per_input
+                    bar.update(1)
+        run.write_csv("metrics.csv", rows)
+        run.write_csv("inputs.csv", in_rows)
+        return {"task": task, "rows": rows, "in_rows": in_rows}
+
+    def figures(self, r: dict, run: StudyRun) -> dict[str, str]:
+        cfg, task = run.cfg, r["task"]
+        curves = _curves(task.X, task.y, task.xs, cfg.depths, cfg.widths, cfg.sigma2, float(cfg.temperature),
+                         cfg.train, cfg.input_dim)
+        config = self.config_json(cfg, None)
+        _fig_variance(run.file("dlnn_variance.png"), r["rows"], curves, cfg.depths, config)
+        _fig_u0(run.file("dlnn_u0.png"), r["rows"], curves, cfg.depths, config)
+        _fig_mean(run.file("dlnn_mean.png"), r["in_rows"])
+        return FIGURES
+
+    def report(self, r: dict, run: StudyRun) -> str:
+        return _summary(self.config_json(run.cfg, None), r["rows"], run.elapsed(), run.figures)
+
+
+def dlnn(out: str | os.PathLike, quick: bool = False, seed: int = 0, *, progress: bool = True, **options) -> Path:
     """Deep-linear-network ensembles vs BPKR / HZ / Gaussian limit; write a run folder.
 
     Args:
         out: run folder.  quick: tiny settings (seconds).  seed: seeds the task and the chains.
-        data: unused (synthetic teacher task).
-        input_dim: N0 (default 40; quick 16).  train: P (default 16; quick 6).  test: M unseen inputs.
-        depths: L values (default 1, 2, 3; quick 1, 2).  widths: N values (default 20, 32, 64, 128; quick 8, 16).
-            A single integer is a one-element list.
-        sigma2: σ².  teacher_var: τ².  temperature: sampling T (> 0).
-        chains / samples / burn_in: per point (default 192 / 200 / 100 sweeps; quick 64 / 40 / 20).
-        sampler: ``"gibbs"`` (default) or ``"mala"``.
-        threads: torch intra-op threads (default 1).  progress: tqdm bar.
+        progress: tqdm bar.
+        **options: the fields of :class:`DlnnConfig` (``depths``, ``widths``, ``chains``, ``sampler``, ...).
 
     Returns:
         Path of the run folder: ``config.json``, ``metrics.csv`` (one row per (L, N)), ``inputs.csv`` (one row per
         test input and point), three PNGs and ``summary.md``.
     """
-    _check_data(data)
-    with torch_threads(threads):
-        return _run(out, quick, seed, input_dim, train, test, depths, widths, sigma2, teacher_var, temperature,
-                    chains, samples, burn_in, sampler, threads, progress)
-
-
-def _run(out, quick, seed, N0, P, M, depths, widths, sigma2, tau2, T, chains, samples, burn_in, sampler, threads,
-         progress) -> Path:
-    N0 = (16 if quick else 40) if N0 is None else N0
-    P = (6 if quick else 16) if P is None else P
-    depths = tuple((1, 2) if quick else (1, 2, 3)) if depths is None else as_tuple(depths)  # depths=2: (2,)
-    widths = tuple((8, 16) if quick else (20, 32, 64, 128)) if widths is None else as_tuple(widths)
-    chains = (64 if quick else 192) if chains is None else chains
-    samples = (40 if quick else 200) if samples is None else samples
-    burn_in = (20 if quick else 100) if burn_in is None else burn_in
-    def is_int(v) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool)
-
-    for name, v, lo in (("input_dim", N0, 2), ("train", P, 1), ("test", M, 1), ("chains", chains, 2),
-                        ("samples", samples, 2), ("burn_in", burn_in, 0)):
-        if not is_int(v) or v < lo:
-            raise ValueError(f"{name} must be an integer ≥ {lo}, got {v!r}.")
-    if P >= N0:
-        raise ValueError(f"need train < input_dim (α0 = P/N0 < 1), got P = {P}, N0 = {N0}.")
-    if not depths or not widths or not all(is_int(d) and d >= 1 for d in (*depths, *widths)):
-        raise ValueError(f"depths and widths must be non-empty lists of positive integers (or one integer), got "
-                         f"depths={depths}, widths={widths}.")
-    check_int("seed", seed, 0)
-    for name, v in (("sigma2", sigma2), ("teacher_var", tau2)):
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0:
-            raise ValueError(f"{name} must be a positive finite number, got {v!r}.")
-    if sampler not in ("gibbs", "mala"):
-        raise ValueError(f"sampler must be 'gibbs' or 'mala', got {sampler!r}.")
-    config = {
-        "experiment": "dlnn", "quick": quick, "seed": seed, "input_dim": N0, "train": P, "test": M,
-        "alpha0": P / N0, "depths": list(depths), "widths": list(widths), "sigma2": sigma2, "teacher_var": tau2,
-        "temperature": temperature_ok(T), "chains": chains, "samples": samples, "burn_in": burn_in,
-        "sampler": sampler, "threads": threads,
-        "task": "x ~ N(0, I_N0), y = theta_t . x, theta_t ~ N(0, teacher_var/N0 I)",
-        "prior": "W^l ~ N(0, sigma2/N_{l-1}) (seed 002 eq 3.5)",
-    }
-    run = RunDir(out, config)
-    t0 = time.perf_counter()
-    task = torch.Generator().manual_seed(seed)  # the task: inputs, teacher, unseen inputs (float64)
-
-    def normal(*shape: int) -> np.ndarray:
-        return torch.randn(shape, generator=task, dtype=torch.float64).numpy()
-
-    X = normal(P, N0)
-    y = X @ (normal(N0) * math.sqrt(tau2 / N0))
-    xs = normal(M, N0)
-    gl0 = th.GaussianLimit(X, y, 1, sigma2)  # depth only enters through the prior scale
-    _, _, xperp2, _ = gl0._data.project(xs)
-    base = sigma2 / N0 * float(xperp2.mean())  # avg Var f / kernel factor: Var = E[s] N0/σ² · base
-
-    rows, in_rows = [], []
-    bar = tqdm(total=len(depths) * len(widths), desc="dlnn", unit="point", disable=not progress, leave=False)
-    for L in depths:
-        for N in widths:
-            gen = torch.Generator().manual_seed(seed * 1_000_003 + 1000 * L + N)
-            ts = time.perf_counter()
-            ps = th.sample_posterior(X, y, xs, L, N, sigma2, T, chains=chains, samples=samples, burn_in=burn_in,
-                                     method=sampler, generator=gen, progress=False)
-            t_sample = time.perf_counter() - ts
-            ex = th.ExactPosterior(X, y, L, N, sigma2, T)
-            hz = th.HZ(X, y, L, N, sigma2)
-            b0, bT = th.BPKR(X, y, L, N, sigma2), th.BPKR(X, y, L, N, sigma2, T)
-            gl, glT = th.GaussianLimit(X, y, L, sigma2), th.GaussianLimit(X, y, L, sigma2, T)
-            m, mse = ps.mean()
-            v, vse = ps.variance()
-            av, avse = ps.average_variance()
-            ex_v, ex_m = ex.variance(xs), ex.mean(xs)
-            theo = {"exact_T": float(ex_v.mean()), "hz": float(hz.variance(xs).mean()),
-                    "bpkr": float(b0.variance(xs).mean()), "bpkr_T": float(bT.variance(xs).mean()),
-                    "gauss": float(gl.variance(xs).mean()), "gauss_T": float(glT.variance(xs).mean())}
-            sc, scse = ps.scale()
-            row = {
-                "L": L, "N": N, "alpha": P / N, "var_mc": av, "var_mc_se": avse,
-                **{f"var_{k}": val for k, val in theo.items()},
-                "z_exact_T": (av - theo["exact_T"]) / avse, "z_bpkr_T": (av - theo["bpkr_T"]) / avse,
-                "z_gauss_T": (av - theo["gauss_T"]) / avse,
-                "rel_hz_bpkr": theo["hz"] / theo["bpkr"] - 1, "rel_hz_gauss": theo["hz"] / theo["gauss"] - 1,
-                "u0_bpkr": b0.u0, "u0_hz": sigma2 * (1 + hz.z_star), "u0_bpkr_T": bT.u0,
-                "u_eff_exact": sigma2 * (hz.scale_mean * N0 / sigma2 ** (L + 1)) ** (1 / L),
-                "u_eff_mc": sigma2 * max(av / (base * sigma2**L), 0.0) ** (1 / L),
-                "u_eff_mc_se": sigma2 / L * (av / (base * sigma2**L)) ** (1 / L - 1) * avse / (base * sigma2**L),
-                "hz_ratio": hz.ratio, "hz_ratio_asym": hz.ratio_asymptotic, "hz_method": hz.method_used,
-                "hz_vs_quadrature": hz.ratio / th.HZ(X, y, L, N, sigma2, method="quadrature").ratio - 1,
-                "scale_mc": sc, "scale_mc_se": scse, "scale_exact_T": ex.scale_mean, "drift": ps.drift(),
-                "mean_max_abs_z": float(np.max(np.abs(m - ex_m) / mse)),
-                "var_max_abs_z": float(np.max(np.abs(v - ex_v) / vse)),
-                "residual_mc": float(ps.chain_residual.mean()), "acceptance": ps.acceptance,
-                "sample_seconds": t_sample,
-            }
-            rows.append(row)
-            hz_m, b0_v = hz.mean(xs), b0.variance(xs)  # (M,) each, batched over the test inputs
-            for t in range(M):
-                in_rows.append({"L": L, "N": N, "input": t, "mean_mc": float(m[t]), "mean_se": float(mse[t]),
-                                "mean_exact_T": float(ex_m[t]), "mean_hz": float(hz_m[t]),
-                                "var_mc": float(v[t]), "var_se": float(vse[t]), "var_exact_T": float(ex_v[t]),
-                                "var_bpkr": float(b0_v[t])})
-            bar.update(1)
-    bar.close()
-    write_csv(run.file("metrics.csv"), rows)
-    write_csv(run.file("inputs.csv"), in_rows)
-    curves = _curves(X, y, xs, depths, widths, sigma2, T, P, N0)
-    _figures(run, rows, in_rows, curves, depths, widths, config)
-    run.write_text("summary.md", _summary(config, rows, time.perf_counter() - t0))
-    return run.path
-
-
-def temperature_ok(T) -> float:
-    if not isinstance(T, numbers.Real) or isinstance(T, bool) or not (T > 0 and math.isfinite(T)):
-        raise ValueError(f"temperature must be positive and finite (the sampler needs T > 0), got {T!r}.")
-    return float(T)
+    return run_study(Dlnn, out, quick, seed, progress=progress, **options)
 
 
 def _curves(X, y, xs, depths, widths, sigma2, T, P, N0) -> dict:
@@ -229,7 +265,8 @@ def _curves(X, y, xs, depths, widths, sigma2, T, P, N0) -> dict:
     return out
 
 
-def _figures(run, rows, in_rows, curves, depths, widths, config) -> None:
+def _fig_variance(path: Path, rows: list[dict], curves: dict, depths, config: dict) -> None:
+    """Average Var f vs N per depth (top) and relative to the exact posterior (bottom)."""
     Ns = curves["N"]
     fig = Figure(figsize=(5 * len(depths), 7.6))
     grid = fig.subplots(2, len(depths), squeeze=False, gridspec_kw={"height_ratios": [3, 2]})
@@ -262,8 +299,12 @@ def _figures(run, rows, in_rows, curves, depths, widths, config) -> None:
         ax.set_title(f"L = {L} hidden layers (P = {config['train']}, N0 = {config['input_dim']})")
         ax.grid(True, alpha=0.3)
     axes[0].legend(fontsize=7, frameon=False)
-    save_png(fig, run.file("dlnn_variance.png"))
+    save_png(fig, path)
 
+
+def _fig_u0(path: Path, rows: list[dict], curves: dict, depths, config: dict) -> None:
+    """Kernel renormalisation u0 vs N: BPKR, exact (HZ) and the ensembles."""
+    Ns = curves["N"]
     fig = Figure(figsize=(6.4, 4.6))
     ax = fig.add_subplot()
     for L in depths:
@@ -280,8 +321,11 @@ def _figures(run, rows, in_rows, curves, depths, widths, config) -> None:
     ax.set_title(f"u0 vs N (points: ensembles at T = {config['temperature']:g}, ± 1 s.e.)", fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7, frameon=False)
-    save_png(fig, run.file("dlnn_u0.png"))
+    save_png(fig, path)
 
+
+def _fig_mean(path: Path, in_rows: list[dict]) -> None:
+    """z-scores of the mean and the variance of f over all test inputs and points, against N(0, 1)."""
     fig = Figure(figsize=(11, 4.4))
     a1, a2 = fig.subplots(1, 2, sharey=True)
     g = np.linspace(-5, 5, 200)
@@ -293,13 +337,14 @@ def _figures(run, rows, in_rows, curves, depths, widths, config) -> None:
         ax.set_xlabel(f"(ensemble − exact posterior) / s.e. of {what}")
         ax.set_title(f"{what}: z-scores over all test inputs and settings")
         ax.legend(fontsize=8, frameon=False)
-    save_png(fig, run.file("dlnn_mean.png"))
+    save_png(fig, path)
 
 
-def _summary(config, rows, elapsed) -> str:
+def _summary(config: dict, rows: list[dict], elapsed: float, figures: dict) -> str:
     T = config["temperature"]
     lines = [
-        "# Deep linear networks: BPKR, HZ (Meijer G) and the Gaussian limit vs posterior ensembles (seed 002 ch. 3)",
+        "# Deep linear networks: BPKR, HZ (Meijer G) and the Gaussian limit vs posterior ensembles "
+        "(Luzzatto 2023, ch. 3)",
         "",
         f"Teacher task: N0 = {config['input_dim']}, P = {config['train']} (α0 = {config['alpha0']:.3g}), "
         f"M = {config['test']} unseen inputs, σ² = {config['sigma2']:g}, τ² = {config['teacher_var']:g}. "
@@ -350,9 +395,9 @@ def _summary(config, rows, elapsed) -> str:
         "",
         "## Figures",
         "",
-        *(f"- [{n}]({n}): {d}" for n, d in FIGURES.items()),
+        *(f"- [{n}]({n}): {d}" for n, d in figures.items()),
         "",
-        *(f"![{n}]({n})" for n in FIGURES),
+        *(f"![{n}]({n})" for n in figures),
         "",
         "Per point: [metrics.csv](metrics.csv); per test input: [inputs.csv](inputs.csv); settings: "
         "[config.json](config.json).",

@@ -1,6 +1,6 @@
-"""Seed 003 fig 2 (left): the learning-rate phase diagram of batch gradient descent and the critical η_c.
+"""Karakida 2019 fig 2 (left): the learning-rate phase diagram of batch gradient descent and the critical η_c.
 
-Artificial data as in seed 003 §4.2: T Gaussian inputs ``x ~ N(0, I_M)``, teacher signals ``y = f_θ*(x)`` of a
+Artificial data as in Karakida 2019 §4.2: T Gaussian inputs ``x ~ N(0, I_M)``, teacher signals ``y = f_θ*(x)`` of a
 teacher network drawn from the ensemble (eq 8), and a student drawn independently from the same ensemble
 (L = 4 weight layers, α_l = 1, C = 10 linear outputs, standard parameterisation).  Squared loss
 ``E(θ) = (1/2T) Σ_t ‖y(t) − f_θ(x(t))‖²`` (eq 4, whose Hessian at the zero-loss minimum θ* is the FIM of eq 2),
@@ -20,9 +20,10 @@ loss overflows past 1e12 are dropped from the batch as diverged.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
-import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,29 +31,91 @@ import torch
 from matplotlib import colormaps
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
-from tqdm.auto import tqdm
 
 import fisherlens as fl
 
-from ..runs import RunDir, write_csv
-from ..theory.random_networks import MLPEnsemble, single_thread, standard_normals
-from ._common import check_int, check_ints, check_number, torch_threads
-from .meanfield_spectrum import CASES, COLORS, _save, check_gaussian_data
+from ..plots import save_png
+from ..theory.random_networks import MLPEnsemble, ensemble_stats, standard_normals
+from ._common import (
+    check_choice,
+    check_distinct,
+    check_int,
+    check_ints,
+    check_number,
+    check_synthetic_data,
+    torch_threads,
+)
+from .meanfield_spectrum import CASES, COLORS, GAUSSIAN_INPUTS
+from .study import Study, StudyConfig, StudyRun, run_study
 
 Tensor = torch.Tensor
 
-__all__ = ["meanfield_lr"]
+__all__ = ["meanfield_lr", "MeanfieldLR", "MeanfieldLRConfig"]
 
 FIGURES = {
-    "fig2_phase_diagram.png": "Seed 003 fig 2 (left): final training loss over (M, η); grey = diverged "
+    "fig2_phase_diagram.png": "Karakida 2019 fig 2 (left): final training loss over (M, η); grey = diverged "
     "(loss > 1000); red: theoretical η_c; dashed: η_c from the teachers' measured λ_max.",
     "loss_vs_eta.png": "Final loss vs η / η_c(theory) for every width (all activations).",
 }
 KILL = 1e12  # a run whose loss passes this is dropped from the batch (counted as diverged)
 
 
+@dataclass
+class MeanfieldLRConfig(StudyConfig):
+    """Options of the Karakida 2019 fig 2 study (defaults: the full study; ``--quick``: :attr:`QUICK`).
+
+    Attributes:
+        seed: seeds every draw; runs are deterministic.
+        data: unused (Gaussian inputs and a teacher network); any value other than the command line's default is
+            refused.
+        m_values: widths M (7 values from 32 to 256, log-spaced; quick 16, 32; the paper went wider; one integer:
+            one M).
+        n_eta: learning rates per activation (20; quick 6), log-spaced from ``min_M η_c / eta_margin`` to
+            ``max_M η_c · eta_margin``.
+        trials: independent (teacher, student, inputs) draws per cell, losses averaged (3; quick 1; paper 5).
+        steps: gradient steps (Karakida 2019: 100; quick 30); samples: T (100); depth: L (4); outputs: C (10).
+        momentum: μ (0.9); threshold: final loss above which a cell counts as diverged (1000).
+        dtype: ``"float32"`` (default) or ``"float64"``.
+        threads: torch intra-op threads during the study (default 1); ``None`` keeps torch's setting.
+    """
+
+    QUICK = {"m_values": (16, 32), "n_eta": 6, "trials": 1, "steps": 30}
+
+    data: str | None = None
+    m_values: tuple[int, ...] = (32, 45, 64, 91, 128, 181, 256)
+    n_eta: int = 20
+    eta_margin: float = 6.0
+    trials: int = 3
+    steps: int = 100
+    samples: int = 100
+    depth: int = 4
+    outputs: int = 10
+    momentum: float = 0.9
+    threshold: float = 1000.0
+    dtype: str = "float32"
+    threads: int | None = 1
+
+    def validate(self) -> None:
+        check_synthetic_data(self.data, GAUSSIAN_INPUTS)
+        self.m_values = check_ints("m_values", self.m_values)  # --set m_values=16: one width
+        check_distinct("m_values (widths)", self.m_values)
+        for name in ("n_eta", "trials", "steps", "samples", "depth", "outputs"):
+            check_int(name, getattr(self, name), 2 if name in ("n_eta", "depth") else 1)
+        super().validate()
+        if not 0 <= check_number("momentum", self.momentum) < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}.")
+        check_number("eta_margin", self.eta_margin, lo=1)
+        check_number("threshold", self.threshold, lo=0)
+        check_choice("dtype", self.dtype, ("float32", "float64"))
+
+
+def _members(ens: MLPEnsemble, pick) -> MLPEnsemble:
+    """The ensemble of the members ``pick(stacked tensor)`` selects (e.g. ``lambda t: t[:1]``)."""
+    return dataclasses.replace(ens, weights=[pick(w) for w in ens.weights], biases=[pick(b) for b in ens.biases])
+
+
 def _train(ens: MLPEnsemble, X: Tensor, Y: Tensor, etas: Tensor, momentum: float, steps: int) -> Tensor:
-    """Heavy-ball batch GD (seed 003 eq 19) of every member of ``ens`` on its own data; returns final losses (B,).
+    """Heavy-ball batch GD (Karakida 2019, eq 19) of every member of ``ens`` on its own data; returns final losses (B,).
 
     Args:
         ens: the B students (their tensors are copied, not modified).
@@ -100,144 +163,118 @@ def _train(ens: MLPEnsemble, X: Tensor, Y: Tensor, etas: Tensor, momentum: float
     return final
 
 
-def meanfield_lr(
-    out: str | os.PathLike,
-    *,
-    quick: bool = False,
-    seed: int = 0,
-    data: str | None = None,
-    m_values: tuple[int, ...] | None = None,
-    n_eta: int | None = None,
-    eta_margin: float = 6.0,
-    trials: int | None = None,
-    steps: int = 100,
-    samples: int = 100,
-    depth: int = 4,
-    outputs: int = 10,
-    momentum: float = 0.9,
-    threshold: float = 1000.0,
-    dtype: str = "float32",
-    threads: int | None = 1,
-    progress: bool = True,
-) -> Path:
-    """Reproduce seed 003 fig 2 (left): final loss over a (M, η) grid against the critical learning rate η_c.
+def _width(cfg: MeanfieldLRConfig, M: int, theories: dict, grids: dict) -> tuple[list[dict], list[dict]]:
+    """All activations at width M: teachers, students, the (trial, η) grid trained as one batch.
+
+    Returns the metrics.csv rows of the cells and the widths.csv rows (η_c per activation)."""
+    L, C, T, trials, tdt = cfg.depth, cfg.outputs, cfg.samples, cfg.trials, getattr(torch, cfg.dtype)
+    sizes = [M] * L + [C]
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + M)
+    Zt = standard_normals(trials, sizes, gen, tdt)  # teachers
+    Zs = standard_normals(trials, sizes, gen, tdt)  # students
+    X = torch.randn(trials, T, M, generator=gen, dtype=tdt)
+    rows, width_rows = [], []
+    for act, (sw, sb) in CASES.items():
+        th = theories[act]
+        teacher = MLPEnsemble.from_normals(*Zt, act, sw, sb)
+        student = MLPEnsemble.from_normals(*Zs, act, sw, sb)
+        with torch.no_grad():
+            Y = teacher(X)
+        first = _members(teacher, lambda t: t[:1])  # λ_max of the teachers (the zero-loss minima): exact TC × TC dual
+        with torch_threads(1):
+            lam = ensemble_stats(first.gram(X[:1]), first.n_params)["max"][0].item()
+        etas = torch.as_tensor(grids[act])
+        n = len(etas)
+        rep = _members(student, lambda t, n=n: t.repeat_interleave(n, 0))  # member (trial i, eta j) at i * n + j
+        with torch.no_grad():
+            init = (0.5 * ((student(X) - Y) ** 2).sum((1, 2)) / T).double()
+        final = _train(rep, X.repeat_interleave(n, 0), Y.repeat_interleave(n, 0), etas.repeat(trials),
+                       cfg.momentum, cfg.steps).view(trials, n)
+        ec_th = float(th.critical_learning_rate(M, cfg.momentum))
+        ec_meas = fl.critical_learning_rate(lam, cfg.momentum)
+        width_rows.append({"activation": act, "M": M, "eta_c_theory": ec_th, "lambda_max_theory":
+                           float(th.max_eigenvalue(M)), "lambda_max_teacher": lam, "eta_c_teacher": ec_meas,
+                           "initial_loss": float(init.mean())})
+        for j, eta in enumerate(etas.tolist()):
+            losses = final[:, j]
+            mean = float(losses.mean()) if torch.isfinite(losses).all() else math.inf
+            diverged = not mean <= cfg.threshold
+            rows.append({"activation": act, "M": M, "eta": eta, "eta_over_eta_c": eta / ec_th,
+                         "eta_over_eta_c_teacher": eta / ec_meas,
+                         "final_loss": mean, "diverged": int(diverged),
+                         "predicted_diverged": int(eta > ec_th), "predicted_diverged_teacher": int(eta > ec_meas),
+                         **{f"loss_trial{i}": float(losses[i]) for i in range(trials)}})
+    return rows, width_rows
+
+
+class MeanfieldLR(Study):
+    """The learning-rate phase diagram of batch gradient descent against η_c (Karakida 2019, fig 2; module
+    docstring)."""
+
+    name = "meanfield-lr"
+    description = ("Karakida 2019 fig 2 (left): final loss of momentum batch GD over a (width, learning-rate) grid "
+                   "on a "
+                   "teacher-student task vs the theoretical critical learning rate eta_c = 2(1+mu)/lambda_max.")
+    Config = MeanfieldLRConfig
+
+    def config_json(self, cfg: MeanfieldLRConfig, inputs) -> dict:
+        return {
+            "experiment": "meanfield-lr", "quick": cfg.quick, "seed": cfg.seed,
+            "data": "gaussian N(0, I) + teacher network", "m_values": list(cfg.m_values), "n_eta": cfg.n_eta,
+            "eta_margin": cfg.eta_margin, "trials": cfg.trials, "steps": cfg.steps, "samples": cfg.samples,
+            "depth": cfg.depth, "outputs": cfg.outputs, "alphas": 1.0, "momentum": cfg.momentum,
+            "threshold": cfg.threshold, "dtype": cfg.dtype,
+            "cases": {a: {"sigma_w2": sw, "sigma_b2": sb} for a, (sw, sb) in CASES.items()},
+            "loss": "E = (1/2T) sum_t |y - f|^2",
+            "optimizer": "batch GD with heavy-ball momentum (Karakida 2019, eq 19)",
+        }
+
+    def compute(self, cfg: MeanfieldLRConfig, run: StudyRun) -> dict:
+        theories = {a: fl.theory.meanfield(a, sw, sb, cfg.depth, outputs=cfg.outputs, samples=cfg.samples)
+                    for a, (sw, sb) in CASES.items()}
+        grids = {}
+        for act, th in theories.items():
+            ec = th.critical_learning_rate(np.array(cfg.m_values, dtype=float), cfg.momentum)
+            grids[act] = np.geomspace(ec.min() / cfg.eta_margin, ec.max() * cfg.eta_margin, cfg.n_eta)
+        rows: list[dict] = []
+        width_rows: list[dict] = []
+        with run.bar(len(CASES) * len(cfg.m_values), unit="width") as bar:
+            for M in cfg.m_values:
+                r, w = _width(cfg, M, theories, grids)
+                rows += r
+                width_rows += w
+                bar.update(len(CASES))
+        run.write_csv("metrics.csv", rows)
+        run.write_csv("widths.csv", width_rows)
+        return {"rows": rows, "width_rows": width_rows, "theories": theories, "grids": grids}
+
+    def figures(self, r: dict, run: StudyRun) -> dict[str, str]:
+        cfg = run.cfg
+        _figures(run, r["rows"], r["width_rows"], r["theories"], r["grids"], list(cfg.m_values), cfg.momentum,
+                 cfg.threshold, self.config_json(cfg, None))
+        return FIGURES
+
+    def report(self, r: dict, run: StudyRun) -> str:
+        return _summary(self.config_json(run.cfg, None), r["rows"], r["width_rows"], r["theories"], run.elapsed(),
+                        run.figures)
+
+
+def meanfield_lr(out: str | os.PathLike, quick: bool = False, seed: int = 0, *, progress: bool = True,
+                 **options) -> Path:
+    """Reproduce Karakida 2019 fig 2 (left): final loss over a (M, η) grid against the critical learning rate η_c.
 
     Args:
         out: run folder (created; refused if it holds a run with a different config).
         quick: tiny settings for tests (M ∈ {16, 32}, 6 learning rates, 1 trial, 30 steps).
         seed: seeds every draw; runs are deterministic.
-        data: unused (Gaussian inputs and a teacher network); any value other than the CLI default is refused.
-        m_values: widths M (default 7 values from 32 to 256, log-spaced; the paper went wider; one integer: one M).
-        n_eta: learning rates per activation (default 20), log-spaced from ``min_M η_c / eta_margin`` to
-            ``max_M η_c · eta_margin``.
-        trials: independent (teacher, student, inputs) draws per cell, losses averaged (default 3; paper 5).
-        steps: gradient steps (seed 003: 100); samples: T (100); depth: L (4); outputs: C (10).
-        momentum: μ (0.9); threshold: final loss above which a cell counts as diverged (1000).
-        dtype: ``"float32"`` (default) or ``"float64"``.
-        threads: torch intra-op threads during the study (default 1); ``None`` keeps torch's setting.
         progress: tqdm progress bar.
+        **options: the fields of :class:`MeanfieldLRConfig` (``m_values``, ``n_eta``, ``trials``, ``steps``, ...).
 
     Returns:
         Path of the run folder: ``config.json``, ``metrics.csv`` (one row per grid cell), ``widths.csv`` (η_c per
         width), two PNGs and ``summary.md``.
     """
-    check_gaussian_data(data)
-    with torch_threads(threads):
-        return _meanfield_lr(out, quick, seed, m_values, n_eta, eta_margin, trials, steps, samples, depth, outputs,
-                             momentum, threshold, dtype, progress)
-
-
-def _meanfield_lr(out, quick, seed, m_values, n_eta, eta_margin, trials, steps, samples, depth, outputs, momentum,
-                  threshold, dtype, progress) -> Path:
-    if m_values is None:
-        m_values = (16, 32) if quick else (32, 45, 64, 91, 128, 181, 256)
-    m_values = check_ints("m_values", m_values)  # --set m_values=16: one width
-    if len(set(m_values)) != len(m_values):
-        raise ValueError(f"m_values must be distinct widths, got {m_values!r}.")
-    n_eta = (6 if quick else 20) if n_eta is None else n_eta
-    trials = (1 if quick else 3) if trials is None else trials
-    steps = 30 if quick and steps == 100 else steps
-    for name, v in (("n_eta", n_eta), ("trials", trials), ("steps", steps), ("samples", samples),
-                    ("depth", depth), ("outputs", outputs)):
-        if not isinstance(v, int) or isinstance(v, bool) or v < (2 if name in ("n_eta", "depth") else 1):
-            raise ValueError(f"{name} must be an integer ≥ {2 if name in ('n_eta', 'depth') else 1}, got {v!r}.")
-    check_int("seed", seed, 0)
-    if not 0 <= check_number("momentum", momentum) < 1:
-        raise ValueError(f"momentum must be in [0, 1), got {momentum!r}.")
-    check_number("eta_margin", eta_margin, lo=1)
-    check_number("threshold", threshold, lo=0)
-    if dtype not in ("float32", "float64"):
-        raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}.")
-    tdt = getattr(torch, dtype)
-    L, C, T = depth, outputs, samples
-    config = {
-        "experiment": "meanfield-lr", "quick": quick, "seed": seed, "data": "gaussian N(0, I) + teacher network",
-        "m_values": list(m_values), "n_eta": n_eta, "eta_margin": eta_margin, "trials": trials, "steps": steps,
-        "samples": T, "depth": L, "outputs": C, "alphas": 1.0, "momentum": momentum, "threshold": threshold,
-        "dtype": dtype, "cases": {a: {"sigma_w2": sw, "sigma_b2": sb} for a, (sw, sb) in CASES.items()},
-        "loss": "E = (1/2T) sum_t |y - f|^2", "optimizer": "batch GD with heavy-ball momentum (seed 003 eq 19)",
-    }
-    run = RunDir(out, config)
-    t0 = time.perf_counter()
-    theories = {a: fl.theory.meanfield(a, sw, sb, L, outputs=C, samples=T) for a, (sw, sb) in CASES.items()}
-    grids = {}
-    for act, th in theories.items():
-        ec = th.critical_learning_rate(np.array(m_values, dtype=float), momentum)
-        grids[act] = np.geomspace(ec.min() / eta_margin, ec.max() * eta_margin, n_eta)
-
-    rows: list[dict] = []
-    width_rows: list[dict] = []
-    bar = tqdm(total=len(CASES) * len(m_values), desc="meanfield-lr", unit="width", disable=not progress,
-               leave=False)
-    for M in m_values:
-        sizes = [M] * L + [C]
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + M)
-        Zt = standard_normals(trials, sizes, gen, tdt)  # teachers
-        Zs = standard_normals(trials, sizes, gen, tdt)  # students
-        X = torch.randn(trials, T, M, generator=gen, dtype=tdt)
-        for act, (sw, sb) in CASES.items():
-            th = theories[act]
-            teacher = MLPEnsemble.from_normals(*Zt, act, sw, sb)
-            student = MLPEnsemble.from_normals(*Zs, act, sw, sb)
-            with torch.no_grad():
-                Y = teacher(X)
-            with single_thread():  # λ_max of the teachers (the zero-loss minima): exact TC × TC dual matrix
-                lam = torch.linalg.eigvalsh(MLPEnsemble([w[:1] for w in teacher.weights],
-                                                        [b[:1] for b in teacher.biases], act, teacher.phi,
-                                                        teacher.dphi, teacher.sigma_w2, teacher.sigma_b2)
-                                            .gram(X[:1]).double())[0, -1].item()
-            etas = torch.as_tensor(grids[act])
-            n = len(etas)
-            # member (trial i, eta j) at position i * n + j
-            rep = MLPEnsemble([w.repeat_interleave(n, 0) for w in student.weights],
-                              [b.repeat_interleave(n, 0) for b in student.biases], act, student.phi, student.dphi,
-                              student.sigma_w2, student.sigma_b2)
-            with torch.no_grad():
-                init = (0.5 * ((student(X) - Y) ** 2).sum((1, 2)) / T).double()
-            final = _train(rep, X.repeat_interleave(n, 0), Y.repeat_interleave(n, 0), etas.repeat(trials),
-                           momentum, steps).view(trials, n)
-            ec_th = float(th.critical_learning_rate(M, momentum))
-            ec_meas = fl.critical_learning_rate(lam, momentum)
-            width_rows.append({"activation": act, "M": M, "eta_c_theory": ec_th, "lambda_max_theory":
-                               float(th.max_eigenvalue(M)), "lambda_max_teacher": lam, "eta_c_teacher": ec_meas,
-                               "initial_loss": float(init.mean())})
-            for j, eta in enumerate(etas.tolist()):
-                losses = final[:, j]
-                mean = float(losses.mean()) if torch.isfinite(losses).all() else math.inf
-                diverged = not mean <= threshold
-                rows.append({"activation": act, "M": M, "eta": eta, "eta_over_eta_c": eta / ec_th,
-                             "eta_over_eta_c_teacher": eta / ec_meas,
-                             "final_loss": mean, "diverged": int(diverged),
-                             "predicted_diverged": int(eta > ec_th), "predicted_diverged_teacher": int(eta > ec_meas),
-                             **{f"loss_trial{i}": float(losses[i]) for i in range(trials)}})
-            bar.update(1)
-    bar.close()
-    write_csv(run.file("metrics.csv"), rows)
-    write_csv(run.file("widths.csv"), width_rows)
-    _figures(run, rows, width_rows, theories, grids, m_values, momentum, threshold, config)
-    elapsed = time.perf_counter() - t0
-    run.write_text("summary.md", _summary(config, rows, width_rows, theories, elapsed))
-    return run.path
+    return run_study(MeanfieldLR, out, quick, seed, progress=progress, **options)
 
 
 def _edges(v: np.ndarray) -> np.ndarray:
@@ -282,12 +319,13 @@ def _figures(run, rows, width_rows, theories, grids, m_values, momentum, thresho
         sw, sb = CASES[act]
         ax.set_title(f"{act}  (σ_w², σ_b²) = ({sw:g}, {sb:g})")
         ax.legend(fontsize=8, loc="lower left", frameon=True)
-    fig.suptitle(f"Seed 003 fig 2 (left): batch GD, μ = {momentum}, {config['steps']} steps, L = {config['depth']}, "
+    fig.suptitle(f"Karakida 2019 fig 2 (left): batch GD, μ = {momentum}, {config['steps']} steps, "
+                 f"L = {config['depth']}, "
                  f"C = {config['outputs']}, T = {config['samples']}; mean over {config['trials']} trial(s)")
     fig.subplots_adjust(left=0.05, right=0.88, bottom=0.12, top=0.86, wspace=0.28)
     cax = fig.add_axes((0.905, 0.12, 0.012, 0.74))
     fig.colorbar(mesh, cax=cax, label=f"final training loss (grey: > {threshold:g}, diverged)")
-    _save(fig, run.file("fig2_phase_diagram.png"), tight=False)
+    save_png(fig, run.file("fig2_phase_diagram.png"), tight=False)
 
     fig = Figure(figsize=(7, 4.6))
     ax = fig.add_subplot()
@@ -306,7 +344,7 @@ def _figures(run, rows, width_rows, theories, grids, m_values, momentum, thresho
     ax.set_title("Final loss vs η/η_c; darker = wider", fontsize=10)
     ax.grid(True, which="major", alpha=0.3)
     ax.legend(fontsize=8, frameon=False)
-    _save(fig, run.file("loss_vs_eta.png"))
+    save_png(fig, run.file("loss_vs_eta.png"))
 
 
 def _shares(rows, key="predicted_diverged") -> dict[str, float]:
@@ -321,10 +359,11 @@ def _shares(rows, key="predicted_diverged") -> dict[str, float]:
             "below_converged": float(np.mean(below)) if below else math.nan, "n_below": len(below)}
 
 
-def _summary(config, rows, width_rows, theories, elapsed) -> str:
+def _summary(config: dict, rows: list[dict], width_rows: list[dict], theories: dict, elapsed: float,
+             figures: dict) -> str:
     thr = config["threshold"]
     lines = [
-        "# Learning-rate phase diagram vs the critical η_c (seed 003 fig 2, left)",
+        "# Learning-rate phase diagram vs the critical η_c (Karakida 2019, fig 2, left)",
         "",
         f"Teacher–student regression on T = {config['samples']} Gaussian inputs; L = {config['depth']}, α_l = 1, "
         f"C = {config['outputs']}; student and teacher drawn independently from the same ensemble (eq 8); "
@@ -390,9 +429,9 @@ def _summary(config, rows, width_rows, theories, elapsed) -> str:
         "",
         "## Figures",
         "",
-        *(f"- [{n}]({n}): {d}" for n, d in FIGURES.items()),
+        *(f"- [{n}]({n}): {d}" for n, d in figures.items()),
         "",
-        *(f"![{n}]({n})" for n in FIGURES),
+        *(f"![{n}]({n})" for n in figures),
         "",
         "Per cell: [metrics.csv](metrics.csv); per width: [widths.csv](widths.csv); settings: "
         "[config.json](config.json).",

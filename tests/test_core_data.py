@@ -1,15 +1,16 @@
-"""``params=`` subsets and every accepted form of ``data`` (tensors, Dataset, DataLoader, iterables,
-one-shot generators), against the full-matrix result and the references."""
+"""The core's parameter selection and data reading: ``params=`` subsets and every accepted form of ``data``
+(tensors, Dataset, DataLoader, iterables, one-shot generators), against the full-matrix result and the references."""
 
 from __future__ import annotations
 
 import pytest
 import reference as ref
 import torch
-from conftest import LIKS, assert_close, build, targets
+from helpers import assert_close
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch.utils.data import DataLoader, TensorDataset
+from zoo import LIKS, build, targets
 
 import fisherlens as fl
 
@@ -90,7 +91,7 @@ def test_params_subset_ntk(selection):
     params, names = _selection(model, selection)
     expected = ref.ntk(model, X, names=names)
     assert_close(fl.ntk(model, X, params=params), expected, what=f"ntk {selection}")
-    assert_close(fl.ntk_trace(model, X, params=params), ref.ntk_trace(model, X, names),
+    assert_close(fl.ntk_trace(model, X, params=params, reduction="sum"), ref.ntk_trace(model, X, names),
                  what=f"ntk_trace {selection}")
 
 
@@ -170,7 +171,7 @@ def _all_quantities(model, data, L, kind, **kw):
         "blocks": fl.fisher_blocks(model, data(), L, kind, "dense", **kw)["2.weight"],
         "rao": fl.fisher_rao_norm(model, data(), L, kind, **kw),
         "relation": fl.fisher_ntk_trace(model, data(), L, kind, **kw).ntk_side,
-        "ntk_trace": fl.ntk_trace(model, data(), **{k: v for k, v in kw.items()
+        "ntk_trace": fl.ntk_trace(model, data(), reduction="sum", **{k: v for k, v in kw.items()
                                                     if k == "batch_size"}),
     }
     out["sum_trace"] = fl.fisher_trace(model, data(), L, kind, reduction="sum", **kw)
@@ -213,7 +214,7 @@ def test_data_forms_without_labels(form):
     d, kw = data_forms(X, None)[form]
     assert_close(fl.fisher_trace(model, d, fl.Categorical(), **kw), torch.trace(F_ref), what=form)
     d, kw = data_forms(X, None)[form]
-    assert_close(fl.ntk_trace(model, d, **kw), ref.ntk_trace(model, X), what=form)
+    assert_close(fl.ntk_trace(model, d, reduction="sum", **kw), ref.ntk_trace(model, X), what=form)
 
 
 def test_mc_labels_are_drawn_per_chunk_in_data_order():
@@ -265,8 +266,9 @@ def test_one_shot_generator_of_many_batches_streams():
                      what=f"stream rao {kind}")
         rel = fl.fisher_ntk_trace(model, stream(), L, kind)
         assert_close(rel.ntk_side, torch.trace(full), what=f"stream relation {kind}")
-    assert_close(fl.ntk_trace(model, stream()), fl.ntk_trace(model, X), what="stream ntk_trace")
-    assert_close(fl.ntk_trace(model, stream()), ref.ntk_trace(model, X), what="stream ntk ref")
+    assert_close(fl.ntk_trace(model, stream(), reduction="sum"), fl.ntk_trace(model, X, reduction="sum"),
+                 what="stream ntk_trace")
+    assert_close(fl.ntk_trace(model, stream(), reduction="sum"), ref.ntk_trace(model, X), what="stream ntk ref")
 
 
 @settings(max_examples=20, deadline=None,

@@ -1,0 +1,75 @@
+"""The core of fisherlens: one primitive, the per-sample factor rows, and the engines that reduce it.
+
+Every Fisher-type object in fisherlens is a reduction of the per-sample *factor rows*
+
+    G_n = V_nᵀ J_n ∈ R^{K×P},   J_n = ∂f_θ(x_n)/∂θ ∈ R^{C×P},   V_n ∈ R^{C×K},
+
+with the *sandwich* ``V_n`` chosen by the kind (:meth:`fisherlens.Likelihood.sandwich`; the conventions page
+of the documentation defines each): ``S_n`` with ``S_n S_nᵀ = Λ(f_n)`` for the true Fisher (K = C), the loss
+gradient at the observed label for the empirical Fisher (K = 1), sampled-label gradients over √k for the MC
+Fisher (K = k), ``I`` for the NTK (K = C); so that ``F = (1/N) Σ_n G_nᵀ G_n``.
+
+The internal API, module by module (this package's ``__init__`` is the only import point for the rest of
+the library):
+
+* :mod:`.checks` — the only validators: choices, memory refusals, finiteness, outputs;
+* :mod:`.model` — :class:`FunctionalModel` and the checked forward / ``vjp`` / ``jvp``;
+* :mod:`.data` — streaming of every accepted form of ``data``;
+* :mod:`.request` — :class:`Request`, the keyword-only validated arguments, with the one scale rule;
+* :mod:`.stats` — :class:`Stats`, the per-batch statistics every view reduces;
+* :mod:`.engine` — :func:`batch_stats`, :func:`stream` and the one chunking policy :func:`chunk_size`;
+* :mod:`.functional` — the general engine (``torch.func``);
+* :mod:`.layerwise` — the fast engine: :mod:`~.layerwise.rules` (one rule per layer type),
+  :mod:`~.layerwise.capture` (hooks and output gradients, shared with the Monitor) and
+  :mod:`~.layerwise.plan` (ownership and the proof of per-sample attribution).
+"""
+
+from .checks import (
+    ENGINES,
+    KINDS,
+    REDUCTIONS,
+    all_finite,
+    available_memory,
+    check_choice,
+    check_dense,
+    check_inputs,
+    check_kind,
+    check_outputs,
+    close_enough,
+    finite_result,
+    renamed,
+    tolerance,
+)
+from .data import iter_batches
+from .engine import (
+    batch_stats,
+    checked_grads,
+    chunk_size,
+    identity_sandwich,
+    layer_stats,
+    output_dim,
+    quadratic_sum,
+    stream,
+    work_budget,
+)
+from .functional import functional_rows
+from .layerwise.capture import Capture, WeakHook, tap_grads
+from .layerwise.plan import Plan, Signature, ambiguous, call_problems, check_batch, plan_for, signature
+from .layerwise.rules import RULES, Call, LayerRule, rule_for
+from .model import FunctionalModel, differentiable_kernels, forward_checked, jvp_checked, model_errors, vjp_checked
+from .request import Request, check_samples
+from .stats import Stats
+
+#: working-memory budget (bytes) for one chunk's working set; results are never chunked away.
+WORK_BUDGET = 512 * 2**20
+
+__all__ = [
+    "ENGINES", "KINDS", "REDUCTIONS", "WORK_BUDGET", "RULES",
+    "all_finite", "available_memory", "check_choice", "check_dense", "check_inputs", "check_kind",
+    "check_outputs", "close_enough", "finite_result", "renamed", "tolerance",
+    "iter_batches", "batch_stats", "checked_grads", "chunk_size", "identity_sandwich", "layer_stats",
+    "output_dim", "quadratic_sum", "stream", "work_budget", "functional_rows",
+    "Capture", "WeakHook", "tap_grads", "Plan", "Signature", "ambiguous", "call_problems", "check_batch", "plan_for",
+    "signature", "Call", "LayerRule", "rule_for", "FunctionalModel", "differentiable_kernels",
+    "forward_checked", "jvp_checked", "model_errors", "vjp_checked", "Request", "check_samples", "Stats",
+]

@@ -1,0 +1,121 @@
+"""The only validators of the core: choices, memory refusals, finiteness, and output checks.
+
+Every refusal is a ``ValueError``/``TypeError`` whose message says what was wrong and what to do instead;
+dense results are refused *before* allocating (:func:`check_dense`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+
+import torch
+
+from ..likelihoods import Likelihood
+
+Tensor = torch.Tensor
+
+KINDS = ("true", "empirical", "mc")
+REDUCTIONS = ("mean", "sum")
+ENGINES = ("auto", "layerwise", "functional")
+
+
+def check_choice(name: str, value, choices) -> None:
+    """Refuse ``value`` unless it is one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not supported; choose one of {', '.join(map(repr, choices))}.")
+
+
+def renamed(name: str, value, renames: dict):
+    """The current spelling of an option value, with a ``FutureWarning`` for an old one (``renames``: old -> new)."""
+    if isinstance(value, str) and value in renames:
+        warnings.warn(f"{name}={value!r} is deprecated; use {name}={renames[value]!r} (same meaning).", FutureWarning,
+                      stacklevel=3)
+        return renames[value]
+    return value
+
+
+def check_kind(likelihood, kind: str) -> None:
+    if not isinstance(likelihood, Likelihood):
+        raise TypeError(
+            f"likelihood must be a fisherlens output model such as fl.Categorical(), fl.Gaussian(sigma), "
+            f"fl.Bernoulli() or fl.LossInduced(loss); got {likelihood!r}."
+        )
+    check_choice("kind", kind, KINDS)
+    if kind != "empirical" and not likelihood.has_fisher:
+        raise ValueError(
+            f"{likelihood!r} defines only the empirical Fisher (its normaliser is unknown, so neither the "
+            f"true Fisher nor label sampling exists); use kind='empirical', or an output model such as "
+            "fl.Gaussian()/fl.Categorical() for kind='true'/'mc'."
+        )
+
+
+def available_memory() -> int:
+    """Bytes of memory currently available (Linux ``sysconf``; a generous guess elsewhere)."""
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
+        return 8 * 2**30
+
+
+def check_dense(what: str, numel: int, itemsize: int, alternative: str, max_memory: int | None) -> None:
+    """Refuse, before allocating, a dense result that would not fit in memory."""
+    need = numel * itemsize
+    limit = max_memory if max_memory is not None else available_memory() // 2
+    if need > limit:
+        raise ValueError(
+            f"{what} would need {need / 2**30:.2f} GiB but only {limit / 2**30:.2f} GiB may be used. "
+            f"{alternative} (or pass max_memory=bytes to raise the limit)."
+        )
+
+
+def all_finite(t: Tensor) -> bool:
+    """Whether a floating tensor has no NaN/inf: one sum (NaN and inf propagate), the elementwise test only when
+    the sum is not finite (it may just overflow)."""
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
+def finite_result(what: str, value):
+    """Return ``value`` (a tensor, a float or a dict of them) after checking it is finite: an overflow in the
+    model's dtype (e.g. 1/σ⁴ of a tiny σ in float32) is refused, never returned as inf/NaN."""
+    items = value.values() if isinstance(value, dict) else [value]
+    for v in items:
+        if not (all_finite(v) if isinstance(v, Tensor) else math.isfinite(v)):
+            raise ValueError(
+                f"{what} overflowed to inf/NaN in the model's dtype; compute in float64 (model.double()) or rescale "
+                "the outputs (e.g. a larger sigma)."
+            )
+    return value
+
+
+def check_inputs(X: Tensor) -> None:
+    """Refuse NaN/inf in floating inputs (their Fisher is undefined, and they poison every check)."""
+    if torch.is_floating_point(X) and not all_finite(X):
+        raise ValueError("The inputs contain NaN or inf; the Fisher is undefined there. Clean the data first.")
+
+
+def check_outputs(f: Tensor, X: Tensor, dtype: torch.dtype) -> None:
+    """Outputs ``f (B, C)`` of inputs ``X``: floating, of the parameters' dtype, one per input, finite."""
+    if not torch.is_floating_point(f):
+        raise TypeError(f"The model returned {f.dtype} outputs; outputs must be floating point (logits, means).")
+    if f.dtype != dtype:
+        raise TypeError(
+            f"The model returned {f.dtype} outputs but its parameters are {dtype}; make them agree "
+            f"(e.g. model.to({dtype}) or drop the cast inside forward)."
+        )
+    if f.shape[0] != X.shape[0]:
+        raise ValueError(f"The model returned {f.shape[0]} outputs for a batch of {X.shape[0]} inputs.")
+    if not all_finite(f.detach()):
+        raise ValueError("The model produced NaN or inf outputs on this data; the Fisher is undefined there.")
+
+
+def tolerance(dtype: torch.dtype) -> float:
+    """Relative tolerance of the core's self-checks in ``dtype``."""
+    return 1e-9 if dtype == torch.float64 else 1e-4
+
+
+def close_enough(a: Tensor, b: Tensor) -> bool:
+    """``a ≈ b`` to :func:`tolerance`, with an absolute floor at the scale of ``b``."""
+    tol = tolerance(a.dtype)
+    return bool(torch.allclose(a, b, rtol=tol, atol=tol * (b.abs().max().item() + 1e-30)))

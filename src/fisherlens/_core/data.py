@@ -1,0 +1,103 @@
+"""Data streaming: every accepted form of ``data`` becomes ``(X, Y)`` batches on the model's device.
+
+``data`` is a tuple ``(X, Y)`` of tensors, a ``Dataset`` or any iterable of batches; nothing is accumulated.
+The one chunking policy of the core is :func:`chunk_size` (see :mod:`fisherlens._core.engine`), the one
+scale rule :meth:`fisherlens._core.request.Request.scale`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import torch
+
+from .model import FunctionalModel
+
+Tensor = torch.Tensor
+
+
+def _is_xy(data) -> bool:
+    """Whether ``data`` is one ``(X, Y)`` pair of tensors (a tuple; a list of two tensors only when the second
+    cannot be a batch of inputs like the first)."""
+    if not (isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], Tensor)):
+        return False
+    X, Y = data
+    if Y is not None and not isinstance(Y, Tensor):
+        return False
+    if isinstance(data, list) and Y is not None and Y.shape[1:] == X.shape[1:] and Y.dtype == X.dtype:
+        raise ValueError(
+            "data=[A, B] is ambiguous: two tensors of the same shape and dtype may be two batches of inputs or one "
+            "(X, Y) pair. Pass a tuple (X, Y) for inputs with targets, or [(A,), (B,)] for two unlabelled batches."
+        )
+    return True
+
+
+def _split_batch(batch):
+    if isinstance(batch, Tensor):
+        return batch, None
+    if isinstance(batch, (tuple, list)) and 1 <= len(batch) <= 2 and isinstance(batch[0], Tensor):
+        y = batch[1] if len(batch) == 2 else None
+        if y is not None and not isinstance(y, Tensor):
+            y = torch.as_tensor(y)
+        return batch[0], y
+    raise TypeError(
+        f"Each batch must be a tensor X or a pair (X, Y) of tensors; got {type(batch).__name__}. "
+        "Wrap dict-style datasets to return (X, Y)."
+    )
+
+
+def _slices(X: Tensor, Y: Tensor | None, bs: int) -> Iterator[tuple[Tensor, Tensor | None]]:
+    for i in range(0, len(X) if X.dim() else 0, bs):
+        yield X[i : i + bs], None if Y is None else Y[i : i + bs]
+
+
+def _source(data, batch_size: int | None):
+    """The batch iterable behind ``data`` (see :func:`iter_batches`)."""
+    if isinstance(data, Tensor):
+        data = (data, None)
+    if _is_xy(data):
+        X, Y = data
+        if Y is not None and len(Y) != len(X):
+            raise ValueError(f"X has {len(X)} samples but Y has {len(Y)}; they must match.")
+        return _slices(X, Y, batch_size or 256)
+    if isinstance(data, torch.utils.data.DataLoader) and data.batch_size is None and data.batch_sampler is None:
+        raise ValueError(
+            "The DataLoader has batch_size=None (automatic batching off), so it yields single samples without a "
+            "batch dimension. Give it a batch_size, e.g. DataLoader(dataset, batch_size=64)."
+        )
+    if isinstance(data, torch.utils.data.Dataset):
+        return torch.utils.data.DataLoader(data, batch_size=batch_size or 256, shuffle=False)
+    if isinstance(data, Iterable) and not isinstance(data, (str, bytes, dict)):
+        return data
+    raise TypeError(
+        f"data must be a tuple (X, Y) of tensors, a torch Dataset or an iterable of (X, Y) batches; "
+        f"got {type(data).__name__}."
+    )
+
+
+def iter_batches(data, fm: FunctionalModel, *, need_y: bool, batch_size: int | None = None) -> Iterator:
+    """Yield ``(X, Y)`` batches on the model's device; floating ``X`` cast to the model's dtype.
+
+    ``data`` is a tuple ``(X, Y)`` of tensors (split into chunks of ``batch_size``), a ``Dataset`` (read
+    through a ``DataLoader``) or any iterable of batches (streamed: nothing is accumulated).  ``Y`` may be
+    ``None`` unless ``need_y``.  Raises
+    ``ValueError`` for empty data, mismatched lengths and non-finite inputs.
+    """
+    if batch_size is not None and (not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1):
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+    seen = 0
+    for batch in _source(data, batch_size):
+        X, Y = _split_batch(batch)
+        if X.dim() == 0 or len(X) == 0:
+            continue
+        if need_y and Y is None:
+            raise ValueError("This quantity needs labels (e.g. kind='empirical'): pass data as (X, Y).")
+        if Y is not None and len(Y) != len(X):
+            raise ValueError(f"A batch has {len(X)} inputs but {len(Y)} labels; they must match.")
+        X = X.to(fm.device, fm.dtype) if torch.is_floating_point(X) else X.to(fm.device)
+        if Y is not None:
+            Y = Y.to(fm.device)
+        seen += len(X)
+        yield X, Y
+    if seen == 0:
+        raise ValueError("The data is empty: no samples to average over.")

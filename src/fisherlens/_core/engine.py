@@ -1,0 +1,167 @@
+"""The engines: per-batch statistics of the factor rows, and the stream of chunks every view reduces.
+
+:func:`batch_stats` forwards one chunk once, builds the sandwich ``V = make_v(f)`` and yields the requested
+:class:`~.stats.Stats`: owned parameters (:mod:`.layerwise.plan`) from their layers' inputs and output
+gradients by their :mod:`rules <.layerwise.rules>`, every other parameter by the functional engine
+(:func:`~.functional.functional_rows`).  :func:`stream` splits the data into chunks by the one chunking
+policy, :func:`chunk_size`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from .checks import ENGINES, check_choice, check_dense, close_enough
+from .data import iter_batches
+from .functional import functional_rows
+from .layerwise.capture import tap_grads
+from .layerwise.plan import Plan, ambiguous, call_problems, capture_forward, check_batch, demote, plan_for, signature
+from .layerwise.rules import Call, rule_for
+from .model import FunctionalModel, forward_checked, jvp_checked
+from .stats import Stats
+
+Tensor = torch.Tensor
+
+
+def work_budget() -> int:
+    """The working-memory budget in bytes, :data:`fisherlens._core.WORK_BUDGET` (read at call time)."""
+    from . import WORK_BUDGET
+
+    return WORK_BUDGET
+
+
+def identity_sandwich(f: Tensor) -> Tensor:
+    """``V = I`` (the NTK): rows are the per-sample Jacobians, ``(B, C, C)``."""
+    return torch.eye(f.shape[-1], dtype=f.dtype, device=f.device).expand(f.shape[0], -1, -1)
+
+
+def batch_stats(fm: FunctionalModel, X: Tensor, make_v, want: set[str], engine: str = "auto"):
+    """Forward ``X``, build ``V = make_v(f) (B, C, K)``; return ``(f, V, stats)``.
+
+    ``want`` ⊆ {diag, diagk, sqnorm, gram, rows} names the :class:`~.stats.Stats` to compute.  The layerwise
+    fast path proves its attribution on every call: each owned layer's input keeps the batch on axis 0 and
+    runs as often as when verified, and where shapes alone cannot tell (:func:`~.layerwise.plan.ambiguous`)
+    one extra cotangent column ``c_b·(V_b w)`` checks that each sample's output gradient lives in that
+    sample's slice.
+    """
+    check_choice("engine", engine, ENGINES)
+    plan = plan_for(fm)
+    sig = signature(fm, X, prove=engine != "functional")
+    if engine == "layerwise" and len(plan.owned) < len(fm.names):
+        missing = [n for n in fm.names if n not in plan.owned]
+        raise ValueError(f"engine='layerwise' handles only parameters of Linear/Conv1d/Conv2d layers used through "
+                         f"them; not {missing}. Use engine='auto'.")
+    stats = Stats()
+    owned: dict = {}
+    if engine == "functional" or not plan.owned:
+        with torch.no_grad():
+            f = forward_checked(fm, fm.params, X)
+        V = make_v(f)
+    else:
+        f, _, rec = capture_forward(fm, plan, X)
+        demote(plan, call_problems(plan, rec.calls, len(X), sig.calls))
+        V = make_v(f.detach())
+        layer_stats(fm, plan, rec.calls, checked_grads(plan, rec.calls, f, V), want, stats, V.shape[0], V.shape[-1])
+        owned = plan.owned
+    rest = [n for n in fm.names if n not in owned]
+    if rest:
+        rows = functional_rows(fm, rest, X, V)
+        for n in rest:
+            stats.add_rows(n, rows[n].reshape(*V.shape[::2], -1), want, fm.shapes[n])
+    return f.detach(), V, stats
+
+
+def checked_grads(plan: Plan, calls: list[Call], f: Tensor, V: Tensor) -> list[Tensor]:
+    """:func:`~.layerwise.capture.tap_grads` of the K columns; when a call is ambiguous, with one extra
+    column ``c_b (V_b w)`` (random ``c``, ``w``) whose gradient must be ``c_b Σ_k w_k g_kb`` sample by
+    sample along axis 0 — parameters of a call that fails are demoted."""
+    B, K = V.shape[0], V.shape[-1]
+    if not any(ambiguous(c, B) for c in calls):
+        return tap_grads(calls, f, V)
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    c = (torch.rand(B, generator=gen, dtype=V.dtype) + 0.5).to(V.device)
+    w = torch.randn(K, generator=gen, dtype=V.dtype).to(V.device)
+    grads = tap_grads(calls, f, V, extra=c[:, None] * (V @ w))
+    wrong = set()
+    for call, g in zip(calls, grads, strict=True):
+        if ambiguous(call, B):
+            expect = c.reshape(-1, *[1] * (call.tap.dim() - 1)) * torch.einsum("k,kb...->b...", w, g[:K])
+            if not close_enough(g[K], expect):
+                wrong.add(id(call.module))
+    demote(plan, {n: "the output gradient of its layer mixes the samples along axis 0 (the batch is on another "
+                     "axis)" for n, (_, mods) in plan.owned.items() if any(id(m) in wrong for m in mods)})
+    return [g[:K] for g in grads]
+
+
+def layer_stats(fm: FunctionalModel, plan: Plan, calls: list[Call], grads: list[Tensor], want: set[str],
+                stats: Stats, B: int, K: int) -> None:
+    """Statistics of every owned parameter from its layers' calls and output gradients ``(K, B, ...)`` (shared
+    with the Monitor's per-step batch trace): the rule's fast path where it applies, else its rows."""
+    by_module: dict[int, list[int]] = {}
+    for i, c in enumerate(calls):
+        by_module.setdefault(id(c.module), []).append(i)
+    for n, (which, mods) in plan.owned.items():
+        idx = [i for m in mods for i in by_module.get(id(m), [])]
+        if not idx:  # parameter unused in this forward (as when verified): its rows are zero
+            stats.add_rows(n, fm.params[n].new_zeros(B, K, fm.sizes[n]), want, fm.shapes[n])
+            continue
+        rule, sub = rule_for(mods[0]), [calls[i] for i in idx]
+        if "rows" not in want and rule.fast(sub):
+            stats.add(n, rule.fast_stats(sub[0], grads[idx[0]], which, want))
+            continue
+        r = sum(rule_for(c.module).rows(c, grads[i], which) for c, i in zip(sub, idx, strict=True))
+        stats.add_rows(n, r.transpose(0, 1), want, fm.shapes[n])  # (B, K, numel)
+
+
+def output_dim(fm: FunctionalModel, X: Tensor) -> int:
+    """C for inputs like ``X``: one forward of one sample, remembered per model and input shape."""
+    cache = plan_for(fm).out_dim
+    key = (tuple(X.shape[1:]), X.dtype)
+    if key not in cache:
+        with torch.no_grad():
+            cache[key] = forward_checked(fm, fm.params, X[:1]).shape[-1]
+    return cache[key]
+
+
+def chunk_size(fm: FunctionalModel, X: Tensor, K: int, want: set[str], engine: str = "auto", share: int = 1) -> int:
+    """Inputs per chunk so that one chunk's working memory fits :func:`work_budget` ``/ share``.
+
+    Per input and sandwich column it counts the materialised rows (all P for ``rows``, the functional
+    engine and every parameter without a fast path) and the backward's activations; conv layers add their
+    unfolded patches.  Refuses, before allocating, a single input that cannot fit in memory.
+    """
+    sig = signature(fm, X, prove=engine != "functional")
+    owned = {} if engine == "functional" else plan_for(fm).owned
+    rows = fm.P if "rows" in want else fm.P - sum(fm.sizes[n] for n in sig.fast if n in owned)
+    per = fm.itemsize * ((K + 1) * (rows + sig.act) + sig.patch)
+    check_dense(f"One input's working set ({K} sandwich columns × {rows + sig.act} numbers)", per, 1,
+                "Use fewer samples=/columns, a parameter subset params=, or a scalable estimator", None)
+    return max(1, work_budget() // (share * per))
+
+
+def stream(fm: FunctionalModel, data, make_v, want: set[str], *, need_y: bool, columns,
+           batch_size: int | None = None, engine: str = "auto") -> Iterator[tuple[int, Tensor, Tensor, Stats]]:
+    """Stream ``data`` and yield ``(n, f, V, stats)`` per chunk, ``V = make_v(f, Y)`` with ``columns(C)``
+    columns per sample; batches are split by :func:`chunk_size`; nothing is accumulated across chunks."""
+    for X, Y in iter_batches(data, fm, need_y=need_y, batch_size=batch_size):
+        step = chunk_size(fm, X, columns(output_dim(fm, X)), want, engine)
+        for i in range(0, len(X), step):
+            Xc, Yc = X[i : i + step], None if Y is None else Y[i : i + step]
+            f, V, st = batch_stats(fm, Xc, lambda f, Yc=Yc: make_v(f, Yc), want, engine)
+            yield len(Xc), f, V, st
+
+
+def quadratic_sum(fm: FunctionalModel, batches, likelihood, kind: str, v: dict[str, Tensor], *,
+                  at: dict[str, Tensor] | None = None, samples: int = 1, generator=None) -> tuple[float, int]:
+    """``(Σ_n ‖V_nᵀ J_n v‖², N)`` over ``(X, Y)`` batches: ``N · vᵀ F v`` matrix-free, one jvp per batch (at the
+    model's parameters or at ``at``); F is never formed."""
+    total, n = 0.0, 0
+    for X, Y in batches:
+        check_batch(fm, X)
+        f, jt = jvp_checked(fm, X, v, at)
+        V = likelihood.sandwich(f, kind, Y, samples, generator)
+        total += torch.einsum("bck,bc->bk", V, jt).square().sum().item()
+        n += len(X)
+    return total, n

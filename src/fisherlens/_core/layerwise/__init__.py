@@ -1,0 +1,1 @@
+"""The layerwise engine: per-layer rules, call capture (shared with the Monitor) and the attribution proof."""

@@ -1,0 +1,204 @@
+"""The functional model and its checked forward, ``vjp`` and ``jvp``.
+
+:class:`FunctionalModel` sees a module as a function ``f(p, x) -> (B, C)`` of a selection of its parameters;
+:func:`forward_checked`, :func:`vjp_checked` and :func:`jvp_checked` wrap it with clear errors for inputs the
+model cannot take and for bad outputs, with attention on its differentiable kernels
+(:func:`differentiable_kernels`).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from torch.func import functional_call, jvp, vjp
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from .checks import check_inputs, check_outputs
+
+Tensor = torch.Tensor
+
+
+def _module_prefix_match(name: str, key: str) -> bool:
+    return name == key or name.startswith(key + ".")
+
+
+def check_eval_mode(model: nn.Module) -> None:
+    """Refuse BatchNorm (mixes the samples of a batch) and Dropout (random) in training mode."""
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
+            raise ValueError(
+                f"Module '{name or type(m).__name__}' is a BatchNorm layer in training mode, which mixes "
+                "the samples of a batch, so per-sample Fisher quantities are undefined. Call model.eval() first."
+            )
+        if isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0:
+            raise ValueError(
+                f"Module '{name or type(m).__name__}' is Dropout in training mode, which makes the model "
+                "random. Call model.eval() first."
+            )
+
+
+def select_params(named: dict[str, Tensor], params) -> list[str]:
+    """Names of the selected parameters in ``named_parameters()`` order: ``params`` gives names, module-name
+    prefixes or the tensors themselves; ``None`` selects all with ``requires_grad``."""
+    if not named:
+        raise ValueError("The model has no parameters.")
+    if params is None:
+        chosen = [n for n, p in named.items() if p.requires_grad]
+        if not chosen:
+            raise ValueError("No parameter of the model requires grad; pass params= to choose some.")
+        return chosen
+    items = [params] if isinstance(params, (str, Tensor)) else list(params)
+    if not items:
+        raise ValueError("params= is empty; pass names or tensors of the model's parameters.")
+    by_id = {id(p): n for n, p in named.items()}
+    wanted = set()
+    for it in items:
+        if isinstance(it, Tensor):
+            if id(it) not in by_id:
+                raise ValueError("A tensor in params= is not a parameter of this model.")
+            wanted.add(by_id[id(it)])
+        elif isinstance(it, str):
+            hits = [n for n in named if _module_prefix_match(n, it)]
+            if not hits:
+                raise ValueError(f"params= names {it!r}, which is neither a parameter nor a module of the model. "
+                                 f"Parameters: {', '.join(named)}.")
+            wanted.update(hits)
+        else:
+            raise TypeError(f"params= entries must be names or parameter tensors, got {type(it).__name__}.")
+    return [n for n in named if n in wanted]
+
+
+def _shared_tensors(model: nn.Module) -> list[tuple[dict, str, Tensor]]:
+    """``(store, key, tensor)`` of the parameters and buffers of modules that occur twice in the module tree
+    (e.g. ``nn.Sequential(lin, act, lin)``): ``torch.func.functional_call`` does not restore them (they come
+    back as plain tensors and drop out of ``named_parameters()``), so :class:`FunctionalModel` puts them back
+    after every call."""
+    count: dict[int, int] = {}
+    for _, m in model.named_modules(remove_duplicate=False):
+        count[id(m)] = count.get(id(m), 0) + 1
+    return [(store, k, t) for _, m in model.named_modules() if count[id(m)] > 1
+            for store in (m._parameters, m._buffers) for k, t in store.items() if t is not None]
+
+
+class FunctionalModel:
+    """A module seen as a function ``f(p, x) -> (B, C)`` of the selected parameters ``p`` (a dict).
+
+    ``params`` selects a subset by parameter name, module-name prefix or tensor identity;
+    default: all parameters with ``requires_grad``.  Flat vectors follow ``named_parameters()`` order.
+    """
+
+    def __init__(self, model: nn.Module, params=None):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+        check_eval_mode(model)
+        self.model = model
+        named = dict(model.named_parameters())
+        chosen = select_params(named, params)
+        self.names: list[str] = chosen
+        self.tensors: dict[str, Tensor] = {n: named[n] for n in chosen}
+        if not torch.isfinite(torch.stack([p.detach().sum() for p in self.tensors.values()])).all():
+            for n, p in self.tensors.items():  # name the culprit (a finite overflow of the sum is fine)
+                if not torch.isfinite(p).all():
+                    raise ValueError(f"Parameter '{n}' contains NaN or inf; the Fisher is undefined there.")
+        self.params: dict[str, Tensor] = {n: p.detach() for n, p in self.tensors.items()}
+        #: the other parameters, detached, so that no result stays attached to the model's autograd graph
+        self.frozen: dict[str, Tensor] = {n: p.detach() for n, p in named.items() if n not in self.tensors}
+        self.shapes = {n: p.shape for n, p in self.params.items()}
+        self.sizes = {n: p.numel() for n, p in self.params.items()}
+        self.P = sum(self.sizes.values())
+        first = next(iter(self.params.values()))
+        self.dtype, self.device, self.itemsize = first.dtype, first.device, first.element_size()
+        self._restore = _shared_tensors(model)
+
+    def __call__(self, p: dict[str, Tensor], x: Tensor) -> Tensor:
+        """Outputs ``(B, C)`` for inputs ``x (B, ...)``; a 1-D output is taken as ``C = 1``."""
+        try:
+            out = functional_call(self.model, {**self.frozen, **p}, (x,))
+        finally:
+            for store, k, t in self._restore:
+                store[k] = t
+        if not isinstance(out, Tensor):
+            raise TypeError(f"The model must return a tensor of outputs (batch, C); it returned {type(out).__name__}.")
+        if out.dim() == 1:
+            out = out[:, None]
+        elif out.dim() != 2:
+            raise ValueError(
+                f"The model must map a batch to outputs of shape (batch, C); got {tuple(out.shape)}. "
+                "Flatten extra output dimensions in a wrapper module."
+            )
+        return out
+
+    def flatten(self, d: dict[str, Tensor], lead: int = 0) -> Tensor:
+        """Concatenate per-parameter tensors (with ``lead`` leading batch dims) into ``(..., P)``."""
+        return torch.cat([d[n].reshape(*d[n].shape[:lead], -1) for n in self.names], dim=-1)
+
+    def unflatten(self, v: Tensor) -> dict[str, Tensor]:
+        if v.shape[-1] != self.P:
+            raise ValueError(f"Expected a vector of length P={self.P}, got {tuple(v.shape)}.")
+        out, i = {}, 0
+        for n in self.names:
+            out[n] = v[..., i : i + self.sizes[n]].reshape(v.shape[:-1] + self.shapes[n])
+            i += self.sizes[n]
+        return out
+
+
+@contextmanager
+def differentiable_kernels():
+    """Inside: ``nn.MultiheadAttention``'s fused fast path is off and ``scaled_dot_product_attention`` uses its
+    math kernel, which forward-mode AD (``jvp``) and per-sample hooks can see through; restored on exit."""
+    fast = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast)
+
+
+@contextmanager
+def model_errors(X: Tensor):
+    """Turn the model's failures on a batch into a ValueError that names the input shape (or the real cause)."""
+    try:
+        with differentiable_kernels():
+            yield
+    except (RuntimeError, IndexError) as e:
+        if "forward AD" in str(e):
+            raise ValueError(
+                f"A kernel of the model has no forward-mode derivative ({e}). fisherlens already switches "
+                "attention to its differentiable math kernels; replace the remaining fused op (or use a view that "
+                "needs no jvp: fl.fisher_diag, fl.fisher_trace, fl.eigenvalues(method='gram'))."
+            ) from e
+        raise ValueError(
+            f"The model failed on a batch of inputs of shape {tuple(X.shape)} (dtype {X.dtype}): {e}. "
+            "Check that the data matches the model's input shape."
+        ) from e
+
+
+def forward_checked(fm: FunctionalModel, p, X: Tensor) -> Tensor:
+    """``fm(p, X)`` with a clear error for inputs the model cannot take and for non-finite outputs."""
+    check_inputs(X)
+    with model_errors(X):
+        f = fm(p, X)
+    check_outputs(f, X, fm.dtype)
+    return f
+
+
+def vjp_checked(fm: FunctionalModel, X: Tensor):
+    """``(f (B, C), pull)``: one forward kept for pull-backs ``u (B, C) -> ({name: Jᵀu},)`` (torch.func.vjp)."""
+    check_inputs(X)
+    with model_errors(X):
+        f, pull = vjp(lambda q: fm(q, X), fm.params)
+    check_outputs(f, X, fm.dtype)
+    return f, pull
+
+
+def jvp_checked(fm: FunctionalModel, X: Tensor, tangent: dict[str, Tensor], at: dict[str, Tensor] | None = None):
+    """``(f (B, C), J t (B, C))`` for a tangent ``{name: tensor}`` (torch.func.jvp; vmap it over tangents), at the
+    model's parameters or at ``at`` (same names).  Attention runs on its differentiable kernels."""
+    check_inputs(X)
+    with model_errors(X):
+        f, jt = jvp(lambda q: fm(q, X), (fm.params if at is None else at,), (tangent,))
+    check_outputs(f, X, fm.dtype)
+    return f, jt
