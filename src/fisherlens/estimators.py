@@ -36,7 +36,7 @@ from collections.abc import Iterator
 import torch
 from torch.func import vmap
 
-from ._core import Request, check_choice, check_dense, vjp_checked, work_budget
+from ._core import Request, check_choice, check_dense, check_positive_int, vjp_checked, work_budget
 from .results import Estimate
 
 Tensor = torch.Tensor
@@ -125,6 +125,7 @@ def _check(run: Request, method: str, what: str, probe: str, per_sample: bool, s
     check_choice("method", method, METHODS)
     check_choice("probe", probe, PROBES)
     check_choice("what", what, ("diag", "trace", "dense"))
+    check_positive_int("samples", samples, what="random draws")
     if run.kind != "true":
         raise ValueError(
             f"method={method!r} estimates the true Fisher; use kind='true' (kind={run.kind!r} is computed exactly "

@@ -127,7 +127,7 @@ def fisher_diag(
     if method != "exact":
         run = Request(model=model, data=data, likelihood=likelihood, kind=kind, params=params, reduction=reduction,
                       generator=generator, batch_size=batch_size, engine=engine)
-        return estimate(run, method, "diag", probe=probe, per_sample=per_sample, samples=_draws(samples), total=True)
+        return estimate(run, method, "diag", probe=probe, per_sample=per_sample, samples=samples, total=True)
     run = Request(model=model, data=data, likelihood=likelihood, kind=kind, params=params, reduction=reduction,
                   samples=samples, generator=generator, batch_size=batch_size, engine=engine)
     return run.fm.flatten(diag_dict(run))
@@ -154,16 +154,10 @@ def fisher_trace(
     if method != "exact":
         run = Request(model=model, data=data, likelihood=likelihood, kind=kind, params=params, reduction=reduction,
                       generator=generator, batch_size=batch_size, engine=engine)
-        return estimate(run, method, "trace", probe=probe, per_sample=per_sample, samples=_draws(samples), total=True)
+        return estimate(run, method, "trace", probe=probe, per_sample=per_sample, samples=samples, total=True)
     run = Request(model=model, data=data, likelihood=likelihood, kind=kind, params=params, reduction=reduction,
                   samples=samples, generator=generator, batch_size=batch_size, engine=engine)
     return float(math.fsum(trace_dict(run).values()))
-
-
-def _draws(samples) -> int:
-    if not isinstance(samples, int) or isinstance(samples, bool) or samples < 1:
-        raise ValueError(f"samples must be a positive integer (number of random draws), got {samples!r}.")
-    return samples
 
 
 def _check_blocks(fm, max_memory, extra: int = 1) -> None:
@@ -197,7 +191,7 @@ def fisher_blocks(
                       generator=generator, batch_size=batch_size, engine=engine)
         if what == "dense":  # the result (value and stderr); the estimator checks its own running sums
             _check_blocks(run.fm, max_memory, extra=2)
-        return estimate(run, method, what, probe=probe, per_sample=per_sample, samples=_draws(samples),
+        return estimate(run, method, what, probe=probe, per_sample=per_sample, samples=samples,
                         max_memory=max_memory)
     run = Request(model=model, data=data, likelihood=likelihood, kind=kind, params=params, reduction=reduction,
                   samples=samples, generator=generator, batch_size=batch_size, engine=engine)

@@ -64,7 +64,6 @@ import math
 import warnings
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -73,6 +72,7 @@ from tqdm.auto import tqdm
 
 from ._core import FunctionalModel, available_memory, check_kind, iter_batches, work_budget
 from .likelihoods import Likelihood
+from .results import Curvature
 
 Tensor = torch.Tensor
 Metric = Callable[[Tensor], Tensor]
@@ -436,34 +436,6 @@ def scalar_curvature(
 
 
 # ----------------------------------------------------------------------------- many points
-@dataclass
-class Curvature:
-    """Geometry at ``M`` points, from :func:`curvature`.
-
-    Attributes:
-        theta: ``(M, d)`` the points.
-        metric: ``(M, d, d)`` the metric ``g`` as returned by the metric callable (not regularised).
-        scalar: ``(M,)`` scalar curvature ``R`` (NaN exactly where ``singular``).
-        cond: ``(M,)`` condition number ``max|λ|/min|λ|`` of ``g`` (inf: singular or non-finite).
-        singular: ``(M,)`` bool, no value could be computed (see ``reason``).
-        regularized: ``(M,)`` bool, the value is that of ``g + eps·I`` (``regularize=eps``).
-        reason: per point, ``""`` where fine, else why it is singular or regularised.
-        ricci: ``(M, d, d)`` if requested (``keep``), else ``None``; likewise ``christoffel (M, d, d, d)``
-            and ``riemann (M, d, d, d, d)``.
-    """
-
-    theta: Tensor
-    metric: Tensor
-    scalar: Tensor
-    cond: Tensor
-    singular: Tensor
-    regularized: Tensor
-    reason: list[str] = field(default_factory=list)
-    ricci: Tensor | None = None
-    christoffel: Tensor | None = None
-    riemann: Tensor | None = None
-
-
 KEEP = ("ricci", "christoffel", "riemann")
 
 
@@ -500,6 +472,64 @@ def metric_values(metric: Metric, thetas, *, chunk_size: int | None = None) -> T
         _check_g(g, (len(th[i : i + step]),), d)
         out.append(g)
     return torch.cat(out)
+
+
+def _flag(g_raw: Tensor, g: Tensor, dg: Tensor, ddg: Tensor, cond: Tensor, cond_max: float,
+          regularize: float | None):
+    """Which points of a chunk are singular or regularised, why, and the metric to use: ``(g_use, sing, reg, why)``."""
+    m, d = g.shape[0], g.shape[-1]
+    asym, indef, lo = _spd_check(g_raw, cond_max)
+    finite = torch.isfinite(g).flatten(1).all(1) & torch.isfinite(dg).flatten(1).all(1) \
+        & torch.isfinite(ddg).flatten(1).all(1)
+    not_spd = asym | indef
+    bad = ~(cond <= cond_max) | ~finite | not_spd
+    reg = torch.zeros(m, dtype=torch.bool)
+    why = [""] * m
+    for j in torch.nonzero(bad).flatten().tolist():
+        if not finite[j]:
+            why[j] = "metric or its derivatives non-finite"
+        elif not_spd[j]:
+            why[j] = "metric " + _spd_reason(bool(asym[j]), bool(indef[j]), g_raw[j], lo[j].item())
+        else:
+            why[j] = f"condition number {cond[j].item():.3g} > cond_max={cond_max:.3g}"
+    g_use = g
+    if regularize is not None:
+        fixable = bad & finite & ~not_spd
+        g_try = torch.where(fixable[:, None, None], g + regularize * torch.eye(d, dtype=DTYPE), g)
+        ok2 = _condition(g_try) <= cond_max
+        reg = fixable & ok2
+        for j in torch.nonzero(reg).flatten().tolist():
+            why[j] += f"; regularised: g + {regularize:g}·I"
+        for j in torch.nonzero(fixable & ~ok2).flatten().tolist():
+            why[j] += f"; g + {regularize:g}·I still ill-conditioned"
+        g_use = g_try
+    return g_use, bad & ~reg, reg, why
+
+
+def _curvature_chunk(g_raw: Tensor, dg: Tensor, ddg: Tensor, cond_max: float, regularize: float | None,
+                     keep: tuple[str, ...]) -> tuple[dict[str, Tensor], list[str]]:
+    """Curvature of one chunk of points from the metric jets ``g (m, d, d)``, ``∂g``, ``∂∂g``: the columns of
+    :class:`Curvature` (singular points NaN) and the per-point reasons."""
+    g = _sym(g_raw)
+    dg = 0.5 * (dg + dg.transpose(1, 2))
+    ddg = 0.5 * (ddg + ddg.transpose(1, 2))
+    cond = _condition(g)
+    g_use, sing, reg, why = _flag(g_raw, g, dg, ddg, cond, cond_max, regularize)
+    # singular points get harmless stand-ins so that the batched solves succeed; their outputs are NaN
+    g_use = torch.where(sing[:, None, None], torch.eye(g.shape[-1], dtype=DTYPE), g_use)
+    dg0 = torch.where(sing[:, None, None, None], 0.0, dg)
+    ddg0 = torch.where(sing[:, None, None, None, None], 0.0, ddg)
+    Gam, Riem, Ric, R = _curvature_from(g_use, dg0, ddg0)
+    blown = ~torch.isfinite(R) & ~sing
+    for j in torch.nonzero(blown).flatten().tolist():
+        why[j] = (why[j] + "; " if why[j] else "") + "curvature non-finite (derivatives overflowed)"
+    sing = sing | blown
+    nan = torch.tensor(math.nan, dtype=DTYPE)
+    out = {"metric": g_raw, "scalar": torch.where(sing, nan, R), "cond": cond, "singular": sing, "reg": reg}
+    for k, v in (("ricci", Ric), ("christoffel", Gam), ("riemann", Riem)):
+        if k in keep:
+            out[k] = torch.where(sing.reshape(-1, *[1] * (v.dim() - 1)), nan, v)
+    return out, why
 
 
 def curvature(
@@ -546,7 +576,6 @@ def curvature(
     M, d = th.shape
     step = _chunk_size(metric, d, 2, chunk_size)
     jet = vmap(_jets(metric, 2))
-    eye = torch.eye(d, dtype=DTYPE)
     parts: dict[str, list[Tensor]] = {k: [] for k in ("metric", "scalar", "cond", "singular", "reg", *keep)}
     reasons: list[str] = []
     starts = range(0, M, step)
@@ -554,62 +583,16 @@ def curvature(
     for i in tqdm(starts, desc=desc, unit="chunk", disable=not progress or len(starts) < 2, leave=False):
         with _metric_errors("curvature"):
             g_raw, dg, ddg = jet(th[i : i + step])
-        m = g_raw.shape[0]
-        _check_g(g_raw, (m,), d)
+        _check_g(g_raw, (g_raw.shape[0],), d)
         flat = ~(dg.flatten(1).any(1) | ddg.flatten(1).any(1))  # every derivative exactly 0
         if not graph_checked and flat.any():
             j = int(flat.nonzero()[0])
             if _graph_cut(metric, th[i + j], g_raw[j]):
                 raise ValueError(f"curvature: {_CUT}")
             graph_checked = True
-        asym, indef, lo = _spd_check(g_raw, cond_max)
-        g = _sym(g_raw)
-        dg = 0.5 * (dg + dg.transpose(1, 2))
-        ddg = 0.5 * (ddg + ddg.transpose(1, 2))
-        cond = _condition(g)
-        finite = torch.isfinite(g).flatten(1).all(1) & torch.isfinite(dg).flatten(1).all(1) \
-            & torch.isfinite(ddg).flatten(1).all(1)
-        not_spd = asym | indef
-        bad = ~(cond <= cond_max) | ~finite | not_spd
-        reg = torch.zeros(m, dtype=torch.bool)
-        why = [""] * m
-        for j in torch.nonzero(bad).flatten().tolist():
-            if not finite[j]:
-                why[j] = "metric or its derivatives non-finite"
-            elif not_spd[j]:
-                why[j] = "metric " + _spd_reason(bool(asym[j]), bool(indef[j]), g_raw[j], lo[j].item())
-            else:
-                why[j] = f"condition number {cond[j].item():.3g} > cond_max={cond_max:.3g}"
-        g_use = g
-        if regularize is not None:
-            fixable = bad & finite & ~not_spd
-            g_try = torch.where(fixable[:, None, None], g + regularize * eye, g)
-            ok2 = _condition(g_try) <= cond_max
-            reg = fixable & ok2
-            for j in torch.nonzero(reg).flatten().tolist():
-                why[j] += f"; regularised: g + {regularize:g}·I"
-            for j in torch.nonzero(fixable & ~ok2).flatten().tolist():
-                why[j] += f"; g + {regularize:g}·I still ill-conditioned"
-            g_use = g_try
-        sing = bad & ~reg
-        # singular points get harmless stand-ins so that the batched solves succeed; their outputs are NaN
-        g_use = torch.where(sing[:, None, None], eye, g_use)
-        dg0 = torch.where(sing[:, None, None, None], 0.0, dg)
-        ddg0 = torch.where(sing[:, None, None, None, None], 0.0, ddg)
-        Gam, Riem, Ric, R = _curvature_from(g_use, dg0, ddg0)
-        blown = ~torch.isfinite(R) & ~sing
-        for j in torch.nonzero(blown).flatten().tolist():
-            why[j] = (why[j] + "; " if why[j] else "") + "curvature non-finite (derivatives overflowed)"
-        sing = sing | blown
-        nan = torch.tensor(math.nan, dtype=DTYPE)
-        parts["metric"].append(g_raw)
-        parts["scalar"].append(torch.where(sing, nan, R))
-        parts["cond"].append(cond)
-        parts["singular"].append(sing)
-        parts["reg"].append(reg)
-        for k, v in (("ricci", Ric), ("christoffel", Gam), ("riemann", Riem)):
-            if k in keep:
-                parts[k].append(torch.where(sing.reshape(-1, *[1] * (v.dim() - 1)), nan, v))
+        chunk, why = _curvature_chunk(g_raw, dg, ddg, cond_max, regularize, keep)
+        for k, v in chunk.items():
+            parts[k].append(v)
         reasons.extend(why)
     out = Curvature(
         theta=th,

@@ -19,6 +19,7 @@ from ._core import (
     batch_stats,
     check_choice,
     check_dense,
+    check_positive_int,
     chunk_size,
     identity_sandwich,
     output_dim,
@@ -29,12 +30,6 @@ from .results import TraceRelation
 Tensor = torch.Tensor
 
 __all__ = ["ntk", "ntk_trace", "fisher_ntk_trace", "TraceRelation"]
-
-
-def _check_batch_size(batch_size) -> None:
-    """``None`` or a positive integer (a bool, 0, a negative number or a float is refused)."""
-    if batch_size is not None and (not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1):
-        raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}.")
 
 
 def _inputs(x, fm: FunctionalModel) -> Tensor:
@@ -72,7 +67,7 @@ def ntk(
     Returns:
         Tensor ``(N1, N2, C, C)``; summed over parameters, not averaged over outputs.
     """
-    _check_batch_size(batch_size)
+    check_positive_int("batch_size", batch_size, optional=True)
     fm = FunctionalModel(model, params)
     x1 = _inputs(x1, fm)
     x2 = x1 if x2 is None else _inputs(x2, fm)
@@ -110,7 +105,7 @@ def ntk_trace(model, x, *, params=None, reduction: str | None = None, batch_size
                       "reduction='sum' (today's default) or reduction='mean' explicitly.", FutureWarning, stacklevel=2)
         reduction = "sum"
     check_choice("reduction", reduction, ("mean", "sum"))
-    _check_batch_size(batch_size)
+    check_positive_int("batch_size", batch_size, optional=True)
     fm = FunctionalModel(model, params)
     total, n = 0.0, 0
     chunks = stream(
@@ -135,7 +130,7 @@ def fisher_ntk_trace(
     returns the per-input traces (memory O(N)); ``batch_size`` is ``None`` or a positive integer (else
     ``ValueError``).
     """
-    _check_batch_size(batch_size)
+    check_positive_int("batch_size", batch_size, optional=True)
     run = Request(model=model, data=data, likelihood=likelihood, kind=kind, params=params, samples=samples,
                   generator=generator, batch_size=batch_size, engine=engine)
     fis = side = ntr = 0.0

@@ -4,20 +4,20 @@
 * :class:`TraceRelation` — both sides of the Fisher–NTK trace relation, a float equal to ``tr F``;
 * :class:`Eigen` — eigenvalues with parameter-space eigenvectors (the Gram / dual route);
 * :class:`SpectralDensity` — a stochastic Lanczos quadrature density;
-* :class:`fisherlens.geometry.Curvature` — curvature of a metric at a point (in :mod:`fisherlens.geometry`).
+* :class:`Curvature` — scalar curvature (and optionally Ricci, Christoffel, Riemann) of a metric at many points.
 """
 
 from __future__ import annotations
 
 import math
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 Tensor = torch.Tensor
 
-__all__ = ["Estimate", "TraceRelation", "Eigen", "SpectralDensity", "split_flat"]
+__all__ = ["Estimate", "TraceRelation", "Eigen", "SpectralDensity", "Curvature", "split_flat"]
 
 
 class Estimate:
@@ -200,3 +200,31 @@ class SpectralDensity:
     def moment(self, p: int) -> float:
         """Estimate of ``tr(F^p) / P`` from the quadrature (exact in expectation for p < 2m)."""
         return float((self.weights * self.nodes**p).sum(1).mean())
+
+
+@dataclass
+class Curvature:
+    """Geometry at ``M`` points, from :func:`curvature`.
+
+    Attributes:
+        theta: ``(M, d)`` the points.
+        metric: ``(M, d, d)`` the metric ``g`` as returned by the metric callable (not regularised).
+        scalar: ``(M,)`` scalar curvature ``R`` (NaN exactly where ``singular``).
+        cond: ``(M,)`` condition number ``max|λ|/min|λ|`` of ``g`` (inf: singular or non-finite).
+        singular: ``(M,)`` bool, no value could be computed (see ``reason``).
+        regularized: ``(M,)`` bool, the value is that of ``g + eps·I`` (``regularize=eps``).
+        reason: per point, ``""`` where fine, else why it is singular or regularised.
+        ricci: ``(M, d, d)`` if requested (``keep``), else ``None``; likewise ``christoffel (M, d, d, d)``
+            and ``riemann (M, d, d, d, d)``.
+    """
+
+    theta: Tensor
+    metric: Tensor
+    scalar: Tensor
+    cond: Tensor
+    singular: Tensor
+    regularized: Tensor
+    reason: list[str] = field(default_factory=list)
+    ricci: Tensor | None = None
+    christoffel: Tensor | None = None
+    riemann: Tensor | None = None

@@ -35,6 +35,7 @@ from .checks import (
     check_inputs,
     check_kind,
     check_outputs,
+    check_positive_int,
     close_enough,
     finite_result,
     renamed,
@@ -57,7 +58,7 @@ from .layerwise.capture import Capture, WeakHook, tap_grads
 from .layerwise.plan import Plan, Signature, ambiguous, call_problems, check_batch, plan_for, signature
 from .layerwise.rules import RULES, Call, LayerRule, rule_for
 from .model import FunctionalModel, differentiable_kernels, forward_checked, jvp_checked, model_errors, vjp_checked
-from .request import Request, check_samples
+from .request import Request
 from .stats import Stats
 
 #: working-memory budget (bytes) for one chunk's working set; results are never chunked away.
@@ -66,10 +67,10 @@ WORK_BUDGET = 512 * 2**20
 __all__ = [
     "ENGINES", "KINDS", "REDUCTIONS", "WORK_BUDGET", "RULES",
     "all_finite", "available_memory", "check_choice", "check_dense", "check_inputs", "check_kind",
-    "check_outputs", "close_enough", "finite_result", "renamed", "tolerance",
+    "check_outputs", "check_positive_int", "close_enough", "finite_result", "renamed", "tolerance",
     "iter_batches", "batch_stats", "checked_grads", "chunk_size", "identity_sandwich", "layer_stats",
     "output_dim", "quadratic_sum", "stream", "work_budget", "functional_rows",
     "Capture", "WeakHook", "tap_grads", "Plan", "Signature", "ambiguous", "call_problems", "check_batch", "plan_for",
     "signature", "Call", "LayerRule", "rule_for", "FunctionalModel", "differentiable_kernels",
-    "forward_checked", "jvp_checked", "model_errors", "vjp_checked", "Request", "check_samples", "Stats",
+    "forward_checked", "jvp_checked", "model_errors", "vjp_checked", "Request", "Stats",
 ]

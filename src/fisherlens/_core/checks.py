@@ -27,6 +27,17 @@ def check_choice(name: str, value, choices) -> None:
         raise ValueError(f"{name}={value!r} is not supported; choose one of {', '.join(map(repr, choices))}.")
 
 
+def check_positive_int(name: str, value, *, optional: bool = False, what: str = "") -> int | None:
+    """``value`` must be a positive integer (``None`` too when ``optional``); a bool, 0, a negative number or a
+    float is refused with a message naming ``name`` (``what`` says what it counts)."""
+    if optional and value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        also = " or None" if optional else ""
+        raise ValueError(f"{name} must be a positive integer{also}{f' ({what})' if what else ''}, got {value!r}.")
+    return value
+
+
 def renamed(name: str, value, renames: dict):
     """The current spelling of an option value, with a ``FutureWarning`` for an old one (``renames``: old -> new)."""
     if isinstance(value, str) and value in renames:

@@ -11,6 +11,7 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
+from .checks import check_positive_int
 from .model import FunctionalModel
 
 Tensor = torch.Tensor
@@ -83,8 +84,7 @@ def iter_batches(data, fm: FunctionalModel, *, need_y: bool, batch_size: int | N
     ``None`` unless ``need_y``.  Raises
     ``ValueError`` for empty data, mismatched lengths and non-finite inputs.
     """
-    if batch_size is not None and (not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1):
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+    check_positive_int("batch_size", batch_size, optional=True)
     seen = 0
     for batch in _source(data, batch_size):
         X, Y = _split_batch(batch)

@@ -4,18 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from .checks import ENGINES, REDUCTIONS, check_choice, check_kind
+from .checks import ENGINES, REDUCTIONS, check_choice, check_kind, check_positive_int
 from .data import iter_batches
 from .engine import stream
 from .layerwise.plan import check_batch
 from .model import FunctionalModel
-
-
-def check_samples(samples) -> int:
-    """``samples`` must be a positive integer (label draws per input, or random draws)."""
-    if not isinstance(samples, int) or isinstance(samples, bool) or samples < 1:
-        raise ValueError(f"samples must be a positive integer (label draws per input), got {samples!r}.")
-    return samples
 
 
 class Request:
@@ -37,7 +30,8 @@ class Request:
             raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}.")
         self.fm = FunctionalModel(model, params)
         self.data, self.likelihood, self.kind = data, likelihood, kind
-        self.reduction, self.samples, self.generator = reduction, check_samples(samples), generator
+        self.reduction, self.generator = reduction, generator
+        self.samples = check_positive_int("samples", samples, what="label draws per input")
         self.batch_size, self.engine = batch_size, engine
         self.n = 0
 

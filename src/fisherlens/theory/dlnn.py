@@ -785,6 +785,63 @@ def _gibbs_sweep(Ws, variances, X, y, T, gen) -> None:
         H = H @ Ws[ell].transpose(1, 2)
 
 
+def _check_sampler(data, xt, chains, samples, burn_in, thin, method, target_accept) -> None:
+    """Refuse bad options of :func:`sample_posterior`, naming them."""
+    if xt.shape[1] != data.N0:
+        raise ValueError(f"x_test must have N0 = {data.N0} features, got shape {xt.shape}.")
+    for name, v, lo in (("chains", chains, 2), ("samples", samples, 1), ("burn_in", burn_in, 0), ("thin", thin, 1)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+            raise ValueError(f"{name} must be an integer ≥ {lo}, got {v!r}.")
+    if method not in ("gibbs", "mala"):
+        raise ValueError(f"method must be 'gibbs' or 'mala', got {method!r}.")
+    if not 0 < target_accept < 1:
+        raise ValueError(f"target_accept must lie in (0, 1), got {target_accept!r}.")
+
+
+def _mala_step(Zs, U, G, h: float, energy_grad, gen: torch.Generator):
+    """One Metropolis-adjusted Langevin step of every chain: ``Z' = Z − h∇H + √(2h) ξ``, accepted with the
+    Metropolis–Hastings ratio; returns ``(Zs, U, G, acceptance rate)``."""
+    noise = [torch.randn(z.shape, generator=gen, dtype=z.dtype) for z in Zs]
+    Zp = [z - h * g + math.sqrt(2 * h) * e for z, g, e in zip(Zs, G, noise, strict=True)]
+    Up, Gp = energy_grad(Zp)
+    fwd = sum(((zp - z + h * g) ** 2).sum((1, 2)) for zp, z, g in zip(Zp, Zs, G, strict=True))
+    bwd = sum(((z - zp + h * gp) ** 2).sum((1, 2)) for zp, z, gp in zip(Zp, Zs, Gp, strict=True))
+    log_acc = U - Up + (fwd - bwd) / (4 * h)
+    acc = torch.log(torch.rand(U.shape[0], generator=gen, dtype=U.dtype)) < log_acc
+    Zs = [torch.where(acc[:, None, None], zp, z) for zp, z in zip(Zp, Zs, strict=True)]
+    G = [torch.where(acc[:, None, None], gp, g) for gp, g in zip(Gp, G, strict=True)]
+    return Zs, torch.where(acc, Up, U), G, float(acc.double().mean())
+
+
+class _Tally:
+    """Running sums over the kept samples of every chain: f and f² on the test inputs, the per-weight variance
+    orthogonal to the data (and its two halves, for a convergence check) and the training residual."""
+
+    def __init__(self, chains: int, m: int, samples: int):
+        dt = torch.float64
+        self.f, self.f2 = torch.zeros(chains, m, dtype=dt), torch.zeros(chains, m, dtype=dt)
+        self.s, self.r = torch.zeros(chains, dtype=dt), torch.zeros(chains, dtype=dt)
+        self.halves = torch.zeros(chains, 2, dtype=dt)
+        self.samples, self.kept = samples, 0
+
+    def add(self, theta, Xq, Xt, yt, proj, dof: int) -> None:
+        f = theta @ Xq.T
+        self.f += f
+        self.f2 += f * f
+        perp = theta - theta @ proj
+        sc = (perp * perp).sum(1) / dof
+        self.s += sc
+        self.halves[:, int(2 * self.kept >= self.samples)] += sc
+        self.r += ((theta @ Xt.T - yt) ** 2).mean(1)
+        self.kept += 1
+
+    def result(self, acceptance: float, h, method: str) -> PosteriorSamples:
+        n1 = (self.samples + 1) // 2
+        halves = self.halves / torch.tensor([n1, max(self.samples - n1, 1)], dtype=torch.float64)
+        k = self.kept
+        return PosteriorSamples(self.f / k, self.f2 / k, self.s / k, self.r / k, halves, k, acceptance, h, method)
+
+
 def sample_posterior(
     X,
     y,
@@ -838,15 +895,7 @@ def sample_posterior(
     T = _check_pos(temperature, "temperature")
     data = _data(X, y)
     xt = _as_array(x_test, "x_test", (2,))
-    if xt.shape[1] != data.N0:
-        raise ValueError(f"x_test must have N0 = {data.N0} features, got shape {xt.shape}.")
-    for name, v, lo in (("chains", chains, 2), ("samples", samples, 1), ("burn_in", burn_in, 0), ("thin", thin, 1)):
-        if not isinstance(v, int) or isinstance(v, bool) or v < lo:
-            raise ValueError(f"{name} must be an integer ≥ {lo}, got {v!r}.")
-    if method not in ("gibbs", "mala"):
-        raise ValueError(f"method must be 'gibbs' or 'mala', got {method!r}.")
-    if not 0 < target_accept < 1:
-        raise ValueError(f"target_accept must lie in (0, 1), got {target_accept!r}.")
+    _check_sampler(data, xt, chains, samples, burn_in, thin, method, target_accept)
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
     dt = torch.float64
     Xt, yt, Xq = torch.from_numpy(data.X).to(dt), torch.from_numpy(data.y).to(dt), torch.from_numpy(xt).to(dt)
@@ -878,31 +927,15 @@ def sample_posterior(
         Zs = [W / math.sqrt(v) for W, v in zip(Ws, variances, strict=True)]
         U, G = energy_grad(Zs)
 
-    sum_f = torch.zeros(chains, xt.shape[0], dtype=dt)
-    sum_f2 = torch.zeros_like(sum_f)
-    sum_s = torch.zeros(chains, dtype=dt)
-    sum_r = torch.zeros(chains, dtype=dt)
-    halves = torch.zeros(chains, 2, dtype=dt)
+    tally = _Tally(chains, xt.shape[0], samples)
     accepted, proposals = 0.0, 0
     total = burn_in + samples * thin
     bar = tqdm(total=total, desc=f"dlnn {method} L={depth}", disable=not progress, leave=False)
-    kept = 0
     for step in range(total):
         if method == "gibbs":
             _gibbs_sweep(Ws, variances, Xt, yt, T, gen)
         else:
-            noise = [torch.randn(z.shape, generator=gen, dtype=dt) for z in Zs]
-            Zp = [z - h * g + math.sqrt(2 * h) * e for z, g, e in zip(Zs, G, noise, strict=True)]
-            Up, Gp = energy_grad(Zp)
-            fwd = sum(((zp - z + h * g) ** 2).sum((1, 2)) for zp, z, g in zip(Zp, Zs, G, strict=True))
-            bwd = sum(((z - zp + h * gp) ** 2).sum((1, 2)) for zp, z, gp in zip(Zp, Zs, Gp, strict=True))
-            log_acc = U - Up + (fwd - bwd) / (4 * h)
-            u = torch.rand(chains, generator=gen, dtype=dt)
-            acc = torch.log(u) < log_acc
-            Zs = [torch.where(acc[:, None, None], zp, z) for zp, z in zip(Zp, Zs, strict=True)]
-            G = [torch.where(acc[:, None, None], gp, g) for gp, g in zip(Gp, G, strict=True)]
-            U = torch.where(acc, Up, U)
-            rate = float(acc.double().mean())
+            Zs, U, G, rate = _mala_step(Zs, U, G, h, energy_grad, gen)
             if step < burn_in:
                 h *= math.exp(0.2 * (rate - target_accept))
             else:
@@ -910,19 +943,7 @@ def sample_posterior(
                 proposals += 1
             Ws = [z * math.sqrt(v) for z, v in zip(Zs, variances, strict=True)]
         if step >= burn_in and (step - burn_in) % thin == thin - 1:
-            theta = _forward_theta(Ws)
-            f = theta @ Xq.T
-            sum_f += f
-            sum_f2 += f * f
-            perp = theta - theta @ proj
-            sc = (perp * perp).sum(1) / (data.N0 - data.P)
-            sum_s += sc
-            halves[:, int(2 * kept >= samples)] += sc
-            sum_r += ((theta @ Xt.T - yt) ** 2).mean(1)
-            kept += 1
+            tally.add(_forward_theta(Ws), Xq, Xt, yt, proj, data.N0 - data.P)
         bar.update(1)
     bar.close()
-    n1 = (samples + 1) // 2
-    halves = halves / torch.tensor([n1, max(samples - n1, 1)], dtype=dt)
-    return PosteriorSamples(sum_f / kept, sum_f2 / kept, sum_s / kept, sum_r / kept, halves, kept,
-                            accepted / proposals if proposals else 1.0, h, method)
+    return tally.result(accepted / proposals if proposals else 1.0, h, method)
