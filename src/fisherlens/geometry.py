@@ -358,18 +358,10 @@ def riemann(metric: Metric, theta, *, cond_max: float = COND_MAX, regularize: fl
     memory ``O(d⁴)``.
 
     Args:
-        metric: callable ``θ (d,) -> g (d, d)`` (float64, torch ops; e.g. :func:`fisher_metric`).
-        theta: the point, shape ``(d,)``.
-        cond_max: largest accepted condition number of ``g``.
-        regularize: ``None`` (raise for an ill-conditioned ``g``) or ``eps``: use ``g + eps·I`` there and
-            emit :class:`IllConditionedMetricWarning` (the warning is the flag; :func:`curvature` has masks).
+        metric, theta, cond_max, regularize: as in :func:`christoffel`.
 
     Raises:
-        ValueError: ``g`` non-finite or ``κ(g) > cond_max`` (without ``regularize``); ``g`` not symmetric, or
-            indefinite (an eigenvalue below ``−max|λ|/cond_max``; the message names the smallest); a metric that
-            changes with θ but not through autograd (``.item()``, ``.detach()``, numpy: the graph is cut) or that
-            fails under ``torch.func``; ``d > MAX_DIM``.
-        TypeError: the metric does not return a float64 tensor.
+        ValueError, TypeError: as in :func:`christoffel`.
     """
     g, dg, ddg = _point(metric, theta, 2, cond_max, regularize, "riemann")
     return _curvature_from(g, dg, ddg)[1]
@@ -379,18 +371,10 @@ def ricci(metric: Metric, theta, *, cond_max: float = COND_MAX, regularize: floa
     """Ricci tensor ``Ric[b, d] = R_{bd} = R^a_{bad}``, shape ``(d, d)`` (symmetric). Cost as :func:`riemann`.
 
     Args:
-        metric: callable ``θ (d,) -> g (d, d)`` (float64, torch ops; e.g. :func:`fisher_metric`).
-        theta: the point, shape ``(d,)``.
-        cond_max: largest accepted condition number of ``g``.
-        regularize: ``None`` (raise for an ill-conditioned ``g``) or ``eps``: use ``g + eps·I`` there and
-            emit :class:`IllConditionedMetricWarning` (the warning is the flag; :func:`curvature` has masks).
+        metric, theta, cond_max, regularize: as in :func:`christoffel`.
 
     Raises:
-        ValueError: ``g`` non-finite or ``κ(g) > cond_max`` (without ``regularize``); ``g`` not symmetric, or
-            indefinite (an eigenvalue below ``−max|λ|/cond_max``; the message names the smallest); a metric that
-            changes with θ but not through autograd (``.item()``, ``.detach()``, numpy: the graph is cut) or that
-            fails under ``torch.func``; ``d > MAX_DIM``.
-        TypeError: the metric does not return a float64 tensor.
+        ValueError, TypeError: as in :func:`christoffel`.
     """
     g, dg, ddg = _point(metric, theta, 2, cond_max, regularize, "ricci")
     return _curvature_from(g, dg, ddg)[2]
@@ -404,18 +388,10 @@ def scalar_curvature(
     For many points use :func:`curvature` (vectorised, with per-point singular masks).
 
     Args:
-        metric: callable ``θ (d,) -> g (d, d)`` (float64, torch ops; e.g. :func:`fisher_metric`).
-        theta: the point, shape ``(d,)``.
-        cond_max: largest accepted condition number of ``g``.
-        regularize: ``None`` (raise for an ill-conditioned ``g``) or ``eps``: use ``g + eps·I`` there and
-            emit :class:`IllConditionedMetricWarning` (the warning is the flag; :func:`curvature` has masks).
+        metric, theta, cond_max, regularize: as in :func:`christoffel`.
 
     Raises:
-        ValueError: ``g`` non-finite or ``κ(g) > cond_max`` (without ``regularize``); ``g`` not symmetric, or
-            indefinite (an eigenvalue below ``−max|λ|/cond_max``; the message names the smallest); a metric that
-            changes with θ but not through autograd (``.item()``, ``.detach()``, numpy: the graph is cut) or that
-            fails under ``torch.func``; ``d > MAX_DIM``.
-        TypeError: the metric does not return a float64 tensor.
+        ValueError, TypeError: as in :func:`christoffel`.
 
     Example:
         The unit 2-sphere in polar coordinates has ``R = +2`` (docs/conventions.md#curvature):

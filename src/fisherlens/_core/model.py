@@ -111,6 +111,8 @@ class FunctionalModel:
         first = next(iter(self.params.values()))
         self.dtype, self.device, self.itemsize = first.dtype, first.device, first.element_size()
         self._restore = _shared_tensors(model)
+        #: the layerwise plan of this model and selection, set by :func:`fisherlens._core.plan_for`
+        self.plan = None
 
     def __call__(self, p: dict[str, Tensor], x: Tensor) -> Tensor:
         """Outputs ``(B, C)`` for inputs ``x (B, ...)``; a 1-D output is taken as ``C = 1``."""

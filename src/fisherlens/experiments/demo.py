@@ -48,7 +48,7 @@ from ._common import (
     split_with_probe,
     train_epoch,
 )
-from .study import Study, StudyConfig, StudyRun, run_study
+from .study import Study, StudyConfig, StudyRun, figures_section, run_study
 
 Tensor = torch.Tensor
 
@@ -488,12 +488,7 @@ def _summary(cfg: DemoConfig, used: dict, rows: list[dict], steps: list[dict], l
         "",
         *_checks(used, rows),
         "",
-        "## Figures",
-        "",
-        *(f"- [{name}]({name}): {desc}" for name, desc in figures.items()),
-        "",
-        *(f"![{name}]({name})" for name in figures),
-        "",
+        *figures_section(figures),
         "Metrics per probe record: [metrics.csv](metrics.csv); per training step: [steps.csv](steps.csv); "
         "settings: [config.json](config.json).",
         "",

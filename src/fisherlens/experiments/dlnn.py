@@ -32,7 +32,7 @@ from matplotlib.figure import Figure
 from ..plots import save_png
 from ..theory import dlnn as th
 from ._common import as_tuple, check_choice, check_int, check_number, check_synthetic_data
-from .study import Study, StudyConfig, StudyRun, run_study
+from .study import Study, StudyConfig, StudyRun, figures_section, run_study
 
 __all__ = ["dlnn", "Dlnn", "DlnnConfig"]
 
@@ -393,12 +393,7 @@ def _summary(config: dict, rows: list[dict], elapsed: float, figures: dict) -> s
         f"{max(r['mean_max_abs_z'] for r in rows):.1f} and of the variance {max(r['var_max_abs_z'] for r in rows):.1f} "
         "(maxima over M inputs, so values up to ~3.5 are expected by chance).",
         "",
-        "## Figures",
-        "",
-        *(f"- [{n}]({n}): {d}" for n, d in figures.items()),
-        "",
-        *(f"![{n}]({n})" for n in figures),
-        "",
+        *figures_section(figures),
         "Per point: [metrics.csv](metrics.csv); per test input: [inputs.csv](inputs.csv); settings: "
         "[config.json](config.json).",
         "",

@@ -60,7 +60,7 @@ from ._common import (
     torch_threads,
     train_epoch,
 )
-from .study import Study, StudyConfig, StudyRun, run_study
+from .study import Study, StudyConfig, StudyRun, figures_section, run_study
 
 Tensor = torch.Tensor
 
@@ -1112,12 +1112,7 @@ def _summary(cfg: EstimatorsConfig, used: dict, rows: list[dict], err_rows: list
         "|---|---|---|",
         *(f"| {q} | {v:.2e} | {'ok' if v < tol else '**CHECK**'} |" for q, v in checks.items()),
         "",
-        "## Figures",
-        "",
-        *(f"- [{name}]({name}): {desc}" for name, desc in figures.items()),
-        "",
-        *(f"![{name}]({name})" for name in figures),
-        "",
+        *figures_section(figures),
         "Tables: [metrics.csv](metrics.csv) (one row per estimator), [error_vs_draws.csv](error_vs_draws.csv), "
         "[bounds.csv](bounds.csv), [core_spectrum.csv](core_spectrum.csv); settings: [config.json](config.json).",
         "",

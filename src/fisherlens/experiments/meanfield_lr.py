@@ -46,7 +46,7 @@ from ._common import (
     torch_threads,
 )
 from .meanfield_spectrum import CASES, COLORS, GAUSSIAN_INPUTS
-from .study import Study, StudyConfig, StudyRun, run_study
+from .study import Study, StudyConfig, StudyRun, figures_section, run_study
 
 Tensor = torch.Tensor
 
@@ -427,12 +427,7 @@ def _summary(config: dict, rows: list[dict], width_rows: list[dict], theories: d
         "Theory values: " + "; ".join(f"{a}: α = {th.alpha:g}, κ1 = {th.kappa1:.4g}, κ2 = {th.kappa2:.4g}"
                                       for a, th in theories.items()) + ".",
         "",
-        "## Figures",
-        "",
-        *(f"- [{n}]({n}): {d}" for n, d in figures.items()),
-        "",
-        *(f"![{n}]({n})" for n in figures),
-        "",
+        *figures_section(figures),
         "Per cell: [metrics.csv](metrics.csv); per width: [widths.csv](widths.csv); settings: "
         "[config.json](config.json).",
         "",

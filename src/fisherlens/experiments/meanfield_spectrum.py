@@ -39,7 +39,7 @@ import fisherlens as fl
 from ..plots import save_png
 from ..theory.random_networks import MLPEnsemble, ensemble_stats, standard_normals
 from ._common import check_choice, check_distinct, check_int, check_ints, check_synthetic_data, torch_threads
-from .study import Study, StudyConfig, StudyRun, run_study
+from .study import Study, StudyConfig, StudyRun, figures_section, run_study
 
 Tensor = torch.Tensor
 
@@ -519,8 +519,7 @@ def _summary(config: dict, rows: list[dict], lib_dev: dict, theory: _Theories, e
         *_largest_width_and_finite_size(m_rows),
         *_t_sweep_and_fisher_rao(config, rows, m_rows),
         *_library_section(config, lib_dev),
-        "", "## Figures", "", *(f"- [{n}]({n}): {d}" for n, d in figures.items()), "",
-        *(f"![{n}]({n})" for n in figures), "",
+        "", *figures_section(figures),
         "Per point: [metrics.csv](metrics.csv); per network: [networks.csv](networks.csv); "
         "settings: [config.json](config.json).", "",
     ]

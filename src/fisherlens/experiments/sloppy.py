@@ -64,7 +64,7 @@ from .. import datasets
 from ..plots import save_png
 from ..runs import save_checkpoint
 from ._common import arch_name, as_tuple, check_int, check_number, make_mlp, torch_threads
-from .study import Study, StudyConfig, StudyRun, run_study
+from .study import Study, StudyConfig, StudyRun, figures_section, run_study
 
 Tensor = torch.Tensor
 
@@ -977,12 +977,7 @@ def _summary(cfg: SloppyConfig, archs, picks, metrics, net_rows, avg_rows, check
         "",
         *_directions_and_checks(checks),
         "",
-        "## Figures",
-        "",
-        *(f"- [{n}]({n}): {t}" for n, t in figures.items()),
-        "",
-        *(f"![{n}]({n})" for n in figures),
-        "",
+        *figures_section(figures),
         "Tables: [metrics.csv](metrics.csv), [networks.csv](networks.csv), [spectra.csv](spectra.csv) (every "
         "eigenvalue, accurate and float64-Gram), [averaged.csv](averaged.csv); weights: `networks.pt` "
         "(`torch.load(..., weights_only=True)`); settings: [config.json](config.json).",

@@ -195,3 +195,10 @@ def run_study(study: Study | type[Study], out: str | os.PathLike, quick: bool = 
         run.figures = dict(study.figures(results, run) or {})
         run.write_text("summary.md", study.report(results, run))
     return folder.path
+
+
+def figures_section(figures: dict[str, str]) -> list[str]:
+    """The "Figures" section of a ``summary.md``: a linked list of ``{file: description}``, then the images."""
+    return ["## Figures", "", *(f"- [{n}]({n}): {d}" for n, d in figures.items()), "",
+            *(f"![{n}]({n})" for n in figures), ""]
+

@@ -47,7 +47,7 @@ import fisherlens as fl
 from .. import geometry
 from ..plots import save_png
 from ._common import as_tuple, check_int, check_number
-from .study import Study, StudyConfig, StudyRun, run_study
+from .study import Study, StudyConfig, StudyRun, figures_section, run_study
 
 Tensor = torch.Tensor
 DTYPE = torch.float64
@@ -565,8 +565,7 @@ def _summary(config: dict, keys, results: dict, N: int, elapsed: float, timings:
         *_gd_and_claim1(config, keys, results, N),
         *_claim2(keys, results),
         *_singular_and_consistency(keys, results),
-        "", "## Figures", "", *(f"- [{n}]({n}): {d}" for n, d in figures.items()), "",
-        *(f"![{n}]({n})" for n in figures), "",
+        "", *figures_section(figures),
         "Path values per step: [metrics.csv](metrics.csv); grid values: [grid.csv](grid.csv) "
         "(row per loss and grid point; `singular`/`reason` mark points without a value); settings: "
         "[config.json](config.json).", "",

@@ -61,15 +61,18 @@ _PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def plan_for(fm: FunctionalModel) -> Plan:
-    """The cached plan for this model and parameter selection (module structure walked once)."""
-    key = tuple((n, id(t)) for n, t in fm.tensors.items())
-    plans = _PLANS.setdefault(fm.model, {})
-    if key not in plans:
-        plans[key] = _makeplan_for(fm)
-    return plans[key]
+    """The cached plan for this model and parameter selection (module structure walked once; remembered on
+    ``fm.plan`` for the rest of the call)."""
+    if fm.plan is None:
+        key = tuple((n, id(t)) for n, t in fm.tensors.items())
+        plans = _PLANS.setdefault(fm.model, {})
+        if key not in plans:
+            plans[key] = _make_plan(fm)
+        fm.plan = plans[key]
+    return fm.plan
 
 
-def _makeplan_for(fm: FunctionalModel) -> Plan:
+def _make_plan(fm: FunctionalModel) -> Plan:
     ids = {id(t): n for n, t in fm.tensors.items()}
     owners: dict[str, tuple[str, list]] = {}
     foreign: set[str] = set()
@@ -94,11 +97,17 @@ def ambiguous(call: Call, B: int) -> bool:
     return B in rule_for(call.module).batch_axes(call)
 
 
-def capture_forward(fm: FunctionalModel, plan: Plan, X: Tensor, measure: bool = False):
-    """One forward of ``X`` with the owned layers tapped and the owned parameters requiring grad (so that
-    fused fast paths which bypass the layers' own forward stay off); returns ``(f, p, recorder)``."""
-    p = {n: t.detach().requires_grad_(n in plan.owned) for n, t in fm.params.items()}
-    rec = Capture((m for _, mods in plan.owned.values() for m in mods), measure=fm.model if measure else None)
+def capture_forward(fm: FunctionalModel, plan: Plan, X: Tensor, verify: bool = False):
+    """One forward of ``X`` with the owned layers tapped; returns ``(f, p, capture)``.
+
+    With ``verify`` (the proof of :func:`_verify`) the owned parameters require grad, for autograd's reference
+    gradient, and every module's output size is measured.  Fused fast paths that would bypass the layers' own
+    forward (``nn.MultiheadAttention``/``TransformerEncoderLayer``) are off in every checked forward
+    (:func:`~fisherlens._core.model.differentiable_kernels`), and a layer that runs fewer times than when
+    verified is demoted (:func:`call_problems`).
+    """
+    p = {n: t.detach().requires_grad_(n in plan.owned) for n, t in fm.params.items()} if verify else fm.params
+    rec = Capture((m for _, mods in plan.owned.values() for m in mods), measure=fm.model if verify else None)
     try:
         with torch.enable_grad():
             f = forward_checked(fm, p, X)
@@ -201,7 +210,7 @@ def _verify(fm: FunctionalModel, plan: Plan, X: Tensor) -> Signature:
     """
     X = X[: min(len(X), 4)]
     B = len(X)
-    f, p, rec = capture_forward(fm, plan, X, measure=True)
+    f, p, rec = capture_forward(fm, plan, X, verify=True)
     demote(plan, call_problems(plan, rec.calls, B, None), stacklevel=5)
     gen = torch.Generator(device="cpu").manual_seed(0)
     w = torch.randn(f.shape, generator=gen, dtype=f.dtype).to(f.device)

@@ -84,19 +84,20 @@ class LinearRule(LayerRule):
 
     def fast_stats(self, call, g, which, want):
         """``Σ g²a²`` (diag), ``‖g‖²‖a‖²`` (sqnorm, "ghost norms"), ``(g_k·g_l)‖a‖²`` (Gram); ``g (K, B, O)``."""
-        a2 = call.a.square()  # (B, I)
+        bias = which == "bias"
+        a2 = None if bias else call.a.square()  # (B, I)
         out = {}
         if "diag" in want:
             g2 = g.square().sum(0)  # (B, O)
-            out["diag"] = g2.sum(0) if which == "bias" else g2.T @ a2
+            out["diag"] = g2.sum(0) if bias else g2.T @ a2
         if "diagk" in want:
-            out["diagk"] = g.square().sum(1) if which == "bias" else torch.einsum("kbo,bi->koi", g.square(), a2)
+            out["diagk"] = g.square().sum(1) if bias else torch.einsum("kbo,bi->koi", g.square(), a2)
         if "sqnorm" in want:
             s = g.square().sum(-1).T  # (B, K)
-            out["sqnorm"] = s if which == "bias" else s * a2.sum(-1)[:, None]
+            out["sqnorm"] = s if bias else s * a2.sum(-1)[:, None]
         if "gram" in want:
             gg = torch.einsum("kbo,lbo->bkl", g, g)
-            out["gram"] = gg if which == "bias" else gg * a2.sum(-1)[:, None, None]
+            out["gram"] = gg if bias else gg * a2.sum(-1)[:, None, None]
         return out
 
     def batch_axes(self, call):
