@@ -90,13 +90,14 @@ def all_finite(t: Tensor) -> bool:
 def finite_result(what: str, value):
     """Return ``value`` (a tensor, a float or a dict of them) after checking it is finite: an overflow in the
     model's dtype (e.g. 1/σ⁴ of a tiny σ in float32) is refused, never returned as inf/NaN."""
-    items = value.values() if isinstance(value, dict) else [value]
-    for v in items:
-        if not (all_finite(v) if isinstance(v, Tensor) else math.isfinite(v)):
-            raise ValueError(
-                f"{what} overflowed to inf/NaN in the model's dtype; compute in float64 (model.double()) or rescale "
-                "the outputs (e.g. a larger sigma)."
-            )
+    items = list(value.values()) if isinstance(value, dict) else [value]
+    sums = [float(v.sum()) if isinstance(v, Tensor) else float(v) for v in items]
+    if not math.isfinite(math.fsum(sums)) and not all(  # one sum each; the elementwise test only if needed
+            all_finite(v) if isinstance(v, Tensor) else math.isfinite(v) for v in items):
+        raise ValueError(
+            f"{what} overflowed to inf/NaN in the model's dtype; compute in float64 (model.double()) or rescale "
+            "the outputs (e.g. a larger sigma)."
+        )
     return value
 
 
