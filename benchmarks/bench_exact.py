@@ -86,7 +86,7 @@ WORKLOADS = {
 # All imports happen in the factory so that they are not part of the time or memory measured.
 
 
-def _flat(tensors) -> torch.Tensor:
+def flat_result(tensors) -> torch.Tensor:
     return torch.cat([t.detach().reshape(-1) for t in tensors])
 
 
@@ -128,7 +128,7 @@ def m_func_per_sample(model, X, Y, opts):
 
     def run():
         g = per_sample(params, X, Y)
-        diag = _flat(g[k].square().mean(0) for k in params)
+        diag = flat_result(g[k].square().mean(0) for k in params)
         return {"diag": diag, "trace": float(diag.sum())}
 
     return run
@@ -184,11 +184,11 @@ def backpack_method(extension, reduce):
     return factory
 
 
-def _diag_result(diag: torch.Tensor) -> dict:
+def diag_result(diag: torch.Tensor) -> dict:
     return {"diag": diag, "trace": float(diag.sum())}
 
 
-def _ext(name: str, **kwargs):
+def backpack_extension(name: str, **kwargs):
     """``backpack.extensions.<name>(**kwargs)``, imported lazily (BackPACK lives in the peers' environment only)."""
 
     def make():
@@ -200,13 +200,16 @@ def _ext(name: str, **kwargs):
 
 
 m_backpack_diag_ggn = backpack_method(
-    _ext("DiagGGNExact"), lambda net, n: _diag_result(_flat(p.diag_ggn_exact for p in net.parameters())))
+    backpack_extension("DiagGGNExact"),
+    lambda net, n: diag_result(flat_result(p.diag_ggn_exact for p in net.parameters())))
 # grad_batch[n] is the gradient of the MEAN loss' n-th term, i.e. g_n / N
 m_backpack_batch_grad = backpack_method(
-    _ext("BatchGrad"), lambda net, n: _diag_result(_flat(p.grad_batch.square().sum(0) * n for p in net.parameters())))
+    backpack_extension("BatchGrad"),
+    lambda net, n: diag_result(flat_result(p.grad_batch.square().sum(0) * n for p in net.parameters())))
 # batch_l2[n] = ||g_n / N||^2 per parameter tensor
 m_backpack_batch_l2 = backpack_method(
-    _ext("BatchL2Grad"), lambda net, n: {"trace": float(sum(p.batch_l2.sum() for p in net.parameters())) * n})
+    backpack_extension("BatchL2Grad"),
+    lambda net, n: {"trace": float(sum(p.batch_l2.sum() for p in net.parameters())) * n})
 
 
 def m_nngeometry_diag(model, X, Y, opts):
@@ -226,7 +229,7 @@ def m_nngeometry_diag(model, X, Y, opts):
         for name, _ in model.named_parameters():
             layer, _, which = name.rpartition(".")
             parts.append(per_layer[layer][0 if which == "weight" else 1])
-        diag = _flat(parts)
+        diag = flat_result(parts)
         return {"diag": diag, "trace": float(diag.sum())}
 
     return run
@@ -313,7 +316,7 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(field)
 
 
-def _trim() -> None:
+def trim_result() -> None:
     gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -323,7 +326,7 @@ def _trim() -> None:
 
 def measure_peak(fn):
     """Run ``fn`` once; return (result, peak resident memory above the pre-call level in MiB, how)."""
-    _trim()
+    trim_result()
     try:
         with open("/proc/self/clear_refs", "w") as fh:
             fh.write("5")  # reset the VmHWM high-water mark (Linux >= 4.0)

@@ -45,7 +45,7 @@ def _timed(fn):
 def bench_grid(res: int, threads: int) -> dict:
     """All observables of the two-param study on a res×res grid, one loss (mean power n = 2)."""
     import fisherlens as fl
-    from fisherlens.experiments.two_param import LOSSES, SigmoidNeuron, _observables, decision_boundary
+    from fisherlens.experiments.two_param import LOSSES, SigmoidNeuron, decision_boundary, grid_observables
 
     torch.set_num_threads(threads)
     X, t = decision_boundary(100, 0)
@@ -54,8 +54,8 @@ def bench_grid(res: int, threads: int) -> dict:
                                        "empirical")
     prob = fl.geometry.fisher_metric(SigmoidNeuron(), (X, t), fl.LossInduced(case.loss), "empirical")
     th = torch.cartesian_prod(torch.linspace(-6, 2, res, dtype=D), torch.linspace(-2, 6, res, dtype=D))
-    _observables(metric, prob, th[:64], cond_max=1e12, regularize=None, chunk_size=None, progress=False, desc="")
-    obs, wall, cpu = _timed(lambda: _observables(metric, prob, th, cond_max=1e12, regularize=None, chunk_size=None,
+    grid_observables(metric, prob, th[:64], cond_max=1e12, regularize=None, chunk_size=None, progress=False, desc="")
+    obs, wall, cpu = _timed(lambda: grid_observables(metric, prob, th, cond_max=1e12, regularize=None, chunk_size=None,
                                                  progress=False, desc=""))
     n_sing = int(obs["singular"].sum())
     return {"what": f"two-param grid {res}×{res}, mean power loss, all observables incl. R", "threads": threads,

@@ -36,15 +36,15 @@ from pathlib import Path
 import numpy as np
 import torch
 from bench_exact import (
-    _diag_result,
-    _ext,
-    _flat,
-    _trim,
+    backpack_extension,
     backpack_method,
+    diag_result,
+    flat_result,
     m_fwd_bwd,
     measure_peak,
     spawn,
     time_interleaved,
+    trim_result,
     versions,
     wait_quiet,
     warm_up,
@@ -132,14 +132,15 @@ def m_hand_hutch(model, X, Y, opts):
         model.zero_grad(set_to_none=True)
         logits = model(X)
         (rademacher_xi(logits, g) * logits).sum().backward()
-        d = _flat(p.grad.square() for p in model.parameters()) / n
+        d = flat_result(p.grad.square() for p in model.parameters()) / n
         return {"diag": d, "trace": float(d.sum())}
 
     return run
 
 
 m_backpack_mc = backpack_method(
-    _ext("DiagGGNMC", mc_samples=1), lambda net, n: _diag_result(_flat(p.diag_ggn_mc for p in net.parameters())))
+    backpack_extension("DiagGGNMC", mc_samples=1),
+    lambda net, n: diag_result(flat_result(p.diag_ggn_mc for p in net.parameters())))
 
 
 def m_curvlinops_trace(model, X, Y, opts):
@@ -310,7 +311,7 @@ def tensor_peak(fn) -> float:
     """Peak of live tensor bytes (torch's CPU allocator) during one call of ``fn``, above the level before, MiB."""
     from torch.profiler import ProfilerActivity, profile
 
-    _trim()
+    trim_result()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
@@ -442,7 +443,7 @@ def reference(workload: str) -> dict:
     model.zero_grad(set_to_none=True)
     logits = model(X)
     (rademacher_xi(logits, g) * logits).sum().backward()
-    d_hand = _flat(p.grad.square() for p in model.parameters()) / len(X)
+    d_hand = flat_result(p.grad.square() for p in model.parameters()) / len(X)
     model.zero_grad(set_to_none=True)
     ref["same_seed"] = float((est.value.double() - d_hand.double()).norm() / d_hand.double().norm())
     # unbiasedness: the mean of many draws approaches the exact trace

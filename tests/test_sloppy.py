@@ -17,11 +17,11 @@ from fisherlens.experiments import EXPERIMENTS
 from fisherlens.experiments._common import make_mlp
 from fisherlens.experiments.sloppy import (
     FIGURES,
-    _jacobians,
-    _Probabilities,
-    _reduced_spectrum,
+    Probabilities,
+    jacobians,
     member,
     per_input_spectrum,
+    reduced_spectrum,
     select_inputs,
     sloppy,
 )
@@ -43,7 +43,7 @@ def _net(hidden, d=12, C=10, seed=0, scale=1.0):
 
 
 def _dense(m, x, lik):
-    model, L = (_Probabilities(m), fl.Gaussian(1.0)) if lik == "gaussian" else (m, fl.Categorical())
+    model, L = (Probabilities(m), fl.Gaussian(1.0)) if lik == "gaussian" else (m, fl.Categorical())
     F = fl.fisher_matrix(model, (x[None], None), L)
     vals, vecs = torch.linalg.eigh(F)
     return F, vals.flip(0), vecs.flip(1)
@@ -69,7 +69,7 @@ def test_per_input_spectrum_equals_dense_eigh(hidden, lik):
 def test_per_input_spectrum_matches_library_gram():
     m, x = _net((6,), scale=3.0)
     for lik in ("categorical", "gaussian"):
-        model, L = (_Probabilities(m), fl.Gaussian(1.0)) if lik == "gaussian" else (m, fl.Categorical())
+        model, L = (Probabilities(m), fl.Gaussian(1.0)) if lik == "gaussian" else (m, fl.Categorical())
         lib = fl.eigenvalues(model, (x[None], None), L, method="gram")
         acc = per_input_spectrum(m, x, lik)
         ok = acc > 1e-8 * acc[0]
@@ -103,14 +103,14 @@ def test_pseudo_determinant_identity_with_tiny_probabilities():
     """Π λ_i(F_cat) = (Π_k π_k)·det(J_u J_uᵀ): ties the smallest eigenvalues of a hidden-layer net to the softmax
     probabilities, with no eigensolver involved."""
     m, x = _net((8,), scale=200.0, seed=5)
-    z, J = _jacobians(m, x[None])
+    z, J = jacobians(m, x[None])
     z, J = z[0], J[0]
     logp = torch.log_softmax(z, -1)
     assert float(logp.min()) < math.log(1e-15)
     t = int(z.argmax())
     r = [k for k in range(10) if k != t]
     Ju = J[r] - J[t]
-    vals, _, _ = _reduced_spectrum(z, J, "categorical", vectors=False)
+    vals, _, _ = reduced_spectrum(z, J, "categorical", vectors=False)
     assert float(vals.log().sum()) == pytest.approx(float(logp.sum() + torch.logdet(Ju @ Ju.T)), rel=1e-10, abs=1e-9)
     # the top eigenvalues still equal the float64 dense route
     _, dense, _ = _dense(m, x, "categorical")
@@ -186,7 +186,7 @@ def test_reported_eigenvalues_equal_dense_eigh(quick_run):
         for lik in ("gaussian", "categorical"):
             got = torch.tensor([float(r["eigenvalue"]) for r in rows if (r["arch"], r["network"], r["input"],
                                 r["likelihood"]) == (arch, "1", inp, lik)], dtype=D)
-            lm, L = (_Probabilities(model), fl.Gaussian(1.0)) if lik == "gaussian" else (model, fl.Categorical())
+            lm, L = (Probabilities(model), fl.Gaussian(1.0)) if lik == "gaussian" else (model, fl.Categorical())
             F = fl.fisher_matrix(lm, (X[idx[inp]].double()[None], None), L)
             dense = torch.linalg.eigvalsh(F).flip(0)
             assert dense[9:].abs().max() <= 100 * EPS * dense[0] * math.sqrt(F.shape[0])  # rank 9

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from scipy.sparse.linalg import eigsh
 
-from . import structure as _structure
+from . import structure as mlp_structure
 from ._core import Request, batch_stats, check_choice, check_dense, iter_batches, output_dim, work_budget
 from .fisher import fisher_matrix
 from .operator import FisherOperator
@@ -164,7 +164,7 @@ def _structure_reason(run: Request) -> str | None:
     if run.kind == "mc":
         return "kind='mc' draws its labels per chunk of the generic route; the structured route cannot repeat them"
     try:
-        _, layers, _ = _structure._parse(run.fm.model)
+        _, layers, _ = mlp_structure.parse_mlp(run.fm.model)
     except (TypeError, ValueError) as e:
         return str(e)
     owned = {n for ly in layers for n in (ly.wname, ly.bname) if n is not None}
@@ -197,7 +197,7 @@ def _precheck_gram(run: Request, max_memory: int | None) -> None:
     if not isinstance(data, Tensor):
         return
     try:
-        N, K, _ = _structure.factor_sizes(run.fm.model, data, run.likelihood, run.kind)
+        N, K, _ = mlp_structure.factor_sizes(run.fm.model, data, run.likelihood, run.kind)
     except (TypeError, ValueError):
         return  # the route itself decides (and explains)
     _check_gram(N * K, max_memory)
@@ -212,14 +212,14 @@ def _structured_gram(run: Request, X: Tensor, Y: Tensor | None, k: int | None, v
     The Gram's size comes from the shapes (:func:`fisherlens.structure.factor_sizes`): a Gram too large for
     ``max_memory`` is refused before any factor is built."""
     try:
-        N, K, _ = _structure.factor_sizes(run.fm.model, X, run.likelihood, run.kind)
+        N, K, _ = mlp_structure.factor_sizes(run.fm.model, X, run.likelihood, run.kind)
     except (TypeError, ValueError):
         if strict:
             raise
         return None
     _check_gram(N * K, max_memory)
     try:
-        fa = _structure.factors(run.fm.model, X, run.likelihood, run.kind, y=Y)
+        fa = mlp_structure.factors(run.fm.model, X, run.likelihood, run.kind, y=Y)
     except (TypeError, ValueError):
         if strict:
             raise

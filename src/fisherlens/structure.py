@@ -100,7 +100,7 @@ def _items(seq: nn.Sequential, prefix: str = "") -> list[tuple[str, nn.Module]]:
     return out
 
 
-def _parse(model: nn.Module) -> tuple[list[nn.Module], list[_Layer], list[str]]:
+def parse_mlp(model: nn.Module) -> tuple[list[nn.Module], list[_Layer], list[str]]:
     """``(prep, layers, names)``: input preprocessing modules, the Linear layers, selected parameter names."""
     if isinstance(model, nn.Linear):
         items = [("", model)]
@@ -272,7 +272,7 @@ def factors(model: nn.Module, X: Tensor, likelihood, kind: str = "true", *, y: T
         :class:`Factors`.
     """
     check_kind(likelihood, kind)
-    prep, layers, names = _parse(model)
+    prep, layers, names = parse_mlp(model)
     h = _first_input(prep, layers, X)
     W0 = layers[0].linear.weight
     dtype, dev = W0.dtype, W0.device
@@ -316,7 +316,7 @@ def factors(model: nn.Module, X: Tensor, likelihood, kind: str = "true", *, y: T
                 layer[n], bias[n] = i, isb
     named = dict(model.named_parameters())
     for n in names:
-        if n not in layer:  # defensive: _parse guarantees every parameter belongs to a Linear
+        if n not in layer:  # defensive: parse_mlp guarantees every parameter belongs to a Linear
             raise TypeError(f"Parameter '{n}' does not belong to a Linear layer of the model. Supported: {SUPPORTED}.")
         shapes[n] = named[n].shape
     return Factors(names, shapes, layer, bias, inputs, Ms, f, V)
@@ -358,7 +358,7 @@ def factor_sizes(model: nn.Module, X: Tensor, likelihood, kind: str = "true", *,
 def _sizes(model: nn.Module, X: Tensor, likelihood, kind: str, samples: int) -> tuple[int, int, int, int]:
     """``(N, K, P, itemsize)`` of :func:`factor_sizes`, with the model's bytes per number."""
     check_kind(likelihood, kind)
-    prep, layers, names = _parse(model)
+    prep, layers, names = parse_mlp(model)
     if isinstance(X, Tensor) and X.dim() >= 1:
         _first_input(prep, layers, X[:1], X.shape)
     else:

@@ -156,7 +156,7 @@ def member(stacked: list[Tensor], k: int, dtype: torch.dtype = torch.float64) ->
     return make_mlp(d_in, hidden, n_out, dtype=dtype, weights=pairs).eval()
 
 
-class _Probabilities(nn.Module):
+class Probabilities(nn.Module):
     """``softmax(logits_net(x))``: the output of Luzzatto's networks, for the Gaussian FIM of eq 4.6."""
 
     def __init__(self, net: nn.Module):
@@ -168,7 +168,7 @@ class _Probabilities(nn.Module):
 
 
 # ----------------------------------------------------------------------------- per-input spectrum
-def _jacobians(model: nn.Module, X: Tensor) -> tuple[Tensor, Tensor]:
+def jacobians(model: nn.Module, X: Tensor) -> tuple[Tensor, Tensor]:
     """Logits ``z (n, C)`` and Jacobians ``J_z (n, C, P)`` (``named_parameters()`` order) by vmap(jacrev)."""
     params = {k: v.detach() for k, v in model.named_parameters()}
 
@@ -182,7 +182,7 @@ def _jacobians(model: nn.Module, X: Tensor) -> tuple[Tensor, Tensor]:
     return z, J
 
 
-def _reduced_spectrum(z: Tensor, J: Tensor, likelihood: str, vectors: bool):
+def reduced_spectrum(z: Tensor, J: Tensor, likelihood: str, vectors: bool):
     """Eigen-decomposition of one input's FIM from its logits ``z (C,)`` and Jacobian ``J (C, P)`` (float64).
 
     See the module docstring: reduced logits u = z_r − z_t, ``K_u = L Lᵀ``, the ``(C−1) × (C−1)`` matrix
@@ -241,8 +241,8 @@ def per_input_spectrum(model: nn.Module, x: Tensor, likelihood: str = "categoric
         raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}.")
     if x.dim() != 1:
         raise ValueError(f"x must be one input (d,), got shape {tuple(x.shape)}.")
-    z, J = _jacobians(model, x[None])
-    vals, vecs, _ = _reduced_spectrum(z[0].double(), J[0].double(), likelihood, vectors)
+    z, J = jacobians(model, x[None])
+    vals, vecs, _ = reduced_spectrum(z[0].double(), J[0].double(), likelihood, vectors)
     return (vals, vecs) if vectors else vals
 
 
@@ -403,7 +403,7 @@ def _pick_inputs(cfg: SloppyConfig, data: _Data, nets: dict) -> tuple[dict, dict
 
 def _library_model(model: nn.Module, lik: str):
     """The model and the library output model whose Fisher is the study's: softmax + Gaussian, or categorical."""
-    return (_Probabilities(model), fl.Gaussian(1.0)) if lik == "gaussian" else (model, fl.Categorical())
+    return (Probabilities(model), fl.Gaussian(1.0)) if lik == "gaussian" else (model, fl.Categorical())
 
 
 def _input_spectra(model, z, J, x, i: int, inp: str, key: dict, first_rows: int, checks: dict) -> list[dict]:
@@ -415,7 +415,7 @@ def _input_spectra(model, z, J, x, i: int, inp: str, key: dict, first_rows: int,
     d = x.shape[0]
     C = z.shape[-1]
     for lik in LIKELIHOODS:
-        vals, vecs, ex = _reduced_spectrum(z[i], J[i], lik, vectors=True)
+        vals, vecs, ex = reduced_spectrum(z[i], J[i], lik, vectors=True)
         lib_model, lib_lik = _library_model(model, lik)
         lib = fl.eigenvalues(lib_model, (x[None], None), lib_lik, method="gram")
         tau = C * EPS * float(lib[0])
@@ -449,7 +449,7 @@ def _per_input(cfg: SloppyConfig, data: _Data, nets: dict, acc: dict, picks: dic
             first_rows = data.C if len(nets[arch]) == 2 else nets[arch][0].shape[1]
             for k in range(cfg.networks):
                 model = member(nets[arch], k)
-                z, J = _jacobians(model, Xin)
+                z, J = jacobians(model, Xin)
                 pr = z.softmax(-1)
                 row = {"arch": arch, "network": k, "P": J.shape[-1], "test_acc": float(acc[arch][k])}
                 for i, inp in enumerate(("easy", "hard")):

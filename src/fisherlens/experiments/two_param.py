@@ -191,7 +191,7 @@ def _chunked(fn: Callable[[Tensor], Tensor], thetas: Tensor, step: int = 8192) -
     return torch.cat([v(thetas[i : i + step]) for i in range(0, len(thetas), step)])
 
 
-def _observables(metric: geometry.FisherMetric, prob: geometry.FisherMetric, thetas: Tensor, *, cond_max: float,
+def grid_observables(metric: geometry.FisherMetric, prob: geometry.FisherMetric, thetas: Tensor, *, cond_max: float,
                  regularize: float | None, chunk_size: int | None, progress: bool, desc: str) -> dict:
     """Loss, metric entries, traces and R at ``thetas (M, 2)``; singular points flagged, never silent NaN."""
     with warnings.catch_warnings():  # the flags are returned and reported in the summary
@@ -334,9 +334,9 @@ def _one_loss(cfg: TwoParamConfig, k: str, X: Tensor, t: Tensor, thetas: Tensor,
     path = gradient_descent(metric, torch.as_tensor(cfg.theta0, dtype=DTYPE), plan["lr"], plan["steps"])
     opts = {"cond_max": cfg.cond_max, "regularize": cfg.regularize, "chunk_size": cfg.chunk_size}
     tg = time.perf_counter()
-    gobs = _observables(metric, prob, thetas, progress=run.progress, desc=f"two-param: {k} grid", **opts)
+    gobs = grid_observables(metric, prob, thetas, progress=run.progress, desc=f"two-param: {k} grid", **opts)
     grid_seconds = time.perf_counter() - tg
-    pobs = _observables(metric, prob, path, progress=False, desc=f"two-param: {k} path", **opts)
+    pobs = grid_observables(metric, prob, path, progress=False, desc=f"two-param: {k} path", **opts)
     # cumulative Riemannian length along the path (left rule, docs/conventions.md#path-length), from the metric
     # values above
     d = path[1:] - path[:-1]
