@@ -7,7 +7,7 @@ data-averaged quantity is a mean over the N inputs unless ``reduction="sum"``. T
 library are listed in docs/references.md.
 """
 
-from . import bounds, geometry, losses, structure, theory
+from . import bounds, geometry, gibbs, losses, structure, theory
 from .estimators import Estimate
 from .fisher import fisher_blocks, fisher_diag, fisher_matrix, fisher_rao_norm, fisher_trace
 from .likelihoods import Bernoulli, Categorical, Gaussian, Likelihood, LossInduced
@@ -40,6 +40,7 @@ __all__ = [
     "fisher_rao_norm",
     "fisher_trace",
     "geometry",
+    "gibbs",
     "losses",
     "ntk",
     "ntk_trace",

@@ -1,0 +1,35 @@
+r"""Exponential-family Gibbs models (Ising chain, Curie–Weiss, 2-D Ising, small discrete families, tiny RBMs)
+whose Fisher metric ``g(θ) = ∇²_θ log Z(θ) = Cov_θ[φ]`` is a metric callable for :mod:`fisherlens.geometry`.
+
+Conventions and references: :mod:`fisherlens.gibbs.models` (Janke, Johnston & Kenna, "Information geometry and
+phase transitions", Physica A 336 (2004); M. Sauter, B.Sc. thesis, University of Stuttgart (2023), §3.4).
+Monte-Carlo estimates for larger 2-D lattices: :func:`ising2d_monte_carlo` (:mod:`fisherlens.gibbs.montecarlo`:
+Wolff clusters, checkerboard Metropolis, heat bath; autocorrelation-aware standard errors).
+"""
+
+from .models import (
+    MAX_ENUMERATE_L,
+    MAX_TRANSFER_L,
+    CurieWeiss,
+    ExponentialFamily,
+    GibbsModel,
+    Ising2D,
+    IsingChain,
+    IsingFiniteChain,
+    rbm_metric,
+)
+from .montecarlo import MonteCarloResult, ising2d_monte_carlo
+
+__all__ = [
+    "MAX_ENUMERATE_L",
+    "MAX_TRANSFER_L",
+    "CurieWeiss",
+    "ExponentialFamily",
+    "GibbsModel",
+    "Ising2D",
+    "IsingChain",
+    "IsingFiniteChain",
+    "rbm_metric",
+    "MonteCarloResult",
+    "ising2d_monte_carlo",
+]

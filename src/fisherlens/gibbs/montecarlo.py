@@ -1,0 +1,488 @@
+"""Monte-Carlo estimate of the Fisher metric of the 2-D Ising model.
+
+Model and conventions
+---------------------
+Square ``L x L`` lattice with periodic boundaries, ``N = L**2`` spins ``s_i = ±1`` and
+
+    p_θ(s) ∝ exp(β E_b(s) + h M(s)),   E_b = Σ_⟨ij⟩ s_i s_j,   M = Σ_i s_i,
+
+with each nearest-neighbour bond counted once (``E_b = Σ_i s_i (s_{i+x} + s_{i+y})``, i.e. 2N bonds; for
+``L = 2`` the two bonds between a pair of neighbours are both counted). The natural parameters are
+``θ = (β, h)`` and the sufficient statistics ``φ = (E_b, M)``; the Fisher metric of an exponential family is
+the covariance of its sufficient statistics, reported **per site**:
+
+    g(θ) = Cov_θ[φ] / N   (2 x 2; g_ββ is the specific-heat analogue, g_hh the susceptibility).
+
+Samplers
+--------
+``"wolff"``
+    Wolff single-cluster updates (U. Wolff, "Collective Monte Carlo updating for spin systems",
+    Phys. Rev. Lett. 62, 361 (1989)), bond probability ``p = 1 - exp(-2β)``. Valid for ``h = 0`` only: a
+    non-zero field is refused with a ``ValueError`` that points to ``"metropolis"``/``"heatbath"`` (the
+    ghost-spin extension is not implemented). One measured *sweep* is a fixed number ``k`` of cluster flips,
+    ``k = max(1, round(N / <|C|>))`` with the mean cluster size ``<|C|>`` measured in the second half of the
+    burn-in (burn-in sweeps flip clusters until ``>= N`` spins have flipped), so about N spins flip per sweep.
+    ``k`` must be fixed: measuring at the state-dependent time "after N spins have flipped" biases the sampled
+    distribution.
+    The cluster is grown breadth-first, vectorised over each BFS layer (numpy), never per site.
+``"metropolis"``
+    Single-spin Metropolis, vectorised over sublattices of mutually non-adjacent sites (the checkerboard for
+    even ``L``; a greedy colouring of the periodic lattice for odd ``L``), one sweep = one update of every
+    sublattice in turn. Any ``h``. Beware: at ``β ≈ 0, h ≈ 0`` Metropolis accepts nearly every flip and the
+    chain is almost periodic (its estimate of g_ββ is then badly wrong), and for ``L = 2, h = 0`` it is
+    reducible (a warning is emitted); use ``"heatbath"`` there.
+``"heatbath"``
+    Same sublattice schedule with heat-bath (Glauber) acceptance ``1 / (1 + exp(-Δ))``. Any ``h``.
+
+All randomness comes from one ``torch.Generator`` (default: a fresh generator seeded with 0); the global RNGs
+of torch and numpy are never touched. The start is hot (independent uniform spins), followed by ``burn_in``
+discarded sweeps.
+
+Errors
+------
+φ is measured after every sweep. For each observable (``E_b``, ``M``, ``|M|`` and the centred products
+``(φ_a - φ̄_a)(φ_b - φ̄_b)`` whose means are the metric entries) the integrated autocorrelation time
+
+    τ_int = 1/2 + Σ_{t=1}^{W} ρ(t)
+
+is estimated with the automatic window of N. Madras and A. D. Sokal, "The pivot algorithm: a highly efficient
+Monte Carlo method for the self-avoiding walk", J. Stat. Phys. 50, 109 (1988) (smallest ``W ≥ c τ_int(W)``,
+``c = 6``); the effective number of samples is ``sweeps / (2 τ_int)``. The reported ``stderr`` of g is a
+jackknife over contiguous blocks (binning) of length ``b = ceil(20 max τ_int)`` of the per-sweep samples (at
+least 20 blocks; a warning is emitted when the run is so short that the blocks are under 5 τ_int). ``stderr_tau`` gives
+the τ-based error ``sqrt(2 τ_ab Var[y_ab] / T) / N`` of each entry as a cross-check.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from numbers import Integral, Real
+
+import numpy as np
+import torch
+
+__all__ = [
+    "BETA_CRITICAL",
+    "MonteCarloResult",
+    "integrated_autocorrelation_time",
+    "ising2d_monte_carlo",
+]
+
+#: Critical coupling of the infinite 2-D square-lattice Ising model, ``½ ln(1 + √2)``.
+BETA_CRITICAL = 0.5 * math.log(1.0 + math.sqrt(2.0))
+
+_METHODS = ("wolff", "metropolis", "heatbath")
+_SOKAL_C = 6.0
+_BLOCK_TAUS = 20.0
+_MIN_BLOCKS = 20
+
+
+@dataclass
+class MonteCarloResult:
+    """Monte-Carlo estimate of the per-site Fisher metric of the 2-D Ising model.
+
+    Attributes:
+        metric: ``(2, 2)`` float64, ``g = Cov[φ] / N`` in the order ``(β, h)``, sample covariance (ddof 1) of
+            the per-sweep samples.
+        stderr: ``(2, 2)`` float64, block-jackknife standard error of each entry of ``metric``.
+        stderr_tau: ``(2, 2)`` float64, τ-based standard error ``sqrt(2 τ Var / T) / N`` (cross-check).
+        mean_phi: ``(2,)`` float64, ``⟨φ⟩ / N = (⟨E_b⟩, ⟨M⟩) / N`` (expectation parameters per site).
+        energy_per_site: interaction energy per site with J = 1, ``-⟨E_b⟩ / N`` (``-√2`` at β_c, L → ∞).
+        magnetisation_per_site: ``⟨M⟩ / N``.
+        abs_magnetisation_per_site: ``⟨|M|⟩ / N`` (the useful order parameter at ``h = 0``).
+        tau: integrated autocorrelation time (in sweeps) per observable, keys ``"E"``, ``"M"``, ``"|M|"``,
+            ``"g_bb"``, ``"g_bh"``, ``"g_hh"`` (the last three for the centred products behind the metric).
+        effective_samples: ``sweeps / (2 τ)`` per observable, same keys.
+        samples: ``(sweeps, 2)`` float64, the measured ``φ = (E_b, M)`` after each sweep (not per site).
+        method: the sampler used.
+        L: linear lattice size.
+        theta: ``(β, h)``.
+        sweeps: number of measured sweeps.
+        burn_in: number of discarded sweeps.
+        block_length: length (sweeps) of the jackknife blocks.
+        n_blocks: number of jackknife blocks.
+        acceptance: mean acceptance rate (single-spin methods) or ``None``.
+        mean_cluster_size: mean Wolff cluster size (sites, over the measured sweeps) or ``None``.
+        clusters_per_sweep: the fixed number ``k`` of Wolff clusters per measured sweep or ``None``.
+        elapsed_s: wall time of burn-in plus measurement.
+        sweeps_per_second: ``(burn_in + sweeps) / elapsed_s``.
+    """
+
+    metric: torch.Tensor
+    stderr: torch.Tensor
+    stderr_tau: torch.Tensor
+    mean_phi: torch.Tensor
+    energy_per_site: float
+    magnetisation_per_site: float
+    abs_magnetisation_per_site: float
+    tau: dict[str, float]
+    effective_samples: dict[str, float]
+    samples: torch.Tensor
+    method: str
+    L: int
+    theta: tuple[float, float]
+    sweeps: int
+    burn_in: int
+    block_length: int
+    n_blocks: int
+    acceptance: float | None = None
+    mean_cluster_size: float | None = None
+    clusters_per_sweep: float | None = None
+    elapsed_s: float = 0.0
+    sweeps_per_second: float = field(default=0.0)
+
+    @property
+    def N(self) -> int:  # noqa: N802 - physics notation
+        """Number of spins ``L**2``."""
+        return self.L * self.L
+
+    @property
+    def effective_samples_per_second(self) -> float:
+        """Effective samples of the slowest metric entry per second of wall time."""
+        slowest = min(self.effective_samples[k] for k in ("g_bb", "g_bh", "g_hh"))
+        return slowest / self.elapsed_s if self.elapsed_s > 0 else float("inf")
+
+
+# ----------------------------------------------------------------------------------------------- validation
+def _check_int(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, Integral):
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _check_theta(theta) -> tuple[float, float]:
+    if isinstance(theta, torch.Tensor):
+        theta = theta.detach().cpu().reshape(-1).tolist()
+    try:
+        values = list(theta)
+    except TypeError:
+        raise ValueError(f"theta must be a pair (beta, h), got {theta!r}") from None
+    if len(values) != 2:
+        raise ValueError(f"theta must be a pair (beta, h), got {len(values)} values")
+    for i, v in enumerate(values):
+        if isinstance(v, bool) or not isinstance(v, Real):
+            raise ValueError(f"theta[{i}] must be a real number, got {v!r}")
+    beta, h = float(values[0]), float(values[1])
+    if not math.isfinite(beta) or beta < 0:
+        raise ValueError(f"theta[0] (beta) must be finite and >= 0, got {beta!r}")
+    if not math.isfinite(h):
+        raise ValueError(f"theta[1] (h) must be finite, got {h!r}")
+    return beta, h
+
+
+# ----------------------------------------------------------------------------------------------- lattice
+def _neighbours(L: int) -> np.ndarray:
+    """``(N, 4)`` int64 neighbour table (right, left, down, up), row-major site index ``i * L + j``."""
+    i, j = np.divmod(np.arange(L * L), L)
+    return np.stack(
+        [i * L + (j + 1) % L, i * L + (j - 1) % L, ((i + 1) % L) * L + j, ((i - 1) % L) * L + j], axis=1
+    ).astype(np.int64)
+
+
+def _colouring(nbr: np.ndarray) -> list[np.ndarray]:
+    """Greedy proper colouring in row-major order (the checkerboard for even ``L``); one index array per colour."""
+    n = nbr.shape[0]
+    colour = np.full(n, -1, dtype=np.int64)
+    for site in range(n):  # once per run, O(N)
+        used = {int(c) for c in colour[nbr[site]] if c >= 0}
+        c = 0
+        while c in used:
+            c += 1
+        colour[site] = c
+    return [np.flatnonzero(colour == c) for c in range(int(colour.max()) + 1)]
+
+
+class _Uniforms:
+    """Buffered float64 uniforms drawn from a ``torch.Generator`` (for the numpy cluster code)."""
+
+    def __init__(self, generator: torch.Generator, chunk: int):
+        self.generator = generator
+        self.chunk = max(int(chunk), 1024)
+        self.buffer = np.empty(0)
+        self.pos = 0
+
+    def take(self, n: int) -> np.ndarray:
+        if self.pos + n > self.buffer.size:
+            fresh = torch.rand(max(self.chunk, n), generator=self.generator, dtype=torch.float64).numpy()
+            self.buffer = np.concatenate([self.buffer[self.pos :], fresh])
+            self.pos = 0
+        out = self.buffer[self.pos : self.pos + n]
+        self.pos += n
+        return out
+
+
+# ----------------------------------------------------------------------------------------------- samplers
+def _run_wolff(L, beta, burn_in, sweeps, generator, pbar):
+    n = L * L
+    nbr = _neighbours(L)
+    right, down = nbr[:, 0], nbr[:, 2]
+    p_bond = -math.expm1(-2.0 * beta)
+    uni = _Uniforms(generator, 16 * n)
+    spins = np.where(uni.take(n) < 0.5, -1, 1).astype(np.int8)
+
+    def flip_cluster() -> int:
+        seed = min(int(uni.take(1)[0] * n), n - 1)
+        s0 = spins[seed]
+        spins[seed] = -s0  # members are flipped on entry: "still s0" means "not yet in the cluster"
+        frontier = np.array([seed])
+        size = 1
+        while True:
+            cand = nbr[frontier].ravel()
+            cand = cand[spins[cand] == s0]
+            if cand.size == 0:
+                return size
+            cand = cand[uni.take(cand.size) < p_bond]  # one independent trial per (cluster site, bond)
+            if cand.size == 0:
+                return size
+            frontier = np.unique(cand)
+            spins[frontier] = -s0
+            size += frontier.size
+
+    # Burn-in: flip clusters until ~N spins have flipped per sweep and record the mean cluster size. The
+    # measured sweeps use a FIXED number of clusters, k = round(N / <|C|>): a state-dependent stopping rule
+    # ("flip until N spins have flipped") would bias the measured distribution.
+    burn_clusters = burn_flipped = 0
+    for t in range(burn_in):
+        flipped = clusters = 0
+        while flipped < n:
+            flipped += flip_cluster()
+            clusters += 1
+        if t >= burn_in // 2:  # <|C|> from the second half of the burn-in only (the hot start has small clusters)
+            burn_clusters += clusters
+            burn_flipped += flipped
+        if pbar is not None:
+            pbar.update(1)
+    k = max(1, round(n * burn_clusters / burn_flipped))
+    phi = np.empty((sweeps, 2))
+    flipped_total = 0
+    for t in range(sweeps):
+        for _ in range(k):
+            flipped_total += flip_cluster()
+        phi[t, 0] = np.sum(spins * (spins[right] + spins[down]), dtype=np.int64)
+        phi[t, 1] = np.sum(spins, dtype=np.int64)
+        if pbar is not None:
+            pbar.update(1)
+    return phi, {"clusters": k * sweeps, "flipped": flipped_total, "clusters_per_sweep": k}
+
+
+def _run_single_spin(L, beta, h, n_total, generator, pbar, heatbath):
+    n = L * L
+    nbr_np = _neighbours(L)
+    nbr = torch.from_numpy(nbr_np)
+    classes = [torch.from_numpy(c) for c in _colouring(nbr_np)]
+    class_nbr = [nbr[c] for c in classes]
+    right, down = nbr[:, 0], nbr[:, 2]
+    spins = torch.where(torch.rand(n, generator=generator, dtype=torch.float64) < 0.5, -1.0, 1.0)
+    phi = torch.empty((n_total, 2), dtype=torch.float64)
+    accepted = torch.zeros((), dtype=torch.float64)
+    for t in range(n_total):
+        for idx, nb in zip(classes, class_nbr, strict=True):
+            s = spins[idx]
+            delta = -2.0 * s * (beta * spins[nb].sum(1) + h)  # log p(flipped) - log p(current)
+            u = torch.rand(idx.numel(), generator=generator, dtype=torch.float64)
+            accept = u * (1.0 + torch.exp(-delta)) < 1.0 if heatbath else torch.log(u) < delta
+            spins[idx] = torch.where(accept, -s, s)
+            accepted += accept.sum()
+        phi[t, 0] = (spins * (spins[right] + spins[down])).sum()
+        phi[t, 1] = spins.sum()
+        if pbar is not None:
+            pbar.update(1)
+    return phi.numpy(), {"accepted": float(accepted)}
+
+
+# ----------------------------------------------------------------------------------------------- statistics
+def integrated_autocorrelation_time(x, c: float = _SOKAL_C) -> tuple[float, int]:
+    """Integrated autocorrelation time with the automatic window of Madras and Sokal.
+
+    Args:
+        x: ``(T,)`` time series.
+        c: window constant; the window ``W`` is the smallest with ``W >= c * τ(W)``.
+
+    Returns:
+        ``(τ_int, W)`` with ``τ_int = 1/2 + Σ_{t=1}^{W} ρ(t)`` (so ``Var[mean] ≈ 2 τ_int Var[x] / T``), floored
+        at 1/2 (an anticorrelated series is reported as independent, which is conservative); a constant series
+        gives ``(0.5, 0)``. If no window satisfies the criterion, ``W = T - 1`` is used and a
+        ``RuntimeWarning`` is emitted (the run is too short).
+    """
+    x = np.asarray(x, dtype=np.float64).reshape(-1)
+    n = x.size
+    if n < 2 or np.all(x == x[0]):
+        return 0.5, 0
+    x = x - x.mean()
+    f = np.fft.rfft(x, 2 * n)
+    acf = np.fft.irfft(f * np.conj(f), 2 * n)[:n]
+    if acf[0] <= 0:
+        return 0.5, 0
+    rho = acf / acf[0]
+    taus = 0.5 + np.cumsum(rho[1:])  # τ(W) for W = 1 .. n-1
+    windows = np.arange(1, n)
+    ok = np.flatnonzero(windows >= c * taus)
+    if ok.size == 0:
+        warnings.warn(
+            f"automatic window not found within {n} samples; the run is too short for a reliable tau",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        w = n - 1
+    else:
+        w = int(windows[ok[0]])
+    return float(max(taus[w - 1], 0.5)), w
+
+
+def _block_jackknife_cov(phi: np.ndarray, block: int) -> tuple[np.ndarray, int]:
+    """Jackknife standard error of the sample covariance over contiguous blocks; returns ``(stderr, n_blocks)``."""
+    n_blocks = phi.shape[0] // block
+    x = phi[: n_blocks * block]
+    x = x - x.mean(0)  # centring first keeps the cancellation harmless
+    m = x.shape[0]
+    b1 = x.reshape(n_blocks, block, 2).sum(1)  # (B, 2)
+    b2 = np.einsum("kta,ktb->kab", x.reshape(n_blocks, block, 2), x.reshape(n_blocks, block, 2))  # (B, 2, 2)
+    s1, s2 = b1.sum(0), b2.sum(0)
+    rest = m - block
+    mean = (s1[None] - b1) / rest
+    cov = ((s2[None] - b2) / rest - mean[:, :, None] * mean[:, None, :]) * (rest / (rest - 1))
+    dev = cov - cov.mean(0)
+    return np.sqrt((n_blocks - 1) / n_blocks * (dev**2).sum(0)), n_blocks
+
+
+def _statistics(phi: np.ndarray, n_sites: int):
+    t = phi.shape[0]
+    centred = phi - phi.mean(0)
+    series = {
+        "E": phi[:, 0],
+        "M": phi[:, 1],
+        "|M|": np.abs(phi[:, 1]),
+        "g_bb": centred[:, 0] * centred[:, 0],
+        "g_bh": centred[:, 0] * centred[:, 1],
+        "g_hh": centred[:, 1] * centred[:, 1],
+    }
+    tau = {k: integrated_autocorrelation_time(v)[0] for k, v in series.items()}
+    eff = {k: t / (2.0 * v) for k, v in tau.items()}
+    metric = np.cov(phi.T, ddof=1) / n_sites if t > 1 else np.zeros((2, 2))
+    stderr_tau = np.zeros((2, 2))
+    for (a, b), k in {(0, 0): "g_bb", (0, 1): "g_bh", (1, 1): "g_hh"}.items():
+        stderr_tau[a, b] = stderr_tau[b, a] = math.sqrt(2.0 * tau[k] * series[k].var() / t) / n_sites
+    tau_max = max(tau.values())
+    block = max(1, math.ceil(_BLOCK_TAUS * tau_max))
+    if t // block < _MIN_BLOCKS:
+        block = max(1, t // _MIN_BLOCKS)
+        if block < 5.0 * tau_max:
+            warnings.warn(
+                f"sweeps={t} is short for tau_max={tau_max:.3g}: {_MIN_BLOCKS} blocks of {block} sweeps "
+                "(< 5 tau); the stderr may be underestimated",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+    stderr, n_blocks = _block_jackknife_cov(phi, block)
+    return metric, stderr / n_sites, stderr_tau, tau, eff, block, n_blocks
+
+
+# ----------------------------------------------------------------------------------------------- public API
+def ising2d_monte_carlo(
+    L: int,
+    theta,
+    *,
+    sweeps: int = 2000,
+    burn_in: int = 200,
+    method: str = "wolff",
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+) -> MonteCarloResult:
+    """Monte-Carlo estimate of the per-site Fisher metric ``g = Cov_θ[φ] / N`` of the 2-D Ising model.
+
+    See the module docstring for the model, the samplers and the error analysis.
+
+    Args:
+        L: linear lattice size (integer ``>= 2``); ``N = L**2`` spins, periodic boundaries.
+        theta: natural parameters ``(β, h)``: ``β >= 0`` finite, ``h`` finite (pair, list or 2-element tensor).
+        sweeps: number of measured sweeps (integer ``>= 2``); φ is measured after each.
+        burn_in: number of discarded sweeps before measuring (integer ``>= 1``).
+        method: ``"wolff"`` (``h = 0`` only), ``"metropolis"`` or ``"heatbath"``.
+        generator: ``torch.Generator`` (CPU) that supplies all randomness; default ``torch.Generator()`` seeded
+            with 0. It is advanced in place.
+        progress: show a tqdm progress bar.
+
+    Returns:
+        :class:`MonteCarloResult` with ``metric`` ``(2, 2)`` float64 in the order ``(β, h)``, its block-jackknife
+        ``stderr`` ``(2, 2)``, ``tau`` and ``effective_samples`` per observable and the ``(sweeps, 2)`` samples.
+
+    Raises:
+        ValueError: on an invalid argument (the message names it), or ``method="wolff"`` with ``h != 0``.
+    """
+    L = _check_int("L", L, 2)
+    beta, h = _check_theta(theta)
+    sweeps = _check_int("sweeps", sweeps, 2)
+    burn_in = _check_int("burn_in", burn_in, 1)
+    if not isinstance(method, str) or method not in _METHODS:
+        raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
+    if method == "wolff" and h != 0.0:
+        raise ValueError(
+            f"method='wolff' is valid for h = 0 only (got theta[1] = h = {h!r}); use method='metropolis' or "
+            "method='heatbath' for a non-zero field"
+        )
+    if generator is None:
+        generator = torch.Generator().manual_seed(0)
+    elif not isinstance(generator, torch.Generator):
+        raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    if method == "metropolis" and L == 2 and h == 0.0:
+        warnings.warn(
+            "the sublattice Metropolis chain is reducible for L = 2 and h = 0 (it need not converge to p_theta); "
+            "use method='heatbath' or 'wolff'",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    n_total = burn_in + sweeps
+    n_sites = L * L
+
+    pbar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        pbar = tqdm(total=n_total, desc=f"ising2d {method} L={L}", unit="sweep")
+    start = time.perf_counter()
+    try:
+        if method == "wolff":
+            phi, info = _run_wolff(L, beta, burn_in, sweeps, generator, pbar)
+        else:
+            phi, info = _run_single_spin(L, beta, h, n_total, generator, pbar, heatbath=(method == "heatbath"))
+            phi = phi[burn_in:]
+    finally:
+        if pbar is not None:
+            pbar.close()
+    elapsed = time.perf_counter() - start
+
+    metric, stderr, stderr_tau, tau, eff, block, n_blocks = _statistics(phi, n_sites)
+    mean_phi = phi.mean(0) / n_sites
+    extra: dict = {}
+    if method == "wolff":
+        extra["mean_cluster_size"] = info["flipped"] / info["clusters"]
+        extra["clusters_per_sweep"] = info["clusters_per_sweep"]
+    else:
+        extra["acceptance"] = info["accepted"] / (n_total * n_sites)
+    return MonteCarloResult(
+        metric=torch.from_numpy(np.ascontiguousarray(metric, dtype=np.float64)),
+        stderr=torch.from_numpy(np.ascontiguousarray(stderr, dtype=np.float64)),
+        stderr_tau=torch.from_numpy(np.ascontiguousarray(stderr_tau, dtype=np.float64)),
+        mean_phi=torch.from_numpy(np.ascontiguousarray(mean_phi, dtype=np.float64)),
+        energy_per_site=float(-mean_phi[0]),
+        magnetisation_per_site=float(mean_phi[1]),
+        abs_magnetisation_per_site=float(np.abs(phi[:, 1]).mean() / n_sites),
+        tau=tau,
+        effective_samples=eff,
+        samples=torch.from_numpy(np.ascontiguousarray(phi, dtype=np.float64)),
+        method=method,
+        L=L,
+        theta=(beta, h),
+        sweeps=sweeps,
+        burn_in=burn_in,
+        block_length=block,
+        n_blocks=n_blocks,
+        elapsed_s=elapsed,
+        sweeps_per_second=n_total / elapsed if elapsed > 0 else float("inf"),
+        **extra,
+    )

@@ -1,0 +1,200 @@
+"""Tests of the Monte-Carlo Fisher metric of the 2-D Ising model (fisherlens.gibbs.montecarlo)."""
+
+import importlib
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+
+def _load():
+    try:
+        return importlib.import_module("fisherlens.gibbs.montecarlo")
+    except ImportError:  # the package __init__ may not exist yet: load the module by path
+        path = Path(__file__).resolve().parents[1] / "src" / "fisherlens" / "gibbs" / "montecarlo.py"
+        spec = importlib.util.spec_from_file_location("fisherlens_gibbs_montecarlo", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+        return module
+
+
+mc = _load()
+BETA_C = 0.5 * math.log(1.0 + math.sqrt(2.0))
+
+
+def exact_metric(L, beta, h):
+    """Exact per-site metric ``Cov[φ] / N`` by enumeration of all 2**(L*L) states (vectorised)."""
+    n = L * L
+    idx = torch.arange(2**n)
+    s = ((idx[:, None] >> torch.arange(n)) & 1).to(torch.float64) * 2 - 1
+    grid = s.reshape(-1, L, L)
+    e_b = (grid * (grid.roll(-1, 1) + grid.roll(-1, 2))).sum((1, 2))  # each bond once, 2N bonds
+    phi = torch.stack([e_b, s.sum(1)], 1)
+    w = torch.softmax(beta * e_b + h * phi[:, 1], 0)
+    c = phi - w @ phi
+    return (c.T * w) @ c / n, (w @ phi) / n
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def test_exact_enumeration_sanity():
+    g0, mean0 = exact_metric(4, 0.0, 0.0)  # independent spins: Var[E_b] = 2N, Var[M] = N
+    torch.testing.assert_close(g0, torch.tensor([[2.0, 0.0], [0.0, 1.0]], dtype=torch.float64))
+    torch.testing.assert_close(mean0, torch.zeros(2, dtype=torch.float64))
+
+
+# 4 configurations x 3 distinct entries = 12 z-scores; |z| < 4 has a Bonferroni family-wise false-alarm rate
+# of 12 * 6.3e-5 < 1e-3 (and the seeds are fixed, so the test is deterministic).
+@pytest.mark.parametrize(
+    ("method", "beta", "h", "sweeps"),
+    [
+        ("wolff", 0.3, 0.0, 8000),
+        ("wolff", BETA_C, 0.0, 8000),
+        ("wolff", 0.6, 0.0, 8000),
+        ("metropolis", 0.3, 0.2, 8000),
+    ],
+)
+def test_metric_matches_exact_enumeration(method, beta, h, sweeps):
+    res = mc.ising2d_monte_carlo(4, (beta, h), sweeps=sweeps, burn_in=200, method=method, generator=_gen(1))
+    exact, mean = exact_metric(4, beta, h)
+    assert res.metric.dtype == torch.float64 and res.metric.shape == (2, 2)
+    assert res.stderr.shape == (2, 2) and bool((res.stderr > 0).all())
+    torch.testing.assert_close(res.metric, res.metric.T)
+    z = (res.metric - exact) / res.stderr
+    assert float(z.abs().max()) < 4.0, f"z-scores {z.tolist()}"
+    # the mean statistics as well (loose: 5 stderr from the tau-based error of the mean)
+    se_mean = torch.tensor(
+        [math.sqrt(2 * res.tau[k] * float(res.samples[:, i].var()) / res.sweeps) / 16 for i, k in enumerate("EM")],
+        dtype=torch.float64,
+    )
+    assert float(((res.mean_phi - mean) / se_mean).abs().max()) < 5.0
+    assert res.energy_per_site == pytest.approx(-float(res.mean_phi[0]))
+    # the jackknife and tau-based errors agree roughly
+    ratio = res.stderr / res.stderr_tau
+    assert bool(((ratio > 0.6) & (ratio < 1.6)).all()), ratio
+
+
+@pytest.mark.parametrize(("method", "theta"), [("wolff", (BETA_C, 0.0)), ("metropolis", (0.35, 0.1))])
+def test_stderr_is_honest(method, theta):
+    """The spread of independent short runs matches the reported standard error."""
+    runs = [
+        mc.ising2d_monte_carlo(4, theta, sweeps=1200, burn_in=100, method=method, generator=_gen(100 + k))
+        for k in range(16)
+    ]
+    est = torch.stack([r.metric for r in runs])
+    spread = est.std(0, unbiased=True)
+    reported = torch.stack([r.stderr for r in runs]).mean(0)
+    for a, b in ((0, 0), (0, 1), (1, 1)):
+        ratio = float(spread[a, b] / reported[a, b])
+        assert 0.5 < ratio < 2.0, (a, b, ratio)
+
+
+def test_heatbath_matches_exact():
+    res = mc.ising2d_monte_carlo(4, (0.3, -0.2), sweeps=4000, method="heatbath", generator=_gen(3))
+    z = (res.metric - exact_metric(4, 0.3, -0.2)[0]) / res.stderr
+    assert float(z.abs().max()) < 4.0, z
+
+
+@pytest.mark.parametrize(("L", "methods"), [(2, ("wolff", "heatbath")), (3, ("wolff", "metropolis"))])
+def test_tiny_and_odd_lattices(L, methods):
+    """L = 2 (doubled bonds) and odd L (non-bipartite colouring) agree with enumeration."""
+    exact = exact_metric(L, 0.4, 0.0)[0]
+    for method in methods:
+        res = mc.ising2d_monte_carlo(L, (0.4, 0.0), sweeps=4000, method=method, generator=_gen(5))
+        z = (res.metric - exact) / res.stderr
+        assert float(z.abs().max()) < 4.0, (method, z)
+
+
+@pytest.mark.filterwarnings("ignore:sweeps=:RuntimeWarning")
+def test_reproducible_and_seed_dependent():
+    for method in ("wolff", "metropolis"):
+        a = mc.ising2d_monte_carlo(6, (0.4, 0.0), sweeps=50, burn_in=5, method=method, generator=_gen(7))
+        b = mc.ising2d_monte_carlo(6, (0.4, 0.0), sweeps=50, burn_in=5, method=method, generator=_gen(7))
+        c = mc.ising2d_monte_carlo(6, (0.4, 0.0), sweeps=50, burn_in=5, method=method, generator=_gen(8))
+        assert torch.equal(a.samples, b.samples) and torch.equal(a.metric, b.metric)
+        assert not torch.equal(a.samples, c.samples)
+        assert a.samples.shape == (50, 2)
+    d1 = mc.ising2d_monte_carlo(4, (0.4, 0.0), sweeps=20, burn_in=2)  # default generator seeded 0
+    d2 = mc.ising2d_monte_carlo(4, (0.4, 0.0), sweeps=20, burn_in=2)
+    assert torch.equal(d1.samples, d2.samples)
+
+
+@pytest.mark.filterwarnings("ignore:sweeps=:RuntimeWarning")
+def test_global_rng_untouched():
+    torch_state = torch.get_rng_state()
+    np_state = np.random.get_state()[1].copy()  # noqa: NPY002 - checks the legacy global RNG
+    mc.ising2d_monte_carlo(4, (0.4, 0.0), sweeps=20, burn_in=2, method="wolff", generator=_gen(1))
+    mc.ising2d_monte_carlo(4, (0.4, 0.1), sweeps=20, burn_in=2, method="metropolis", generator=_gen(1))
+    assert torch.equal(torch.get_rng_state(), torch_state)
+    assert np.array_equal(np.random.get_state()[1], np_state)  # noqa: NPY002
+
+
+@pytest.mark.filterwarnings("ignore:sweeps=:RuntimeWarning")
+def test_result_fields():
+    res = mc.ising2d_monte_carlo(8, (BETA_C, 0.0), sweeps=100, burn_in=20, generator=_gen(2))
+    assert res.method == "wolff" and res.L == 8 and res.theta == (BETA_C, 0.0) and res.N == 64
+    assert set(res.tau) == {"E", "M", "|M|", "g_bb", "g_bh", "g_hh"} and set(res.effective_samples) == set(res.tau)
+    assert all(t >= 0.5 for t in res.tau.values())
+    assert 0.0 <= res.abs_magnetisation_per_site <= 1.0 and -2.0 <= res.energy_per_site <= 2.0
+    assert res.clusters_per_sweep >= 1 and 1.0 <= res.mean_cluster_size <= 64
+    assert res.n_blocks * res.block_length <= res.sweeps and res.sweeps_per_second > 0
+    met = mc.ising2d_monte_carlo(4, (0.3, 0.2), sweeps=50, burn_in=5, method="metropolis", generator=_gen(2))
+    assert 0.0 < met.acceptance < 1.0 and met.mean_cluster_size is None
+
+
+def test_autocorrelation_time_ar1():
+    a, n = 0.8, 40000
+    noise = torch.randn(n, generator=_gen(11), dtype=torch.float64).numpy()
+    x = np.empty(n)
+    x[0] = noise[0]
+    for t in range(1, n):
+        x[t] = a * x[t - 1] + noise[t]
+    tau, window = mc.integrated_autocorrelation_time(x)
+    assert tau == pytest.approx((1 + a) / (2 * (1 - a)), rel=0.15)
+    assert window >= 6 * tau - 1
+    assert mc.integrated_autocorrelation_time(np.ones(10)) == (0.5, 0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"L": 1}, "L"),
+        ({"L": 4.0}, "L"),
+        ({"L": True}, "L"),
+        ({"theta": (-0.1, 0.0)}, "beta"),
+        ({"theta": (float("inf"), 0.0)}, "beta"),
+        ({"theta": (float("nan"), 0.0)}, "beta"),
+        ({"theta": (0.3, float("nan")), "method": "metropolis"}, "h"),
+        ({"theta": (0.3,)}, "theta"),
+        ({"theta": 0.3}, "theta"),
+        ({"theta": ("a", 0.0)}, "theta"),
+        ({"sweeps": 0}, "sweeps"),
+        ({"sweeps": 10.5}, "sweeps"),
+        ({"burn_in": 0}, "burn_in"),
+        ({"method": "gibbs"}, "method"),
+        ({"theta": (0.3, 0.1), "method": "wolff"}, "metropolis"),
+        ({"generator": 0}, "generator"),
+    ],
+)
+def test_bad_input(kwargs, name):
+    args = {"L": 4, "theta": (0.3, 0.0), "sweeps": 10, "burn_in": 2, **kwargs}
+    L, theta = args.pop("L"), args.pop("theta")
+    with pytest.raises(ValueError, match=name):
+        mc.ising2d_monte_carlo(L, theta, **args)
+
+
+def test_metropolis_l2_warns():
+    with pytest.warns(RuntimeWarning, match="reducible"):
+        mc.ising2d_monte_carlo(2, (0.4, 0.0), sweeps=40, burn_in=2, method="metropolis")
+
+
+def test_short_run_warns():
+    with pytest.warns(RuntimeWarning, match="short"):
+        mc.ising2d_monte_carlo(8, (BETA_C, 0.0), sweeps=20, burn_in=2, method="metropolis")
