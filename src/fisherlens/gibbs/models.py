@@ -39,6 +39,8 @@ from collections.abc import Callable
 import torch
 from torch.func import hessian
 
+from .montecarlo import ising2d_monte_carlo
+
 Tensor = torch.Tensor
 DTYPE = torch.float64
 
@@ -461,10 +463,6 @@ class Ising2D(GibbsModel):
         """
         if self.boundary != "periodic":
             raise ValueError("Ising2D.monte_carlo: the Monte-Carlo sampler is for periodic boundaries only.")
-        try:
-            from .montecarlo import ising2d_monte_carlo
-        except ImportError as e:
-            raise ImportError("Ising2D.monte_carlo needs fisherlens.gibbs.montecarlo, which is not available.") from e
         return ising2d_monte_carlo(self.L, theta, **kw)
 
 
