@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from ..runs import RunDir, write_csv
 from ._common import check_int, check_threads, torch_threads
 
-__all__ = ["StudyConfig", "Study", "StudyRun", "UnknownOption", "run_study"]
+__all__ = ["StudyConfig", "Study", "StudyRun", "UnknownOption", "figures_section", "run_study"]
 
 
 class UnknownOption(TypeError):
