@@ -17,7 +17,17 @@ from .checks import ENGINES, check_choice, check_dense, close_enough
 from .data import iter_batches
 from .functional import functional_rows
 from .layerwise.capture import tap_grads
-from .layerwise.plan import Plan, ambiguous, call_problems, capture_forward, check_batch, demote, plan_for, signature
+from .layerwise.plan import (
+    Plan,
+    ambiguous,
+    call_problems,
+    capture_forward,
+    check_batch,
+    demote,
+    plan_for,
+    signature,
+    signature_key,
+)
 from .layerwise.rules import Call, rule_for
 from .model import FunctionalModel, forward_checked, jvp_checked
 from .stats import Stats
@@ -118,7 +128,7 @@ def layer_stats(fm: FunctionalModel, plan: Plan, calls: list[Call], grads: list[
 def output_dim(fm: FunctionalModel, X: Tensor) -> int:
     """C for inputs like ``X``: one forward of one sample, remembered per model and input shape."""
     cache = plan_for(fm).out_dim
-    key = (tuple(X.shape[1:]), X.dtype)
+    key = signature_key(X)
     if key not in cache:
         with torch.no_grad():
             cache[key] = forward_checked(fm, fm.params, X[:1]).shape[-1]

@@ -29,7 +29,7 @@ from .rules import Call, rule_for
 
 Tensor = torch.Tensor
 
-__all__ = ["Signature", "Plan", "plan_for", "capture_forward", "check_batch", "signature", "ambiguous",
+__all__ = ["Signature", "Plan", "plan_for", "capture_forward", "check_batch", "signature", "signature_key", "ambiguous",
            "call_problems", "demote"]
 
 
@@ -139,11 +139,15 @@ def _check_independent(fm: FunctionalModel, X: Tensor) -> None:
                 )
 
 
+def signature_key(X: Tensor) -> tuple:
+    """What the per-signature caches are keyed by: the input's per-sample shape and its dtype."""
+    return tuple(X.shape[1:]), X.dtype
+
+
 def check_batch(fm: FunctionalModel, X: Tensor) -> None:
     """Once per model, selection and input signature: the model is deterministic and sample-independent
     (:func:`_check_independent`).  Every view that forwards data calls it."""
-    plan = plan_for(fm)
-    key = (tuple(X.shape[1:]), X.dtype)
+    plan, key = plan_for(fm), signature_key(X)
     if key not in plan.independent:
         _check_independent(fm, X)
         plan.independent.add(key)
@@ -154,8 +158,7 @@ def signature(fm: FunctionalModel, X: Tensor, prove: bool = True) -> Signature:
     sizes of the working budget), once per input signature.  ``prove=False`` (the functional engine, which owns
     nothing) only measures the sizes, and leaves the layerwise plan untouched."""
     check_batch(fm, X)
-    plan = plan_for(fm)
-    key = (tuple(X.shape[1:]), X.dtype)
+    plan, key = plan_for(fm), signature_key(X)
     if key in plan.signatures:
         return plan.signatures[key]
     if prove:
@@ -188,14 +191,14 @@ def call_problems(plan: Plan, calls: list[Call], B: int, counts: Counter | None)
 
 
 def demote(plan: Plan, problems: dict[str, str], stacklevel: int = 4) -> None:
-    """Hand parameters to the general engine for good, saying so once."""
+    """Hand parameters to the general engine for good, saying so once (``problems``: name -> reason)."""
     for n in problems:
         plan.owned.pop(n, None)
     if problems:
         why = "; ".join(f"'{n}': {r}" for n, r in problems.items())
         warnings.warn(
-            f"The layerwise engine cannot prove the per-sample attribution of {len(problems)} parameter(s) ({why}). "
-            "fisherlens computes them with the general torch.func engine instead (exact, slower).",
+            f"Parameters {list(problems)}: the layerwise engine cannot prove their per-sample attribution ({why}); "
+            "fisherlens computes them with the slower general (torch.func) engine instead (exact).",
             stacklevel=stacklevel,
         )
 
@@ -233,14 +236,8 @@ def _verify(fm: FunctionalModel, plan: Plan, X: Tensor) -> Signature:
         ref = torch.zeros_like(est) if t is None else t.reshape(-1)
         if not close_enough(est, ref):
             bad.append(n)
-    if bad:
-        for n in bad:
-            del plan.owned[n]
-        warnings.warn(
-            f"Parameters {bad} are used outside the layer that owns them (or their layer's inputs do not keep the "
-            "batch on axis 0); fisherlens uses the slower general (torch.func) engine for them.",
-            stacklevel=4,
-        )
+    demote(plan, dict.fromkeys(bad, "used outside the layer that owns it, or its layer's input does not keep the "
+                                    "batch on axis 0"), stacklevel=5)
     return _signature_of(fm, plan, rec)
 
 
