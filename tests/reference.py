@@ -21,6 +21,8 @@ N inputs; the NTK is summed over parameters and not averaged over outputs.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -308,3 +310,236 @@ def brioschi(metric, q, h: float = 2e-3) -> float:
         return 2 * (np.linalg.det(A) - np.linalg.det(B)) / (E * Gg - F * F) ** 2
 
     return (4 * once(h / 2) - once(h)) / 3
+
+
+# ----------------------------------------------------------------------------- structured (sequence) outputs
+# A model's output on one input has shape S = (*positions, C) (channels="last") or (C, *positions)
+# (channels="first"); ("bernoulli",) treats every logit as its own prediction (C = 1, positions = all of S).
+# Labels are class ids shaped like the positions (predictions equal to ``ignore_index`` are dropped) or float
+# tensors shaped like the outputs; an optional bool ``mask`` shaped like the positions (True = keep) drops more.
+# The per-input Fisher is the sum over its kept positions of the per-position Fisher; normalisations:
+# "mean" (1/N, N the number of inputs), "per_prediction" (1/number of kept positions in the batch) or "sum".
+# Inputs ``X`` are a tensor (N, ...) or a dict of such tensors (passed to the model as keyword arguments).
+
+
+def spec_name(spec) -> str:
+    return spec if isinstance(spec, str) else spec[0]
+
+
+def _as_spec(spec) -> tuple:
+    return (spec,) if isinstance(spec, str) else tuple(spec)
+
+
+def n_inputs(X) -> int:
+    return len(next(iter(X.values()))) if isinstance(X, dict) else len(X)
+
+
+def input_item(X, n: int):
+    """Input ``n`` of ``X`` as a batch of one (a tensor ``X[n:n+1]`` or a dict of such slices)."""
+    if isinstance(X, dict):
+        return {k: v[n : n + 1] for k, v in X.items()}
+    return X[n : n + 1]
+
+
+def seq_forward_one(model, x1, forward=None) -> Tensor:
+    """The output ``(*S)`` of one input given as a batch of one: ``forward(model, x1)``, by default ``model(x1)``
+    (``model(**x1)`` for a dict); the leading batch axis of size one is dropped."""
+    if forward is not None:
+        out = forward(model, x1)
+    else:
+        out = model(**x1) if isinstance(x1, dict) else model(x1)
+    assert isinstance(out, Tensor) and out.shape[0] == 1, "forward must give a tensor (1, *S)"
+    return out[0]
+
+
+def row_index(S: tuple[int, ...], spec, channels: str = "last") -> Tensor:
+    """``idx (R, C)``: entry ``[r, c]`` is the position of prediction r's channel c in the flattened output
+    (the model's own flatten order); rows in row-major order of the positions."""
+    idx = torch.arange(int(np.prod(S))).reshape(S)
+    if spec_name(spec) == "bernoulli":
+        return idx.reshape(-1, 1)
+    if channels == "first":
+        idx = idx.movedim(0, -1)
+    elif channels != "last":
+        raise ValueError(channels)
+    return idx.reshape(-1, idx.shape[-1])
+
+
+def label_rows(y: Tensor, idx: Tensor) -> Tensor:
+    """The labels of one input per row: class ids ``(R,)`` (any integer tensor shaped like the positions) or float
+    targets shaped like the outputs, as ``(R, C)`` in the row layout of ``idx``."""
+    if not torch.is_floating_point(y):
+        return y.reshape(-1)
+    return y.reshape(-1)[idx]
+
+
+def kept_rows(y: Tensor | None, m: Tensor | None, idx: Tensor, ignore_index: int | None) -> Tensor:
+    """Bool ``(R,)``: the rows that count (class ids not equal to ``ignore_index``, and ``mask`` True)."""
+    keep = torch.ones(idx.shape[0], dtype=torch.bool)
+    if y is not None and not torch.is_floating_point(y) and ignore_index is not None:
+        keep &= y.reshape(-1) != ignore_index
+    if m is not None:
+        keep &= m.reshape(-1).bool()
+    return keep
+
+
+def _norm(reduction: str, N: int, count: int) -> float:
+    if reduction == "mean":
+        return 1.0 / N
+    if reduction == "per_prediction":
+        return 1.0 / count
+    if reduction == "sum":
+        return 1.0
+    raise ValueError(reduction)
+
+
+def _accumulate(acc, A: Tensor, what: str):
+    """Add ``Aᵀ A`` (what="dense") or its diagonal (what="diag") of factor rows ``A (K, P)``."""
+    return acc + (A.T @ A if what == "dense" else (A * A).sum(0))
+
+
+def seq_fisher(model, X, Y, kind, spec, channels="last", ignore_index=-100, mask=None, reduction="mean", *,
+               labels=None, names=None, forward=None, what="dense") -> Tensor:
+    """The Fisher of structured outputs, one input, one position and one class at a time, ``(P, P)`` (or its
+    diagonal ``(P,)`` with ``what="diag"``, for models too large for a dense reference).
+
+    * ``kind="true"``: ``Σ_n Σ_{t kept} J_ntᵀ Λ_t J_nt`` with ``J_nt (C, P)`` one ``autograd.grad`` per class and
+      ``Λ_t`` the per-position output Fisher (:func:`output_fisher`: ``diag(π) − ππᵀ``, ``I/σ²``, ``π(1−π)``);
+    * ``kind="empirical"``: ``Σ_n g_n g_nᵀ`` with ``g_n`` the gradient of input n's loss summed over its kept
+      positions (one backward per input);
+    * ``kind="mc"``: the empirical Fisher averaged over drawn ``labels (k, N, ...)`` (each shaped like ``Y``).
+
+    ``Y`` may be ``None`` for ``kind="true"`` (then only ``mask`` drops positions); normalised by
+    ``reduction`` ("mean" 1/N, "per_prediction" 1/number of kept positions, "sum").
+    """
+    spec = _as_spec(spec)
+    params = [p for _, p in named_params(model, names)]
+    P = sum(p.numel() for p in params)
+    N = n_inputs(X)
+    acc = torch.zeros((P, P) if what == "dense" else (P,), dtype=torch.float64)
+    count = 0
+    for n in range(N):
+        f = seq_forward_one(model, input_item(X, n), forward)
+        idx = row_index(tuple(f.shape), spec, channels)
+        flat = f.reshape(-1)
+        y = None if Y is None else Y[n]
+        keep = kept_rows(y, None if mask is None else mask[n], idx, ignore_index)
+        count += int(keep.sum())
+        rows = [r for r in range(idx.shape[0]) if keep[r]]
+        if kind == "true":
+            for r in rows:
+                J = torch.stack([flat_grad(flat[int(i)], params) for i in idx[r]]).double()  # (C, P)
+                Lam = output_fisher(spec, flat[idx[r]].detach().double())
+                if what == "dense":
+                    acc += J.T @ Lam @ J
+                else:
+                    acc += ((Lam @ J) * J).sum(0)
+            continue
+        if kind == "empirical":
+            label_sets = [y]
+        elif kind == "mc":
+            label_sets = [labels[j][n] for j in range(labels.shape[0])]
+        else:
+            raise ValueError(kind)
+        for lab in label_sets:
+            yr = label_rows(lab, idx)
+            loss = sum(nll(spec, flat[idx[r]], yr[r]) for r in rows) if rows else flat.sum() * 0
+            g = flat_grad(loss, params).double()
+            acc = _accumulate(acc, g[None] / math.sqrt(len(label_sets)), what)
+    return acc * _norm(reduction, N, count)
+
+
+def seq_position_empirical_fisher(model, X, Y, spec, channels="last", ignore_index=-100, mask=None,
+                                  reduction="mean", *, names=None, forward=None) -> Tensor:
+    """``Σ_n Σ_{t kept} g_nt g_ntᵀ`` with ``g_nt`` the gradient of the loss of *one position* (every prediction its
+    own example, as curvlinops' EF flattens the positions into the batch axis), normalised like :func:`seq_fisher`."""
+    spec = _as_spec(spec)
+    params = [p for _, p in named_params(model, names)]
+    P = sum(p.numel() for p in params)
+    N = n_inputs(X)
+    acc = torch.zeros(P, P, dtype=torch.float64)
+    count = 0
+    for n in range(N):
+        f = seq_forward_one(model, input_item(X, n), forward)
+        idx = row_index(tuple(f.shape), spec, channels)
+        flat = f.reshape(-1)
+        keep = kept_rows(Y[n], None if mask is None else mask[n], idx, ignore_index)
+        yr = label_rows(Y[n], idx)
+        for r in range(idx.shape[0]):
+            if keep[r]:
+                g = flat_grad(nll(spec, flat[idx[r]], yr[r]), params).double()
+                acc += torch.outer(g, g)
+                count += 1
+    return acc * _norm(reduction, N, count)
+
+
+def seq_count(model, X, Y, spec, channels="last", ignore_index=-100, mask=None, forward=None) -> int:
+    """Number of kept predictions (positions) of the batch."""
+    total = 0
+    with torch.no_grad():
+        for n in range(n_inputs(X)):
+            f = seq_forward_one(model, input_item(X, n), forward)
+            idx = row_index(tuple(f.shape), spec, channels)
+            total += int(kept_rows(None if Y is None else Y[n], None if mask is None else mask[n], idx,
+                                   ignore_index).sum())
+    return total
+
+
+def seq_input_losses(model, X, Y, spec, channels="last", ignore_index=-100, mask=None, forward=None) -> Tensor:
+    """``(N,)``: each input's loss summed over its kept positions (with the graph, for gradients)."""
+    spec = _as_spec(spec)
+    out = []
+    for n in range(n_inputs(X)):
+        f = seq_forward_one(model, input_item(X, n), forward)
+        idx = row_index(tuple(f.shape), spec, channels)
+        flat = f.reshape(-1)
+        keep = kept_rows(Y[n], None if mask is None else mask[n], idx, ignore_index)
+        yr = label_rows(Y[n], idx)
+        out.append(sum((nll(spec, flat[idx[r]], yr[r]) for r in range(idx.shape[0]) if keep[r]), flat.sum() * 0))
+    return torch.stack(out)
+
+
+def seq_jacobians(model, X, names=None, forward=None) -> Tensor:
+    """Per-input output Jacobians ``(N, M, P)``, ``M = prod(S)`` in the model's own flatten order: one
+    ``autograd.grad`` per input and output entry."""
+    params = [p for _, p in named_params(model, names)]
+    out = []
+    for n in range(n_inputs(X)):
+        flat = seq_forward_one(model, input_item(X, n), forward).reshape(-1)
+        out.append(torch.stack([flat_grad(flat[a], params) for a in range(flat.numel())]))
+    return torch.stack(out).double()
+
+
+def seq_ntk(model, X1, X2=None, names=None, forward=None) -> Tensor:
+    """``Θ (N1, N2, M, M)``, ``Θ[n, m] = J_n J_mᵀ`` from :func:`seq_jacobians`."""
+    J1 = seq_jacobians(model, X1, names, forward)
+    J2 = J1 if X2 is None else seq_jacobians(model, X2, names, forward)
+    out = torch.zeros(J1.shape[0], J2.shape[0], J1.shape[1], J2.shape[1], dtype=torch.float64)
+    for n in range(J1.shape[0]):
+        for m in range(J2.shape[0]):
+            out[n, m] = J1[n] @ J2[m].T
+    return out
+
+
+def seq_envelope(model, X, which="diag", channels="last", mask=None, reduction="mean", *, names=None,
+                 forward=None) -> Tensor:
+    """The categorical envelopes summed over positions, ``(P, P)``: ``Σ_n Σ_t J_ntᵀ diag(π_nt) J_nt``
+    (``which="diag"``) or ``Σ_n Σ_t (1 − ‖π_nt‖²) J_ntᵀ J_nt`` (``"isotropic"``), normalised like the Fisher."""
+    J = seq_jacobians(model, X, names, forward)
+    P = J.shape[-1]
+    acc = torch.zeros(P, P, dtype=torch.float64)
+    count = 0
+    with torch.no_grad():
+        for n in range(J.shape[0]):
+            f = seq_forward_one(model, input_item(X, n), forward)
+            idx = row_index(tuple(f.shape), ("categorical",), channels)
+            flat = f.reshape(-1).double()
+            keep = kept_rows(None, None if mask is None else mask[n], idx, None)
+            for r in range(idx.shape[0]):
+                if not keep[r]:
+                    continue
+                count += 1
+                p = torch.softmax(flat[idx[r]], -1)
+                Jr = J[n][idx[r]]
+                acc += Jr.T @ torch.diag(p) @ Jr if which == "diag" else (1 - (p * p).sum()) * Jr.T @ Jr
+    return acc * _norm(reduction, J.shape[0], count)

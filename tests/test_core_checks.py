@@ -125,13 +125,31 @@ def test_bernoulli_labels_hypothesis(labels):
             fl.fisher_trace(model, (X, y), fl.Bernoulli(), "empirical")
 
 
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("call", CALLS)
-def test_bernoulli_with_several_outputs(mlp, call, kind):
+class Logit(nn.Module):
+    """Logit ``j`` of a model, as a one-output model."""
+
+    def __init__(self, model, j):
+        super().__init__()
+        self.model, self.j = model, j
+
+    def forward(self, x):
+        return self.model(x)[:, self.j : self.j + 1]
+
+
+@pytest.mark.parametrize("call", ["matrix", "diag", "trace", "blocks_diag", "blocks_trace", "rao"])
+def test_bernoulli_with_several_outputs_is_multilabel(mlp, call):
+    """Several logits under fl.Bernoulli are independent labels (BCEWithLogitsLoss): the true Fisher is the sum
+    of each logit's binary Fisher (it used to be refused with advice to use fl.Categorical, which is wrong)."""
     model, X, _ = mlp
-    y = torch.zeros(len(X))
-    fn = fisher_calls(kind)[call]
-    raises(ValueError, r"one output", fn, model, (X, y), fl.Bernoulli())
+    fn = fisher_calls("true")[call]
+    got = fn(model, (X, None), fl.Bernoulli())
+    parts = [fn(Logit(model, j), (X, None), fl.Bernoulli()) for j in range(3)]
+    if isinstance(got, dict):
+        for n in got:
+            assert torch.allclose(torch.as_tensor(got[n]), sum(torch.as_tensor(p[n.join(["model.", ""])])
+                                                               for p in parts), rtol=1e-10), n
+    else:
+        assert torch.allclose(torch.as_tensor(got), sum(torch.as_tensor(p) for p in parts), rtol=1e-10)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -387,25 +405,29 @@ class WrongBatch(nn.Module):
 def test_model_with_bad_outputs(call):
     X = torch.randn(5, 4)
     fn = fisher_calls("true")[call]
-    raises(ValueError, r"\(batch, C\)", fn, ThreeD().double(), (X, None), fl.Gaussian())
-    raises(TypeError, r"tensor", fn, TupleOut().double(), (X, None), fl.Gaussian())
+    raises(TypeError, r"output=", fn, TupleOut().double(), (X, None), fl.Gaussian())
     raises(ValueError, r"outputs for a batch", fn, WrongBatch().double(), (X, None),
            fl.Gaussian())
 
 
 def test_model_with_bad_outputs_ntk():
-    X = torch.randn(5, 4)
-    raises(ValueError, r"\(batch, C\)", fl.ntk, ThreeD().double(), X)
-    raises(ValueError, r"\(batch, C\)", fl.ntk_trace, ThreeD().double(), X)
+    X = torch.randn(5, 4).double()
+    raises(TypeError, r"output=", fl.ntk, TupleOut().double(), X)
+    model = ThreeD().double()  # (B, 2, 3) outputs: M = 6 per input, flattened in memory order
+    flat = nn.Sequential(model.lin)
+    assert fl.ntk(model, X).shape == (5, 5, 6, 6)
+    assert torch.allclose(fl.ntk(model, X), fl.ntk(flat, X))
+    assert fl.ntk_trace(model, X, reduction="sum") == pytest.approx(fl.ntk_trace(flat, X, reduction="sum"))
 
 
 @pytest.mark.parametrize("call", CALLS)
 def test_bad_data_types(mlp, call):
     model, X, y = mlp
     fn = fisher_calls("true")[call]
-    for data in ("data.csv", 3, {"x": X}):
+    for data in ("data.csv", 3):
         raises(TypeError, r"data", fn, model, data, fl.Categorical())
-    raises(TypeError, r"batch", fn, model, [{"x": X}], fl.Categorical())
+    raises(TypeError, r"batch", fn, model, [object()], fl.Categorical())
+    raises(TypeError, r"keyword inputs", fn, model, {"x": X}, fl.Categorical())  # Sequential takes no x=
 
 
 @pytest.mark.parametrize("name", ["matrix", "diag", "trace", "blocks_dense", "rao", "relation"])

@@ -409,9 +409,9 @@ def test_bad_input():
         fl.Monitor("model", lik, probe)
     with pytest.raises(ValueError, match="params="):
         mk(params=["nonexistent"])
-    emb, Xe = build("embedding")
+    tied, Xt = build("batchnorm")
     with pytest.raises(ValueError, match="batch_fisher_trace needs"):
-        fl.Monitor(emb, lik, (Xe, torch.zeros(len(Xe), dtype=torch.long)), observables=("batch_fisher_trace",))
+        fl.Monitor(tied, lik, (Xt, torch.zeros(len(Xt), dtype=torch.long)), observables=("batch_fisher_trace",))
     mon = mk(observables=("loss",))
     with pytest.raises(ValueError, match="clashes"):
         mon.record(0, loss=1.0)

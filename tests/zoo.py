@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import fisherlens as fl
 
@@ -125,7 +126,7 @@ class Unused(nn.Module):
 
 
 class Tokens(nn.Module):
-    """Integer inputs through an Embedding (not a layerwise layer)."""
+    """Integer inputs through an Embedding (a layerwise layer since the Embedding rule)."""
 
     def __init__(self):
         super().__init__()
@@ -209,7 +210,7 @@ ARCHS: dict[str, Arch] = {
         (1, 5, 5), 3, False),
     "seq3d": Arch(Seq3D, (3, 4), 3, True),
     "unused_params": Arch(Unused, (4,), 3, True),
-    "embedding": Arch(Tokens, (2,), 3, False, tokens=10),
+    "embedding": Arch(Tokens, (2,), 3, True, tokens=10),
     "one_output": Arch(lambda: tanh_mlp(4, 5, 1), (4,), 1, True),
     "vector_output": Arch(Squeeze, (4,), 1, True),
 }
@@ -474,3 +475,111 @@ def float32_mlp(seed: int) -> tuple[nn.Module, torch.Tensor]:
         g = torch.Generator().manual_seed(seed)
         m = nn.Sequential(nn.Flatten(), nn.Linear(64, 100), nn.Tanh(), nn.Linear(100, 10))
         return _init32(m, g, 0.2), torch.randn(N32, 1, 8, 8, generator=g)
+
+
+# ----------------------------------------------------------------------------- 4. sequence models (structured outputs)
+class TinyLM(nn.Module):
+    """A causal transformer LM: ``(B, T)`` token ids → Embedding + learned positions → one
+    ``TransformerEncoderLayer`` (batch_first, dropout 0, causal mask) → Linear → logits ``(B, T, V)``.
+
+    torch 2.13 on CPU has no forward-mode AD (``torch.func.jvp``) for two kernels the stock layer reaches in eval
+    mode: the fused ``aten::_transformer_encoder_layer_fwd`` (taken whenever no parameter requires grad, e.g. under
+    ``jvp``; avoided by ``activation=tanh``, the default here; ``activation="relu"`` gives the stock layer) and the
+    CPU flash attention (avoided by ``sdpa_kernel(SDPBackend.MATH)`` around the layer).  Causal: a float ``-inf``
+    mask above the diagonal."""
+
+    def __init__(self, V: int = 7, d: int = 8, heads: int = 2, ff: int = 12, T_max: int = 8, activation=torch.tanh):
+        super().__init__()
+        self.emb = nn.Embedding(V, d)
+        self.pos = nn.Parameter(torch.zeros(T_max, d))
+        self.block = nn.TransformerEncoderLayer(d, heads, ff, dropout=0.0, batch_first=True, activation=activation)
+        self.head = nn.Linear(d, V)
+
+    def forward(self, input_ids):
+        T = input_ids.shape[1]
+        causal = torch.triu(torch.full((T, T), float("-inf"), dtype=self.pos.dtype, device=self.pos.device), 1)
+        h = self.emb(input_ids) + self.pos[:T]
+        with sdpa_kernel(SDPBackend.MATH):  # the CPU flash kernel has no forward-mode AD (jvp)
+            h = self.block(h, src_mask=causal)
+        return self.head(h)
+
+
+class SegNet(nn.Module):
+    """A Conv1d "segmentation" model: ``(B, 2, L)`` → Conv1d → tanh → Conv1d → channel-first logits ``(B, C, L)``."""
+
+    def __init__(self, C: int = 3):
+        super().__init__()
+        self.c1 = nn.Conv1d(2, 4, 3, padding=1)
+        self.c2 = nn.Conv1d(4, C, 3, padding=1)
+
+    def forward(self, x):
+        return self.c2(torch.tanh(self.c1(x)))
+
+
+class SegNet2d(nn.Module):
+    """A Conv2d segmentation model with two position axes: ``(B, 1, H, W)`` → channel-first ``(B, C, H, W)``."""
+
+    def __init__(self, C: int = 3):
+        super().__init__()
+        self.c1 = nn.Conv2d(1, 3, 3, padding=1)
+        self.c2 = nn.Conv2d(3, C, 1)
+
+    def forward(self, x):
+        return self.c2(torch.tanh(self.c1(x)))
+
+
+class Wrapped(nn.Module):
+    """A model whose forward returns a dict (the tensor under ``"logits"``): needs ``output=``."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *args, **kwargs):
+        return {"logits": self.inner(*args, **kwargs), "extra": 0}
+
+
+def seq_labels(X: torch.Tensor, lengths) -> torch.Tensor:
+    """Next-token labels of a causal LM, aligned with the logits positions: ``Y[n, t] = X[n, t+1]`` for
+    ``t < length − 1``, ``-100`` at the last real position and at the padding."""
+    Y = torch.full_like(X, -100)
+    for n, ln in enumerate(lengths):
+        Y[n, : ln - 1] = X[n, 1:ln]
+    return Y
+
+
+def lm_case(seed: int = 0, n: int = 4, T: int = 5, V: int = 7, lengths=None, activation=torch.tanh):
+    """``(model, X, Y)``: :class:`TinyLM` (float64, eval mode, :func:`init_` parameters), token ids ``(n, T)``
+    right-padded with 0 after ``lengths`` and next-token labels (``-100`` at the last and padded positions)."""
+    with default_dtype(DT):
+        torch.manual_seed(seed)
+        model = init_(TinyLM(V=V, activation=activation), 30_000 + seed, std=1.0)
+    gen = torch.Generator().manual_seed(31_000 + seed)
+    lengths = lengths or [T - (i % 3) for i in range(n)]
+    X = torch.randint(0, V, (n, T), generator=gen)
+    for i, ln in enumerate(lengths):
+        X[i, ln:] = 0
+    return model, X, seq_labels(X, lengths)
+
+
+def seg_case(seed: int = 0, n: int = 4, L: int = 6, C: int = 3, ignored: int = 3, two_d: bool = False):
+    """``(model, X, Y)``: :class:`SegNet` (or :class:`SegNet2d`, 3×4 positions), inputs and class-id labels
+    shaped like the positions with ``ignored`` of them set to ``-100``."""
+    with default_dtype(DT):
+        torch.manual_seed(seed)
+        model = init_(SegNet2d(C) if two_d else SegNet(C), 32_000 + seed, std=1.0)
+    gen = torch.Generator().manual_seed(33_000 + seed)
+    pos = (3, 4) if two_d else (L,)
+    X = torch.randn((n, 1 if two_d else 2, *pos), generator=gen, dtype=DT)
+    Y = torch.randint(0, C, (n, *pos), generator=gen)
+    flat = Y.reshape(-1)
+    flat[torch.randperm(flat.numel(), generator=gen)[:ignored]] = -100
+    return model, X, Y
+
+
+def multilabel_case(seed: int = 0, n: int = 5, d: int = 4, K: int = 3):
+    """``(model, X, Y)``: a tanh MLP with ``K`` independent logits (multi-label) and 0/1 float labels ``(n, K)``."""
+    model = mlp(seed, d=d, h=5, C=K)
+    gen = torch.Generator().manual_seed(34_000 + seed)
+    X = torch.randn((n, d), generator=gen, dtype=DT)
+    return model, X, torch.randint(0, 2, (n, K), generator=gen).to(DT)

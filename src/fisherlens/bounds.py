@@ -47,21 +47,26 @@ def core_spectrum(logits: Tensor) -> dict[str, Tensor]:
     return {"trace": tr, "lambda_max_lower": (p * (1 - p)).max(-1).values, "lambda_max_upper": tr}
 
 
-def _sandwich(which: str):
-    def make(f, _):
-        Categorical().check_outputs(f)
+class _Envelope(Categorical):
+    """The envelope's output "Fisher" per prediction: ``diag(π)`` (``which="diag"``) or ``(1 − ‖π‖²) I``, with
+    the square roots ``diag √π`` and ``√(1 − ‖π‖²) I``; structured outputs and ignored positions as in
+    :class:`~fisherlens.Categorical` (only :meth:`sqrt_fisher` differs)."""
+
+    def __init__(self, which: str, channels: str):
+        super().__init__(channels=channels)
+        self.which = which
+
+    def sqrt_fisher(self, f):
         p = torch.softmax(f.detach(), -1)
-        if which == "diag":
+        if self.which == "diag":
             return torch.diag_embed(p.sqrt())
         eye = torch.eye(f.shape[-1], dtype=f.dtype, device=f.device)
         return (1 - (p**2).sum(-1)).clamp_min(0).sqrt()[:, None, None] * eye
 
-    return make
-
 
 def envelope(
     model, data, which: str = "diag", what: str = "diag", *, params=None, reduction: str = "mean", batch_size=None,
-    engine: str = "auto", max_memory: int | None = None,
+    engine: str = "auto", max_memory: int | None = None, output=None, channels: str = "last",
 ):
     """An upper Loewner envelope of the categorical (true) Fisher, reduced like the Fisher itself.
 
@@ -70,17 +75,19 @@ def envelope(
             ``U_iso = (1/N) Σ (1 − ‖π_n‖²) J_nᵀ J_n``.
         what: ``"diag"`` → ``(P,)``, ``"trace"`` → float, ``"dense"`` → ``(P, P)`` (refused if too large; the
             old spelling ``"matrix"`` still works, with a ``FutureWarning``), as in :func:`fisherlens.fisher_blocks`.
-        Others: as in :func:`fisherlens.fisher_diag` (the model's outputs are logits).
+        channels: where the classes sit in structured outputs, as in :class:`fisherlens.Categorical`.
+        Others: as in :func:`fisherlens.fisher_diag` (the model's outputs are logits; labels equal to
+        ``ignore_index`` drop positions).
     """
     check_choice("which", which, ENVELOPES)
     what = renamed("what", what, {"matrix": "dense"})
     check_choice("what", what, ("diag", "trace", "dense"))
-    run = Request(model=model, data=data, likelihood=Categorical(), params=params, reduction=reduction,
-                  batch_size=batch_size, engine=engine)
-    fm, make_v, cols = run.fm, _sandwich(which), (lambda C: C)
+    run = Request(model=model, data=data, likelihood=_Envelope(which, channels), params=params, reduction=reduction,
+                  batch_size=batch_size, engine=engine, output=output)
+    fm = run.fm
     if what == "dense":
         check_dense(f"envelope matrix with P={fm.P}", fm.P**2, fm.itemsize, "Use what='diag' or 'trace'", max_memory)
-        return dense(run, make_v, cols)
+        return dense(run)
     if what == "diag":
-        return fm.flatten(diag_dict(run, make_v, cols))
-    return math.fsum(trace_dict(run, make_v, cols).values())
+        return fm.flatten(diag_dict(run))
+    return math.fsum(trace_dict(run).values())

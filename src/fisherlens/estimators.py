@@ -47,20 +47,19 @@ METHODS = ("hutchinson", "mc")
 PROBES = ("rademacher", "gaussian")
 
 
-def probe_vectors(likelihood, f: Tensor, method: str, probe: str, draws: int, generator) -> Tensor:
-    """Random output-space vectors ``ξ (B, C, draws)`` with ``E ξ = 0``, ``E ξ ξᵀ = Λ(f)`` per input, from
-    outputs ``f (B, C)``: ``S ε`` (Hutchinson, ``probe`` ε) or sampled-label residuals (``method="mc"``)."""
+def probe_vectors(likelihood, f: Tensor, method: str, probe: str, draws: int, generator, y=None) -> Tensor:
+    """Random output-space vectors ``ξ (B, M, draws)`` with ``E ξ = 0``, ``E ξ ξᵀ = Σ_t Λ(f_t)`` per input, from
+    outputs ``f (B, *S)`` (``y`` drops positions): ``S ε`` per kept position (Hutchinson, ``probe`` ε; no C×C
+    matrix) or sampled-label residuals (``method="mc"``)."""
     f = f.detach()
-    likelihood.check_outputs(f)
     if method == "mc":
-        return likelihood.sandwich(f, "mc", None, draws, generator) * math.sqrt(draws)
-    S = likelihood.sqrt_fisher(f)  # (B, C, C)
-    shape = (f.shape[0], S.shape[-1], draws)
+        return likelihood.sandwich(f, "mc", y, draws, generator) * math.sqrt(draws)
+    shape = (f.shape[0], f[0].numel(), draws)
     if probe == "rademacher":
         eps = torch.randint(0, 2, shape, generator=generator, device=f.device).to(f.dtype) * 2 - 1
     else:
         eps = torch.randn(shape, generator=generator, dtype=f.dtype, device=f.device)
-    return S @ eps
+    return likelihood.probe(f, eps, y)
 
 
 # ----------------------------------------------------------------------------- streamed draws
@@ -156,14 +155,16 @@ def _check_reiterable(run: Request, samples: int, s: int) -> None:
 def _batch_chunk(run: Request, method: str, what: str, probe: str, s_max: int) -> tuple[dict[str, Tensor], int]:
     """One pass of the batch estimator: ``({name: (s, ...)} summed over the data (unscaled), s)``.
 
-    ``s ≤ s_max`` is fixed at the first batch so that the probe vectors ``ξ (B, C, s)`` also fit the budget
+    ``s ≤ s_max`` is fixed at the first batch so that the probe vectors ``ξ (B, M, s)`` also fit the budget
     (``s · (draw_numel + B·C) · 8`` bytes)."""
     fm, acc, s = run.fm, {}, None
-    for X, _ in run.batches():
+    for X, Y in run.batches():
         f, pull = vjp_checked(fm, X)
         if s is None:
             s = int(max(1, min(s_max, work_budget() // (8 * (draw_numel(fm, what) + f.numel())))))
-        xi = probe_vectors(run.likelihood, f, method, probe, s, run.generator)  # (B, C, s)
+        fs = fm.structured(f)
+        run.m += run.likelihood.count(fs, Y)
+        xi = probe_vectors(run.likelihood, fs, method, probe, s, run.generator, Y)  # (B, M, s)
         if s == 1:  # one plain backward pass (vmap over a single draw would only add overhead)
             v = {n: t[None] for n, t in pull(xi[..., 0])[0].items()}
         else:  # {name: (s, *shape)} = Σ_n J_nᵀ ξ_n per draw, draws batched
@@ -186,7 +187,7 @@ def _per_sample_chunk(run: Request, method: str, what: str, probe: str, s: int) 
     :func:`fisherlens._core.stream` sizes the data chunks for the ``s`` columns."""
     fm, acc = run.fm, {}
     want = {"diagk"} if what == "diag" else {"sqnorm"}
-    make_v = lambda f, _: probe_vectors(run.likelihood, f, method, probe, s, run.generator)  # noqa: E731
+    make_v = lambda f, y: probe_vectors(run.likelihood, f, method, probe, s, run.generator, y)  # noqa: E731
     for _, _, st in run.chunks(want, make_v, columns=lambda C: s):
         for n in fm.names:
             x = st.diagk[n] if what == "diag" else st.sqnorm[n].sum(0)

@@ -1,9 +1,10 @@
 """Exact Fisher information: dense matrix, diagonal, trace, per-parameter blocks, Fisher–Rao norm.
 
-Normalisation (docs/conventions.md#fisher-information): with per-sample Jacobians ``J_n (C×P)`` and the kind's
-sandwich ``V_n`` (:meth:`fisherlens.Likelihood.sandwich`),
+Normalisation (docs/conventions.md#fisher-information): with per-sample Jacobians ``J_n (M×P)`` of the flat
+outputs and the kind's sandwich ``V_n`` (:meth:`fisherlens.Likelihood.sandwich`),
 
-    F = (1/N) Σ_n J_nᵀ V_n V_nᵀ J_n        (``reduction="sum"`` drops the 1/N),
+    F = (1/N) Σ_n J_nᵀ V_n V_nᵀ J_n        (``reduction="sum"`` drops the 1/N; ``"per_prediction"`` divides
+                                           by the number of kept predictions instead),
 
 * ``kind="true"``:      ``V_n V_nᵀ = Λ(f_n)``, the output model's Fisher (type-2 / expected Fisher);
 * ``kind="empirical"``: ``V_n = ∂ℓ/∂f`` at the observed label, so ``F = (1/N) Σ g_n g_nᵀ``, ``g_n = ∇_θ ℓ_n``;
@@ -32,7 +33,7 @@ __all__ = ["fisher_matrix", "fisher_diag", "fisher_trace", "fisher_blocks", "fis
 
 def fisher_matrix(
     model, data, likelihood, kind="true", *, params=None, reduction="mean", samples=1, generator=None,
-    batch_size=None, engine="auto", max_memory: int | None = None,
+    batch_size=None, engine="auto", max_memory: int | None = None, output=None,
 ) -> Tensor:
     """Dense Fisher matrix ``F (P, P)`` = ``(1/N) Σ_n J_nᵀ V_n V_nᵀ J_n``.
 
@@ -41,26 +42,32 @@ def fisher_matrix(
     :func:`fisher_blocks` or ``params=`` instead.
 
     Args:
-        model: any ``torch.nn.Module`` mapping a batch ``x`` to outputs ``(B, C)`` (1-D output: C = 1);
-            BatchNorm/Dropout must be in eval mode.
-        data: ``(X, Y)`` tensors, a ``Dataset`` or an iterable of ``(X, Y)`` batches (streamed);
-            ``Y`` may be ``None`` unless ``kind="empirical"``.
+        model: any ``torch.nn.Module`` mapping a batch ``x`` to outputs ``(B, C)`` (1-D output: C = 1) or
+            structured outputs ``(B, *positions, C)`` (a language model's ``(B, T, V)``; the output model's
+            ``channels`` says where C is); BatchNorm/Dropout must be in eval mode.
+        data: ``(X, Y)`` tensors, a dict of tensors, a ``Dataset`` or an iterable of batches (streamed): each
+            ``(X, Y)``, or a dict of keyword inputs of the model with ``labels`` (and ``mask``); ``Y`` may be
+            ``None`` unless ``kind="empirical"``.  Labels equal to ``ignore_index`` are dropped positions.
         likelihood: ``fl.Gaussian(sigma)``, ``fl.Categorical()``, ``fl.Bernoulli()`` or ``fl.LossInduced(loss)``.
         kind: ``"true"``, ``"empirical"`` or ``"mc"``.
         params: subset of parameters (names, module prefixes or tensors); default all with ``requires_grad``.
-        reduction: ``"mean"`` (default, 1/N) or ``"sum"`` over the data.
+        reduction: ``"mean"`` (default): mean over the N inputs of each input's sum over its kept positions;
+            ``"per_prediction"``: divided by the number of kept predictions instead (what
+            ``cross_entropy(reduction="mean")`` averages over); ``"sum"``: no normalisation.
         samples: labels drawn per input for ``kind="mc"``.
         generator: ``torch.Generator`` for ``kind="mc"``.
         batch_size: chunk size when ``data`` are tensors or a Dataset (default 256).
         engine: ``"auto"`` (layerwise fast path where it applies, verified; torch.func elsewhere),
             ``"layerwise"`` or ``"functional"`` (pure ``torch.func``; the general reference path).
         max_memory: largest size of the result in bytes.
+        output: a callable picking the output tensor from what the model returns (a tuple, dict or
+            ``ModelOutput``), e.g. ``output=lambda out: out.logits``.
 
     Returns:
         Tensor ``(P, P)`` in the model's dtype.
     """
     run = Request(model=model, data=data, likelihood=likelihood, kind=kind, params=params, reduction=reduction,
-                  samples=samples, generator=generator, batch_size=batch_size, engine=engine)
+                  samples=samples, generator=generator, batch_size=batch_size, engine=engine, output=output)
     fm = run.fm
     item = fm.itemsize
     check_dense(
@@ -107,12 +114,12 @@ def trace_dict(run: Request, make_v=None, columns=None) -> dict[str, float]:
 
 def fisher_diag(
     model, data, likelihood, kind="true", method="exact", *, params=None, reduction="mean", samples=1,
-    generator=None, batch_size=None, engine="auto", probe="rademacher", per_sample=False,
+    generator=None, batch_size=None, engine="auto", probe="rademacher", per_sample=False, output=None,
 ) -> Tensor | Estimate:
     """Diagonal of the Fisher, ``diag F (P,)`` = ``(1/N) Σ_n Σ_k (V_nᵀ J_n)_k²``, without forming F.
 
     Args:
-        model, data, likelihood, kind, params, reduction, samples, generator, batch_size, engine: as in
+        model, data, likelihood, kind, params, reduction, samples, generator, batch_size, engine, output: as in
             :func:`fisher_matrix`.
         method: ``"exact"``; or a random estimate of the true Fisher's diagonal (see
             :mod:`fisherlens.estimators`): ``"hutchinson"`` (one backward pass per batch and draw) or
@@ -126,23 +133,23 @@ def fisher_diag(
     check_choice("method", method, METHODS)
     if method != "exact":
         run = Request(model=model, data=data, likelihood=likelihood, kind=kind, params=params, reduction=reduction,
-                      generator=generator, batch_size=batch_size, engine=engine)
+                      generator=generator, batch_size=batch_size, engine=engine, output=output)
         return estimate(run, method, "diag", probe=probe, per_sample=per_sample, samples=samples, total=True)
     run = Request(model=model, data=data, likelihood=likelihood, kind=kind, params=params, reduction=reduction,
-                  samples=samples, generator=generator, batch_size=batch_size, engine=engine)
+                  samples=samples, generator=generator, batch_size=batch_size, engine=engine, output=output)
     return run.fm.flatten(diag_dict(run))
 
 
 def fisher_trace(
     model, data, likelihood, kind="true", method="exact", *, params=None, reduction="mean", samples=1,
-    generator=None, batch_size=None, engine="auto", probe="rademacher", per_sample=False,
+    generator=None, batch_size=None, engine="auto", probe="rademacher", per_sample=False, output=None,
 ) -> float | Estimate:
     """Trace of the Fisher, ``tr F = (1/N) Σ_n ‖V_nᵀ J_n‖²_F`` (empirical: ``(1/N) Σ_n ‖g_n‖²``).
 
     Computed from per-sample squared norms; per-sample gradients are not materialised on the fast path.
 
     Args:
-        model, data, likelihood, kind, params, reduction, samples, generator, batch_size, engine: as in
+        model, data, likelihood, kind, params, reduction, samples, generator, batch_size, engine, output: as in
             :func:`fisher_matrix`.
         method: ``"exact"``, ``"hutchinson"`` or ``"mc"`` (as in :func:`fisher_diag`).
         probe, per_sample: as in :func:`fisher_diag`.
@@ -153,10 +160,10 @@ def fisher_trace(
     check_choice("method", method, METHODS)
     if method != "exact":
         run = Request(model=model, data=data, likelihood=likelihood, kind=kind, params=params, reduction=reduction,
-                      generator=generator, batch_size=batch_size, engine=engine)
+                      generator=generator, batch_size=batch_size, engine=engine, output=output)
         return estimate(run, method, "trace", probe=probe, per_sample=per_sample, samples=samples, total=True)
     run = Request(model=model, data=data, likelihood=likelihood, kind=kind, params=params, reduction=reduction,
-                  samples=samples, generator=generator, batch_size=batch_size, engine=engine)
+                  samples=samples, generator=generator, batch_size=batch_size, engine=engine, output=output)
     return float(math.fsum(trace_dict(run).values()))
 
 
@@ -170,7 +177,7 @@ def _check_blocks(fm, max_memory, extra: int = 1) -> None:
 def fisher_blocks(
     model, data, likelihood, kind="true", what="diag", method="exact", *, params=None, reduction="mean",
     samples=1, generator=None, batch_size=None, engine="auto", probe="rademacher", per_sample=False,
-    max_memory: int | None = None,
+    max_memory: int | None = None, output=None,
 ) -> dict:
     """Per-parameter-tensor (per-layer) view of the Fisher: ``{name: value}``.
 
@@ -178,7 +185,7 @@ def fisher_blocks(
     ``fisher_trace``); ``"dense"``: the diagonal block ``F_[name, name]`` of shape ``(numel, numel)``.
 
     Args:
-        model, data, likelihood, kind, params, reduction, samples, generator, batch_size, engine: as in
+        model, data, likelihood, kind, params, reduction, samples, generator, batch_size, engine, output: as in
             :func:`fisher_matrix`.
         what: ``"diag"``, ``"trace"`` or ``"dense"``.
         method, probe, per_sample: as in :func:`fisher_diag`; random methods give :class:`Estimate` values.
@@ -188,13 +195,13 @@ def fisher_blocks(
     check_choice("method", method, METHODS)
     if method != "exact":
         run = Request(model=model, data=data, likelihood=likelihood, kind=kind, params=params, reduction=reduction,
-                      generator=generator, batch_size=batch_size, engine=engine)
+                      generator=generator, batch_size=batch_size, engine=engine, output=output)
         if what == "dense":  # the result (value and stderr); the estimator checks its own running sums
             _check_blocks(run.fm, max_memory, extra=2)
         return estimate(run, method, what, probe=probe, per_sample=per_sample, samples=samples,
                         max_memory=max_memory)
     run = Request(model=model, data=data, likelihood=likelihood, kind=kind, params=params, reduction=reduction,
-                  samples=samples, generator=generator, batch_size=batch_size, engine=engine)
+                  samples=samples, generator=generator, batch_size=batch_size, engine=engine, output=output)
     fm = run.fm
     if what == "diag":
         return diag_dict(run)
@@ -212,18 +219,17 @@ def fisher_blocks(
 
 def fisher_rao_norm(
     model, data, likelihood, kind="true", *, params=None, reduction="mean", samples=1, generator=None,
-    batch_size=None,
+    batch_size=None, output=None,
 ) -> float:
     """Fisher–Rao norm ``θᵀ F θ = (1/N) Σ_n ‖V_nᵀ (J_n θ)‖²`` with θ the selected parameters.
 
     One ``torch.func.jvp`` per batch (``J_n θ`` for all n at once); F is never formed.
 
     Args:
-        model, data, likelihood, kind, params, reduction, samples, generator, batch_size, engine: as in
+        model, data, likelihood, kind, params, reduction, samples, generator, batch_size, engine, output: as in
             :func:`fisher_matrix`.
     """
     run = Request(model=model, data=data, likelihood=likelihood, kind=kind, params=params, reduction=reduction,
-                  samples=samples, generator=generator, batch_size=batch_size, engine="functional")
-    total, _ = quadratic_sum(run.fm, run.batches(), likelihood, kind, run.fm.params, samples=samples,
-                             generator=generator)
+                  samples=samples, generator=generator, batch_size=batch_size, engine="functional", output=output)
+    total, _ = quadratic_sum(run.fm, run.batches(), run.v, run.fm.params)
     return total * run.scale()

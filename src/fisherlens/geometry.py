@@ -712,6 +712,13 @@ class FisherMetric:
             f0 = self._fm(self._fm.params, X)
         if not torch.isfinite(f0).all():
             raise ValueError("The model's outputs at its current parameters are not finite; check model and data.")
+        positions, _ = likelihood.layout(self._fm.out_shape)
+        if math.prod(positions) != 1:
+            raise ValueError(
+                f"fisher_metric takes one prediction per input (outputs (N, C)); this model's outputs have shape "
+                f"(N, {', '.join(map(str, self._fm.out_shape))}), {math.prod(positions)} predictions per input under "
+                f"{likelihood!r}. Use fl.fisher_matrix(..., params=) for the Fisher of structured outputs."
+            )
         self.n, self.C = f0.shape
         # working values per sample and tangent (heuristic, calibrated on small MLPs; see bytes_per_point)
         self._act = 24 + 2 * self.C + sum(p.numel() for p in twin.parameters()) // 8

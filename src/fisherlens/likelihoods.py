@@ -1,15 +1,17 @@
 """Output models ("likelihoods") p(y | f) and their output-space Fisher Λ(f).
 
 Every Fisher in fisherlens is the pull-back ``J_nᵀ Λ(f_n) J_n`` of an output-space
-Fisher Λ (docs/conventions.md#output-models).  A likelihood knows
+Fisher Λ (docs/conventions.md#output-models).  A likelihood knows, per prediction (rows ``f (R, C)``)
 
-* ``loss(f, y)``      per-sample negative log-likelihood (up to a y-independent constant), ``(B,)``;
-* ``sqrt_fisher(f)``  a square root ``S`` with ``S Sᵀ = Λ(f)``, ``(B, C, C)``;
-* ``fisher_out(f)``   ``Λ(f)`` itself, ``(B, C, C)``;
-* ``sample(f, k, generator)``  ``k`` labels per input drawn from p(y | f), ``(k, B, ...)``;
-* ``kl(f, g)``        per-sample KL(p(·|f) ‖ p(·|g)), used by the KL self-test.
+* ``loss(f, y)``      negative log-likelihood (up to a y-independent constant), ``(R,)``;
+* ``sqrt_fisher(f)``  a square root ``S`` with ``S Sᵀ = Λ(f)``, ``(R, C, C)``;
+* ``fisher_out(f)``   ``Λ(f)`` itself, ``(R, C, C)``;
+* ``sample(f, k, generator)``  ``k`` labels per row drawn from p(y | f), ``(k, R, ...)``;
+* ``kl(f, g)``        per-row KL(p(·|f) ‖ p(·|g)), used by the KL self-test,
 
-Shapes: ``f`` is always ``(B, C)``; labels are validated by ``check_targets``.
+and the base class lifts them to structured outputs ``(B, *positions, C)`` (or channel-first) with ignored
+positions (:meth:`Likelihood.rows`): for ``(B, C)`` outputs the rows are the inputs.  Labels are validated by
+``check_targets``.
 
 Refused with a ``ValueError`` (never a silent NaN or a wrong finite number): NaN or inf targets (every
 ``check_targets``); a loss whose value or gradient ``∂ℓ/∂f`` is NaN or inf on the given outputs and targets
@@ -21,14 +23,15 @@ float32 ``1.1e-19 ≤ σ ≤ 9.2e18``).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 Tensor = torch.Tensor
 
-__all__ = ["Likelihood", "Gaussian", "Categorical", "Bernoulli", "LossInduced"]
+__all__ = ["Likelihood", "Rows", "Gaussian", "Categorical", "Bernoulli", "LossInduced"]
 
 
 def _check_finite_targets(y: Tensor, what: str) -> None:
@@ -41,85 +44,279 @@ def _check_finite_targets(y: Tensor, what: str) -> None:
         )
 
 
+@dataclass
+class Rows:
+    """The kept predictions of a batch of structured outputs, one row each.
+
+    Attributes:
+        f: ``(R, C)`` outputs of the kept positions; ``y``: their labels (rows), or ``None``.
+        which: ``(R,)`` input of each row; ``pos``: ``(R,)`` its position ``t < T``.
+        B, T, C: inputs, positions per input, outputs per position; ``shape``: the per-input output shape ``S``.
+    """
+
+    f: Tensor
+    y: Tensor | None
+    which: Tensor
+    pos: Tensor
+    B: int
+    T: int
+    C: int
+    shape: tuple
+
+
 class Likelihood:
     """Base class of the output models ``p(y | f)``.
 
     **A new output model subclasses this and implements** :meth:`loss` **and, when its Fisher exists,**
     :meth:`sqrt_fisher` **,** :meth:`sample` **and** :meth:`kl` (set ``has_fisher = False`` otherwise);
-    :meth:`check_outputs`/:meth:`check_targets` validate, :meth:`fisher_out`, :meth:`residual` and
-    :meth:`sandwich` follow from the rest.  Shapes: outputs ``f (B, C)``, labels in the form
-    :meth:`check_targets` returns.
+    :meth:`check_outputs`/:meth:`check_targets` validate.  These act on *rows*: ``f (R, C)``, one prediction
+    per row, labels in the form :meth:`check_targets` returns.
+
+    The base class lifts them to structured outputs ``f (B, *S)``: ``(B, *positions, C)`` with
+    ``channels="last"``, ``(B, C, *positions)`` with ``channels="first"`` (as ``F.cross_entropy`` takes them).
+    Positions are conditionally independent given the input, so an input's Fisher is the sum over its kept
+    positions of the per-position Fisher; labels equal to ``ignore_index`` (integer labels), a ``mask``
+    (``True`` = keep) and an ``attention_mask`` of the positions' shape drop positions (:meth:`rows`).
+    :meth:`input_loss`, :meth:`residual`, :meth:`sandwich`, :meth:`probe`, :meth:`fisher_times` and
+    :meth:`count` take structured outputs; plain ``(B, C)`` outputs are one position per input.
     """
 
     #: whether ``Λ(f)`` exists (kind="true" and kind="mc" need it).
     has_fisher: bool = True
+    #: where the C outputs of one prediction sit: ``"last"`` (``(B, *positions, C)``) or ``"first"``
+    channels: str = "last"
+    #: integer labels equal to this are ignored (as in ``torch.nn.functional.cross_entropy``)
+    ignore_index: int = -100
+    #: every output entry is its own prediction (C = 1), e.g. independent Bernoulli logits
+    per_entry: bool = False
 
+    def _set_layout(self, channels: str, ignore_index: int) -> None:
+        if channels not in ("last", "first"):
+            raise ValueError(f"channels={channels!r} is not supported; choose 'last' ((B, *positions, C)) or "
+                             "'first' ((B, C, *positions), as torch.nn.functional.cross_entropy takes them).")
+        if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+            raise TypeError(f"ignore_index must be an integer, got {ignore_index!r}.")
+        self.channels, self.ignore_index = channels, ignore_index
+
+    # ------------------------------------------------------------------ row-level API (subclasses)
     def loss(self, f: Tensor, y: Tensor) -> Tensor:
-        """Per-sample negative log-likelihood ``ℓ(f_n, y_n)`` (up to a y-independent constant), ``(B,)``."""
+        """Per-row negative log-likelihood ``ℓ(f_r, y_r)`` (up to a y-independent constant), ``(R,)``."""
         raise NotImplementedError
 
     def sqrt_fisher(self, f: Tensor) -> Tensor:
-        """A square root ``S (B, C, C)`` of the output-space Fisher: ``S Sᵀ = Λ(f) = E_y[∇_f ℓ ∇_f ℓᵀ]``."""
+        """A square root ``S (R, C, C)`` of the output-space Fisher: ``S Sᵀ = Λ(f) = E_y[∇_f ℓ ∇_f ℓᵀ]``."""
         raise NotImplementedError
 
+    def sqrt_fisher_times(self, f: Tensor, eps: Tensor) -> Tensor:
+        """``S(f) ε`` for rows ``f (R, C)`` and ``ε (R, C, d)``, ``(R, C, d)`` (override to skip forming S)."""
+        return self.sqrt_fisher(f) @ eps
+
     def fisher_out(self, f: Tensor) -> Tensor:
-        """``Λ(f) (B, C, C)``."""
+        """``Λ(f) (R, C, C)``."""
         s = self.sqrt_fisher(f)
         return s @ s.transpose(-1, -2)
 
+    def fisher_out_times(self, f: Tensor, u: Tensor) -> Tensor:
+        """``Λ(f) u`` for rows ``f (R, C)`` and ``u (R, C, d)``, ``(R, C, d)``."""
+        s = self.sqrt_fisher(f)
+        return s @ (s.transpose(-1, -2) @ u)
+
     def sample(self, f: Tensor, k: int, generator: torch.Generator | None = None) -> Tensor:
-        """``k`` labels per input drawn from ``p(y | f)``, ``(k, B, ...)`` (``generator`` for reproducibility)."""
+        """``k`` labels per row drawn from ``p(y | f)``, ``(k, R, ...)`` (``generator`` for reproducibility)."""
         raise NotImplementedError
 
     def kl(self, f: Tensor, g: Tensor) -> Tensor:
-        """Per-sample ``KL(p(·|f) ‖ p(·|g))``, ``(B,)``."""
+        """Per-row ``KL(p(·|f) ‖ p(·|g))``, ``(R,)``."""
         raise NotImplementedError
 
     def check_outputs(self, f: Tensor) -> None:
-        """Raise ``ValueError`` if outputs ``f (B, C)`` have a number C of outputs this model cannot take."""
+        """Raise ``ValueError`` if rows ``f (R, C)`` have a number C of outputs this model cannot take."""
 
     def check_targets(self, f: Tensor, y: Tensor) -> Tensor:
-        """Validate labels against outputs ``f (B, C)``; return them in the form ``loss`` expects."""
+        """Validate labels against rows ``f (R, C)``; return them in the form ``loss`` expects."""
         return y
 
-    def sandwich(self, f: Tensor, kind: str, y: Tensor | None = None, samples: int = 1,
+    # ------------------------------------------------------------------ structured outputs
+    def layout(self, shape: tuple) -> tuple[tuple, int]:
+        """``(positions, C)`` of a per-input output shape ``S``."""
+        if self.per_entry:
+            return tuple(shape), 1
+        return (tuple(shape[:-1]), shape[-1]) if self.channels == "last" else (tuple(shape[1:]), shape[0])
+
+    def to_rows_layout(self, x: Tensor, shape: tuple) -> Tensor:
+        """``x (B, *S, *extra)`` -> ``(B, T, C, *extra)``."""
+        pos, C = self.layout(shape)
+        if self.channels == "first" and not self.per_entry:
+            x = x.movedim(1, len(pos) + 1)
+        return x.reshape(x.shape[0], math.prod(pos), C, *x.shape[1 + len(shape):])
+
+    def from_rows_layout(self, x: Tensor, shape: tuple) -> Tensor:
+        """``x (B, T, C, *extra)`` -> flat ``(B, M, *extra)`` in the model's own output order."""
+        pos, C = self.layout(shape)
+        extra = x.shape[3:]
+        x = x.reshape(x.shape[0], *pos, C, *extra)
+        if self.channels == "first" and not self.per_entry:
+            x = x.movedim(len(pos) + 1, 1)
+        return x.reshape(x.shape[0], -1, *extra)
+
+    def keep(self, f: Tensor, y) -> Tensor:
+        """``(B, T)`` bool: the kept positions of outputs ``f (B, *S)`` under targets ``y`` (a tensor, or a
+        mapping with ``labels``/``mask``/``attention_mask``)."""
+        B, shape = f.shape[0], tuple(f.shape[1:])
+        pos, _ = self.layout(shape)
+        keep = torch.ones(B, math.prod(pos), dtype=torch.bool, device=f.device)
+        labels, mask, attention = _targets(y)
+        if labels is not None and not torch.is_floating_point(labels) and tuple(labels.shape) == (B, *pos):
+            keep &= (labels != self.ignore_index).reshape(B, -1)
+        if mask is None and attention is not None:
+            if tuple(attention.shape) == (B, *pos):
+                mask = attention
+            elif labels is None:
+                raise ValueError(
+                    f"The attention_mask has shape {tuple(attention.shape)} but the outputs have positions "
+                    f"{(B, *pos)}; pass labels with ignore_index={self.ignore_index} at dropped positions, or a "
+                    "'mask' entry of the positions' shape."
+                )
+        if mask is not None:
+            if tuple(mask.shape) != (B, *pos):
+                raise ValueError(f"The mask has shape {tuple(mask.shape)}; it must have the outputs' positions "
+                                 f"{(B, *pos)} (True = keep).")
+            keep &= mask.to(f.device).bool().reshape(B, -1)
+        return keep
+
+    def rows(self, f: Tensor, y=None, with_labels: bool = True) -> Rows:
+        """The kept predictions of outputs ``f (B, *S)`` as rows, with their labels when ``y`` has labels (and
+        ``with_labels``; without, labels only drop positions).
+
+        Labels are ``(B, *positions)`` (class ids, or one target per position), shaped like the outputs, or —
+        for one position per input — anything with B rows the row-level :meth:`check_targets` takes.
+        """
+        B, shape = f.shape[0], tuple(f.shape[1:])
+        pos, C = self.layout(shape)
+        T = math.prod(pos)
+        keep = self.keep(f, y)
+        labels = _targets(y)[0] if with_labels else None
+        fr = self.to_rows_layout(f, shape)
+        if T == 1 and bool(keep.all()):  # one prediction per input: the rows are the inputs
+            yr = None if labels is None else self.check_targets(fr[:, 0], labels)
+            idx = torch.arange(B, device=f.device)
+            return Rows(fr[:, 0], yr, idx, torch.zeros_like(idx), B, T, C, shape)
+        which, t = keep.nonzero(as_tuple=True)
+        yr = None
+        if labels is not None:
+            if tuple(labels.shape) == (B, *pos):
+                yl = labels.reshape(B, T)
+            elif tuple(labels.shape) == (B, *shape):
+                yl = self.to_rows_layout(labels, shape)
+            elif T == 1 and len(labels) == B:
+                yl = labels.reshape(B, 1, *labels.shape[1:])
+            else:
+                raise ValueError(
+                    f"Labels of shape {tuple(labels.shape)} do not match outputs of shape {(B, *shape)}: give one "
+                    f"label per position, {(B, *pos)} (ignore_index={self.ignore_index} drops one), or targets "
+                    "shaped like the outputs."
+                )
+            yr = self.check_targets(fr[which, t], yl[which, t]) if len(which) else yl[which, t]
+        return Rows(fr[which, t], yr, which, t, B, T, C, shape)
+
+    def scatter(self, rows: Rows, x: Tensor) -> Tensor:
+        """Row values ``x (R, C, *extra)`` back to flat ``(B, M, *extra)`` outputs (zeros at dropped positions)."""
+        if rows.T == 1 and len(rows.which) == rows.B:
+            return self.from_rows_layout(x[:, None], rows.shape)
+        out = x.new_zeros(rows.B, rows.T, *x.shape[1:])
+        out[rows.which, rows.pos] = x
+        return self.from_rows_layout(out, rows.shape)
+
+    def count(self, f: Tensor, y=None) -> int:
+        """Kept predictions (positions) of outputs ``f (B, *S)``: the ``reduction="per_prediction"`` count."""
+        return int(self.keep(f, y).sum())
+
+    def input_loss(self, f: Tensor, y) -> Tensor:
+        """Each input's loss summed over its kept positions, ``(B,)``, for outputs ``f (B, *S)``."""
+        rows = self.rows(f, y)
+        if rows.y is None:
+            raise ValueError("This quantity needs labels (e.g. kind='empirical'): pass data as (X, Y).")
+        ell = self.loss(rows.f, rows.y) if len(rows.which) else rows.f.sum(-1) * 0  # (0,), still differentiable
+        return ell.new_zeros(rows.B).index_add(0, rows.which, ell)
+
+    def sandwich(self, f: Tensor, kind: str, y=None, samples: int = 1,
                  generator: torch.Generator | None = None) -> Tensor:
-        """The factor ``V (B, C, K)`` of the per-input Fisher ``F_n = J_nᵀ V_n V_nᵀ J_n`` from outputs ``f (B, C)``.
+        """The factor ``V (B, M, K)`` of the per-input Fisher ``F_n = J_nᵀ V_n V_nᵀ J_n`` from outputs ``f (B, *S)``.
 
-        * ``kind="true"``: ``V = S(f)``, ``V Vᵀ = Λ(f)`` (K = C);
-        * ``kind="empirical"``: ``V = ∂ℓ(f, y)/∂f`` at the observed labels ``y`` (K = 1);
-        * ``kind="mc"``: ``V = [∂ℓ(f, ŷ_1)/∂f … ∂ℓ(f, ŷ_k)/∂f] / √k`` with ``ŷ ~ p(y | f)``, ``k = samples`` (K = k),
-          so that ``E[V Vᵀ] = Λ(f)``.
+        * ``kind="true"``: block-diagonal over positions, each block ``S(f_t)`` with ``S Sᵀ = Λ(f_t)`` (K = M);
+        * ``kind="empirical"``: ``V = ∂ℓ_n/∂f`` of each input's summed loss at the observed labels (K = 1);
+        * ``kind="mc"``: ``V = [∂ℓ_n(ŷ_1)/∂f … ∂ℓ_n(ŷ_k)/∂f] / √k`` with labels ``ŷ ~ p(y | f)`` drawn at every
+          kept position, ``k = samples`` (K = k), so that ``E[V Vᵀ] = Σ_t Λ(f_t)``.
 
-        Refuses, before allocating, ``samples`` draws that cannot fit in memory.
+        Dropped positions have zero rows.  Refuses, before allocating, ``samples`` draws that cannot fit in memory.
         """
         from ._core.checks import check_dense  # the core's memory rule (imported late: the core imports this)
 
         f = f.detach()
-        self.check_outputs(f)
-        if kind == "true":
-            return self.sqrt_fisher(f)
         if kind == "empirical":
-            return self.residual(f, self.check_targets(f, y))[:, :, None]
-        if kind != "mc":
+            return self.residual(f, y).reshape(len(f), -1, 1)
+        if kind not in ("true", "mc"):
             raise ValueError(f"kind={kind!r} is not supported; choose one of 'true', 'empirical', 'mc'.")
+        rows = self.rows(f, y, with_labels=False)
+        self.check_outputs(rows.f)
+        if kind == "true":
+            S = self.sqrt_fisher(rows.f)  # (R, C, C)
+            if rows.T == 1:
+                return self.scatter(rows, S)
+            check_dense(f"kind='true' on {rows.T} positions × {rows.C} outputs ({rows.T * rows.C} sandwich columns "
+                        f"per input, for {rows.B} inputs)", rows.B * (rows.T * rows.C) ** 2, f.element_size(),
+                        "Use method='hutchinson' (one backward per batch) or kind='mc'", None)
+            blocks = S.new_zeros(len(S), rows.C, rows.T, rows.C)
+            blocks[torch.arange(len(S)), :, rows.pos] = S
+            return self.scatter(rows, blocks.reshape(len(S), rows.C, rows.T * rows.C))
         check_dense(f"kind='mc' with samples={samples} label draws for {len(f)} inputs", f.numel() * samples,
                     4 * f.element_size(), "Use fewer samples=, or method='hutchinson'", None)
-        ys = self.sample(f, samples, generator)  # (k, B, ...)
-        fk = f.expand(samples, *f.shape).reshape(-1, f.shape[-1])
-        r = self.residual(fk, ys.reshape(-1, *ys.shape[2:]))
-        return r.reshape(samples, *f.shape).permute(1, 2, 0) / math.sqrt(samples)
+        R = len(rows.f)
+        if R == 0:  # every position dropped: no label to draw
+            return f.new_zeros(len(f), f[0].numel(), samples)
+        ys = self.sample(rows.f, samples, generator)  # (k, R, ...)
+        fk = rows.f.expand(samples, *rows.f.shape).reshape(-1, rows.C)
+        r = self.row_residual(fk, ys.reshape(-1, *ys.shape[2:])).reshape(samples, R, rows.C)
+        return self.scatter(rows, r.permute(1, 2, 0)) / math.sqrt(samples)
 
-    def residual(self, f: Tensor, y: Tensor) -> Tensor:
-        """``r_n = ∂ℓ(f_n, y_n)/∂f_n``, shape ``(B, C)``; batched autograd, no loop over samples.
+    def probe(self, f: Tensor, eps: Tensor, y=None) -> Tensor:
+        """``ξ = S ε`` per kept position for outputs ``f (B, *S)`` and flat ``ε (B, M, d)``, ``(B, M, d)``:
+        ``E[ξ ξᵀ] = Σ_t Λ(f_t)`` for probes with ``E[ε εᵀ] = I``."""
+        f = f.detach()
+        rows = self.rows(f, y, with_labels=False)
+        self.check_outputs(rows.f)
+        e = self.to_rows_layout(eps.reshape(*f.shape, -1), rows.shape)[rows.which, rows.pos]  # (R, C, d)
+        return self.scatter(rows, self.sqrt_fisher_times(rows.f, e))
 
-        Raises ``ValueError`` when the loss or its gradient is NaN or inf for some sample (the Fisher would be
-        NaN, or finite and wrong): the message names the first such sample.
+    def fisher_times(self, f: Tensor, u: Tensor, y=None) -> Tensor:
+        """``Σ_t Λ(f_t) u_t`` per input for outputs ``f (B, *S)`` and flat ``u (B, M, d)``: ``(B, M, d)``."""
+        f = f.detach()
+        rows = self.rows(f, y, with_labels=False)
+        self.check_outputs(rows.f)
+        ur = self.to_rows_layout(u.reshape(*f.shape, -1), rows.shape)[rows.which, rows.pos]
+        return self.scatter(rows, self.fisher_out_times(rows.f, ur))
+
+    def residual(self, f: Tensor, y) -> Tensor:
+        """``r_n = ∂ℓ_n/∂f_n`` of each input's summed loss, shaped like ``f (B, *S)``; batched autograd.
+
+        Raises ``ValueError`` when the loss or its gradient is NaN or inf for some input (the Fisher would be
+        NaN, or finite and wrong): the message names the first such input.
         """
+        with torch.enable_grad():
+            f = f.detach().requires_grad_(True)
+            ell = self.input_loss(f, y)
+            (r,) = torch.autograd.grad(ell.sum(), f)
+        return self._check_residual(f, ell, r)
+
+    def row_residual(self, f: Tensor, y: Tensor) -> Tensor:
+        """``∂ℓ(f_r, y_r)/∂f_r`` for rows ``f (R, C)`` and row labels, ``(R, C)``."""
         with torch.enable_grad():
             f = f.detach().requires_grad_(True)
             ell = self.loss(f, y)
             (r,) = torch.autograd.grad(ell.sum(), f)
+        return self._check_residual(f, ell, r)
+
+    def _check_residual(self, f: Tensor, ell: Tensor, r: Tensor) -> Tensor:
         good_value = torch.isfinite(ell.detach()).reshape(len(r), -1).all(1)
         ok = good_value & torch.isfinite(r).reshape(len(r), -1).all(1)
         if not ok.all():
@@ -137,6 +334,15 @@ class Likelihood:
         return f"{type(self).__name__}()"
 
 
+def _targets(y) -> tuple:
+    """``(labels, mask, attention_mask)`` of targets ``y``: a tensor of labels, ``None`` or a mapping."""
+    if y is None:
+        return None, None, None
+    if isinstance(y, Mapping):
+        return y.get("labels"), y.get("mask"), y.get("attention_mask")
+    return torch.as_tensor(y), None, None
+
+
 class Gaussian(Likelihood):
     r"""Isotropic Gaussian ``N(y; f, σ² I)``: ``Λ = I/σ²``, ``S = I/σ``, loss ``‖f − y‖²/(2σ²)``.
 
@@ -144,10 +350,12 @@ class Gaussian(Likelihood):
     (``1.5e-154 ≤ σ ≤ 6.7e153``; else ``ValueError``); outputs of a lower precision narrow the range to where
     they are finite and normal in their dtype (float32: ``1.1e-19 ≤ σ ≤ 9.2e18``), checked by
     :meth:`check_outputs`.
-    Targets: the outputs' shape, finite.
+    Targets: the outputs' shape, finite.  On structured outputs each position is one prediction of its C
+    outputs (``channels`` says which axis holds them); only a ``mask`` drops positions.
     """
 
-    def __init__(self, sigma: float = 1.0):
+    def __init__(self, sigma: float = 1.0, *, channels: str = "last"):
+        self._set_layout(channels, -100)
         try:
             s = float(sigma)
         except (TypeError, ValueError) as e:
@@ -182,6 +390,12 @@ class Gaussian(Likelihood):
         eye = torch.eye(f.shape[-1], dtype=f.dtype, device=f.device) / self.sigma
         return eye.expand(f.shape[0], -1, -1)
 
+    def sqrt_fisher_times(self, f, eps):
+        return eps / self.sigma
+
+    def fisher_out_times(self, f, u):
+        return u / self.sigma**2
+
     def sample(self, f, k, generator=None):
         noise = torch.randn((k, *f.shape), generator=generator, dtype=f.dtype, device=f.device)
         return f.detach() + self.sigma * noise
@@ -204,16 +418,28 @@ class Gaussian(Likelihood):
         return y.to(f.dtype)
 
     def __repr__(self):
-        return f"Gaussian(sigma={self.sigma})"
+        return f"Gaussian(sigma={self.sigma})" if self.channels == "last" else \
+            f"Gaussian(sigma={self.sigma}, channels='first')"
 
 
 class Categorical(Likelihood):
     r"""Softmax classifier on logits ``f``: ``π = softmax(f)``, ``Λ = diag(π) − π πᵀ``.
 
-    Square root ``S = diag(√π) − π √πᵀ`` (check: ``S Sᵀ = diag(π) − 2ππᵀ + π(Σπ)πᵀ = Λ``).
-    Labels: integer classes ``(B,)`` in ``[0, C)`` or probability vectors ``(B, C)`` (finite, non-negative,
-    rows summing to 1); anything else, NaN and inf included, is refused.
+    Square root ``S = diag(√π) − π √πᵀ`` (check: ``S Sᵀ = diag(π) − 2ππᵀ + π(Σπ)πᵀ = Λ``); ``S ε`` and
+    ``Λ u`` cost O(C) per prediction (no C×C matrix).
+    Labels: integer classes ``(B, *positions)`` in ``[0, C)`` (``ignore_index``, default −100 as in torch,
+    drops a position) or probability vectors shaped like the outputs (finite, non-negative, summing to 1);
+    anything else, NaN and inf included, is refused.  Outputs ``(B, *positions, C)``, or ``(B, C, *positions)``
+    with ``channels="first"`` (``F.cross_entropy``'s layout).
     """
+
+    def __init__(self, *, channels: str = "last", ignore_index: int = -100):
+        self._set_layout(channels, ignore_index)
+
+    def __repr__(self):
+        opts = [f"channels={self.channels!r}"] * (self.channels != "last") + \
+            [f"ignore_index={self.ignore_index}"] * (self.ignore_index != -100)
+        return f"Categorical({', '.join(opts)})"
 
     def loss(self, f, y):
         logp = F.log_softmax(f, dim=-1)
@@ -229,6 +455,15 @@ class Categorical(Likelihood):
     def fisher_out(self, f):
         p = torch.softmax(f, dim=-1)
         return torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+
+    def sqrt_fisher_times(self, f, eps):
+        p = torch.softmax(f, dim=-1)[:, :, None]
+        sp = p.sqrt()
+        return sp * eps - p * (sp * eps).sum(1, keepdim=True)
+
+    def fisher_out_times(self, f, u):
+        p = torch.softmax(f, dim=-1)[:, :, None]
+        return p * u - p * (p * u).sum(1, keepdim=True)
 
     def sample(self, f, k, generator=None):
         p = torch.softmax(f.detach(), dim=-1)
@@ -267,10 +502,19 @@ class Categorical(Likelihood):
 
 
 class Bernoulli(Likelihood):
-    r"""One logit ``f (B, 1)``: ``π = sigmoid(f)``, ``Λ = π(1 − π)``, ``S = √(π(1 − π))``.
+    r"""Independent logits: every output entry ``f`` is one prediction, ``π = sigmoid(f)``, ``Λ = π(1 − π)``,
+    ``S = √(π(1 − π))``.
 
-    Labels in ``{0, 1}`` (or probabilities in ``[0, 1]``), shape ``(B,)`` or ``(B, 1)``; NaN is refused.
+    One logit ``(B, 1)`` is a binary classifier; ``(B, K)`` are K independent labels (multi-label, the model
+    of ``BCEWithLogitsLoss``), and any ``(B, *S)`` works alike.  Labels in ``{0, 1}`` (or probabilities in
+    ``[0, 1]``) shaped like the outputs (``(B,)`` for one logit); NaN is refused; integer labels equal to
+    ``ignore_index`` and a ``mask`` drop entries.
     """
+
+    per_entry = True
+
+    def __init__(self, *, ignore_index: int = -100):
+        self._set_layout("last", ignore_index)
 
     def loss(self, f, y):
         return F.binary_cross_entropy_with_logits(f, y, reduction="none").sum(-1)
@@ -278,6 +522,14 @@ class Bernoulli(Likelihood):
     def sqrt_fisher(self, f):
         p = torch.sigmoid(f)
         return (p * (1 - p)).sqrt()[:, :, None]
+
+    def sqrt_fisher_times(self, f, eps):
+        p = torch.sigmoid(f)[:, :, None]
+        return (p * (1 - p)).sqrt() * eps
+
+    def fisher_out_times(self, f, u):
+        p = torch.sigmoid(f)[:, :, None]
+        return p * (1 - p) * u
 
     def sample(self, f, k, generator=None):
         p = torch.sigmoid(f.detach()).expand(k, *f.shape)
@@ -288,11 +540,8 @@ class Bernoulli(Likelihood):
         return (pf * (F.logsigmoid(f) - F.logsigmoid(g)) + (1 - pf) * (F.logsigmoid(-f) - F.logsigmoid(-g))).sum(-1)
 
     def check_outputs(self, f):
-        if f.shape[-1] != 1:
-            raise ValueError(
-                f"Bernoulli needs a model with one output (a logit); this one has {f.shape[-1]}. "
-                "For several classes use fl.Categorical()."
-            )
+        if f.shape[-1] != 1:  # rows of independent logits always have C = 1
+            raise ValueError(f"Bernoulli rows hold one logit each; got {f.shape[-1]}.")
 
     def check_targets(self, f, y):
         self.check_outputs(f)
@@ -309,14 +558,18 @@ class LossInduced(Likelihood):
     r"""The model ``p(y | f) ∝ exp(−ℓ(f, y))`` of Sauter (2023) §3.2.5, defined by a loss only.
 
     Its normaliser is unknown, so only the empirical Fisher (``g_n = ∇_θ ℓ``) is defined.
-    ``loss(f (B, C), y) -> (B,)`` per-sample losses, e.g. from :mod:`fisherlens.losses`.  Refused
+    ``loss(f (R, C), y) -> (R,)`` per-prediction losses, e.g. from :mod:`fisherlens.losses` (one row per input
+    for ``(B, C)`` outputs; one per position for structured outputs, ``channels`` as in :class:`Categorical`).
+    Refused
     (``ValueError``): NaN/inf floating targets, a loss of another shape, and a loss whose value or gradient is
     NaN or inf on the data (:meth:`Likelihood.residual`).
     """
 
     has_fisher = False
 
-    def __init__(self, loss: Callable[[Tensor, Tensor], Tensor]):
+    def __init__(self, loss: Callable[[Tensor, Tensor], Tensor], *, channels: str = "last",
+                 ignore_index: int = -100):
+        self._set_layout(channels, ignore_index)
         if not callable(loss):
             raise TypeError(f"LossInduced(loss) needs a callable loss(f, y) -> per-sample losses, got {loss!r}.")
         self._loss = loss

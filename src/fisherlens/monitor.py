@@ -440,7 +440,7 @@ class Monitor:
             old = fm.unflatten(self._theta_prev.to(theta))
             delta = fm.unflatten(theta - self._theta_prev.to(theta))
             batches = iter_batches(self.probe, fm, need_y=self.kind == "empirical", batch_size=self.batch_size)
-            q, n = quadratic_sum(fm, batches, self.likelihood, self.kind, delta, at=old)
+            q, n = quadratic_sum(fm, batches, lambda f, y: self.likelihood.sandwich(f, self.kind, y), delta, at=old)
             self._path += math.sqrt(max(q / n, 0.0))
         self._theta_prev = theta
         return self._path

@@ -1,8 +1,9 @@
 """Empirical neural tangent kernel and the Fisher–NTK trace relation of Sauter (2023) §5.1.
 
-Convention (docs/conventions.md#neural-tangent-kernel): ``Θ_{nm,ab} = ∇_θ f_a(x_n) · ∇_θ f_b(x_m)``, shape ``(N, M,
-C, C)``, **summed over parameters and not averaged over outputs** (neural-tangents averages over outputs by default;
-we do not).
+Convention (docs/conventions.md#neural-tangent-kernel): ``Θ_{nm,ab} = ∇_θ f_a(x_n) · ∇_θ f_b(x_m)``, shape ``(N, N',
+M, M)`` with ``M`` the flat output size per input (``C``, or ``T·V`` for ``(B, T, V)`` outputs, in the outputs' own
+memory order), **summed over parameters and not averaged over outputs** (neural-tangents averages over outputs by
+default; we do not).
 
 """
 
@@ -10,12 +11,15 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Mapping
 
 import torch
 
 from ._core import (
+    Fields,
     FunctionalModel,
     Request,
+    batch_len,
     batch_stats,
     check_choice,
     check_dense,
@@ -23,6 +27,7 @@ from ._core import (
     chunk_size,
     identity_sandwich,
     output_dim,
+    split_fields,
     stream,
 )
 from .results import TraceRelation
@@ -32,18 +37,21 @@ Tensor = torch.Tensor
 __all__ = ["ntk", "ntk_trace", "fisher_ntk_trace", "TraceRelation"]
 
 
-def _inputs(x, fm: FunctionalModel) -> Tensor:
-    if isinstance(x, (tuple, list)) and x and isinstance(x[0], Tensor):
+def _inputs(x, fm: FunctionalModel):
+    if isinstance(x, (tuple, list)) and x and isinstance(x[0], (Tensor, Mapping)):
         x = x[0]
-    if not isinstance(x, Tensor):
-        raise TypeError(f"ntk needs input tensors (N, ...); got {type(x).__name__}. Use ntk_trace for data streams.")
-    if x.dim() == 0 or len(x) == 0:
+    if isinstance(x, Mapping):
+        x = split_fields(x)[0]
+    if not isinstance(x, (Tensor, Fields)):
+        raise TypeError(f"ntk needs input tensors (N, ...) or a dict of keyword inputs; got {type(x).__name__}. "
+                        "Use ntk_trace for data streams.")
+    if batch_len(x) == 0:
         raise ValueError("ntk needs at least one input.")
-    return x.to(fm.device, fm.dtype) if torch.is_floating_point(x) else x.to(fm.device)
+    return x.to(fm.device, fm.dtype) if isinstance(x, Fields) or torch.is_floating_point(x) else x.to(fm.device)
 
 
-def _jacobians(fm: FunctionalModel, x: Tensor, step: int, engine: str):
-    """Yield ``(start, J (b, C, P))`` for chunks of ``x``: per-sample Jacobians, rows of the NTK."""
+def _jacobians(fm: FunctionalModel, x, step: int, engine: str):
+    """Yield ``(start, J (b, M, P))`` for chunks of ``x``: per-sample Jacobians, rows of the NTK."""
     for i in range(0, len(x), step):
         _, _, st = batch_stats(fm, x[i : i + step], identity_sandwich, {"rows"}, engine)
         yield i, torch.cat([st.rows[n] for n in fm.names], dim=-1)
@@ -51,24 +59,26 @@ def _jacobians(fm: FunctionalModel, x: Tensor, step: int, engine: str):
 
 def ntk(
     model, x1, x2=None, *, params=None, batch_size: int | None = None, engine: str = "auto",
-    max_memory: int | None = None,
+    max_memory: int | None = None, output=None,
 ) -> Tensor:
-    """Empirical NTK ``Θ (N1, N2, C, C)``, ``Θ_{nm,ab} = ∇_θ f_a(x1_n) · ∇_θ f_b(x2_m)``.
+    """Empirical NTK ``Θ (N1, N2, M, M)``, ``Θ_{nm,ab} = ∇_θ f_a(x1_n) · ∇_θ f_b(x2_m)``.
 
     Args:
-        model: module mapping ``(B, ...)`` inputs to ``(B, C)`` outputs.
-        x1: inputs ``(N1, ...)``; x2: inputs ``(N2, ...)``, default ``x1``.
+        model: module mapping ``(B, ...)`` inputs to outputs ``(B, *S)``; ``M = prod(S)`` (``C`` for ``(B, C)``
+            outputs; a ``(B, T, V)`` language model's ``a`` runs over its ``T·V`` logits in memory order).
+        x1: inputs ``(N1, ...)`` (or a dict of keyword inputs); x2: inputs ``(N2, ...)``, default ``x1``.
         params: parameter subset (names, module prefixes or tensors); default all trainable.
         batch_size: inputs per Jacobian chunk (default: as many as fit a 512 MiB working budget); a positive
             integer (anything else raises ``ValueError``).
         engine: ``"auto"``, ``"layerwise"`` or ``"functional"`` (see :func:`fisherlens.fisher_diag`).
         max_memory: largest size of the result in bytes (default half the available memory).
+        output: picks the output tensor from the model's output, as in :func:`fisherlens.fisher_matrix`.
 
     Returns:
-        Tensor ``(N1, N2, C, C)``; summed over parameters, not averaged over outputs.
+        Tensor ``(N1, N2, M, M)``; summed over parameters, not averaged over outputs.
     """
     check_positive_int("batch_size", batch_size, optional=True)
-    fm = FunctionalModel(model, params)
+    fm = FunctionalModel(model, params, output)
     x1 = _inputs(x1, fm)
     x2 = x1 if x2 is None else _inputs(x2, fm)
     C = output_dim(fm, x1)
@@ -77,7 +87,7 @@ def ntk(
         f"ntk of {len(x1)}×{len(x2)} inputs with C={C}", len(x1) * len(x2) * C * C, item,
         "Use fl.ntk_trace, or fewer inputs", max_memory,
     )
-    step = batch_size or chunk_size(fm, x1, C, {"rows"}, engine, share=2)  # two chunks held
+    step = batch_size or chunk_size(fm, x1, C, {"rows"}, engine, share=2, M=C)  # two chunks held
     out = torch.empty(len(x1), len(x2), C, C, dtype=fm.dtype, device=fm.device)
     if x2 is x1 and len(x1) <= step:  # everything in one chunk: one Jacobian pass
         _, J = next(_jacobians(fm, x1, step, engine))
@@ -88,7 +98,8 @@ def ntk(
     return out
 
 
-def ntk_trace(model, x, *, params=None, reduction: str | None = None, batch_size=None, engine="auto") -> float:
+def ntk_trace(model, x, *, params=None, reduction: str | None = None, batch_size=None, engine="auto",
+              output=None) -> float:
     """Trace of the NTK, ``tr Θ = Σ_n Σ_a ‖∇_θ f_a(x_n)‖²`` with ``reduction="sum"``, ``(1/N) tr Θ`` with
     ``"mean"``.
 
@@ -106,7 +117,7 @@ def ntk_trace(model, x, *, params=None, reduction: str | None = None, batch_size
         reduction = "sum"
     check_choice("reduction", reduction, ("mean", "sum"))
     check_positive_int("batch_size", batch_size, optional=True)
-    fm = FunctionalModel(model, params)
+    fm = FunctionalModel(model, params, output)
     total, n = 0.0, 0
     chunks = stream(
         fm, x, lambda f, _: identity_sandwich(f), {"sqnorm"}, need_y=False, columns=lambda C: C,
@@ -120,7 +131,7 @@ def ntk_trace(model, x, *, params=None, reduction: str | None = None, batch_size
 
 def fisher_ntk_trace(
     model, data, likelihood, kind: str = "empirical", *, params=None, samples: int = 1, generator=None,
-    batch_size=None, engine: str = "auto", per_sample: bool = False,
+    batch_size=None, engine: str = "auto", per_sample: bool = False, output=None,
 ) -> TraceRelation:
     """Both sides of ``tr F = (1/N) Σ_n tr(V_nᵀ Θ_nn V_n)`` (docs/conventions.md#trace-relation), plus ``tr Θ`` alone.
 
@@ -132,12 +143,12 @@ def fisher_ntk_trace(
     """
     check_positive_int("batch_size", batch_size, optional=True)
     run = Request(model=model, data=data, likelihood=likelihood, kind=kind, params=params, samples=samples,
-                  generator=generator, batch_size=batch_size, engine=engine)
+                  generator=generator, batch_size=batch_size, engine=engine, output=output)
     fis = side = ntr = 0.0
     keep: list[tuple[Tensor, Tensor]] = []
 
     def make_v(f, _):
-        return torch.cat([identity_sandwich(f), run.v(f, _)], dim=-1)
+        return torch.cat([identity_sandwich(f), run.sandwich(f, _)], dim=-1)
 
     for f, W, st in run.chunks({"gram"}, make_v, columns=lambda C: C + run.columns(C)):
         C = f.shape[-1]

@@ -62,23 +62,29 @@ class FisherOperator:
         tangents = fm.unflatten(M.T)  # {name: (k, *shape)}
         gen = self._generator()
         out = torch.zeros(M.shape[1], fm.P, dtype=self.dtype, device=self.device)
-        n = 0
         for X, Y in run.batches():
             f, pull = vjp_checked(fm, X)
             if M.shape[1] == 1:  # a single vector: plain jvp and vjp, no vmap overhead
                 jv = jvp_checked(fm, X, {n: t[0] for n, t in tangents.items()})[1][None]
             else:
-                jv = vmap(lambda t, X=X: jvp_checked(fm, X, t)[1])(tangents)  # (k, B, C)
-            V = run.likelihood.sandwich(f, run.kind, Y, run.samples, gen)  # (B, C, K)
-            u = torch.einsum("bcj,bdj,kbd->kbc", V, V, jv)
+                jv = vmap(lambda t, X=X: jvp_checked(fm, X, t)[1])(tangents)  # (k, B, M)
+            u = self._sandwiched(fm.structured(f), Y, jv, gen)  # (k, B, M)
             if M.shape[1] == 1:
                 out += fm.flatten(pull(u[0])[0])[None]
             else:
                 out += fm.flatten(vmap(lambda c, pull=pull: pull(c)[0])(u), lead=1)
-            n += len(X)
         self.products += M.shape[1]
-        scale = 1.0 / n if run.reduction == "mean" else 1.0
-        return (out * scale).T
+        return (out * run.scale()).T
+
+    def _sandwiched(self, f: Tensor, Y, jv: Tensor, gen) -> Tensor:
+        """``V Vᵀ (J v)`` per input for ``jv (k, B, M)``: ``Σ_t Λ(f_t)`` per position for the true Fisher (no
+        ``M × M`` matrix), the kind's factor otherwise; counts the kept predictions."""
+        run = self.run
+        run.m += run.likelihood.count(f, Y)
+        if run.kind == "true":
+            return run.likelihood.fisher_times(f, jv.permute(1, 2, 0), Y).permute(2, 0, 1)
+        V = run.likelihood.sandwich(f, run.kind, Y, run.samples, gen)  # (B, M, K)
+        return torch.einsum("bcj,bdj,kbd->kbc", V, V, jv)
 
     def matvec(self, v: Tensor) -> Tensor:
         """``F v`` for ``v (P,)``."""
@@ -101,7 +107,8 @@ class FisherOperator:
 
         r = self.run
         return fisher_matrix(r.fm.model, r.data, r.likelihood, r.kind, params=r.fm.names, reduction=r.reduction,
-                             samples=r.samples, batch_size=r.batch_size, engine=r.engine, max_memory=max_memory)
+                             samples=r.samples, batch_size=r.batch_size, engine=r.engine, max_memory=max_memory,
+                             output=r.fm.output)
 
     def to_scipy(self) -> LinearOperator:
         """A ``scipy.sparse.linalg.LinearOperator`` (float64 numpy in and out; symmetric)."""
@@ -122,7 +129,7 @@ class FisherOperator:
 
 def fisher_operator(
     model, data, likelihood, kind: str = "true", *, params=None, reduction: str = "mean", samples: int = 1,
-    generator=None, batch_size=None,
+    generator=None, batch_size=None, output=None,
 ) -> FisherOperator:
     """The Fisher as a matrix-free operator (arguments as in :func:`fisherlens.fisher_matrix`).
 
@@ -131,4 +138,4 @@ def fisher_operator(
     """
     return FisherOperator(Request(model=model, data=data, likelihood=likelihood, kind=kind, params=params,
                                   reduction=reduction, samples=samples, generator=generator, batch_size=batch_size,
-                                  engine="functional"))
+                                  engine="functional", output=output))

@@ -86,7 +86,6 @@ def _gram_eigen(run: Request, k: int | None, vectors: bool, max_memory: int | No
     R = _Rows(run)
     fm, M = run.fm, R.n * R.K
     _check_gram(M, max_memory)
-    scale = _gram_scale(run, R.n)
     if M * fm.P * fm.itemsize <= 4 * work_budget():  # all rows at once
         J = torch.cat([R.rows(i) for i in range(len(R))])
         G = _gram64(J)
@@ -109,7 +108,7 @@ def _gram_eigen(run: Request, k: int | None, vectors: bool, max_memory: int | No
             U += R.rows(i).T @ W[offs[i] : offs[i + 1]]
         return U
 
-    return _gram_solve(G.mul_(scale), k, vectors, pullback, fm.dtype)
+    return _gram_solve(G.mul_(run.scale(R.n)), k, vectors, pullback, fm.dtype)  # rows counted the predictions
 
 
 def _check_gram(M: int, max_memory: int | None) -> None:
@@ -137,7 +136,8 @@ def _gram64(A: Tensor, B: Tensor | None = None) -> Tensor:
 
 
 def _gram_scale(run: Request, n: int) -> float:
-    return 1.0 / n if run.reduction == "mean" else 1.0
+    """The structured route's scale (plain outputs, one prediction per input: ``m = n``)."""
+    return run.scale(n, n)
 
 
 def _gram_solve(G: Tensor, k: int | None, vectors: bool, pullback, dtype) -> tuple[Tensor, Tensor | None]:
@@ -163,6 +163,8 @@ def _structure_reason(run: Request) -> str | None:
     chunk, and the structured route would draw them in one call, hence a different sample)."""
     if run.kind == "mc":
         return "kind='mc' draws its labels per chunk of the generic route; the structured route cannot repeat them"
+    if run.reduction == "per_prediction" or run.fm.output is not None:
+        return "the structured route takes plain (B, C) outputs normalised per input"
     try:
         _, layers, _ = mlp_structure.parse_mlp(run.fm.model)
     except (TypeError, ValueError) as e:
@@ -233,7 +235,7 @@ def _structured_gram(run: Request, X: Tensor, Y: Tensor | None, k: int | None, v
 def eigenvalues(
     model, data, likelihood, k: int | None = None, method: str = "auto", kind: str = "true", *,
     params=None, reduction: str = "mean", samples: int = 1, generator=None, batch_size=None, engine="auto",
-    return_vectors: bool = False, tol: float = 1e-8, max_memory: int | None = None,
+    return_vectors: bool = False, tol: float = 1e-8, max_memory: int | None = None, output=None,
 ):
     """Eigenvalues of the Fisher, descending (and optionally its eigenvectors, columns of ``(P, k)``).
 
@@ -284,7 +286,7 @@ def eigenvalues(
     check_choice("engine", engine, EIG_ENGINES)
     generic = "auto" if engine in ("auto", "structure", "generic") else engine
     run = Request(model=model, data=data, likelihood=likelihood, kind=kind, params=params, reduction=reduction,
-                  samples=samples, generator=generator, batch_size=batch_size, engine=generic)
+                  samples=samples, generator=generator, batch_size=batch_size, engine=generic, output=output)
     P = run.fm.P
     if k is not None and k > P:
         raise ValueError(f"k={k} is larger than the number of parameters P = {P}: the Fisher has only {P} "
@@ -394,7 +396,7 @@ def lanczos(matmat, P: int, probes: Tensor, steps: int) -> tuple[Tensor, Tensor]
 def spectral_density(
     model, data, likelihood, kind: str = "true", *, probes: int = 8, steps: int = 40, grid: int = 400,
     sigma: float | None = None, log: bool = True, floor: float | None = None, generator=None, params=None,
-    reduction: str = "mean", batch_size=None,
+    reduction: str = "mean", batch_size=None, output=None,
 ) -> SpectralDensity:
     """Spectral density of F by stochastic Lanczos quadrature (Ubaru, Chen & Saad 2017; Lin, Saad & Yang 2016).
 
@@ -408,7 +410,7 @@ def spectral_density(
     if not isinstance(probes, int) or probes < 1 or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"probes and steps must be positive integers, got {probes!r}, {steps!r}.")
     run = Request(model=model, data=data, likelihood=likelihood, kind=kind, params=params, reduction=reduction,
-                  generator=generator, batch_size=batch_size, engine="functional")
+                  generator=generator, batch_size=batch_size, engine="functional", output=output)
     op = FisherOperator(run)  # copies the generator's state for kind="mc" labels; probes then use it
     P = run.fm.P
     steps = min(steps, P)

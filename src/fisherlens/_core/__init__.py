@@ -2,9 +2,10 @@
 
 Every Fisher-type object in fisherlens is a reduction of the per-sample *factor rows*
 
-    G_n = V_nᵀ J_n ∈ R^{K×P},   J_n = ∂f_θ(x_n)/∂θ ∈ R^{C×P},   V_n ∈ R^{C×K},
+    G_n = V_nᵀ J_n ∈ R^{K×P},   J_n = ∂f_θ(x_n)/∂θ ∈ R^{M×P},   V_n ∈ R^{M×K},
 
-with the *sandwich* ``V_n`` chosen by the kind (:meth:`fisherlens.Likelihood.sandwich`; the conventions page
+with ``f_θ(x_n)`` the input's M outputs flattened (``M = C``, or ``T·C`` for outputs at T positions) and the
+*sandwich* ``V_n`` chosen by the kind (:meth:`fisherlens.Likelihood.sandwich`; the conventions page
 of the documentation defines each): ``S_n`` with ``S_n S_nᵀ = Λ(f_n)`` for the true Fisher (K = C), the loss
 gradient at the observed label for the empirical Fisher (K = 1), sampled-label gradients over √k for the MC
 Fisher (K = k), ``I`` for the NTK (K = C); so that ``F = (1/N) Σ_n G_nᵀ G_n``.
@@ -14,6 +15,7 @@ the library):
 
 * :mod:`.checks` — the only validators: choices, memory refusals, finiteness, outputs;
 * :mod:`.model` — :class:`FunctionalModel` and the checked forward / ``vjp`` / ``jvp``;
+* :mod:`.fields` — keyword (dict) batches, :class:`Fields`;
 * :mod:`.data` — streaming of every accepted form of ``data``;
 * :mod:`.request` — :class:`Request`, the keyword-only validated arguments, with the one scale rule;
 * :mod:`.stats` — :class:`Stats`, the per-batch statistics every view reduces;
@@ -53,6 +55,7 @@ from .engine import (
     stream,
     work_budget,
 )
+from .fields import Fields, batch_len, describe, split_fields
 from .functional import functional_rows
 from .layerwise.capture import Capture, WeakHook, tap_grads
 from .layerwise.plan import Plan, Signature, ambiguous, call_problems, check_batch, plan_for, signature
@@ -68,7 +71,8 @@ __all__ = [
     "ENGINES", "KINDS", "REDUCTIONS", "WORK_BUDGET", "RULES",
     "all_finite", "available_memory", "check_choice", "check_dense", "check_inputs", "check_kind",
     "check_outputs", "check_positive_int", "close_enough", "finite_result", "renamed", "tolerance",
-    "iter_batches", "batch_stats", "checked_grads", "chunk_size", "identity_sandwich", "layer_stats",
+    "iter_batches", "Fields", "batch_len", "describe", "split_fields",
+    "batch_stats", "checked_grads", "chunk_size", "identity_sandwich", "layer_stats",
     "output_dim", "quadratic_sum", "stream", "work_budget", "functional_rows",
     "Capture", "WeakHook", "tap_grads", "Plan", "Signature", "ambiguous", "call_problems", "check_batch", "plan_for",
     "signature", "Call", "LayerRule", "rule_for", "FunctionalModel", "differentiable_kernels",

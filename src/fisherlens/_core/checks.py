@@ -13,11 +13,12 @@ import warnings
 import torch
 
 from ..likelihoods import Likelihood
+from .fields import Fields, batch_len
 
 Tensor = torch.Tensor
 
 KINDS = ("true", "empirical", "mc")
-REDUCTIONS = ("mean", "sum")
+REDUCTIONS = ("mean", "sum", "per_prediction")
 ENGINES = ("auto", "layerwise", "functional")
 
 
@@ -101,14 +102,16 @@ def finite_result(what: str, value):
     return value
 
 
-def check_inputs(X: Tensor) -> None:
-    """Refuse NaN/inf in floating inputs (their Fisher is undefined, and they poison every check)."""
-    if torch.is_floating_point(X) and not all_finite(X):
-        raise ValueError("The inputs contain NaN or inf; the Fisher is undefined there. Clean the data first.")
+def check_inputs(X) -> None:
+    """Refuse NaN/inf in floating inputs (a tensor or every tensor of keyword inputs): their Fisher is undefined,
+    and they poison every check."""
+    for t in (X.values() if isinstance(X, Fields) else [X]):
+        if torch.is_floating_point(t) and not all_finite(t):
+            raise ValueError("The inputs contain NaN or inf; the Fisher is undefined there. Clean the data first.")
 
 
-def check_outputs(f: Tensor, X: Tensor, dtype: torch.dtype) -> None:
-    """Outputs ``f (B, C)`` of inputs ``X``: floating, of the parameters' dtype, one per input, finite."""
+def check_outputs(f: Tensor, X, dtype: torch.dtype) -> None:
+    """Flat outputs ``f (B, M)`` of inputs ``X``: floating, of the parameters' dtype, one per input, finite."""
     if not torch.is_floating_point(f):
         raise TypeError(f"The model returned {f.dtype} outputs; outputs must be floating point (logits, means).")
     if f.dtype != dtype:
@@ -116,8 +119,8 @@ def check_outputs(f: Tensor, X: Tensor, dtype: torch.dtype) -> None:
             f"The model returned {f.dtype} outputs but its parameters are {dtype}; make them agree "
             f"(e.g. model.to({dtype}) or drop the cast inside forward)."
         )
-    if f.shape[0] != X.shape[0]:
-        raise ValueError(f"The model returned {f.shape[0]} outputs for a batch of {X.shape[0]} inputs.")
+    if f.shape[0] != batch_len(X):
+        raise ValueError(f"The model returned {f.shape[0]} outputs for a batch of {batch_len(X)} inputs.")
     if not all_finite(f.detach()):
         raise ValueError("The model produced NaN or inf outputs on this data; the Fisher is undefined there.")
 

@@ -43,12 +43,14 @@ def work_budget() -> int:
 
 
 def identity_sandwich(f: Tensor) -> Tensor:
-    """``V = I`` (the NTK): rows are the per-sample Jacobians, ``(B, C, C)``."""
-    return torch.eye(f.shape[-1], dtype=f.dtype, device=f.device).expand(f.shape[0], -1, -1)
+    """``V = I`` (the NTK) for outputs ``f (B, *S)``: rows are the per-sample Jacobians, ``(B, M, M)``."""
+    M = f[0].numel()
+    return torch.eye(M, dtype=f.dtype, device=f.device).expand(f.shape[0], -1, -1)
 
 
-def batch_stats(fm: FunctionalModel, X: Tensor, make_v, want: set[str], engine: str = "auto"):
-    """Forward ``X``, build ``V = make_v(f) (B, C, K)``; return ``(f, V, stats)``.
+def batch_stats(fm: FunctionalModel, X, make_v, want: set[str], engine: str = "auto"):
+    """Forward ``X``, build ``V = make_v(f) (B, M, K)`` from the outputs in the model's shape ``f (B, *S)``;
+    return ``(f, V, stats)`` with the flat outputs ``f (B, M)``.
 
     ``want`` ⊆ {diag, diagk, sqnorm, gram, rows} names the :class:`~.stats.Stats` to compute.  The layerwise
     fast path proves its attribution on every call: each owned layer's input keeps the batch on axis 0 and
@@ -61,18 +63,19 @@ def batch_stats(fm: FunctionalModel, X: Tensor, make_v, want: set[str], engine: 
     sig = signature(fm, X, prove=engine != "functional")
     if engine == "layerwise" and len(plan.owned) < len(fm.names):
         missing = [n for n in fm.names if n not in plan.owned]
-        raise ValueError(f"engine='layerwise' handles only parameters of Linear/Conv1d/Conv2d layers used through "
-                         f"them; not {missing}. Use engine='auto'.")
+        raise ValueError(f"engine='layerwise' handles only parameters of layers with a rule (Linear, Conv1d/2d, "
+                         f"Embedding, LayerNorm, transformers' Conv1D) used through them; not {missing}. Use "
+                         "engine='auto'.")
     stats = Stats()
     owned: dict = {}
     if engine == "functional" or not plan.owned:
         with torch.no_grad():
             f = forward_checked(fm, fm.params, X)
-        V = make_v(f)
+        V = make_v(fm.structured(f))
     else:
         f, _, rec = capture_forward(fm, plan, X)
         demote(plan, call_problems(plan, rec.calls, len(X), sig.calls))
-        V = make_v(f.detach())
+        V = make_v(fm.structured(f.detach()))
         layer_stats(fm, plan, rec.calls, checked_grads(plan, rec.calls, f, V), want, stats, V.shape[0], V.shape[-1])
         owned = plan.owned
     rest = [n for n in fm.names if n not in owned]
@@ -125,8 +128,9 @@ def layer_stats(fm: FunctionalModel, plan: Plan, calls: list[Call], grads: list[
         stats.add_rows(n, r.transpose(0, 1), want, fm.shapes[n])  # (B, K, numel)
 
 
-def output_dim(fm: FunctionalModel, X: Tensor) -> int:
-    """C for inputs like ``X``: one forward of one sample, remembered per model and input shape."""
+def output_dim(fm: FunctionalModel, X) -> int:
+    """M, the flat output size per input for inputs like ``X``: one forward of one sample, remembered per model and
+    input signature."""
     cache = plan_for(fm).out_dim
     key = signature_key(X)
     if key not in cache:
@@ -135,43 +139,53 @@ def output_dim(fm: FunctionalModel, X: Tensor) -> int:
     return cache[key]
 
 
-def chunk_size(fm: FunctionalModel, X: Tensor, K: int, want: set[str], engine: str = "auto", share: int = 1) -> int:
+def chunk_size(fm: FunctionalModel, X, K: int, want: set[str], engine: str = "auto", share: int = 1,
+               M: int = 0) -> int:
     """Inputs per chunk so that one chunk's working memory fits :func:`work_budget` ``/ share``.
 
-    Per input and sandwich column it counts the materialised rows (all P for ``rows``, the functional
-    engine and every parameter without a fast path) and the backward's activations; conv layers add their
-    unfolded patches.  Refuses, before allocating, a single input that cannot fit in memory.
+    Per input and sandwich column it counts the materialised rows (all P for ``rows`` and the functional
+    engine; the largest layer without a fast path otherwise, as rows are reduced layer by layer), the
+    backward's activations, the fast paths' per-column temporaries and the sandwich's ``M`` outputs; conv
+    layers add their unfolded patches.  Refuses, before allocating, a single input that cannot fit in memory,
+    naming the scalable estimators (an exact true Fisher of ``T`` positions × ``C`` classes has ``K = T·C``).
     """
     sig = signature(fm, X, prove=engine != "functional")
     owned = {} if engine == "functional" else plan_for(fm).owned
-    rows = fm.P if "rows" in want else fm.P - sum(fm.sizes[n] for n in sig.fast if n in owned)
-    per = fm.itemsize * ((K + 1) * (rows + sig.act) + sig.patch)
-    check_dense(f"One input's working set ({K} sandwich columns × {rows + sig.act} numbers)", per, 1,
-                "Use fewer samples=/columns, a parameter subset params=, or a scalable estimator", None)
+    if "rows" in want:
+        rows = fm.P
+    else:
+        rows = sum(fm.sizes[n] for n in fm.names if n not in owned)
+        rows += max((fm.sizes[n] for n in owned if n not in sig.fast), default=0)
+    per = fm.itemsize * ((K + 1) * (rows + sig.act + sig.column + M) + sig.patch)
+    check_dense(f"One input's working set ({K} sandwich columns × {rows + sig.act + sig.column + M} numbers)", per, 1,
+                "Use fewer samples=/columns, a parameter subset params=, or a scalable estimator "
+                "(method='hutchinson', kind='mc')", None)
     return max(1, work_budget() // (share * per))
 
 
 def stream(fm: FunctionalModel, data, make_v, want: set[str], *, need_y: bool, columns,
            batch_size: int | None = None, engine: str = "auto") -> Iterator[tuple[int, Tensor, Tensor, Stats]]:
-    """Stream ``data`` and yield ``(n, f, V, stats)`` per chunk, ``V = make_v(f, Y)`` with ``columns(C)``
-    columns per sample; batches are split by :func:`chunk_size`; nothing is accumulated across chunks."""
+    """Stream ``data`` and yield ``(n, f, V, stats)`` per chunk, ``V = make_v(f, Y)`` (``f (B, *S)`` in the
+    model's output shape) with ``columns(M)`` columns per sample; batches are split by :func:`chunk_size`;
+    nothing is accumulated across chunks."""
     for X, Y in iter_batches(data, fm, need_y=need_y, batch_size=batch_size):
-        step = chunk_size(fm, X, columns(output_dim(fm, X)), want, engine)
+        M = output_dim(fm, X)
+        step = chunk_size(fm, X, columns(M), want, engine, M=M)
         for i in range(0, len(X), step):
             Xc, Yc = X[i : i + step], None if Y is None else Y[i : i + step]
             f, V, st = batch_stats(fm, Xc, lambda f, Yc=Yc: make_v(f, Yc), want, engine)
             yield len(Xc), f, V, st
 
 
-def quadratic_sum(fm: FunctionalModel, batches, likelihood, kind: str, v: dict[str, Tensor], *,
-                  at: dict[str, Tensor] | None = None, samples: int = 1, generator=None) -> tuple[float, int]:
-    """``(Σ_n ‖V_nᵀ J_n v‖², N)`` over ``(X, Y)`` batches: ``N · vᵀ F v`` matrix-free, one jvp per batch (at the
-    model's parameters or at ``at``); F is never formed."""
+def quadratic_sum(fm: FunctionalModel, batches, sandwich, v: dict[str, Tensor], *,
+                  at: dict[str, Tensor] | None = None) -> tuple[float, int]:
+    """``(Σ_n ‖V_nᵀ J_n v‖², N)`` over ``(X, Y)`` batches with ``V = sandwich(f (B, *S), Y) (B, M, K)``:
+    ``N · vᵀ F v`` matrix-free, one jvp per batch (at the model's parameters or at ``at``); F is never formed."""
     total, n = 0.0, 0
     for X, Y in batches:
         check_batch(fm, X)
         f, jt = jvp_checked(fm, X, v, at)
-        V = likelihood.sandwich(f, kind, Y, samples, generator)
+        V = sandwich(fm.structured(f), Y)
         total += torch.einsum("bck,bc->bk", V, jt).square().sum().item()
         n += len(X)
     return total, n

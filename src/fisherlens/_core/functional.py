@@ -7,6 +7,7 @@ import warnings
 import torch
 from torch.func import vjp, vmap
 
+from .fields import Fields
 from .layerwise.plan import plan_for
 from .model import FunctionalModel, differentiable_kernels, model_errors
 
@@ -22,8 +23,9 @@ def _owners(fm: FunctionalModel, names) -> str:
     return ", ".join(f"'{k}' ({v})" for k, v in out.items())
 
 
-def functional_rows(fm: FunctionalModel, names: list[str], X: Tensor, V: Tensor) -> dict[str, Tensor]:
-    """Per-sample factor rows ``G_bk = V_bkᵀ J_b`` for parameters ``names``: dict of ``(B, K, *shape)``.
+def functional_rows(fm: FunctionalModel, names: list[str], X, V: Tensor) -> dict[str, Tensor]:
+    """Per-sample factor rows ``G_bk = V_bkᵀ J_b`` for parameters ``names``: dict of ``(B, K, *shape)``
+    (``X`` a tensor or keyword inputs, ``V (B, M, K)``).
 
     ``vmap`` over samples of a ``vjp`` that is itself ``vmap``-ed over the K sandwich columns.  Modules that
     ``vmap`` cannot batch over samples (``nn.RNN``/``LSTM``/``GRU``, ``.item()``, data-dependent control flow) get
@@ -32,15 +34,16 @@ def functional_rows(fm: FunctionalModel, names: list[str], X: Tensor, V: Tensor)
     fixed = {n: fm.params[n] for n in fm.names if n not in names}
     free = {n: fm.params[n] for n in names}
 
-    def one(x: Tensor, v: Tensor) -> dict[str, Tensor]:
-        _, pull = vjp(lambda q: fm({**fixed, **q}, x[None])[0], free)
+    def one(x, v: Tensor) -> dict[str, Tensor]:
+        xb = {k: t[None] for k, t in x.items()} if isinstance(x, dict) else x[None]
+        _, pull = vjp(lambda q: fm({**fixed, **q}, xb)[0], free)
         return vmap(lambda c: pull(c)[0], in_dims=1)(v)
 
     plan = plan_for(fm)
     if not plan.loop:
         try:
             with differentiable_kernels():
-                return vmap(one)(X, V)
+                return vmap(one)(X.tree() if isinstance(X, Fields) else X, V)
         except RuntimeError as e:
             plan.loop = True
             warnings.warn(
@@ -50,5 +53,5 @@ def functional_rows(fm: FunctionalModel, names: list[str], X: Tensor, V: Tensor)
                 stacklevel=4,
             )
     with model_errors(X):
-        per = [one(X[b], V[b]) for b in range(len(X))]
+        per = [one(X[b].tree() if isinstance(X, Fields) else X[b], V[b]) for b in range(len(X))]
     return {n: torch.stack([r[n] for r in per]) for n in names}

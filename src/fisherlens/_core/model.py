@@ -16,6 +16,7 @@ from torch.func import functional_call, jvp, vjp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .checks import check_inputs, check_outputs
+from .fields import Fields, describe
 
 Tensor = torch.Tensor
 
@@ -83,15 +84,25 @@ def _shared_tensors(model: nn.Module) -> list[tuple[dict, str, Tensor]]:
 
 
 class FunctionalModel:
-    """A module seen as a function ``f(p, x) -> (B, C)`` of the selected parameters ``p`` (a dict).
+    """A module seen as a function ``f(p, x) -> (B, M)`` of the selected parameters ``p`` (a dict).
 
     ``params`` selects a subset by parameter name, module-name prefix or tensor identity;
     default: all parameters with ``requires_grad``.  Flat vectors follow ``named_parameters()`` order.
+    ``output`` picks the output tensor from what the model returns (a tuple, dict or ``ModelOutput``), e.g.
+    ``output=lambda out: out.logits``.  The output ``(B, *S)`` is flattened to ``(B, M)`` in its own memory
+    order; :attr:`out_shape` is the per-input shape ``S`` of the last forward.  Keyword inputs (a
+    :class:`~.fields.Fields` batch) are passed to the model as keyword arguments.
     """
 
-    def __init__(self, model: nn.Module, params=None):
+    def __init__(self, model: nn.Module, params=None, output=None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+        if output is not None and not callable(output):
+            raise TypeError(f"output= must be a callable picking the output tensor (e.g. lambda out: out.logits), "
+                            f"got {type(output).__name__}.")
+        self.output = output
+        #: per-input output shape ``S`` of the last forward (``(C,)`` for ``(B, C)`` outputs)
+        self.out_shape: tuple[int, ...] = ()
         check_eval_mode(model)
         self.model = model
         named = dict(model.named_parameters())
@@ -114,23 +125,33 @@ class FunctionalModel:
         #: the layerwise plan of this model and selection, set by :func:`fisherlens._core.plan_for`
         self.plan = None
 
-    def __call__(self, p: dict[str, Tensor], x: Tensor) -> Tensor:
-        """Outputs ``(B, C)`` for inputs ``x (B, ...)``; a 1-D output is taken as ``C = 1``."""
+    def __call__(self, p: dict[str, Tensor], x) -> Tensor:
+        """Flat outputs ``(B, M)`` for inputs ``x (B, ...)`` (a tensor, or keyword inputs as a :class:`Fields`
+        or a dict); a 1-D output is taken as ``S = (1,)``."""
+        if isinstance(x, (Fields, dict)):
+            args, kwargs = (), (x.tree() if isinstance(x, Fields) else x)
+        else:
+            args, kwargs = (x,), None
         try:
-            out = functional_call(self.model, {**self.frozen, **p}, (x,))
+            out = functional_call(self.model, {**self.frozen, **p}, args, kwargs)
         finally:
             for store, k, t in self._restore:
                 store[k] = t
+        if self.output is not None:
+            out = self.output(out)
         if not isinstance(out, Tensor):
-            raise TypeError(f"The model must return a tensor of outputs (batch, C); it returned {type(out).__name__}.")
-        if out.dim() == 1:
-            out = out[:, None]
-        elif out.dim() != 2:
-            raise ValueError(
-                f"The model must map a batch to outputs of shape (batch, C); got {tuple(out.shape)}. "
-                "Flatten extra output dimensions in a wrapper module."
+            raise TypeError(
+                f"The model returned a {type(out).__name__}, not a tensor of outputs; pass output=, a callable that "
+                "picks the output tensor from it (e.g. output=lambda out: out.logits, or lambda out: out[0])."
             )
-        return out
+        if out.dim() == 0:
+            raise ValueError("The model returned a scalar; it must return one output (or more) per input (B, ...).")
+        self.out_shape = tuple(out.shape[1:]) or (1,)
+        return out.reshape(out.shape[0], -1)
+
+    def structured(self, f: Tensor) -> Tensor:
+        """Flat outputs ``(B, M)`` back in the model's per-input shape, ``(B, *S)``."""
+        return f.reshape(f.shape[0], *self.out_shape)
 
     def flatten(self, d: dict[str, Tensor], lead: int = 0) -> Tensor:
         """Concatenate per-parameter tensors (with ``lead`` leading batch dims) into ``(..., P)``."""
@@ -165,6 +186,12 @@ def model_errors(X: Tensor):
     try:
         with differentiable_kernels():
             yield
+    except TypeError as e:
+        if isinstance(X, Fields) and "argument" in str(e):
+            raise TypeError(f"The model does not take the keyword inputs of this dict batch ({describe(X)}): {e}. "
+                            "A dict batch's keys (other than 'labels' and 'mask') are passed as keyword "
+                            "arguments to the model's forward.") from e
+        raise
     except (RuntimeError, IndexError) as e:
         if "forward AD" in str(e):
             raise ValueError(
@@ -188,7 +215,7 @@ def forward_checked(fm: FunctionalModel, p, X: Tensor) -> Tensor:
 
 
 def vjp_checked(fm: FunctionalModel, X: Tensor):
-    """``(f (B, C), pull)``: one forward kept for pull-backs ``u (B, C) -> ({name: Jᵀu},)`` (torch.func.vjp)."""
+    """``(f (B, M), pull)``: one forward kept for pull-backs ``u (B, M) -> ({name: Jᵀu},)`` (torch.func.vjp)."""
     check_inputs(X)
     with model_errors(X):
         f, pull = vjp(lambda q: fm(q, X), fm.params)
@@ -197,7 +224,7 @@ def vjp_checked(fm: FunctionalModel, X: Tensor):
 
 
 def jvp_checked(fm: FunctionalModel, X: Tensor, tangent: dict[str, Tensor], at: dict[str, Tensor] | None = None):
-    """``(f (B, C), J t (B, C))`` for a tangent ``{name: tensor}`` (torch.func.jvp; vmap it over tangents), at the
+    """``(f (B, M), J t (B, M))`` for a tangent ``{name: tensor}`` (torch.func.jvp; vmap it over tangents), at the
     model's parameters or at ``at`` (same names).  Attention runs on its differentiable kernels."""
     check_inputs(X)
     with model_errors(X):

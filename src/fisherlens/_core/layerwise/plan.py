@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..checks import close_enough
+from ..fields import Fields
 from ..model import FunctionalModel, forward_checked
 from .capture import Capture, tap_grads
 from .rules import Call, rule_for
@@ -40,7 +41,8 @@ class Signature:
     calls: Counter  # id(owned module) -> calls per forward
     fast: frozenset  # owned parameters whose rule reduces diag/sqnorm/Gram without rows
     act: int  # per-sample numel of all module outputs: the backward's working set per sandwich column
-    patch: int  # largest per-sample numel of unfolded conv patches
+    patch: int  # largest per-sample numel of unfolded conv patches (shared by the sandwich columns)
+    column: int = 0  # largest per-sample numel a fast path builds per sandwich column
 
 
 @dataclass
@@ -139,8 +141,11 @@ def _check_independent(fm: FunctionalModel, X: Tensor) -> None:
                 )
 
 
-def signature_key(X: Tensor) -> tuple:
-    """What the per-signature caches are keyed by: the input's per-sample shape and its dtype."""
+def signature_key(X) -> tuple:
+    """What the per-signature caches are keyed by: the input's per-sample shape and dtype (of each keyword
+    input for a :class:`~fisherlens._core.fields.Fields` batch)."""
+    if isinstance(X, Fields):
+        return tuple((k, tuple(v.shape[1:]), v.dtype) for k, v in X.items())
     return tuple(X.shape[1:]), X.dtype
 
 
@@ -250,4 +255,5 @@ def _signature_of(fm: FunctionalModel, plan: Plan, rec: Capture) -> Signature:
         if rule_for(mods[0]).fast([c for c in calls if any(c.module is m for m in mods)])
     )
     patch = max((rule_for(c.module).patch_numel(c) for c in calls), default=0)
-    return Signature(Counter(id(c.module) for c in calls), fast, rec.act, patch)
+    column = max((rule_for(c.module).column_numel(c) for c in calls), default=0)
+    return Signature(Counter(id(c.module) for c in calls), fast, rec.act, patch, column)

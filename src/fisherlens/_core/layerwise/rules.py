@@ -4,15 +4,20 @@ A rule turns a recorded call — the layer's input ``a (B, ...)`` and the output
 for the K sandwich columns — into per-sample rows of its ``weight``/``bias``, and may offer a fast path
 that reduces diag / sqnorm / Gram without materialising rows.
 
+Rules ship for ``nn.Linear`` (any number of middle axes: sequences), ``nn.Conv1d``/``nn.Conv2d``,
+``nn.Embedding``, ``nn.LayerNorm`` and, by class name (no import), Hugging Face's
+``transformers.pytorch_utils.Conv1D`` (GPT-2's linear layers).
+
 **To support a new layer type, subclass :class:`LayerRule`, implement** :meth:`LayerRule.rows` **(and
-optionally** :meth:`LayerRule.fast` / :meth:`LayerRule.fast_stats` **), and add one line to**
-:data:`RULES`.  The engine proves every rule's attribution at run time (see
-:mod:`fisherlens._core.layerwise.plan`), so a wrong rule falls back to the general engine instead of
-returning a wrong number.
+optionally** :meth:`LayerRule.fast` / :meth:`LayerRule.fast_stats` / :meth:`LayerRule.applies` **), and add
+one line to** :data:`RULES` **(or** :data:`RULES_BY_NAME` **for a class fisherlens should not import).**  The
+engine proves every rule's attribution at run time (see :mod:`fisherlens._core.layerwise.plan`), so a wrong
+rule falls back to the general engine instead of returning a wrong number.
 
 Index letters in every einsum: ``k`` sandwich column, ``b`` sample, ``t`` position (extra input axes of a
 Linear), ``o`` output feature/channel, ``i`` input feature/channel (times kernel taps for a conv), ``g`` conv
-group, ``l`` output location.
+group, ``l`` output location (conv) or second sandwich column (Gram), ``u`` second position (ghost norms) or
+distinct (sample, id) pair (embedding), ``d`` embedding feature.
 """
 
 from __future__ import annotations
@@ -26,7 +31,19 @@ from torch import nn
 
 Tensor = torch.Tensor
 
-__all__ = ["Call", "LayerRule", "LinearRule", "ConvRule", "RULES", "rule_for"]
+__all__ = [
+    "Call",
+    "LayerRule",
+    "LinearRule",
+    "ConvRule",
+    "EmbeddingRule",
+    "LayerNormRule",
+    "Conv1DRule",
+    "RULES",
+    "RULES_BY_NAME",
+    "row_stats",
+    "rule_for",
+]
 
 
 @dataclass
@@ -39,13 +56,33 @@ class Call:
     tap: Tensor
 
 
+def row_stats(r: Tensor, want: set[str], shape) -> dict[str, Tensor]:
+    """The statistics ``want`` ⊆ {diag, diagk, sqnorm, gram} of rows ``r (K, B, numel)`` of a parameter of
+    ``shape``: ``Σ_{k,b} r²`` (shape), ``Σ_b r²`` ``(K, *shape)``, ``‖r_kb‖²`` ``(B, K)``, ``r_b r_bᵀ``
+    ``(B, K, K)``."""
+    out = {}
+    if "diag" in want:
+        out["diag"] = r.square().sum((0, 1)).reshape(shape)
+    if "diagk" in want:
+        out["diagk"] = r.square().sum(1).reshape(r.shape[0], *shape)
+    if "sqnorm" in want:
+        out["sqnorm"] = r.square().sum(-1).T
+    if "gram" in want:
+        out["gram"] = torch.einsum("kbp,lbp->bkl", r, r)
+    return out
+
+
 class LayerRule:
     """Per-sample rows of one layer type's ``weight`` and ``bias`` from its calls.
 
     Subclasses implement :meth:`rows`; :meth:`fast`/:meth:`fast_stats` are an optional shortcut,
-    :meth:`patch_numel` feeds the working budget and :meth:`batch_axes` tells which input axes could be
-    confused with the batch axis.
+    :meth:`applies` refuses configurations the rule cannot attribute, :meth:`patch_numel` feeds the working
+    budget and :meth:`batch_axes` tells which input axes could be confused with the batch axis.
     """
+
+    def applies(self, module: nn.Module) -> bool:
+        """Whether the rule holds for this module's configuration (if not, the general engine takes it)."""
+        return True
 
     def rows(self, call: Call, g: Tensor, which: str) -> Tensor:
         """Rows ``(K, B, numel)`` of parameter ``which`` ∈ {"weight", "bias"} from one call, ``g (K, B, ...)``."""
@@ -60,7 +97,12 @@ class LayerRule:
         raise NotImplementedError
 
     def patch_numel(self, call: Call) -> int:
-        """Per-sample numbers of the temporaries :meth:`rows` builds beyond the rows themselves."""
+        """Per-sample numbers of the temporaries :meth:`rows` builds beyond the rows themselves, shared by the
+        sandwich columns."""
+        return 0
+
+    def column_numel(self, call: Call) -> int:
+        """Per-sample numbers the fast path builds for each sandwich column."""
         return 0
 
     def batch_axes(self, call: Call) -> tuple[int, ...]:
@@ -69,7 +111,7 @@ class LayerRule:
 
 
 class LinearRule(LayerRule):
-    """``nn.Linear`` on ``(B, *, I)``: ``G_kb,oi = Σ_t g_kbto a_bti``, bias ``Σ_t g_kbto``."""
+    """``nn.Linear`` on ``(B, *T, I)``: ``G_kb,oi = Σ_t g_kbto a_bti``, bias ``Σ_t g_kbto``."""
 
     def rows(self, call, g, which):
         K, B = g.shape[:2]
@@ -80,12 +122,26 @@ class LinearRule(LayerRule):
         return torch.einsum("kbto,bti->kboi", gr, ar).reshape(K, B, -1)
 
     def fast(self, calls):
-        return len(calls) == 1 and calls[0].a.dim() == 2
+        return len(calls) == 1 and calls[0].a.dim() >= 2
 
     def fast_stats(self, call, g, which, want):
-        """``Σ g²a²`` (diag), ``‖g‖²‖a‖²`` (sqnorm, "ghost norms"), ``(g_k·g_l)‖a‖²`` (Gram); ``g (K, B, O)``."""
+        """Flat ``(B, I)`` inputs: :meth:`flat_stats`; sequences ``(B, *T, I)``: :meth:`seq_stats`, by ghost
+        norms or by this layer's per-sample gradients, whichever is cheaper (:meth:`ghost_cheaper`)."""
+        if call.a.dim() == 2:
+            return self.flat_stats(call.a, g, which, want)
+        K, B = g.shape[:2]
+        gs = g.reshape(K, B, -1, g.shape[-1])  # (K, B, T, O)
+        if which == "bias":
+            return row_stats(gs.sum(2), want, gs.shape[-1:])
+        a = call.a.reshape(B, -1, call.a.shape[-1])  # (B, T, I)
+        return self.seq_stats(a, gs, want, ghost=self.ghost_cheaper(a, gs, want))
+
+    @staticmethod
+    def flat_stats(a: Tensor, g: Tensor, which: str, want: set[str]) -> dict[str, Tensor]:
+        """``Σ g²a²`` (diag), ``‖g‖²‖a‖²`` (sqnorm, "ghost norms"), ``(g_k·g_l)‖a‖²`` (Gram); ``a (B, I)``,
+        ``g (K, B, O)``."""
         bias = which == "bias"
-        a2 = None if bias else call.a.square()  # (B, I)
+        a2 = None if bias else a.square()  # (B, I)
         out = {}
         if "diag" in want:
             g2 = g.square().sum(0)  # (B, O)
@@ -100,8 +156,72 @@ class LinearRule(LayerRule):
             out["gram"] = gg if bias else gg * a2.sum(-1)[:, None, None]
         return out
 
+    @staticmethod
+    def ghost_cheaper(a: Tensor, g: Tensor, want: set[str]) -> bool:
+        """Whether ghost norms beat materialising ``G (K, O, I)`` per sample, for ``a (B, T, I)``, ``g (K, B, T, O)``.
+
+        Per sample, ghost costs ``T²I + KT²O + K'TO`` and materialising ``KTOI + K'OI`` (``K' = K²`` for the Gram,
+        else ``K``); diag/diagk need ``G`` anyway.
+        """
+        if want & {"diag", "diagk"}:
+            return False
+        K, _, T, O = g.shape
+        I, K2 = a.shape[-1], K * K if "gram" in want else K
+        return T * T * I + K * T * T * O + K2 * T * O < K * T * O * I + K2 * O * I
+
+    @staticmethod
+    def seq_stats(a: Tensor, g: Tensor, want: set[str], ghost: bool) -> dict[str, Tensor]:
+        """Weight statistics for ``a (B, T, I)``, ``g (K, B, T, O)``.
+
+        Materialised: ``G_kb = Σ_t g_kbt a_btᵀ`` ``(K, B, O, I)`` of this layer, then :func:`row_stats` (always
+        for diag/diagk).  Ghost (sqnorm, Gram): ``G_k·G_l = Σ_{t,u} (a_t·a_u)(g_kt·g_lu) = Σ_{t,o} g_kto h_lto``
+        with ``h_l = (a aᵀ) g_l`` — no ``(O, I)`` tensor.
+        """
+        dense = want - {"sqnorm", "gram"} if ghost else want
+        out = {}
+        if dense:
+            G = torch.einsum("kbto,bti->kboi", g, a)
+            out = row_stats(G.flatten(2), dense, G.shape[2:])
+        if ghost:
+            h = torch.einsum("btu,kbuo->kbto", a @ a.transpose(1, 2), g)
+            if "sqnorm" in want:
+                out["sqnorm"] = torch.einsum("kbto,kbto->bk", g, h)
+            if "gram" in want:
+                out["gram"] = torch.einsum("kbto,lbto->bkl", g, h)
+        return out
+
+    def patch_numel(self, call):
+        """Sequence inputs: the fast path's ``T×T`` input Gram."""
+        if call.a.dim() <= 2:
+            return 0
+        T = call.a[0].numel() // call.a.shape[-1]
+        return T * T
+
+    def column_numel(self, call):
+        """Sequence inputs: one column's per-sample ``(O, I)`` gradient."""
+        return 0 if call.a.dim() <= 2 else call.tap.shape[-1] * call.a.shape[-1]
+
     def batch_axes(self, call):
         return tuple(call.a.shape[1:-1])
+
+
+class Conv1DRule(LinearRule):
+    """Hugging Face ``Conv1D`` (``y = x W + b``, ``W (I, O)``): the Linear rule with the weight laid out
+    ``(I, O)``, ``G_kb,io = Σ_t a_bti g_kbto``."""
+
+    def rows(self, call, g, which):
+        if which == "bias":
+            return super().rows(call, g, which)
+        K, B = g.shape[:2]
+        gr, ar = g.reshape(K, B, -1, g.shape[-1]), call.a.reshape(B, -1, call.a.shape[-1])
+        return torch.einsum("kbto,bti->kbio", gr, ar).reshape(K, B, -1)
+
+    def fast_stats(self, call, g, which, want):
+        out = super().fast_stats(call, g, which, want)
+        if which == "weight":
+            for s in {"diag", "diagk"} & out.keys():
+                out[s] = out[s].mT.contiguous()
+        return out
 
 
 class ConvRule(LayerRule):
@@ -138,17 +258,116 @@ class ConvRule(LayerRule):
         return tuple(call.a.shape[2:])
 
 
+class EmbeddingRule(LayerRule):
+    """``nn.Embedding`` ``(V, D)`` on ids ``(B, *T)``: ``G_kb,vd = Σ_t [id_bt = v] g_kbtd``, zero at
+    ``padding_idx`` (as torch's gradient).  Refused with ``max_norm`` (the forward renormalises the weight),
+    ``scale_grad_by_freq`` (a batch-dependent gradient) or ``sparse``."""
+
+    def applies(self, module):
+        return module.max_norm is None and not module.scale_grad_by_freq and not module.sparse
+
+    @staticmethod
+    def keyed(call: Call, g: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys ``b·V + id`` ``(B·T,)`` and gradients ``(K, B·T, D)``, zeroed at ``padding_idx``."""
+        m, (K, B) = call.module, g.shape[:2]
+        ids = call.a.reshape(B, -1)
+        key = torch.arange(B, device=ids.device)[:, None] * m.num_embeddings + ids
+        gf = g.reshape(K, B, -1, g.shape[-1])
+        if m.padding_idx is not None:
+            gf = gf * (ids != m.padding_idx)[..., None]
+        return key.reshape(-1), gf.reshape(K, -1, g.shape[-1])
+
+    def rows(self, call, g, which):
+        K, B = g.shape[:2]
+        key, gf = self.keyed(call, g)
+        out = gf.new_zeros(K, B * call.module.num_embeddings, gf.shape[-1]).index_add_(1, key, gf)
+        return out.reshape(K, B, -1)
+
+    def fast(self, calls):
+        return len(calls) == 1
+
+    def fast_stats(self, call, g, which, want):
+        """Segment sums ``S_ku = Σ_{t: (b, id_bt) = u} g_kbt`` over the distinct (sample, id) pairs ``u``
+        ``(K, U, D)``; then diag ``Σ_k S²`` and diagk ``S²`` index-added by id, sqnorm ``‖S_ku‖²`` and Gram
+        ``S_ku·S_lu`` by sample — no ``(B, V, D)`` tensor."""
+        K, B = g.shape[:2]
+        V, D = call.module.weight.shape
+        key, gf = self.keyed(call, g)
+        u, inv = torch.unique(key, return_inverse=True)
+        S = gf.new_zeros(K, len(u), D).index_add_(1, inv, gf)
+        b, v = u // V, u % V
+        out = {}
+        if "diag" in want:
+            out["diag"] = S.new_zeros(V, D).index_add_(0, v, S.square().sum(0))
+        if "diagk" in want:
+            out["diagk"] = S.new_zeros(K, V, D).index_add_(1, v, S.square())
+        if "sqnorm" in want:
+            out["sqnorm"] = S.new_zeros(B, K).index_add_(0, b, S.square().sum(-1).T)
+        if "gram" in want:
+            out["gram"] = S.new_zeros(B, K, K).index_add_(0, b, torch.einsum("kud,lud->ukl", S, S))
+        return out
+
+    def column_numel(self, call):
+        """One column's segment sums (at most one ``D``-vector per position)."""
+        return call.a[0].numel() * call.module.embedding_dim
+
+    def batch_axes(self, call):
+        return tuple(call.a.shape[1:])
+
+
+class LayerNormRule(LayerRule):
+    """``nn.LayerNorm`` over the last ``n`` axes (``normalized_shape``), input ``(B, *T, *N)``: weight
+    ``Σ_t g_kbt ⊙ x̂_bt`` with ``x̂ = (a − mean)/√(var + eps)`` (biased variance over ``N``), bias
+    ``Σ_t g_kbt``.  Needs ``elementwise_affine``."""
+
+    def applies(self, module):
+        return module.elementwise_affine
+
+    def rows(self, call, g, which):
+        m, (K, B) = call.module, g.shape[:2]
+        if which == "weight":
+            dims = tuple(range(-len(m.normalized_shape), 0))
+            var, mean = torch.var_mean(call.a, dims, correction=0, keepdim=True)
+            g = g * ((call.a - mean) * torch.rsqrt(var + m.eps))
+        return g.reshape(K, B, -1, math.prod(m.normalized_shape)).sum(2)
+
+    def fast(self, calls):
+        return len(calls) == 1
+
+    def fast_stats(self, call, g, which, want):
+        """The rows are only ``prod(normalized_shape)`` per sample and column: :func:`row_stats` of them."""
+        return row_stats(self.rows(call, g, which), want, call.module.normalized_shape)
+
+    def patch_numel(self, call):
+        """The normalised input ``x̂``."""
+        return call.a[0].numel()
+
+    def batch_axes(self, call):
+        return tuple(call.a.shape[1 : call.a.dim() - len(call.module.normalized_shape)])
+
+
 #: layer type -> rule; subclasses of a listed type use its rule.
 RULES: dict[type, LayerRule] = {
     nn.Linear: LinearRule(),
     nn.Conv1d: ConvRule(),
     nn.Conv2d: ConvRule(),
+    nn.Embedding: EmbeddingRule(),
+    nn.LayerNorm: LayerNormRule(),
+}
+
+#: ``"module.QualName"`` of a layer type -> rule, for types fisherlens does not import; subclasses too.
+RULES_BY_NAME: dict[str, LayerRule] = {
+    "transformers.pytorch_utils.Conv1D": Conv1DRule(),
 }
 
 
 def rule_for(module: nn.Module) -> LayerRule | None:
-    """The rule for ``module`` (by type, then by its base classes), or ``None``."""
+    """The rule for ``module`` (by type or qualified name, then by its base classes), or ``None`` — also when
+    the rule found does not apply to the module's configuration (:meth:`LayerRule.applies`)."""
     for t in type(module).__mro__:
-        if t in RULES:
-            return RULES[t]
+        rule = RULES.get(t)
+        if rule is None:
+            rule = RULES_BY_NAME.get(f"{t.__module__}.{t.__qualname__}")
+        if rule is not None:
+            return rule if rule.applies(module) else None
     return None
