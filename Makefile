@@ -14,6 +14,8 @@ $(VENV)/.installed: pyproject.toml
 	# A CPU build of torch first, so that torch>=2.4 below does not pull CUDA wheels.
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "torch==2.13.0"
 	$(PY) -m pip install -e ".[dev]"
+	# peers the tests compare against; --no-deps: BackPACK declares torchvision, which would pull a CUDA torch
+	$(PY) -m pip install --no-deps "backpack-for-pytorch>=1.6" "curvlinops-for-pytorch>=2.0" "einconv>=0.1"
 	touch $@
 
 venv: $(VENV)/.installed

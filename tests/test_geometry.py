@@ -524,3 +524,27 @@ def test_constant_and_flat_points_still_fine():
     assert not G.christoffel(quad, torch.zeros(2, dtype=D)).any()
     c = G.curvature(const, torch.randn(3, 2, dtype=D))
     assert (c.scalar == 0).all() and not c.singular.any()
+
+
+def test_fisher_metric_refuses_structured_outputs_and_takes_output():
+    """fisher_metric is for one prediction per input: (N, T, C) outputs are refused with a pointer to
+    fl.fisher_matrix; output= picks the tensor from a tuple output."""
+    torch.manual_seed(0)
+    seq = torch.nn.Sequential(torch.nn.Linear(3, 4)).double()
+    X = torch.randn(5, 2, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match="one prediction per input"):
+        fl.geometry.fisher_metric(seq, (X, None), fl.Categorical(), params="0.bias")
+
+    class Pair(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(3, 4)
+
+        def forward(self, x):
+            return self.lin(x), x
+
+    pair = Pair().double()
+    Xf = X[:, 0]
+    g = fl.geometry.fisher_metric(pair, (Xf, None), fl.Categorical(), params="lin.bias", output=lambda o: o[0])
+    ref = fl.fisher_matrix(pair.lin, (Xf, None), fl.Categorical(), params="bias")
+    assert torch.allclose(g(g.theta0), ref)

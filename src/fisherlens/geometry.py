@@ -647,6 +647,9 @@ def _materialise(data, fm: FunctionalModel, need_y: bool, limit: int) -> tuple[T
     """Gather ``data`` into ``(X, Y)`` tensors (float64 inputs), refusing more than ``limit`` bytes."""
     xs, ys, size = [], [], 0
     for X, Y in iter_batches(data, fm, need_y=need_y):
+        if not isinstance(X, Tensor) or (Y is not None and not isinstance(Y, Tensor)):
+            raise TypeError("fisher_metric holds the data as (X, Y) tensors; dict batches are not supported here. "
+                            "Use fl.fisher_matrix(..., params=) for models with keyword inputs.")
         size += X.numel() * X.element_size() + (0 if Y is None else Y.numel() * Y.element_size())
         if size > limit:
             raise ValueError(
@@ -686,7 +689,7 @@ class FisherMetric:
     """
 
     def __init__(self, model: nn.Module, data, likelihood: Likelihood, kind: str = "true", *, params=None,
-                 reduction: str = "mean", max_data_bytes: int | None = None, mode: str = "auto"):
+                 reduction: str = "mean", max_data_bytes: int | None = None, mode: str = "auto", output=None):
         check_kind(likelihood, kind)
         if mode not in ("auto", "forward", "reverse"):
             raise ValueError(f"mode={mode!r} is not supported; choose 'auto', 'forward' or 'reverse'.")
@@ -700,7 +703,7 @@ class FisherMetric:
         fm0 = FunctionalModel(model, params)
         _check_dim(fm0.P)
         twin = copy.deepcopy(model).to(DTYPE)
-        self._fm = FunctionalModel(twin, fm0.names)
+        self._fm = FunctionalModel(twin, fm0.names, output)
         self.names = list(fm0.names)
         self.dim = fm0.P
         self.theta0 = self._fm.flatten(self._fm.params).detach().clone()
@@ -796,7 +799,8 @@ class FisherMetric:
 
 
 def fisher_metric(model: nn.Module, data, likelihood: Likelihood, kind: str = "true", *, params=None,
-                  reduction: str = "mean", max_data_bytes: int | None = None, mode: str = "auto") -> FisherMetric:
+                  reduction: str = "mean", max_data_bytes: int | None = None, mode: str = "auto",
+                  output=None) -> FisherMetric:
     """The Fisher matrix of ``model`` as a metric ``θ (d,) -> F(θ) (d, d)`` for the geometry functions.
 
     For a model with a handful of parameters (``d <= MAX_DIM``; select some with ``params=``).  The value at
@@ -814,6 +818,8 @@ def fisher_metric(model: nn.Module, data, likelihood: Likelihood, kind: str = "t
         mode: how per-sample Jacobians are taken: ``"forward"`` (``jacfwd`` over the batch, d passes),
             ``"reverse"`` (``vmap`` over samples of ``jacrev``, C passes; the model must treat samples
             independently, as every fisherlens Fisher assumes) or ``"auto"`` (reverse when d > 2C + 1).
+        output: picks the output tensor from the model's output (as in :func:`fisherlens.fisher_matrix`);
+            the outputs must be one prediction per input, ``(N, C)``.
 
     Returns:
         :class:`FisherMetric` — callable, vmappable, differentiable three times in the model.
@@ -826,12 +832,12 @@ def fisher_metric(model: nn.Module, data, likelihood: Likelihood, kind: str = "t
         >>> R = fl.geometry.scalar_curvature(g, g.theta0)
     """
     return FisherMetric(model, data, likelihood, kind, params=params, reduction=reduction,
-                        max_data_bytes=max_data_bytes, mode=mode)
+                        max_data_bytes=max_data_bytes, mode=mode, output=output)
 
 
 # ----------------------------------------------------------------------------- KL self-test
 def kl_check(model: nn.Module, data, likelihood: Likelihood, dtheta=None, *, params=None, scale: float = 1e-4,
-             generator: torch.Generator | None = None) -> float:
+             generator: torch.Generator | None = None, output=None) -> float:
     """KL self-test (Luzzatto 2023, eqs 4.1–4.2): ``sqrt(2 KL(p_θ ‖ p_{θ+dθ}) / dθᵀ F dθ)`` → 1 as ``dθ → 0``.
 
     See docs/conventions.md#kl-self-test.
@@ -840,7 +846,7 @@ def kl_check(model: nn.Module, data, likelihood: Likelihood, dtheta=None, *, par
     the model's current θ (both means over the data).  Deviations are ``O(‖dθ‖)``.
 
     Args:
-        model, data, likelihood, params: as in :func:`fisher_metric` (a likelihood with a KL: Gaussian,
+        model, data, likelihood, params, output: as in :func:`fisher_metric` (a likelihood with a KL: Gaussian,
             Categorical, Bernoulli).
         dtheta: the step ``(d,)``; default a random direction of length ``scale·(1 + ‖θ‖)``.
         scale: relative step length for the default direction.
@@ -855,7 +861,7 @@ def kl_check(model: nn.Module, data, likelihood: Likelihood, dtheta=None, *, par
     if not likelihood.has_fisher:
         raise ValueError(f"{likelihood!r} has no normalised distribution, hence no KL divergence; use "
                          "fl.Gaussian, fl.Categorical or fl.Bernoulli.")
-    g = fisher_metric(model, data, likelihood, "true", params=params)
+    g = fisher_metric(model, data, likelihood, "true", params=params, output=output)
     th = g.theta0
     if dtheta is None:
         v = torch.randn(g.dim, generator=generator, dtype=DTYPE)
