@@ -517,3 +517,12 @@ def test_loss_nan_for_some_inputs_refused(relu_mlp, call):
     # log of zero: inf value
     L = fl.LossInduced(lambda f, y: -torch.log(torch.relu(f - y)).sum(-1))
     raises(ValueError, r"loss's domain", EMPIRICAL_CALLS[call], model, (X, y), L)
+
+
+def test_exact_true_fisher_of_a_language_model_is_refused_with_the_estimators_named():
+    """(B, T, V) logits: the exact true Fisher needs T·V sandwich columns per input; refused before allocating,
+    naming the one-backward estimators."""
+    lm = nn.Sequential(nn.Embedding(4096, 8), nn.Linear(8, 4096)).eval()
+    ids = torch.randint(0, 4096, (2, 64))
+    for call in ("diag", "trace", "blocks_diag"):
+        raises(ValueError, r"method='hutchinson'", fisher_calls("true")[call], lm, (ids, ids), fl.Categorical())

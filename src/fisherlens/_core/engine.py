@@ -158,8 +158,9 @@ def chunk_size(fm: FunctionalModel, X, K: int, want: set[str], engine: str = "au
         rows += max((fm.sizes[n] for n in owned if n not in sig.fast), default=0)
     per = fm.itemsize * ((K + 1) * (rows + sig.act + sig.column + M) + sig.patch)
     check_dense(f"One input's working set ({K} sandwich columns × {rows + sig.act + sig.column + M} numbers)", per, 1,
-                "Use fewer samples=/columns, a parameter subset params=, or a scalable estimator "
-                "(method='hutchinson', kind='mc')", None)
+                "The exact true Fisher has one column per output (K = M, e.g. T·V for a language model): use "
+                "method='hutchinson' or kind='mc' (one backward per batch and draw), kind='empirical' (one "
+                "column), fewer samples=, or a parameter subset params=", None)
     return max(1, work_budget() // (share * per))
 
 
