@@ -161,4 +161,5 @@ def fisher_ntk_trace(
         if per_sample:
             keep.append((direct, tr_theta))
     ps = (torch.cat([a for a, _ in keep]), torch.cat([b for _, b in keep])) if per_sample else None
-    return TraceRelation(fis / run.n, side / run.n, ntr / run.n, ps)
+    s = run.scale()  # 1/N; refuses data whose every position is ignored
+    return TraceRelation(fis * s, side * s, ntr * s, ps)
