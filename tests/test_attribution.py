@@ -195,3 +195,32 @@ def test_monitor_probe_observables_on_transformer_and_rnn(name):
     assert_close(rec1["rao_norm"], theta @ F_ref @ theta, what="rao")
     assert_close(rec1["top_eigenvalue"], torch.linalg.eigvalsh(F_ref)[-1], rtol=1e-5, what="top")
     assert rec0["path_length"] == 0 and rec1["path_length"] > 0
+
+
+class KeyBias(nn.Module):
+    """Self-attention written with Linear projections: the key bias shifts every score of a query by the same
+    amount, so softmax ignores it and its gradient is exactly zero (round-off in practice)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.h = nn.Embedding(11, 8), nn.Linear(8, 11)
+        self.q, self.k, self.v = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, ids):
+        x = self.emb(ids)
+        a = torch.softmax(self.q(x) @ self.k(x).transpose(1, 2) / 8**0.5, -1)
+        return self.h(a @ self.v(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_a_parameter_with_zero_gradient_stays_layerwise(dtype):
+    """The proof compares with an absolute floor at the gradient's own scale: a key bias (zero gradient up to
+    round-off) is not demoted, and its diagonal agrees with the general engine."""
+    torch.manual_seed(0)
+    model = KeyBias().to(dtype).eval()
+    ids = torch.randint(0, 11, (4, 6))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        d = fl.fisher_diag(model, (ids, ids), fl.Categorical(), kind="empirical")
+    ref = fl.fisher_diag(model, (ids, ids), fl.Categorical(), kind="empirical", engine="functional")
+    assert torch.allclose(d, ref, rtol=1e-4 if dtype == torch.float32 else 1e-10, atol=1e-6 * float(ref.max()))

@@ -130,7 +130,9 @@ def tolerance(dtype: torch.dtype) -> float:
     return 1e-9 if dtype == torch.float64 else 1e-4
 
 
-def close_enough(a: Tensor, b: Tensor) -> bool:
-    """``a ≈ b`` to :func:`tolerance`, with an absolute floor at the scale of ``b``."""
+def close_enough(a: Tensor, b: Tensor, scale: float = 0.0) -> bool:
+    """``a ≈ b`` to :func:`tolerance`, with an absolute floor at the scale of ``b`` (or at ``scale`` when larger:
+    a quantity that is exactly zero in theory, such as the gradient of a key bias under softmax, is round-off
+    at the scale of its neighbours)."""
     tol = tolerance(a.dtype)
-    return bool(torch.allclose(a, b, rtol=tol, atol=tol * (b.abs().max().item() + 1e-30)))
+    return bool(torch.allclose(a, b, rtol=tol, atol=tol * (max(b.abs().max().item(), scale) + 1e-30)))

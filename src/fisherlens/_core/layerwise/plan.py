@@ -230,6 +230,7 @@ def _verify(fm: FunctionalModel, plan: Plan, X: Tensor) -> Signature:
         true = torch.autograd.grad((f * w * c[:, None]).sum(), [p[n] for n in names], retain_graph=True,
                                    allow_unused=True)
     grads = tap_grads(rec.calls, f, w[:, :, None])
+    scale = max((t.abs().max().item() for t in true if t is not None), default=0.0)  # the gradient's own scale
     bad = []
     for n, t in zip(names, true, strict=True):
         which, mods = plan.owned[n]
@@ -239,7 +240,7 @@ def _verify(fm: FunctionalModel, plan: Plan, X: Tensor) -> Signature:
             if id(c_.module) in ids:
                 est = est + torch.einsum("b,kbp->p", c, rule_for(c_.module).rows(c_, g, which))
         ref = torch.zeros_like(est) if t is None else t.reshape(-1)
-        if not close_enough(est, ref):
+        if not close_enough(est, ref, scale):
             bad.append(n)
     demote(plan, dict.fromkeys(bad, "used outside the layer that owns it, or its layer's input does not keep the "
                                     "batch on axis 0"), stacklevel=5)
