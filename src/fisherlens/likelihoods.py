@@ -166,6 +166,8 @@ class Likelihood:
         pos, _ = self.layout(shape)
         keep = torch.ones(B, math.prod(pos), dtype=torch.bool, device=f.device)
         labels, mask, attention = _targets(y)
+        if labels is not None:
+            self._check_label_shape(labels, B, shape)
         if labels is not None and not torch.is_floating_point(labels) and tuple(labels.shape) == (B, *pos):
             keep &= (labels != self.ignore_index).reshape(B, -1)
         if mask is None and attention is not None:
@@ -208,16 +210,21 @@ class Likelihood:
                 yl = labels.reshape(B, T)
             elif tuple(labels.shape) == (B, *shape):
                 yl = self.to_rows_layout(labels, shape)
-            elif T == 1 and len(labels) == B:
+            else:  # one position per input (checked by keep): anything with B rows
                 yl = labels.reshape(B, 1, *labels.shape[1:])
-            else:
-                raise ValueError(
-                    f"Labels of shape {tuple(labels.shape)} do not match outputs of shape {(B, *shape)}: give one "
-                    f"label per position, {(B, *pos)} (ignore_index={self.ignore_index} drops one), or targets "
-                    "shaped like the outputs."
-                )
             yr = self.check_targets(fr[which, t], yl[which, t]) if len(which) else yl[which, t]
         return Rows(fr[which, t], yr, which, t, B, T, C, shape)
+
+    def _check_label_shape(self, labels: Tensor, B: int, shape: tuple) -> None:
+        """Labels are ``(B, *positions)``, shaped like the outputs, or (one position per input) B rows."""
+        pos, _ = self.layout(shape)
+        if tuple(labels.shape) in ((B, *pos), (B, *shape)) or (math.prod(pos) == 1 and len(labels) == B):
+            return
+        raise ValueError(
+            f"Labels of shape {tuple(labels.shape)} do not match outputs of shape {(B, *shape)}: give one label "
+            f"per position, {(B, *pos)} (ignore_index={self.ignore_index} drops one), or targets shaped like the "
+            "outputs."
+        )
 
     def scatter(self, rows: Rows, x: Tensor) -> Tensor:
         """Row values ``x (R, C, *extra)`` back to flat ``(B, M, *extra)`` outputs (zeros at dropped positions)."""

@@ -12,24 +12,31 @@ Usage (a plain loop; the monitor never touches the optimiser)::
         opt.zero_grad(); loss.backward(); opt.step()
         mon.step(loss=loss, outputs=out, targets=y)       # counts steps 1, 2, ...; returns a record or None
 
+Structured outputs work as everywhere in the library: a language model's logits ``(B, T, V)`` with labels
+``(B, T)`` (``-100`` = ignored), a channel-first segmentation model ``(B, C, *positions)`` with
+``fl.Categorical(channels="first")``, models returning a tuple / dict / ``ModelOutput`` with ``output=`` (e.g.
+``output=lambda out: out.logits``), and dict probe batches (``{"input_ids", "attention_mask", "labels"}``).
+
 Observables (columns of a record; every record also has ``step``). All probe quantities are **means over the probe
-inputs** (docs/conventions.md#fisher-information), measured on the parameters *after* the optimiser step, with the
-model in eval mode. Costs are per record, in units of one forward+backward pass over the probe (N inputs, C
-outputs):
+inputs** of each input's sum over its kept positions (docs/conventions.md#fisher-information), or means over the
+kept predictions with ``reduction="per_prediction"``, measured on the parameters *after* the optimiser step, with
+the model in eval mode. Costs are per record, in units of one forward+backward pass over the probe (N inputs,
+M = T·C outputs each: T positions of C outputs):
 
 
 ==========================  ====================================================================  ==============
 observable                  value (library function it comes from)                                cost
 ==========================  ====================================================================  ==============
-``loss``, ``accuracy``      probe mean of ``likelihood.loss``; accuracy by argmax (Categorical,    1 forward
-                            class labels) or ``f > 0`` (Bernoulli)
+``loss``, ``accuracy``      probe mean of ``likelihood.input_loss``; accuracy over the kept         1 forward
+                            predictions, by argmax over the class axis (Categorical, class
+                            labels) or ``f > 0`` (Bernoulli)
 ``grad_norm``               ``‖∇_θ (1/N) Σ ℓ_n‖`` (one ``torch.func.vjp`` per batch)              1 fwd+bwd
 ``fisher_trace``            :func:`fisherlens.fisher_trace` (``kind``, ``method``, ``draws``)       exact: ~K bwd
-                                                                                                  (K = C true,
+                                                                                                  (K = M true,
                                                                                                   1 empirical);
                                                                                                   hutchinson: 1
-``ntk_trace``               :func:`fisherlens.ntk_trace`, ``(1/N) tr Θ``                           ~C bwd
-``relation``                :func:`fisherlens.fisher_ntk_trace`: columns ``fisher_trace``,          ~C+K bwd
+``ntk_trace``               :func:`fisherlens.ntk_trace`, ``(1/N) tr Θ`` (per input always)        ~M bwd
+``relation``                :func:`fisherlens.fisher_ntk_trace`: columns ``fisher_trace``,          ~M+K bwd
                             ``ntk_side``, ``relation_ratio`` (= tr F / ((1/N) tr Θ)); also fills
                             ``ntk_trace`` when that is requested (one pass for both)
 ``top_eigenvalue``          :func:`fisherlens.eigenvalues` (``k=1``, ``method="lanczos"``)          ~15-30 FVPs
@@ -44,28 +51,39 @@ observable                  value (library function it comes from)              
 batch at the previous record's parameters gives ``J_n Δθ``, and ``Δθᵀ F Δθ = (1/N) Σ_n ‖V_nᵀ J_n Δθ‖²``; no
 P×P matrix and no second model copy (the previous θ is one P-vector).
 
-``batch_fisher_trace`` (the cheap per-step observable).  Forward hooks on the ``nn.Linear``/``Conv1d``/``Conv2d``
-layers record each layer's input ``a_n`` during the caller's training forward (only when the coming step is
-scheduled).  Per-sample gradient norms then follow from layer-output gradients ``δ_n`` alone — for a Linear
+``batch_fisher_trace`` (the cheap per-step observable).  Forward hooks on the layers with a rule of the core
+(``nn.Linear``, ``Conv1d``/``Conv2d``, ``Embedding``, ``LayerNorm``, transformers' ``Conv1D``) record each
+layer's input ``a_n`` during the caller's training forward (only when the coming step is scheduled; positional or
+keyword inputs).  Per-sample gradient norms then follow from layer-output gradients ``δ_n`` alone — for a Linear
 layer ``‖a_n‖²‖δ_n‖²`` ("ghost norms", the reduction of :mod:`fisherlens._core`'s layerwise engine), for other
-layers the per-sample rows of that engine:
+layers the per-sample rows of that engine.  The value has the normalisation of ``fl.fisher_trace`` on that batch
+(per input; per kept prediction with ``reduction="per_prediction"``):
 
-* ``kind="empirical"``: **exact** ``tr F_emp = (1/B) Σ_n ‖∇ℓ_n‖²``, and free: the ``δ_n`` are captured by tensor
-  hooks during the caller's ``loss.backward()``.  The training loss must be the mean (or the sum) of
-  ``likelihood.loss`` over the batch; pass ``targets=`` (and ``loss=``) to :meth:`Monitor.step`.  Checked: the
-  value of ``loss=`` must be that mean or sum at the captured outputs (cheap); without ``loss=``, or if the value
-  differs (e.g. a regulariser was added), ``∂loss/∂f`` captured in the backward must be the likelihood's residual.
+* ``kind="empirical"``: **exact** ``tr F_emp = (1/B) Σ_n ‖∇ℓ_n‖²`` (``ℓ_n`` each input's loss summed over its
+  kept positions), and free: the ``δ_n`` are captured by tensor hooks during the caller's ``loss.backward()``.
+  The training loss must be the likelihood's loss, as the mean over the inputs of ``input_loss``, the mean over
+  the kept predictions (``F.cross_entropy(logits.reshape(-1, V), y.reshape(-1))`` with ``ignore_index=-100``) or
+  the sum; pass ``targets=`` (and ``loss=``) to :meth:`Monitor.step`.  Checked: the value of ``loss=`` must be
+  one of those at the captured outputs (cheap); without ``loss=``, or if the value differs (e.g. a regulariser
+  was added), ``∂loss/∂f`` captured in the backward must be the likelihood's residual over 1, B or that count.
 * ``kind="true"``: right after the training forward one extra backward **to the layer outputs only** (no
-  weight gradients) of ``Σ_n ξ_nᵀ f_n`` with ``ξ_n = S_n ε_n`` from the detached outputs, batched over the
-  ``draws`` columns; ``method="hutchinson"`` (Rademacher ε, unbiased, the per-sample estimator of
-  :mod:`fisherlens.estimators`) or ``method="exact"`` (``ξ = S_n``, C columns).
+  weight gradients) of columns that each live at one position, batched: ``method="exact"`` the ``S_t e_c``
+  (``T·C`` columns; ``C`` for ``(B, C)`` outputs), ``method="hutchinson"`` the Rademacher ``ξ_t = S_t ε_t`` of
+  :func:`fisherlens.estimators.probe_vectors` split by position (``T·draws`` columns, one draw of each position's
+  own Hutchinson term ``‖J_tᵀ ξ_t‖²``: unbiased, never mixing positions).  The labels of the batch are known only
+  at :meth:`Monitor.step`, so the squared norms are kept per input and position and the kept positions are summed
+  there: **with more than one position per input, ``targets=`` is required** (labels with ``ignore_index``, or a
+  dict batch / mapping with ``labels``, ``mask``, ``attention_mask``).  For ``(B, C)`` outputs ``targets=`` is
+  optional and the Hutchinson value equals the per-sample Hutchinson estimator of ``fl.fisher_trace`` draw for
+  draw.  The columns are back-propagated in chunks of positions that fit :data:`fisherlens._core.WORK_BUDGET`.
 
 The monitor captures the first forward with autograd enabled after the previous :meth:`Monitor.step` (only
 when the coming step is scheduled; forwards under ``torch.no_grad`` and ``torch.func.functional_call``
 forwards — every library call — are ignored), so call ``step()`` once per training step with consecutive step
 numbers; with gradient accumulation the trace is that of the first micro-batch.  A step with nothing captured
 records NaN (with a warning).  BatchNorm or Dropout in training mode is refused (per-sample gradients are
-undefined there).
+undefined there); where shapes alone cannot show that a layer keeps the batch on axis 0 (another input axis of
+size B, e.g. B = T), one more activation-only backward of a random check column proves it.
 
 Records go to ``mon.records``, to ``<run>/metrics.csv`` (one row appended atomically per record,
 :func:`fisherlens.runs.append_csv_row`) and, when ``torch.utils.tensorboard`` is importable, to TensorBoard.
@@ -76,7 +94,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -86,6 +104,7 @@ from torch import nn
 from ._core import (
     Call,
     Capture,
+    Fields,
     FunctionalModel,
     Stats,
     WeakHook,
@@ -93,6 +112,7 @@ from ._core import (
     call_problems,
     check_choice,
     check_kind,
+    close_enough,
     iter_batches,
     layer_stats,
     model_errors,
@@ -100,7 +120,9 @@ from ._core import (
     quadratic_sum,
     signature,
     tap_grads,
+    tolerance,
     vjp_checked,
+    work_budget,
 )
 from .estimators import probe_vectors
 from .fisher import fisher_rao_norm, fisher_trace
@@ -128,6 +150,7 @@ OBSERVABLES: dict[str, tuple[str, ...]] = {
 }
 KINDS = ("true", "empirical")
 METHODS = ("exact", "hutchinson")
+REDUCTIONS = ("mean", "per_prediction")
 _STATE_VERSION = 1
 #: the keys of :meth:`Monitor.state_dict`.
 _STATE_KEYS = ("version", "config", "step_count", "path", "theta_prev", "generator", "records")
@@ -164,11 +187,13 @@ class Monitor:
     """Record Fisher-information observables on a schedule inside a plain training loop.
 
     Args:
-        model: the ``torch.nn.Module`` being trained (outputs ``(B, C)``; 1-D output: C = 1).
+        model: the ``torch.nn.Module`` being trained: outputs ``(B, C)`` (1-D output: C = 1) or structured
+            ``(B, *S)`` (``(B, *positions, C)``, or channel-first as the likelihood's ``channels`` says).
         likelihood: ``fl.Categorical()``, ``fl.Gaussian(sigma)``, ``fl.Bernoulli()`` or ``fl.LossInduced(loss)``
             (the latter only with ``kind="empirical"``).
-        probe: the probe data, ``(X, Y)`` tensors or any *re-iterable* of ``(x, y)`` batches (a DataLoader);
-            read again at every record.  ``Y`` may be ``None`` when no observable needs labels.
+        probe: the probe data, ``(X, Y)`` tensors or any *re-iterable* of ``(x, y)`` or dict batches (a
+            DataLoader, a list of ``{"input_ids", "labels", ...}``); read again at every record.  ``Y`` may be
+            ``None`` when no observable needs labels; labels ``(B, *positions)`` may hold ``ignore_index``.
         observables: names from :data:`OBSERVABLES` (see the module doc for values and costs).
         every: an int ``k`` (record when ``step % k == 0``) or a callable ``step -> bool``.
         kind: ``"true"`` or ``"empirical"``: the Fisher of every Fisher observable.
@@ -184,6 +209,13 @@ class Monitor:
             that is (or lies inside) an existing regular file raises ``ValueError``.
         tensorboard: a log folder for ``torch.utils.tensorboard`` (ignored, with a warning, if not installed).
         batch_size: chunk size of tensor probes (default 256, as the library).
+        output: a callable picking the output tensor from what the model returns (tuple, dict, ``ModelOutput``),
+            e.g. ``output=lambda out: out.logits``; used by every observable.  Not part of :meth:`state_dict`
+            (a callable is not serialisable): pass it again when resuming.
+        reduction: ``"mean"`` (per input, the library's convention) or ``"per_prediction"`` (per kept
+            prediction, what ``F.cross_entropy(reduction="mean")`` averages over) for ``loss``, ``grad_norm``,
+            ``fisher_trace``, ``top_eigenvalue``, ``rao_norm``, ``path_length`` and ``batch_fisher_trace``;
+            ``ntk_trace`` stays per input and ``relation`` needs ``"mean"``.
 
     Attributes:
         records: list of all records (``dict`` column -> float; ``step`` is an int).
@@ -199,13 +231,15 @@ class Monitor:
         observables: Iterable[str] = ("loss", "accuracy", "fisher_trace", "ntk_trace", "grad_norm"),
         every: int | Callable[[int], bool] = 1, kind: str = "true", method: str = "exact", draws: int = 1,
         generator: torch.Generator | None = None, params=None, run: RunDir | str | os.PathLike | None = None,
-        tensorboard: str | os.PathLike | None = None, batch_size: int | None = None,
+        tensorboard: str | os.PathLike | None = None, batch_size: int | None = None, output=None,
+        reduction: str = "mean",
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
         check_choice("kind", kind, KINDS)
         check_kind(likelihood, kind)
         check_choice("method", method, METHODS)
+        check_choice("reduction", reduction, REDUCTIONS)
         if method == "hutchinson" and kind != "true":
             raise ValueError("method='hutchinson' estimates the true Fisher; use kind='true', or method='exact' "
                              "(the empirical Fisher trace is cheap to compute exactly).")
@@ -221,6 +255,9 @@ class Monitor:
         if "relation" in obs and "fisher_trace" in obs and method == "hutchinson":
             raise ValueError("'relation' writes the exact trace into column 'fisher_trace', which clashes with "
                              "method='hutchinson' for 'fisher_trace'; request one of them (or method='exact').")
+        if "relation" in obs and reduction != "mean":
+            raise ValueError("'relation' (fl.fisher_ntk_trace) is normalised per input; use reduction='mean', or "
+                             "drop 'relation' and record 'fisher_trace' and 'ntk_trace'.")
         if "accuracy" in obs and isinstance(likelihood, Gaussian):
             raise ValueError("accuracy needs a classifier (fl.Categorical, fl.Bernoulli, or fl.LossInduced with "
                              "class labels); drop 'accuracy' for a Gaussian output model.")
@@ -242,9 +279,9 @@ class Monitor:
         self.model, self.likelihood, self.probe = model, likelihood, probe
         self.observables = tuple(obs)
         self.kind, self.method, self.generator, self.params = kind, method, generator, params
-        self.batch_size = batch_size
+        self.batch_size, self.output, self.reduction = batch_size, output, reduction
         with self._measuring():
-            self._fm()  # validates params= now, not at the first record
+            self._fm()  # validates params= and output= now, not at the first record
         self._probe_obs = [o for o in self.observables if o != "batch_fisher_trace"]
         self.columns = ("step", *dict.fromkeys(c for o in self.observables for c in OBSERVABLES[o]))
         self.records: list[dict] = []
@@ -283,8 +320,11 @@ class Monitor:
         """Advance the step counter (or set it to ``step``) and record if the step is scheduled.
 
         Call once per training step, after ``optimizer.step()``.  ``loss`` (the training batch loss) becomes
-        column ``batch_loss``; ``targets`` (and optionally ``outputs``) of the training batch are needed by
-        ``batch_fisher_trace`` with ``kind="empirical"``.  Scalar ``**extra`` values become extra columns.
+        column ``batch_loss``; ``targets`` of the training batch (labels, or a dict batch / mapping with
+        ``labels``, ``mask``, ``attention_mask``) are needed by ``batch_fisher_trace`` with
+        ``kind="empirical"``, and with ``kind="true"`` when the outputs have more than one position per input
+        (they say which positions count); ``outputs`` optionally.  Scalar ``**extra`` values become extra
+        columns.
 
         Returns:
             The record (``dict``) when the step is scheduled, else ``None``.
@@ -361,11 +401,19 @@ class Monitor:
         return old
 
     def _fm(self) -> FunctionalModel:
-        return FunctionalModel(self.model, self.params)
+        return FunctionalModel(self.model, self.params, self.output)
+
+    def _per(self, n: int, m: int, what: str) -> int:
+        """The divisor of the normalisation: ``n`` inputs (``reduction="mean"``) or ``m`` kept predictions."""
+        if m == 0:
+            raise ValueError(f"{what}: every position of the probe is ignored (labels equal to ignore_index, or "
+                             "masked out); there is no prediction to average over.")
+        return n if self.reduction == "mean" else m
 
     def _measure(self) -> dict:
         obs, lik, kind, probe = self.observables, self.likelihood, self.kind, self.probe
-        common = {"params": self.params, "batch_size": self.batch_size}
+        common = {"params": self.params, "batch_size": self.batch_size, "output": self.output}
+        red = {"reduction": self.reduction}
         out: dict = {}
         if {"loss", "accuracy", "grad_norm"} & set(obs):
             out.update(self._loss_pass())
@@ -376,59 +424,63 @@ class Monitor:
                 out["ntk_trace"] = rel.ntk_trace
         if "fisher_trace" in obs and "fisher_trace" not in out:
             out["fisher_trace"] = float(fisher_trace(self.model, probe, lik, kind, self.method, samples=self.draws,
-                                                     generator=self.generator, **common))
+                                                     generator=self.generator, **red, **common))
         if "ntk_trace" in obs and "ntk_trace" not in out:
             out["ntk_trace"] = ntk_trace(self.model, probe, reduction="mean", **common)
         if "top_eigenvalue" in obs:
             out["top_eigenvalue"] = float(eigenvalues(self.model, probe, lik, k=1, method="lanczos", kind=kind,
-                                                      **common)[0])
+                                                      **red, **common)[0])
         if "rao_norm" in obs:
-            out["rao_norm"] = fisher_rao_norm(self.model, probe, lik, kind, **common)
+            out["rao_norm"] = fisher_rao_norm(self.model, probe, lik, kind, **red, **common)
         if "path_length" in obs:
             out["path_length"] = self._path_step()
         return out
 
     def _loss_pass(self) -> dict:
-        """Probe mean loss, accuracy and ``‖∇L‖``: one forward per batch (plus one pull-back for the gradient)."""
+        """Probe loss (the mean over inputs of ``input_loss``, or per kept prediction), accuracy over the kept
+        predictions and ``‖∇_θ loss‖``: one forward per batch (plus one pull-back for the gradient)."""
         fm, lik = self._fm(), self.likelihood
         want_grad = "grad_norm" in self.observables
-        loss = correct = 0.0
-        n = 0
-        grad = None
+        loss, correct, n, m, grad = 0.0, 0, 0, 0, None
         for X, Y in iter_batches(self.probe, fm, need_y=True, batch_size=self.batch_size):
             if want_grad:
                 f, pull = vjp_checked(fm, X)
             else:
                 with torch.no_grad(), model_errors(X):
                     f = fm(fm.params, X)
-            f = f.detach()
-            y = lik.check_targets(f, Y)
-            loss += lik.loss(f, y).sum().item()
+            fs = fm.structured(f.detach())  # (B, *S)
+            loss += lik.input_loss(fs, Y).sum().item()
+            m += lik.count(fs, Y)
             if "accuracy" in self.observables:
-                correct += self._correct(f, y)
+                correct += self._correct(fs, Y)
             if want_grad:
-                g = fm.flatten(pull(lik.residual(f, y))[0])
+                g = fm.flatten(pull(lik.residual(fs, Y).reshape(f.shape))[0])
                 grad = g if grad is None else grad + g
             n += len(X)
-        out = {"loss": loss / n, "accuracy": correct / n}
+        per = self._per(n, m, "loss")
+        out = {"loss": loss / per, "accuracy": correct / max(m, 1)}
         if want_grad:
-            out["grad_norm"] = (grad / n).norm().item()
+            out["grad_norm"] = (grad / per).norm().item()
         return out
 
-    def _correct(self, f: Tensor, y: Tensor) -> float:
+    def _correct(self, fs: Tensor, Y) -> int:
+        """Correct kept predictions of outputs ``fs (B, *S)``: argmax over the class axis against class labels
+        (or probability targets), ``f > 0`` for Bernoulli logits."""
         lik = self.likelihood
+        rows = lik.rows(fs, Y)
+        f, y = rows.f, rows.y
         if isinstance(lik, Bernoulli) or f.shape[-1] == 1:
             if isinstance(lik, LossInduced):
                 raise ValueError("accuracy with one output is defined for fl.Bernoulli only.")
-            return ((f[:, 0] > 0) == (y.reshape(-1) > 0.5)).sum().item()
+            return int(((f[:, 0] > 0) == (y.reshape(-1) > 0.5)).sum())
         if y.dim() == 2 and y.shape == f.shape and torch.is_floating_point(y):
             y = y.argmax(-1)
         elif torch.is_floating_point(y) or y.dim() != 1:
-            raise ValueError(f"accuracy needs class labels (B,) for {lik!r}; the probe labels have shape "
-                             f"{tuple(y.shape)} and dtype {y.dtype}.")
+            raise ValueError(f"accuracy needs class labels (one per position) for {lik!r}; the probe labels give "
+                             f"rows of shape {tuple(y.shape)} and dtype {y.dtype}.")
         if not isinstance(lik, (Categorical, LossInduced)):
             raise ValueError(f"accuracy is not defined for {lik!r}.")
-        return (f.argmax(-1) == y).sum().item()
+        return int((f.argmax(-1) == y).sum())
 
     def _path_step(self) -> float:
         """Add ``sqrt(Δθᵀ F(θ_prev) Δθ)`` (one jvp per probe batch at the previous θ) to the path length."""
@@ -440,14 +492,21 @@ class Monitor:
             old = fm.unflatten(self._theta_prev.to(theta))
             delta = fm.unflatten(theta - self._theta_prev.to(theta))
             batches = iter_batches(self.probe, fm, need_y=self.kind == "empirical", batch_size=self.batch_size)
-            q, n = quadratic_sum(fm, batches, lambda f, y: self.likelihood.sandwich(f, self.kind, y), delta, at=old)
-            self._path += math.sqrt(max(q / n, 0.0))
+            kept = [0]
+
+            def sandwich(f, y, lik=self.likelihood):
+                kept[0] += lik.count(f, y)
+                return lik.sandwich(f, self.kind, y)
+
+            q, n = quadratic_sum(fm, batches, sandwich, delta, at=old)
+            self._path += math.sqrt(max(q / self._per(n, kept[0], "path_length"), 0.0))
         self._theta_prev = theta
         return self._path
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
-        """Everything needed to resume: plain Python values and tensors (``torch.load(weights_only=True)``)."""
+        """Everything needed to resume: plain Python values and tensors (``torch.load(weights_only=True)``);
+        not ``output=`` (a callable): pass it to the new Monitor again."""
         return {
             "version": _STATE_VERSION,
             "config": self._config(),
@@ -478,7 +537,8 @@ class Monitor:
             raise ValueError(f"Not a fisherlens Monitor state: 'config' is a {type(state['config']).__name__}, "
                              "not a dict.")
         if state["config"] != self._config():
-            diff = sorted(k for k in self._config() if state["config"].get(k) != self._config()[k])
+            mine = self._config()
+            diff = sorted(k for k in {**state["config"], **mine} if state["config"].get(k) != mine.get(k))
             raise ValueError(f"The state comes from a monitor configured differently (differs in: {', '.join(diff)}).")
         self.step_count = int(state["step_count"])
         self._path = float(state["path"])
@@ -494,8 +554,11 @@ class Monitor:
         self._arm()
 
     def _config(self) -> dict:
-        return {"observables": list(self.observables), "kind": self.kind, "method": self.method,
-                "draws": self.draws, "likelihood": repr(self.likelihood)}
+        """What a state must agree on (``reduction`` only when not the default, so older states still load;
+        ``output=`` is a callable, not serialisable, and is left out)."""
+        cfg = {"observables": list(self.observables), "kind": self.kind, "method": self.method,
+               "draws": self.draws, "likelihood": repr(self.likelihood)}
+        return cfg | ({"reduction": self.reduction} if self.reduction != "mean" else {})
 
     def close(self) -> None:
         """Remove the hooks of ``batch_fisher_trace`` and close the TensorBoard writer."""
@@ -515,24 +578,36 @@ def _device(model: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
-def _probe_xi(lik, f: Tensor, draws: int, generator) -> Tensor:
-    """Hutchinson vectors ``ξ = S ε (B, C, draws)``, Rademacher ε drawn exactly as
-    :func:`fisherlens.estimators.probe_vectors` draws them (same generator calls, same values up to rounding).
+def _batch_inputs(args: tuple, kwargs: dict):
+    """The training forward's inputs as the core takes them: one positional tensor, or keyword tensors only (a
+    :class:`~fisherlens._core.Fields`, ``None`` values dropped)."""
+    kw = {k: v for k, v in kwargs.items() if v is not None}
+    if len(args) == 1 and not kw and isinstance(args[0], Tensor):
+        return args[0].detach()
+    if not args and kw and all(isinstance(v, Tensor) for v in kw.values()):
+        return Fields({k: v.detach() for k, v in kw.items()})
+    raise ValueError(
+        f"batch_fisher_trace: the model was called with {len(args)} positional argument(s) and keyword arguments "
+        f"{sorted(kw)}; the monitor re-runs it as the library does, with one input tensor or with keyword tensors "
+        "only (a dict batch). Call it so, or measure 'fisher_trace' on the probe instead.")
 
-    For ``fl.Categorical`` without the ``(B, C, C)`` matrix: ``S ε = √π ⊙ ε − π (√π · ε)``."""
-    if type(lik) is not Categorical:
-        return probe_vectors(lik, f, "hutchinson", "rademacher", draws, generator)
-    lik.check_outputs(f)
-    eps = torch.randint(0, 2, (f.shape[0], f.shape[1], draws), generator=generator, device=f.device).to(f.dtype) * 2 - 1
-    p = torch.softmax(f, dim=-1)[..., None]
-    se = p.sqrt() * eps
-    return se - p * se.sum(1, keepdim=True)
+
+def _targets(targets, device):
+    """The targets of :meth:`Monitor.step` for the likelihood: a tensor, or a mapping (a whole dict batch may be
+    passed) reduced to its ``labels``, ``mask`` and ``attention_mask``."""
+    if isinstance(targets, Mapping):
+        keys = ("labels", "mask", "attention_mask")
+        return {k: torch.as_tensor(targets[k]).to(device) for k in keys if targets.get(k) is not None}
+    return torch.as_tensor(targets).to(device)
 
 
 class _BatchCapture:
     """``batch_fisher_trace``: the core's :class:`~fisherlens._core.Capture` records the layer calls of the
     caller's training forward; output gradients come from an extra activation-only backward (true Fisher) or
-    from the caller's backward (empirical); the core's :func:`~fisherlens._core.layer_stats` reduces them."""
+    from the caller's backward (empirical); the core's :func:`~fisherlens._core.layer_stats` reduces them.
+
+    The root hook sees the model's raw output: ``output=`` picks the tensor ``(B, *S)``; the backward runs on
+    its flat view ``f (B, M)`` and the likelihood sees the detached structured ``fs (B, *S)``."""
 
     def __init__(self, mon: Monitor):
         self.mon = mon
@@ -549,8 +624,9 @@ class _BatchCapture:
         missing = [n for n in fm.names if n not in plan.owned]
         if missing:
             raise ValueError(
-                f"batch_fisher_trace needs every selected parameter to be the weight or bias of an nn.Linear/"
-                f"Conv1d/Conv2d layer; not {missing}. Restrict params= or measure 'fisher_trace' on the probe.")
+                f"batch_fisher_trace needs every selected parameter to be the weight or bias of a layer with a rule "
+                f"(nn.Linear, Conv1d/Conv2d, Embedding, LayerNorm, transformers' Conv1D); not {missing}. Restrict "
+                "params= or measure 'fisher_trace' on the probe.")
         self.fm, self.plan = fm, plan
         self.owned = dict(plan.owned)
         self.identity = [(which, m, fm.tensors[n]) for n, (which, ms) in self.owned.items() for m in ms]
@@ -559,7 +635,7 @@ class _BatchCapture:
                        if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd))]
         self.capture = Capture((m for _, ms in self.owned.values() for m in ms), tap=False, weak=True,
                                when=self._recording)
-        self.root = mon.model.register_forward_hook(WeakHook(self._root_hook))
+        self.root = mon.model.register_forward_hook(WeakHook(self._root_hook), with_kwargs=True)
         self.clear()
 
     def arm(self, flag: bool) -> None:
@@ -567,8 +643,9 @@ class _BatchCapture:
 
     def clear(self) -> None:
         self.capture.calls = []
-        self.calls, self.grads, self.f, self.u = [], None, None, None
-        self.value_true: float | None = None
+        self.calls, self.grads, self.fs, self.u = [], None, None, None
+        self.sq: Tensor | None = None  # (B, T) per input and position (true)
+        self.sig = None
         self.captured = False
 
     def close(self) -> None:
@@ -578,63 +655,130 @@ class _BatchCapture:
     def _recording(self) -> bool:
         return self.armed and not self.busy and not self.captured and torch.is_grad_enabled()
 
-    def _root_hook(self, model, inputs, out):
+    def _root_hook(self, model, args, kwargs, out):
         if not self.armed or self.busy or self.captured:
             return
         calls, self.capture.calls = self.capture.calls, []
-        if not isinstance(out, Tensor) or not out.requires_grad:
+        o = self._pick(out)
+        if not o.requires_grad:
             return  # an evaluation forward (no autograd): wait for the training forward
         if any(getattr(m, which) is not t for which, m, t in self.identity):
             return  # a torch.func.functional_call forward (e.g. a library call) with substituted parameters
-        self._prove(calls, inputs[0].detach())
+        amb = self._prove(calls, _batch_inputs(args, kwargs))
         self.captured = True
-        f = out[:, None] if out.dim() == 1 else out
-        self.mon.likelihood.check_outputs(f.detach())
+        f = o.reshape(len(o), -1)
+        self.fs = f.detach().reshape(len(o), *(tuple(o.shape[1:]) or (1,)))
+        lik, S = self.mon.likelihood, tuple(self.fs.shape[1:])
+        lik.check_outputs(lik.to_rows_layout(self.fs[:1], S).reshape(-1, lik.layout(S)[1]))
+        if amb:
+            self._check_separation(amb, f)
         if self.mon.kind == "true":
             self._true(calls, f)
         else:
-            self._watch_backward(calls, f, out)
+            self._watch_backward(calls, o)
 
-    def _prove(self, calls: list[Call], X: Tensor) -> None:
-        """Refuse a training batch whose per-sample attribution the core cannot prove (as in its engine)."""
+    def _pick(self, out) -> Tensor:
+        """The output tensor of the model's return value (``output=``)."""
+        o = out if self.mon.output is None else self.mon.output(out)
+        if not isinstance(o, Tensor):
+            raise TypeError(f"batch_fisher_trace: the model returned a {type(o).__name__}, not a tensor of outputs; "
+                            "pass output= to the Monitor, a callable that picks it (e.g. output=lambda out: "
+                            "out.logits, or lambda out: out[0]).")
+        if o.dim() == 0:
+            raise ValueError("batch_fisher_trace: the model returned a scalar; it must return outputs (B, ...).")
+        return o
+
+    def _prove(self, calls: list[Call], X) -> list[Call]:
+        """Refuse a training batch whose per-sample attribution the core cannot prove (as in its engine); return
+        the owned calls whose input has another axis of the batch's size (checked by :meth:`_check_separation`)."""
         for name, m in self.mixing:
             if m.training and (isinstance(m, nn.modules.batchnorm._BatchNorm) or m.p > 0):
                 raise ValueError(f"batch_fisher_trace: module '{name}' ({type(m).__name__}) is in training mode, "
                                  "so per-sample gradients of the batch are not defined; measure on the probe.")
         self.busy = True
         try:
-            sig = signature(self.fm, X)
+            self.sig = signature(self.fm, X)
         finally:
             self.busy = False
         missing = [n for n in self.owned if n not in self.plan.owned]
         if missing:
             raise ValueError(f"batch_fisher_trace: parameters {missing} are used outside their layers; "
-                             "measure 'fisher_trace' on the probe instead.")
-        problems = call_problems(self.plan, calls, len(X), sig.calls)
-        problems.update({n: "its layer's input has another axis of the batch's size" for n, (_, ms) in
-                         self.owned.items() for c in calls if c.module in ms and ambiguous(c, len(X))})
+                             "restrict params= or measure 'fisher_trace' on the probe instead.")
+        B = len(X)
+        problems = call_problems(self.plan, calls, B, self.sig.calls)
         if problems:
             raise ValueError("batch_fisher_trace cannot prove the per-sample attribution of the training batch ("
                              + "; ".join(f"'{n}': {r}" for n, r in problems.items())
                              + "); measure 'fisher_trace' on the probe instead.")
+        return [c for c in calls if ambiguous(c, B)]
+
+    def _check_separation(self, amb: list[Call], f: Tensor) -> None:
+        """Layers whose input has another axis of size B (e.g. B = T): one activation-only backward of a random
+        column ``w`` and of ``c_b w_b`` must scale each output gradient by ``c_b`` along axis 0 (the core's check
+        column, :func:`fisherlens._core.checked_grads`); otherwise the batch is refused."""
+        gen = torch.Generator(device="cpu").manual_seed(1)
+        w = torch.randn(f.shape, generator=gen, dtype=f.dtype).to(f.device)
+        c = (torch.rand(len(f), generator=gen, dtype=f.dtype) + 0.5).to(f.device)
+        grads = tap_grads(amb, f, w[..., None], extra=c[:, None] * w, retain_graph=True)
+        bad = {n for call, g in zip(amb, grads, strict=True)
+               if not close_enough(g[1], c.reshape(-1, *[1] * (g.dim() - 2)) * g[0])
+               for n, (_, ms) in self.owned.items() if any(m is call.module for m in ms)}
+        if bad:
+            raise ValueError(f"batch_fisher_trace: the output gradients of the layers of {sorted(bad)} mix the "
+                             "samples along axis 0 (the batch is on another axis); measure 'fisher_trace' on the "
+                             "probe instead.")
 
     def _true(self, calls: list[Call], f: Tensor) -> None:
-        """One backward to the layer outputs of the columns ``ξ = S ε`` (Hutchinson) or ``S`` (exact)."""
-        mon, fd = self.mon, f.detach()
+        """Activation-only backward of columns that each live at one position — exact ``S_t e_c`` (C per
+        position), Hutchinson ``ξ_t = S_t ε_t`` (``draws`` per position, ε as :func:`probe_vectors` draws them) —
+        in chunks of positions; keeps ``sq (B, T)``: each input's squared factor-row norms per position, summed
+        over that position's columns (the kept positions are summed at :meth:`value`)."""
+        mon, fs = self.mon, self.fs
+        lik, S = mon.likelihood, tuple(fs.shape[1:])
+        pos, C = lik.layout(S)
+        T, B = math.prod(pos), len(fs)
         hutch = mon.method == "hutchinson"
-        V = _probe_xi(mon.likelihood, fd, mon.draws, mon.generator) if hutch else mon.likelihood.sqrt_fisher(fd)
-        K = V.shape[-1]
-        grads = tap_grads(calls, f, V, retain_graph=True)
-        self.value_true = self._sqnorm(calls, grads, K) / (len(fd) * (K if hutch else 1))
+        xi = probe_vectors(lik, fs, "hutchinson", "rademacher", mon.draws, mon.generator) if hutch else None
+        order = None if T == 1 else lik.from_rows_layout(torch.arange(T * C, device=f.device).reshape(1, T, C), S)[0]
+        step = 1 if T == 1 else self._positions_per_backward(B, f.shape[1], mon.draws if hutch else C, T)
+        parts = []
+        for t0 in range(0, T, step):
+            ts = torch.arange(t0, min(T, t0 + step), device=f.device)
+            V = self._columns(xi, order, ts, C, T)
+            grads = tap_grads(calls, f, V, retain_graph=True)
+            parts.append(self._sqnorm(calls, grads, V.shape[-1]).reshape(B, len(ts), -1).sum(-1))
+        self.sq = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
 
-    def _watch_backward(self, calls: list[Call], f: Tensor, out: Tensor) -> None:
+    def _columns(self, xi: Tensor | None, order: Tensor, ts: Tensor, C: int, T: int) -> Tensor:
+        """The columns ``(B, M, |ts|·k)`` of positions ``ts`` (position-major); ``order (M,)`` is the row-layout
+        index ``t·C + c`` of each flat output (``None`` for one position: ξ itself, or the rows' ``S``)."""
+        fs = self.fs
+        if T == 1:
+            return xi if xi is not None else self.mon.likelihood.sqrt_fisher(fs.reshape(len(fs), C))
+        if xi is not None:
+            at = ((order // C)[:, None] == ts[None, :]).to(xi.dtype)  # (M, |ts|)
+            return (xi[:, :, None, :] * at[None, :, :, None]).reshape(len(fs), len(order), -1)
+        cols = (ts[:, None] * C + torch.arange(C, device=ts.device)).reshape(-1)
+        eye = (order[:, None] == cols[None, :]).to(fs.dtype)  # one-hot ε: probe gives S_t e_c at position t
+        return self.mon.likelihood.probe(fs, eye.expand(len(fs), -1, -1))
+
+    def _positions_per_backward(self, B: int, M: int, k: int, T: int) -> int:
+        """Positions per batched backward (``k`` columns each): per column the core's working set per input — the
+        M outputs, the backward's activations, the fast paths' temporaries, the largest rows — times B must fit
+        :func:`fisherlens._core.work_budget`."""
+        sig, fm = self.sig, self.fm
+        rows = max((fm.sizes[n] for n in self.owned if n not in sig.fast), default=0)
+        per = fm.itemsize * B * k * (M + sig.act + sig.column + rows)
+        return int(max(1, min(T, work_budget() // per)))
+
+    def _watch_backward(self, calls: list[Call], o: Tensor) -> None:
         """Empirical: the δ of the caller's own backward, captured by one multi-tensor gradient hook."""
-        self.calls, self.f = calls, f.detach()
+        self.calls = calls
         outs = [c.tap for c in calls]
-        at = next((i for i, o in enumerate(outs) if o is out), None)  # the root output is often the last layer's
-        tensors = outs if at is not None else [*outs, out]
+        at = next((i for i, t in enumerate(outs) if t is o), None)  # the root output is often the last layer's
+        tensors = outs if at is not None else [*outs, o]
         at = len(outs) if at is None else at
-        shape, n = f.shape, len(outs)
+        shape, n = self.fs.shape, len(outs)
 
         def on_grads(gs, n=n, at=at, shape=shape):
             self.grads = [None if g is None else g.detach()[None] for g in gs[:n]]
@@ -642,15 +786,14 @@ class _BatchCapture:
 
         torch.autograd.graph.register_multi_grad_hook(tensors, on_grads)
 
-    def _sqnorm(self, calls: list[Call], grads: list, K: int) -> float:
-        """``Σ_{n,k} ‖G_nk‖²`` over the owned parameters from layer inputs and output gradients ``(K, B, …)``, by
-        the core's layer rules (ghost norms ``‖δ_n‖²‖a_n‖²`` for a Linear called once, rows otherwise)."""
+    def _sqnorm(self, calls: list[Call], grads: list, K: int) -> Tensor:
+        """``‖G_nk‖² (B, K)`` summed over the owned parameters from layer inputs and output gradients ``(K, B, …)``,
+        by the core's layer rules (ghost norms ``‖δ_n‖²‖a_n‖²`` for a Linear called once, rows otherwise)."""
         grads = [torch.zeros(K, *c.tap.shape, dtype=c.tap.dtype, device=c.tap.device) if g is None else g
                  for g, c in zip(grads, calls, strict=True)]
-        B = calls[0].a.shape[0] if calls else 0
         stats = Stats()
-        layer_stats(self.fm, self.plan, calls, grads, {"sqnorm"}, stats, B, K)
-        return math.fsum(s.sum().item() for s in stats.sqnorm.values())
+        layer_stats(self.fm, self.plan, calls, grads, {"sqnorm"}, stats, len(self.fs), K)
+        return sum(stats.sqnorm.values())
 
     def value(self, targets, outputs, loss=None, *, required: bool) -> float:
         """The batch trace of the captured step (NaN when none was captured, e.g. for ``record(0)``)."""
@@ -663,35 +806,75 @@ class _BatchCapture:
                                   stacklevel=4)
                 return math.nan
             if self.mon.kind == "true":
-                return float(self.value_true)
+                return self._true_value(targets)
             return self._empirical(targets, outputs, loss)
         finally:
             self.clear()
 
+    def _true_value(self, targets) -> float:
+        """``Σ`` of ``sq`` over the kept positions (and over ``draws`` for Hutchinson), normalised."""
+        lik, fs, T = self.mon.likelihood, self.fs, self.sq.shape[1]
+        k = self.mon.draws if self.mon.method == "hutchinson" else 1
+        if targets is None:
+            if T > 1:
+                raise ValueError(
+                    f"batch_fisher_trace with kind='true' on outputs of shape {tuple(fs.shape)} ({T} positions per "
+                    "input) needs the batch's targets, which say which positions count: mon.step(..., targets=y) "
+                    f"with labels (ignore_index={lik.ignore_index} drops a position), or a dict batch / mapping "
+                    "with 'labels', 'mask' or 'attention_mask'.")
+            return self._normalise(self.sq.sum().item() / k, len(fs))
+        y = _targets(targets, fs.device)
+        if T == 1:  # one prediction per input: only ignore_index / a mask can drop it (the cheap per-step path)
+            keep = lik.keep(fs, y)
+            return self._normalise(self.sq[keep].sum().item() / k, int(keep.sum()))
+        rows = lik.rows(fs, y)  # the kept positions; validates the labels
+        return self._normalise(self.sq[rows.which, rows.pos].sum().item() / k, len(rows.which))
+
+    def _normalise(self, total: float, m: int) -> float:
+        """Per input (``reduction="mean"``) or per kept prediction; NaN (warned) when every position is ignored."""
+        if m == 0:
+            warnings.warn("batch_fisher_trace: every position of the training batch is ignored (labels equal to "
+                          "ignore_index, or masked out); recorded NaN.", stacklevel=5)
+            return math.nan
+        return total / (len(self.fs) if self.mon.reduction == "mean" else m)
+
     def _empirical(self, targets, outputs, loss) -> float:
-        lik, f = self.mon.likelihood, self.f
+        lik, fs = self.mon.likelihood, self.fs
         if targets is None:
             raise ValueError("batch_fisher_trace with kind='empirical' needs the batch labels: "
                              "mon.step(..., targets=y).")
-        if outputs is not None and isinstance(outputs, Tensor) and outputs.shape[0] != f.shape[0]:
-            raise ValueError("outputs= does not match the captured training forward (different batch size).")
+        if outputs is not None:
+            o = outputs if isinstance(outputs, Tensor) or self.mon.output is None else self.mon.output(outputs)
+            if isinstance(o, Tensor) and o.shape[0] != fs.shape[0]:
+                raise ValueError("outputs= does not match the captured training forward (different batch size).")
         if self.u is None or self.grads is None:
             raise ValueError("batch_fisher_trace with kind='empirical' reads the gradients of your loss.backward(); "
                              "call mon.step() after loss.backward().")
-        y = lik.check_targets(f, torch.as_tensor(targets).to(f.device))
-        B = len(f)
-        tol = 1e-9 if f.dtype == torch.float64 else 1e-4
-        scale = None
-        if loss is not None:  # cheap: the loss value is the mean (or the sum) of the likelihood's loss
+        y = _targets(targets, fs.device)
+        ell = lik.input_loss(fs, y)  # (B,), validates the labels
+        m = lik.count(fs, y)
+        c = self._loss_scale(ell, y, m, loss)
+        return self._normalise(c**2 * self._sqnorm(self.calls, self.grads, 1).sum().item(), m)
+
+    def _loss_scale(self, ell: Tensor, y, m: int, loss) -> int:
+        """``c`` with the caller's loss ``= Σ_n ℓ_n / c``: B (mean over the inputs), m (mean over the kept
+        predictions) or 1 (sum); from the loss value (cheap), else from ``∂loss/∂f`` against the residual."""
+        lik, fs = self.mon.likelihood, self.fs
+        cands = [c for c in dict.fromkeys((len(fs), m, 1)) if c > 0]
+        tol = tolerance(fs.dtype)
+        if loss is not None:
             value = float(loss.detach() if isinstance(loss, Tensor) else loss)
-            total = lik.loss(f, y).sum().item()
-            scale = next((c for c in (B, 1) if math.isclose(value * c, total, rel_tol=tol, abs_tol=1e-12)), None)
-        if scale is None:  # otherwise (or a foreign loss value): ∂loss/∂f against the residual
-            r = lik.residual(f, y)
-            atol = tol * (r.abs().max().item() + 1e-30)
-            scale = next((c for c in (B, 1) if torch.allclose(self.u * c, r, rtol=tol, atol=atol)), None)
-        if scale is None:
-            raise ValueError("batch_fisher_trace with kind='empirical': ∂loss/∂outputs is not the residual of "
-                             f"{lik!r} (mean or sum over the batch); the training loss must be the likelihood's "
-                             "loss, e.g. F.cross_entropy(out, y) for fl.Categorical().")
-        return scale**2 * self._sqnorm(self.calls, self.grads, 1) / B
+            total = ell.sum().item()
+            c = next((c for c in cands if math.isclose(value * c, total, rel_tol=tol, abs_tol=1e-12)), None)
+            if c is not None:
+                return c
+        r = lik.residual(fs, y)
+        atol = tol * (r.abs().max().item() + 1e-30)
+        c = next((c for c in cands if torch.allclose(self.u * c, r, rtol=tol, atol=atol)), None)
+        if c is None:
+            raise ValueError(
+                f"batch_fisher_trace with kind='empirical': ∂loss/∂outputs is not the residual of {lik!r} over the "
+                f"batch (its mean over the {len(fs)} inputs, its mean over the {m} kept predictions, or its sum); "
+                "the training loss must be the likelihood's loss, e.g. F.cross_entropy(out, y) for fl.Categorical(), "
+                "or F.cross_entropy(logits.reshape(-1, V), y.reshape(-1)) (ignore_index=-100) for a language model.")
+        return c

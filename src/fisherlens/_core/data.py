@@ -41,6 +41,8 @@ def _split_batch(batch):
         return batch, None
     if isinstance(batch, Mapping):
         return split_fields(batch)
+    if isinstance(batch, tuple) and len(batch) == 2 and isinstance(batch[0], Fields):  # a slice of a dict
+        return batch
     if isinstance(batch, (tuple, list)) and 1 <= len(batch) <= 2 and isinstance(batch[0], Tensor):
         y = batch[1] if len(batch) == 2 else None
         if y is not None and not isinstance(y, Tensor):
