@@ -7,7 +7,7 @@ data-averaged quantity is a mean over the N inputs unless ``reduction="sum"``. T
 library are listed in docs/references.md.
 """
 
-from . import bounds, geometry, gibbs, losses, structure, theory
+from . import bounds, geometry, gibbs, losses, prune, structure, theory
 from .estimators import Estimate
 from .fisher import fisher_blocks, fisher_diag, fisher_matrix, fisher_rao_norm, fisher_trace
 from .likelihoods import Bernoulli, Categorical, Gaussian, Likelihood, LossInduced
@@ -44,6 +44,7 @@ __all__ = [
     "losses",
     "ntk",
     "ntk_trace",
+    "prune",
     "spectral_density",
     "spectrum_stats",
     "structure",

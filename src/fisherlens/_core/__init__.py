@@ -60,7 +60,15 @@ from .functional import functional_rows
 from .layerwise.capture import Capture, WeakHook, tap_grads
 from .layerwise.plan import Plan, Signature, ambiguous, call_problems, check_batch, plan_for, signature
 from .layerwise.rules import RULES, Call, LayerRule, rule_for
-from .model import FunctionalModel, differentiable_kernels, forward_checked, jvp_checked, model_errors, vjp_checked
+from .model import (
+    FunctionalModel,
+    differentiable_kernels,
+    forward_checked,
+    jvp_checked,
+    model_errors,
+    select_params,
+    vjp_checked,
+)
 from .request import Request
 from .stats import Stats
 
@@ -76,5 +84,5 @@ __all__ = [
     "output_dim", "quadratic_sum", "stream", "work_budget", "functional_rows",
     "Capture", "WeakHook", "tap_grads", "Plan", "Signature", "ambiguous", "call_problems", "check_batch", "plan_for",
     "signature", "Call", "LayerRule", "rule_for", "FunctionalModel", "differentiable_kernels",
-    "forward_checked", "jvp_checked", "model_errors", "vjp_checked", "Request", "Stats",
+    "forward_checked", "jvp_checked", "model_errors", "select_params", "vjp_checked", "Request", "Stats",
 ]
