@@ -7,11 +7,12 @@ data-averaged quantity is a mean over the N inputs unless ``reduction="sum"``. T
 library are listed in docs/references.md.
 """
 
-from . import bounds, geometry, gibbs, losses, prune, structure, theory
+from . import bounds, geometry, gibbs, losses, optim, prune, structure, theory
 from .estimators import Estimate
 from .fisher import fisher_blocks, fisher_diag, fisher_matrix, fisher_rao_norm, fisher_trace
 from .likelihoods import Bernoulli, Categorical, Gaussian, Likelihood, LossInduced
 from .monitor import Monitor
+from .natural import natural_gradient
 from .ntk import TraceRelation, fisher_ntk_trace, ntk, ntk_trace
 from .operator import FisherOperator, fisher_operator
 from .spectrum import SpectralDensity, critical_learning_rate, eigenvalues, spectral_density, spectrum_stats
@@ -42,8 +43,10 @@ __all__ = [
     "geometry",
     "gibbs",
     "losses",
+    "natural_gradient",
     "ntk",
     "ntk_trace",
+    "optim",
     "prune",
     "spectral_density",
     "spectrum_stats",

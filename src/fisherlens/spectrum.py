@@ -18,7 +18,7 @@ import torch
 from scipy.sparse.linalg import eigsh
 
 from . import structure as mlp_structure
-from ._core import Request, batch_stats, check_choice, check_dense, iter_batches, output_dim, work_budget
+from ._core import FactorRows, Request, check_choice, check_dense, iter_batches, output_dim
 from .fisher import fisher_matrix
 from .operator import FisherOperator
 from .results import SpectralDensity
@@ -51,88 +51,17 @@ def _descending(vals: Tensor, vecs: Tensor | None, k: int | None):
     return vals, None if vecs is None else vecs[:, order]
 
 
-class _Rows:
-    """Factor rows ``Ĵ_i (b_i·K, P)`` of the data's chunks, recomputable with identical sandwiches."""
-
-    def __init__(self, run: Request):
-        self.run, fm = run, run.fm
-        self.chunks: list[tuple[Tensor, dict]] = []
-        K = None
-        for X, Y in run.batches():
-            if K is None:
-                K = run.columns(output_dim(fm, X))
-                step = max(1, work_budget() // (K * fm.P * fm.itemsize))
-            for i in range(0, len(X), step):
-                self.chunks.append((X[i : i + step], {"y": None if Y is None else Y[i : i + step]}))
-        self.K = K
-        self.n = sum(len(X) for X, _ in self.chunks)
-
-    def __len__(self):
-        return len(self.chunks)
-
-    def rows(self, i: int) -> Tensor:
-        X, memo = self.chunks[i]
-
-        def make_v(f):
-            if "v" not in memo:  # drawn once (mc labels), reused whenever the rows are recomputed
-                memo["v"] = self.run.v(f, memo["y"])
-            return memo["v"]
-
-        _, _, st = batch_stats(self.run.fm, X, make_v, {"rows"}, self.run.engine)
-        return torch.cat([st.rows[n] for n in self.run.fm.names], dim=-1).reshape(-1, self.run.fm.P)
-
-
 def _gram_eigen(run: Request, k: int | None, vectors: bool, max_memory: int | None):
-    R = _Rows(run)
-    fm, M = run.fm, R.n * R.K
-    _check_gram(M, max_memory)
-    if M * fm.P * fm.itemsize <= 4 * work_budget():  # all rows at once
-        J = torch.cat([R.rows(i) for i in range(len(R))])
-        G = _gram64(J)
-    else:  # chunk pairs, recomputing rows: memory O(M² + chunk·P)
-        offs = np.cumsum([0] + [len(X) * R.K for X, _ in R.chunks])
-        G = torch.empty(M, M, dtype=torch.float64, device=fm.device)
-        J = None
-        for i in range(len(R)):
-            Ri = R.rows(i)
-            for j in range(i, len(R)):
-                B = _gram64(Ri, Ri if j == i else R.rows(j))
-                G[offs[i] : offs[i + 1], offs[j] : offs[j + 1]] = B
-                G[offs[j] : offs[j + 1], offs[i] : offs[i + 1]] = B.T
-
-    def pullback(W: Tensor) -> Tensor:  # Ĵᵀ W, W in the model's dtype
-        if J is not None:
-            return J.T @ W
-        U = torch.zeros(fm.P, W.shape[1], dtype=fm.dtype, device=fm.device)
-        for i in range(len(R)):
-            U += R.rows(i).T @ W[offs[i] : offs[i + 1]]
-        return U
-
-    return _gram_solve(G.mul_(run.scale(R.n)), k, vectors, pullback, fm.dtype)  # rows counted the predictions
+    R = FactorRows(run)
+    _check_gram(int(R.offs[-1]), max_memory)
+    G = R.gram()
+    return _gram_solve(G.mul_(run.scale(R.n)), k, vectors, R.rmv, run.fm.dtype)  # rows counted the predictions
 
 
 def _check_gram(M: int, max_memory: int | None) -> None:
     """Refuse, before allocating, the float64 ``M × M`` Gram matrix (the same message on every route)."""
     check_dense(f"the Gram matrix of N·K = {M} rows (float64)", M * M, 8,
                 "Use method='lanczos' with k=, or fewer inputs", max_memory)
-
-
-def _gram64(A: Tensor, B: Tensor | None = None) -> Tensor:
-    """``A Bᵀ`` in float64 for rows ``A (m, P)``, ``B (n, P)`` (default ``B = A``) of any float dtype.
-
-    Float32 rows are cast to float64 one block of columns at a time (each block's copies within
-    ``WORK_BUDGET``), so the length-P sums lose nothing to float32 rounding: the Gram's entries are exact
-    up to the rows' own rounding (~1e-7 relative), not up to ~√P·1e-7.  Returns ``(m, n)`` float64."""
-    B = A if B is None else B
-    if A.dtype == torch.float64 and B.dtype == torch.float64:
-        return A @ B.T
-    out = torch.zeros(A.shape[0], B.shape[0], dtype=torch.float64, device=A.device)
-    width = max(1, work_budget() // (8 * (A.shape[0] + B.shape[0])))
-    for a in range(0, A.shape[1], width):
-        a64 = A[:, a : a + width].double()
-        b64 = a64 if B is A else B[:, a : a + width].double()
-        out.addmm_(a64, b64.T)
-    return out
 
 
 def _gram_scale(run: Request, n: int) -> float:

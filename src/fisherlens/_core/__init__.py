@@ -20,6 +20,7 @@ the library):
 * :mod:`.request` — :class:`Request`, the keyword-only validated arguments, with the one scale rule;
 * :mod:`.stats` — :class:`Stats`, the per-batch statistics every view reduces;
 * :mod:`.engine` — :func:`batch_stats`, :func:`stream` and the one chunking policy :func:`chunk_size`;
+* :mod:`.rows` — :class:`FactorRows`, a data set's factor rows for the Gram routes (spectrum, natural gradient);
 * :mod:`.functional` — the general engine (``torch.func``);
 * :mod:`.layerwise` — the fast engine: :mod:`~.layerwise.rules` (one rule per layer type),
   :mod:`~.layerwise.capture` (hooks and output gradients, shared with the Monitor) and
@@ -70,6 +71,7 @@ from .model import (
     vjp_checked,
 )
 from .request import Request
+from .rows import FactorRows, gram64
 from .stats import Stats
 
 #: working-memory budget (bytes) for one chunk's working set; results are never chunked away.
@@ -84,5 +86,6 @@ __all__ = [
     "output_dim", "quadratic_sum", "stream", "work_budget", "functional_rows",
     "Capture", "WeakHook", "tap_grads", "Plan", "Signature", "ambiguous", "call_problems", "check_batch", "plan_for",
     "signature", "Call", "LayerRule", "rule_for", "FunctionalModel", "differentiable_kernels",
-    "forward_checked", "jvp_checked", "model_errors", "select_params", "vjp_checked", "Request", "Stats",
+    "forward_checked", "jvp_checked", "model_errors", "select_params", "vjp_checked", "Request",
+    "FactorRows", "gram64", "Stats",
 ]
