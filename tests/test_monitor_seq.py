@@ -316,3 +316,27 @@ def test_separation_check_refuses_batch_off_axis_0(kind):
     with pytest.raises(ValueError, match=r"\['lin.bias', 'lin.weight'\] mix the samples along axis 0"):
         model(X[:5])
     mon.close()
+
+
+@pytest.mark.parametrize("first", ["empirical", "true"])
+def test_two_batch_monitors_on_one_model_stay_apart(first):
+    """Two per-step monitors (empirical and exact true) on one model, created in either order and without any
+    earlier verification: neither monitor's internal forwards or backwards reach the other, and each equals the
+    library's trace of the training batch."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 9), nn.Tanh(), nn.Linear(9, 3)).double()
+    X, Y = torch.randn(7, 5, 4, dtype=torch.float64), torch.randint(0, 3, (7, 5))
+    Y[0, 3:] = -100
+    lik = fl.Categorical()
+    make = {k: (lambda k=k: fl.Monitor(m, lik, (X, Y), observables=("batch_fisher_trace",), kind=k))
+            for k in ("empirical", "true")}
+    mons = {first: make[first]()}
+    other = "true" if first == "empirical" else "empirical"
+    mons[other] = make[other]()
+    want = {k: fl.fisher_trace(m, (X, Y), lik, k) for k in mons}
+    f = m(X)
+    loss = F.cross_entropy(f.reshape(-1, 3), Y.reshape(-1))
+    loss.backward()
+    got = {k: mon.step(loss=loss, outputs=f, targets=Y)["batch_fisher_trace"] for k, mon in mons.items()}
+    for k in mons:
+        _close(got[k], want[k], k)

@@ -601,6 +601,20 @@ def _targets(targets, device):
     return torch.as_tensor(targets).to(device)
 
 
+#: depth of the monitors' own forwards and backwards inside a training step: while it is nonzero no monitor
+#: records layer calls, takes a root output or reads gradients (two monitors on one model stay apart)
+_INTERNAL = [0]
+
+
+@contextmanager
+def _internal():
+    _INTERNAL[0] += 1
+    try:
+        yield
+    finally:
+        _INTERNAL[0] -= 1
+
+
 class _BatchCapture:
     """``batch_fisher_trace``: the core's :class:`~fisherlens._core.Capture` records the layer calls of the
     caller's training forward; output gradients come from an extra activation-only backward (true Fisher) or
@@ -653,10 +667,10 @@ class _BatchCapture:
         self.root.remove()
 
     def _recording(self) -> bool:
-        return self.armed and not self.busy and not self.captured and torch.is_grad_enabled()
+        return self.armed and not self.busy and not self.captured and not _INTERNAL[0] and torch.is_grad_enabled()
 
     def _root_hook(self, model, args, kwargs, out):
-        if not self.armed or self.busy or self.captured:
+        if not self.armed or self.busy or self.captured or _INTERNAL[0]:
             return
         calls, self.capture.calls = self.capture.calls, []
         o = self._pick(out)
@@ -695,11 +709,8 @@ class _BatchCapture:
             if m.training and (isinstance(m, nn.modules.batchnorm._BatchNorm) or m.p > 0):
                 raise ValueError(f"batch_fisher_trace: module '{name}' ({type(m).__name__}) is in training mode, "
                                  "so per-sample gradients of the batch are not defined; measure on the probe.")
-        self.busy = True
-        try:
+        with _internal():
             self.sig = signature(self.fm, X)
-        finally:
-            self.busy = False
         missing = [n for n in self.owned if n not in self.plan.owned]
         if missing:
             raise ValueError(f"batch_fisher_trace: parameters {missing} are used outside their layers; "
@@ -719,7 +730,8 @@ class _BatchCapture:
         gen = torch.Generator(device="cpu").manual_seed(1)
         w = torch.randn(f.shape, generator=gen, dtype=f.dtype).to(f.device)
         c = (torch.rand(len(f), generator=gen, dtype=f.dtype) + 0.5).to(f.device)
-        grads = tap_grads(amb, f, w[..., None], extra=c[:, None] * w, retain_graph=True)
+        with _internal():
+            grads = tap_grads(amb, f, w[..., None], extra=c[:, None] * w, retain_graph=True)
         bad = {n for call, g in zip(amb, grads, strict=True)
                if not close_enough(g[1], c.reshape(-1, *[1] * (g.dim() - 2)) * g[0])
                for n, (_, ms) in self.owned.items() if any(m is call.module for m in ms)}
@@ -745,7 +757,8 @@ class _BatchCapture:
         for t0 in range(0, T, step):
             ts = torch.arange(t0, min(T, t0 + step), device=f.device)
             V = self._columns(xi, order, ts, C, T)
-            grads = tap_grads(calls, f, V, retain_graph=True)
+            with _internal():
+                grads = tap_grads(calls, f, V, retain_graph=True)
             parts.append(self._sqnorm(calls, grads, V.shape[-1]).reshape(B, len(ts), -1).sum(-1))
         self.sq = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
 
@@ -781,6 +794,8 @@ class _BatchCapture:
         shape, n = self.fs.shape, len(outs)
 
         def on_grads(gs, n=n, at=at, shape=shape):
+            if _INTERNAL[0]:  # another monitor's activation-only backward through the same graph
+                return
             self.grads = [None if g is None else g.detach()[None] for g in gs[:n]]
             self.u = None if gs[at] is None else gs[at].detach().reshape(shape)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from . import demo, dlnn, estimators, meanfield_lr, meanfield_spectrum, mnist_traces, sloppy, two_param
+from . import demo, dlnn, estimators, lm_fisher, meanfield_lr, meanfield_spectrum, mnist_traces, sloppy, two_param
 from .study import Study, StudyConfig, StudyRun, UnknownOption, run_study
 
 __all__ = ["EXPERIMENTS", "STUDIES", "get", "Study", "StudyConfig", "StudyRun", "UnknownOption", "run_study"]
@@ -30,6 +30,7 @@ _ENTRIES: tuple[tuple[type[Study], Experiment], ...] = (
     (dlnn.Dlnn, dlnn.dlnn),
     (two_param.TwoParam, two_param.two_param),
     (mnist_traces.MnistTraces, mnist_traces.mnist_traces),
+    (lm_fisher.LmFisher, lm_fisher.lm_fisher),
 )
 
 STUDIES: dict[str, type[Study]] = {cls.name: cls for cls, _ in _ENTRIES}
