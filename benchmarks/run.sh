@@ -5,6 +5,7 @@
 #   benchmarks/run.sh --quick    # smoke test; any arguments are passed to bench_exact.py
 #   benchmarks/run.sh bench_other.py [ARGS]   # run another benchmarks/bench_*.py in the same venv
 #   benchmarks/run.sh bench_lm.py [--quick]   # e.g. the causal-LM benchmark (results/lm.md, results/lm.json)
+#   benchmarks/run.sh bench_natural.py [--quick]   # natural-gradient step vs SGD step, K-FAC, Gram/CG crossover
 #
 # torch is installed FIRST and pinned (torch==2.13.0, the local CPU wheel) and every later install
 # is constrained to it: an unpinned torch would pull several GB of CUDA wheels, and the peers'
