@@ -129,7 +129,9 @@ def stdlib_corpus(modules: Sequence[str] = STDLIB_MODULES) -> list[str]:
 
     Per module (in the order given): its ``__doc__``, then for every public name in its namespace (sorted; names
     starting with ``_`` skipped; only functions, builtins and classes *defined* in that module, so re-exports are
-    not counted twice) the object's own docstring, and for a class the docstrings of its public methods (sorted).
+    not counted twice) the object's own docstring, and for a class the docstrings of its public methods (sorted;
+    only those defined in the module: other packages may attach functions to a standard class, as ``transformers``
+    does to ``logging.Logger``).
     Docstrings are cleaned with :func:`inspect.cleandoc`; repeated texts are kept once (first occurrence).  The
     namespace is read with ``vars`` (no module ``__getattr__`` is triggered); the result depends only on the Python
     version.
@@ -162,7 +164,7 @@ def stdlib_corpus(modules: Sequence[str] = STDLIB_MODULES) -> list[str]:
                 add(_doc(obj))
                 for m in sorted(vars(obj)):
                     f = vars(obj)[m]
-                    if not m.startswith("_") and inspect.isfunction(f):
+                    if not m.startswith("_") and inspect.isfunction(f) and f.__module__ == mod.__name__:
                         add(_doc(f))
             elif inspect.isfunction(obj) or inspect.isbuiltin(obj):
                 add(_doc(obj))
