@@ -13,7 +13,18 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from . import demo, dlnn, estimators, lm_fisher, meanfield_lr, meanfield_spectrum, mnist_traces, sloppy, two_param
+from . import (
+    demo,
+    dlnn,
+    estimators,
+    lm_fisher,
+    meanfield_lr,
+    meanfield_spectrum,
+    mnist_traces,
+    natural_gradient,
+    sloppy,
+    two_param,
+)
 from .study import Study, StudyConfig, StudyRun, UnknownOption, run_study
 
 __all__ = ["EXPERIMENTS", "STUDIES", "get", "Study", "StudyConfig", "StudyRun", "UnknownOption", "run_study"]
@@ -31,6 +42,7 @@ _ENTRIES: tuple[tuple[type[Study], Experiment], ...] = (
     (two_param.TwoParam, two_param.two_param),
     (mnist_traces.MnistTraces, mnist_traces.mnist_traces),
     (lm_fisher.LmFisher, lm_fisher.lm_fisher),
+    (natural_gradient.NaturalGradientStudy, natural_gradient.natural_gradient),
 )
 
 STUDIES: dict[str, type[Study]] = {cls.name: cls for cls, _ in _ENTRIES}
