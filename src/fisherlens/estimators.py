@@ -244,6 +244,22 @@ def draws(run: Request, method: str, what: str, *, probe: str = "rademacher", pe
     return {n: torch.cat(p) for n, p in parts.items()}
 
 
+def _one_draw(run: Request, method: str, what: str, probe: str, per_sample: bool, total: bool, max_memory):
+    """``samples=1``: the draw itself is the value, its stderr ``nan`` — no float64 moments, and the ``nan``
+    stderr of a tensor is an expanded scalar (no memory)."""
+    (d,) = draw_chunks(run, method, what, probe=probe, per_sample=per_sample, samples=1, max_memory=max_memory)
+    d = {n: x[0] for n, x in d.items()}
+    if what == "trace":
+        vals = {n: float(x) for n, x in d.items()}
+        return Estimate(math.fsum(vals.values()), math.nan, 1) if total else \
+            {n: Estimate(v, math.nan, 1) for n, v in vals.items()}
+    nan = lambda x: torch.full((), math.nan, dtype=x.dtype, device=x.device).expand_as(x)  # noqa: E731
+    if total:
+        flat = torch.cat([d[n].reshape(-1) for n in run.fm.names])
+        return Estimate(flat, nan(flat), 1)
+    return {n: Estimate(x, nan(x), 1) for n, x in d.items()}
+
+
 def estimate(run: Request, method: str, what: str, *, probe: str = "rademacher", per_sample: bool = False,
              samples: int = 1, total: bool = False, max_memory: int | None = None):
     """Streamed estimates (:class:`Estimate`) of each parameter's diag, trace or dense block; memory flat in
@@ -263,6 +279,8 @@ def estimate(run: Request, method: str, what: str, *, probe: str = "rademacher",
     """
     if total and what == "dense":
         raise ValueError("total=True is for what='diag' or 'trace'.")
+    if check_positive_int("samples", samples, what="random draws") == 1:
+        return _one_draw(run, method, what, probe, per_sample, total, max_memory)
     names, trace_total = run.fm.names, total and what == "trace"
     acc = {n: Moments() for n in (["total"] if trace_total else names)}
     for d in draw_chunks(run, method, what, probe=probe, per_sample=per_sample, samples=samples,
