@@ -42,10 +42,10 @@ __all__ = ["natural_gradient", "NaturalDirection", "SOLVERS", "GRAM_MAX"]
 
 SOLVERS = ("auto", "gram", "cg")
 #: ``solver="auto"`` takes the Gram route up to this many factor rows N·K (and when its Gram fits in memory).
-#: Measured on an MLP 784-128-128-10 (P = 118k, λ = 1e-3, CPU): CG in 18–35 products beat the Gram route 3× at
-#: N·K = 80 and 35× at N·K = 1280 (whose rows alone are N·K·P numbers); the Gram route stays for small N·K, where it
-#: is exact whatever the conditioning.
-GRAM_MAX = 256
+#: Measured (benchmarks/bench_natural.py, MLP 784-128-128-10, P = 118k, λ = 1e-3, CPU): the two cost the same near
+#: N·K ≈ 100 (Gram/CG time 1.05 at 80 rows, 1.2 at 128), CG is 3.6× faster at 320 and 18× at 1280 rows; below,
+#: the Gram route is as fast and exact whatever the conditioning.
+GRAM_MAX = 128
 
 
 class NaturalDirection(dict):
@@ -110,7 +110,7 @@ def natural_gradient(
         damping: λ > 0.
         solver: ``"gram"`` (Woodbury on the ``N·K × N·K`` Gram in float64; refused when that Gram does not fit
             ``max_memory``), ``"cg"`` (conjugate gradients on the matrix-free operator, ``kind="mc"`` redrawing the
-            same labels on every product) or ``"auto"``: gram when ``N·K ≤ GRAM_MAX`` (256) and its Gram fits,
+            same labels on every product) or ``"auto"``: gram when ``N·K ≤ GRAM_MAX`` (128) and its Gram fits,
             else cg.  ``N·K`` is the number of factor rows (K = C, or T·C for T positions, for ``kind="true"``; 1
             for ``"empirical"``; ``samples`` for ``"mc"``); ``"auto"`` and ``"gram"`` count N first (one pass over
             the batches, without forwards).

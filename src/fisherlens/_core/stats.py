@@ -10,6 +10,22 @@ Tensor = torch.Tensor
 WANTS = frozenset({"diag", "diagk", "sqnorm", "gram", "rows"})
 
 
+def row_stats(r: Tensor, want: set[str], shape) -> dict[str, Tensor]:
+    """The statistics ``want`` ⊆ {diag, diagk, sqnorm, gram} of rows ``r (K, B, numel)`` of a parameter of
+    ``shape``: ``Σ_{k,b} r²`` (shape), ``Σ_b r²`` ``(K, *shape)``, ``‖r_kb‖²`` ``(B, K)``, ``r_b r_bᵀ``
+    ``(B, K, K)``."""
+    out = {}
+    if "diag" in want:
+        out["diag"] = r.square().sum((0, 1)).reshape(shape)
+    if "diagk" in want:
+        out["diagk"] = r.square().sum(1).reshape(r.shape[0], *shape)
+    if "sqnorm" in want:
+        out["sqnorm"] = r.square().sum(-1).T
+    if "gram" in want:
+        out["gram"] = torch.einsum("kbp,lbp->bkl", r, r)
+    return out
+
+
 class Stats:
     """Per-batch statistics of the factor rows, only those requested.
 
@@ -29,14 +45,7 @@ class Stats:
 
     def add_rows(self, n: str, r: Tensor, want: set[str], shape) -> None:
         """Record the statistics of materialised rows ``r (B, K, numel)`` of parameter ``n``."""
-        if "diag" in want:
-            self.diag[n] = (r**2).sum((0, 1)).reshape(shape)
-        if "diagk" in want:
-            self.diagk[n] = (r**2).sum(0).reshape(r.shape[1], *shape)
-        if "sqnorm" in want:
-            self.sqnorm[n] = (r**2).sum(-1)
-        if "gram" in want:
-            self.add_gram(torch.einsum("bkp,blp->bkl", r, r))
+        self.add(n, row_stats(r.transpose(0, 1), want - {"rows"}, shape))
         if "rows" in want:
             self.rows[n] = r
 

@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..stats import row_stats
+
 Tensor = torch.Tensor
 
 __all__ = [
@@ -41,7 +43,6 @@ __all__ = [
     "Conv1DRule",
     "RULES",
     "RULES_BY_NAME",
-    "row_stats",
     "rule_for",
 ]
 
@@ -54,22 +55,6 @@ class Call:
     module: nn.Module
     a: Tensor
     tap: Tensor
-
-
-def row_stats(r: Tensor, want: set[str], shape) -> dict[str, Tensor]:
-    """The statistics ``want`` ⊆ {diag, diagk, sqnorm, gram} of rows ``r (K, B, numel)`` of a parameter of
-    ``shape``: ``Σ_{k,b} r²`` (shape), ``Σ_b r²`` ``(K, *shape)``, ``‖r_kb‖²`` ``(B, K)``, ``r_b r_bᵀ``
-    ``(B, K, K)``."""
-    out = {}
-    if "diag" in want:
-        out["diag"] = r.square().sum((0, 1)).reshape(shape)
-    if "diagk" in want:
-        out["diagk"] = r.square().sum(1).reshape(r.shape[0], *shape)
-    if "sqnorm" in want:
-        out["sqnorm"] = r.square().sum(-1).T
-    if "gram" in want:
-        out["gram"] = torch.einsum("kbp,lbp->bkl", r, r)
-    return out
 
 
 class LayerRule:
