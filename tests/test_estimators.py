@@ -6,7 +6,7 @@ References are independent of the library: the exact Fisher comes from per-sampl
 every Rademacher sign pattern (or every label combination for the MC Fisher) — no random reference.
 
 Streaming: deterministic evidence instead of a memory profiler.  With ``fisherlens._core.WORK_BUDGET`` made small,
-the probe vectors ``ξ (B, C, s)`` and the vmapped pull-back's output ``{name: (s, *shape)}`` — the blocks that grow
+the probe vectors ``ξ (B, C, s)`` and the batched pull-back's output ``{name: (s, *shape)}`` — the blocks that grow
 with the number of draws — are recorded and must never hold more than the budget's ``s`` draws, whatever
 ``samples`` is (up to ``10**9``, which must start streaming at once).  The streamed mean / standard error must
 equal those of the stacked per-draw values, and stay unbiased with many chunks.
@@ -22,7 +22,6 @@ import pytest
 import reference
 import torch
 from helpers import bonferroni_z
-from torch.func import vmap as real_vmap
 from zoo import DT, Scaled, make_case, tanh_mlp
 
 import fisherlens as fl
@@ -439,7 +438,7 @@ def setup():
 
 @pytest.fixture
 def record(monkeypatch):
-    """Record the draws of every ``probe_vectors`` call and the numel of every vmapped pull-back output;
+    """Record the draws of every ``probe_vectors`` call and the numel of every (batched) pull-back output;
     ``rec["stop"] = k`` raises :class:`Stop` at the (k+1)-th probe call."""
     rec = {"draws": [], "vjp_numel": [], "stop": None}
     probe = estimators.probe_vectors
@@ -450,16 +449,20 @@ def record(monkeypatch):
         rec["draws"].append(draws)
         return probe(run, f, method, probe_kind, draws, generator, y)
 
-    def vmap_rec(fn, in_dims=0):
-        def g(*args):
-            out = real_vmap(fn, in_dims=in_dims)(*args)
+    real_pullback = estimators.pullback_checked
+
+    def pullback_rec(fm, X):
+        f, pull = real_pullback(fm, X)
+
+        def recorded(u):
+            out = pull(u)
             rec["vjp_numel"].append(sum(t.numel() for t in out.values()))
             return out
 
-        return g
+        return f, recorded
 
     monkeypatch.setattr(estimators, "probe_vectors", probe_rec)
-    monkeypatch.setattr(estimators, "vmap", vmap_rec)
+    monkeypatch.setattr(estimators, "pullback_checked", pullback_rec)
     return rec
 
 

@@ -34,9 +34,8 @@ import math
 from collections.abc import Iterator
 
 import torch
-from torch.func import vmap
 
-from ._core import Request, check_choice, check_dense, check_positive_int, vjp_checked, work_budget
+from ._core import Request, check_choice, check_dense, check_positive_int, pullback_checked, work_budget
 from .results import Estimate
 
 Tensor = torch.Tensor
@@ -159,16 +158,16 @@ def _batch_chunk(run: Request, method: str, what: str, probe: str, s_max: int) -
     (``s · (draw_numel + B·C) · 8`` bytes)."""
     fm, acc, s = run.fm, {}, None
     for X, Y in run.batches():
-        f, pull = vjp_checked(fm, X)
+        f, pull = pullback_checked(fm, X)
         if s is None:
             s = int(max(1, min(s_max, work_budget() // (8 * (draw_numel(fm, what) + f.numel())))))
         fs = fm.structured(f)
         run.m += run.likelihood.count(fs, Y)
         xi = probe_vectors(run.likelihood, fs, method, probe, s, run.generator, Y)  # (B, M, s)
-        if s == 1:  # one plain backward pass (vmap over a single draw would only add overhead)
-            v = {n: t[None] for n, t in pull(xi[..., 0])[0].items()}
-        else:  # {name: (s, *shape)} = Σ_n J_nᵀ ξ_n per draw, draws batched
-            v = vmap(lambda c, pull=pull: pull(c)[0], in_dims=2)(xi)
+        if s == 1:  # one plain backward pass
+            v = {n: t[None] for n, t in pull(xi[..., 0]).items()}
+        else:  # {name: (s, *shape)} = Σ_n J_nᵀ ξ_n per draw, the draws in one batched backward
+            v = pull(xi.permute(2, 0, 1))
         del xi, pull
         for n in fm.names:
             vn = v.pop(n).reshape(s, -1)

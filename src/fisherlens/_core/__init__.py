@@ -67,6 +67,7 @@ from .model import (
     forward_checked,
     jvp_checked,
     model_errors,
+    pullback_checked,
     select_params,
     vjp_checked,
 )
@@ -86,6 +87,6 @@ __all__ = [
     "output_dim", "quadratic_sum", "stream", "work_budget", "functional_rows",
     "Capture", "WeakHook", "tap_grads", "Plan", "Signature", "ambiguous", "call_problems", "check_batch", "plan_for",
     "signature", "Call", "LayerRule", "rule_for", "FunctionalModel", "differentiable_kernels",
-    "forward_checked", "jvp_checked", "model_errors", "select_params", "vjp_checked", "Request",
+    "forward_checked", "jvp_checked", "model_errors", "pullback_checked", "select_params", "vjp_checked", "Request",
     "FactorRows", "gram64", "Stats",
 ]

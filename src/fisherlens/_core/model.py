@@ -223,6 +223,27 @@ def vjp_checked(fm: FunctionalModel, X: Tensor):
     return f, pull
 
 
+def pullback_checked(fm: FunctionalModel, X):
+    """``(f (B, M), pull)`` like :func:`vjp_checked`, by plain autograd (cheaper per call than ``torch.func.vjp``):
+    ``pull(u)`` for ``u (B, M)`` gives ``{name: Jᵀu}``, and for ``u (s, B, M)`` ``{name: (s, *shape)}`` in one
+    batched backward (``is_grads_batched``).  One pull-back per forward: the graph is freed by it."""
+    check_inputs(X)
+    p = {n: t.detach().requires_grad_(True) for n, t in fm.params.items()}
+    with torch.enable_grad(), model_errors(X):
+        f = fm(p, X)
+    check_outputs(f, X, fm.dtype)
+
+    def pull(u: Tensor) -> dict[str, Tensor]:
+        batched = u.dim() == f.dim() + 1
+        with model_errors(X):
+            gs = torch.autograd.grad(f, list(p.values()), u, is_grads_batched=batched, allow_unused=True)
+        lead = u.shape[:1] if batched else ()
+        return {n: torch.zeros(*lead, *t.shape, dtype=t.dtype, device=t.device) if g is None else g
+                for (n, t), g in zip(p.items(), gs, strict=True)}
+
+    return f.detach(), pull
+
+
 def jvp_checked(fm: FunctionalModel, X: Tensor, tangent: dict[str, Tensor], at: dict[str, Tensor] | None = None):
     """``(f (B, M), J t (B, M))`` for a tangent ``{name: tensor}`` (torch.func.jvp; vmap it over tangents), at the
     model's parameters or at ``at`` (same names).  Attention runs on its differentiable kernels."""
