@@ -158,9 +158,9 @@ def _subset(X: Tensor, y: Tensor, n: int | None, gen_seed: int) -> tuple[Tensor,
 def load_data(data, n_train: int | None, n_test: int | None, seed: int) -> tuple[str, Tensor, Tensor, Tensor, Tensor]:
     """Train and test sets for the study.
 
-    ``data`` is ``None``/``"mnist-subset"`` (the 5000 real MNIST digits shipped with fisherlens), ``"digits"`` (8×8 digits), or a
-    folder of MNIST IDX files: its train split gives the training set and its ``t10k`` split, if present, the test
-    set.  A set smaller than ``n_train + n_test`` (embedded sets) is split 80/20.  ``None`` sizes take everything
+    ``data`` is ``None``/``"mnist-subset"`` (the 5000 real MNIST digits shipped with fisherlens), ``"digits"``
+    (8×8 digits), or a folder of MNIST IDX files: its train split gives the training set and its ``t10k`` split, if
+    present, the test set.  A set smaller than ``n_train + n_test`` (embedded sets) is split 80/20.  ``None`` sizes take everything
     available.  All shuffles are seeded with ``seed``.
 
     Returns:

@@ -295,7 +295,8 @@ class SloppyConfig(StudyConfig):
 
     Attributes:
         seed: seeds the split, the initialisations, the batch orders and the subsets (runs are deterministic).
-        data: ``"mnist-subset"`` (default: the 5000 MNIST digits shipped with fisherlens), or a folder of MNIST IDX files.
+        data: ``"mnist-subset"`` (default: the 5000 MNIST digits shipped with fisherlens), or a folder of MNIST
+            IDX files.
         networks: networks per architecture (10, as Luzzatto 2023; quick 2).
         epochs: Adam epochs (50, quick 2).
         n_train, n_test: training / held-out images (4000 / 1000; quick 300 / 200); with a larger ``--data`` set
