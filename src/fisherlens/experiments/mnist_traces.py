@@ -160,8 +160,8 @@ def load_data(data, n_train: int | None, n_test: int | None, seed: int) -> tuple
 
     ``data`` is ``None``/``"mnist-subset"`` (the 5000 real MNIST digits shipped with fisherlens), ``"digits"``
     (8×8 digits), or a folder of MNIST IDX files: its train split gives the training set and its ``t10k`` split, if
-    present, the test set.  A set smaller than ``n_train + n_test`` (embedded sets) is split 80/20.  ``None`` sizes take everything
-    available.  All shuffles are seeded with ``seed``.
+    present, the test set.  A set smaller than ``n_train + n_test`` (embedded sets) is split 80/20.  ``None`` sizes
+    take everything available.  All shuffles are seeded with ``seed``.
 
     Returns:
         ``(description, Xtr, ytr, Xte, yte)``.
