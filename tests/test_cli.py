@@ -8,6 +8,7 @@ import math
 
 import pytest
 
+import fisherlens as fl
 from fisherlens.cli import main
 from fisherlens.experiments import EXPERIMENTS
 
@@ -150,3 +151,11 @@ def test_set_options_reach_the_experiment(tmp_path, capsys):
     out = tmp_path / "c"
     assert main(["run", "demo", "--quick", "--no-progress", "--out", str(out), "--set", "epochs=1"]) == 0
     assert json.loads((out / "config.json").read_text())["epochs"] == 1
+
+
+def test_version(capsys):
+    """``fisherlens --version`` prints the package's one version (also the wheel's, via pyproject's dynamic field)."""
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.strip() == f"fisherlens {fl.__version__}"

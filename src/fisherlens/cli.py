@@ -15,6 +15,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from . import __version__
+
 __all__ = ["main"]
 
 
@@ -27,6 +29,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="fisherlens",
         description="Fisher-information geometry of neural networks: run and inspect experiments.",
     )
+    p.add_argument("--version", action="version", version=f"fisherlens {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     sub.add_parser("list", help="list the experiments", description="List the experiments.")
     r = sub.add_parser(
