@@ -264,8 +264,7 @@ class Likelihood:
             return self.residual(f, y).reshape(len(f), -1, 1)
         if kind not in ("true", "mc"):
             raise ValueError(f"kind={kind!r} is not supported; choose one of 'true', 'empirical', 'mc'.")
-        rows = self.rows(f, y, with_labels=False)
-        self.check_outputs(rows.f)
+        rows = self.kept_rows(f, y)
         if kind == "true":
             S = self.sqrt_fisher(rows.f)  # (R, C, C)
             if rows.T == 1:
@@ -286,22 +285,28 @@ class Likelihood:
         r = self.row_residual(fk, ys.reshape(-1, *ys.shape[2:])).reshape(samples, R, rows.C)
         return self.scatter(rows, r.permute(1, 2, 0)) / math.sqrt(samples)
 
+    def kept_rows(self, f: Tensor, y=None) -> Rows:
+        """:meth:`rows` of the kept positions without labels (they only drop positions), outputs checked."""
+        rows = self.rows(f, y, with_labels=False)
+        self.check_outputs(rows.f)
+        return rows
+
+    def _row_product(self, f: Tensor, x: Tensor, y, product) -> Tensor:
+        """``product(f_r, x_r)`` per kept position for outputs ``f (B, *S)`` and flat ``x (B, M, d)``, back to
+        ``(B, M, d)`` (zeros at dropped positions)."""
+        f = f.detach()
+        rows = self.kept_rows(f, y)
+        xr = self.to_rows_layout(x.reshape(*f.shape, -1), rows.shape)[rows.which, rows.pos]  # (R, C, d)
+        return self.scatter(rows, product(rows.f, xr))
+
     def probe(self, f: Tensor, eps: Tensor, y=None) -> Tensor:
         """``ξ = S ε`` per kept position for outputs ``f (B, *S)`` and flat ``ε (B, M, d)``, ``(B, M, d)``:
         ``E[ξ ξᵀ] = Σ_t Λ(f_t)`` for probes with ``E[ε εᵀ] = I``."""
-        f = f.detach()
-        rows = self.rows(f, y, with_labels=False)
-        self.check_outputs(rows.f)
-        e = self.to_rows_layout(eps.reshape(*f.shape, -1), rows.shape)[rows.which, rows.pos]  # (R, C, d)
-        return self.scatter(rows, self.sqrt_fisher_times(rows.f, e))
+        return self._row_product(f, eps, y, self.sqrt_fisher_times)
 
     def fisher_times(self, f: Tensor, u: Tensor, y=None) -> Tensor:
         """``Σ_t Λ(f_t) u_t`` per input for outputs ``f (B, *S)`` and flat ``u (B, M, d)``: ``(B, M, d)``."""
-        f = f.detach()
-        rows = self.rows(f, y, with_labels=False)
-        self.check_outputs(rows.f)
-        ur = self.to_rows_layout(u.reshape(*f.shape, -1), rows.shape)[rows.which, rows.pos]
-        return self.scatter(rows, self.fisher_out_times(rows.f, ur))
+        return self._row_product(f, u, y, self.fisher_out_times)
 
     def residual(self, f: Tensor, y) -> Tensor:
         """``r_n = ∂ℓ_n/∂f_n`` of each input's summed loss, shaped like ``f (B, *S)``; batched autograd.

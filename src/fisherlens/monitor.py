@@ -682,8 +682,7 @@ class _BatchCapture:
         self.captured = True
         f = o.reshape(len(o), -1)
         self.fs = f.detach().reshape(len(o), *(tuple(o.shape[1:]) or (1,)))
-        lik, S = self.mon.likelihood, tuple(self.fs.shape[1:])
-        lik.check_outputs(lik.to_rows_layout(self.fs[:1], S).reshape(-1, lik.layout(S)[1]))
+        self.mon.likelihood.kept_rows(self.fs[:1])  # the outputs suit the likelihood (e.g. C >= 2 for Categorical)
         if amb:
             self._check_separation(amb, f)
         if self.mon.kind == "true":

@@ -30,6 +30,7 @@ from ._core import (
     available_memory,
     check_choice,
     check_dense,
+    forward_checked,
     iter_batches,
     output_dim,
     vjp_checked,
@@ -38,7 +39,7 @@ from .operator import FisherOperator
 
 Tensor = torch.Tensor
 
-__all__ = ["natural_gradient", "NaturalDirection", "SOLVERS", "GRAM_MAX"]
+__all__ = ["natural_gradient", "NaturalDirection", "data_loss", "SOLVERS", "GRAM_MAX"]
 
 SOLVERS = ("auto", "gram", "cg")
 #: ``solver="auto"`` takes the Gram route up to this many factor rows N·K (and when its Gram fits in memory).
@@ -209,30 +210,37 @@ def _factor_rows(run: Request) -> int:
 
 
 # ----------------------------------------------------------------------------- the gradient
-def _loss_grad(run: Request, batches) -> tuple[float, Tensor]:
-    """``(loss, g (P,))``: the loss ``s Σ_n ℓ_n`` and its gradient over ``(X, Y)`` batches, with the scale ``s`` of
-    ``run``'s reduction (:meth:`Request.scale`); one forward and one pull-back per batch."""
+def data_loss(run: Request, batches, grad: bool = True) -> tuple[float, Tensor | None]:
+    """``(loss, g (P,) or None)``: the loss ``s Σ_n ℓ_n`` over ``(X, Y)`` batches, with the scale ``s`` of ``run``'s
+    reduction (:meth:`Request.scale`), and with ``grad`` its gradient; one forward (and one pull-back) per batch.
+    Shared with :class:`fisherlens.optim.NaturalGradient`, which measures the loss before and after a step."""
     fm, lik = run.fm, run.likelihood
     loss, n, m = 0.0, 0, 0
-    g = torch.zeros(fm.P, dtype=fm.dtype, device=fm.device)
+    g = torch.zeros(fm.P, dtype=fm.dtype, device=fm.device) if grad else None
     for X, Y in batches:
         if Y is None or (isinstance(Y, Fields) and "labels" not in Y):
-            raise ValueError("natural_gradient's default grad is the gradient of the loss on the data, which needs "
+            raise ValueError("The loss on the data (natural_gradient's default grad, NaturalGradient's damping) needs "
                              "labels: pass data as (X, Y) (or dict batches with 'labels'), or pass grad=.")
-        f, pull = vjp_checked(fm, X)
-        fs = fm.structured(f.detach())
+        if grad:
+            f, pull = vjp_checked(fm, X)
+            f = f.detach()
+        else:
+            with torch.no_grad():
+                f = forward_checked(fm, fm.params, X)
+        fs = fm.structured(f)
         loss += lik.input_loss(fs, Y).sum().item()
         m += lik.count(fs, Y)
         n += len(X)
-        g += fm.flatten(pull(lik.residual(fs, Y).reshape(f.shape))[0])
+        if grad:
+            g += fm.flatten(pull(lik.residual(fs, Y).reshape(f.shape))[0])
     s = run.scale(n, m)
-    return loss * s, g * s
+    return loss * s, None if g is None else g * s
 
 
 def _grad_info(run: Request, g: Tensor | None, batches) -> tuple[Tensor, float | None]:
     if g is not None:
         return g, None
-    loss, g = _loss_grad(run, batches)
+    loss, g = data_loss(run, batches)
     return g, loss
 
 

@@ -18,8 +18,8 @@ from contextlib import nullcontext
 
 import torch
 
-from ._core import Request, forward_checked, quadratic_sum
-from .natural import SOLVERS, NaturalDirection, natural_gradient
+from ._core import Request, quadratic_sum
+from .natural import SOLVERS, NaturalDirection, data_loss, natural_gradient
 from .spectrum import critical_learning_rate, eigenvalues
 
 Tensor = torch.Tensor
@@ -211,32 +211,19 @@ class NaturalGradient(torch.optim.Optimizer):
         total, _ = quadratic_sum(fm, run.batches(check=False), run.counted(run.sandwich), step)
         quad = total * run.scale()
         lin = float(sum((d.grad[n].double() * step[n].double()).sum() for n in fm.names))
-        before = d.loss if d.loss is not None else batch_loss(run)
+        before = d.loss if d.loss is not None else data_loss(run, run.batches(check=False), grad=False)[0]
         return before, -(lin + 0.5 * quad)
 
     def _adapt(self, batch, chosen, before: float, predicted: float) -> None:
         """ρ from the loss after the update; λ ← 3λ/2 if ρ < 1/4, 2λ/3 if ρ > 3/4."""
-        after = batch_loss(self._request(batch, chosen))
+        run = self._request(batch, chosen)
+        after = data_loss(run, run.batches(check=False), grad=False)[0]
         rho = (before - after) / predicted if predicted > 0 else -math.inf
         if rho < 0.25:
             self.damping *= 1.5
         elif rho > 0.75:
             self.damping = max(self.damping * 2.0 / 3.0, MIN_DAMPING)
         self.last.update(rho=rho, loss_before=before, loss_after=after)
-
-
-def batch_loss(run: Request) -> float:
-    """The loss ``s Σ_n ℓ_n`` on ``run``'s data at the current parameters (one forward per batch), normalised by the
-    reduction's scale."""
-    fm, lik = run.fm, run.likelihood
-    loss, n, m = 0.0, 0, 0
-    with torch.no_grad():
-        for X, Y in run.batches(check=False):
-            fs = fm.structured(forward_checked(fm, fm.params, X))
-            loss += lik.input_loss(fs, Y).sum().item()
-            m += lik.count(fs, Y)
-            n += len(X)
-    return loss * run.scale(n, m)
 
 
 def _check_lr(lr) -> None:

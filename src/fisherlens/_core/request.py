@@ -52,8 +52,7 @@ class Request:
 
     def v(self, f, y):
         """:meth:`sandwich`, counting the kept predictions in :attr:`m`."""
-        self.m += self.likelihood.count(f, y)
-        return self.sandwich(f, y)
+        return self.counted(self.sandwich)(f, y)
 
     def counted(self, make_v):
         """``make_v(f, y)`` that also counts the kept predictions in :attr:`m`."""
