@@ -517,22 +517,37 @@ def versions() -> str:
     return ", ".join(out)
 
 
+def harness_args(ap: argparse.ArgumentParser, *, out: Path, json: Path | None = None, timeout: float = 1200.0,
+                 wait_idle: float | None = 300.0, wait_note: str = "", malloc: bool = True) -> None:
+    """The options of the worker harness that every benchmark shares: ``--repeats``, ``--timeout``, ``--wait-idle``,
+    ``--malloc`` (with ``malloc``), ``--out``, ``--json`` (when given a default path) and the hidden ``--worker`` /
+    ``--opts`` of the subprocesses (:func:`worker_main`)."""
+    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--timeout", type=float, default=timeout, help="seconds per worker")
+    ap.add_argument("--wait-idle", type=float, default=wait_idle,
+                    help="before each worker, wait up to this many seconds for the CPUs to be idle (other processes "
+                    f"make multi-threaded timings meaningless){wait_note}; 0 disables")
+    if malloc:
+        ap.add_argument("--malloc", choices=["stable", "default"], default="stable",
+                        help="'stable' (default) runs the workers with glibc malloc settings that keep freed memory "
+                        "mapped (no page faults on repeated allocations, reproducible times); 'default' leaves glibc "
+                        "alone")
+    ap.add_argument("--out", type=Path, default=out, help="markdown table")
+    if json is not None:
+        ap.add_argument("--json", type=Path, default=json, help="all numbers as JSON")
+    ap.add_argument("--worker", nargs=3, metavar=("WORKLOAD", "METHOD", "OUT"), help=argparse.SUPPRESS)
+    ap.add_argument("--opts", default="{}", help=argparse.SUPPRESS)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer repeats and matvecs (smoke test)")
     ap.add_argument("--workloads", nargs="*", default=list(WORKLOADS), choices=list(WORKLOADS))
     ap.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
-    ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--matvecs", type=int, default=None,
                     help="Hutchinson matvecs for curvlinops / max iterations for PyHessian")
     ap.add_argument("--threads", type=int, default=THREADS, help="torch.set_num_threads (2)")
-    ap.add_argument("--timeout", type=float, default=1200.0, help="seconds per worker")
-    ap.add_argument("--wait-idle", type=float, default=300.0,
-                    help="before each worker, wait up to this many seconds for the CPUs to be idle "
-                    "(other processes make multi-threaded timings meaningless); 0 disables")
-    ap.add_argument("--out", type=Path, default=RESULTS)
-    ap.add_argument("--worker", nargs=3, metavar=("WORKLOAD", "METHOD", "OUT"), help=argparse.SUPPRESS)
-    ap.add_argument("--opts", default="{}", help=argparse.SUPPRESS)
+    harness_args(ap, out=RESULTS, malloc=False)
     args = ap.parse_args(argv)
 
     if args.worker:

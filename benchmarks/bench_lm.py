@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from bench_exact import measure_peak, spawn, time_interleaved, versions, wait_quiet, warm_up, worker_main
+from bench_exact import harness_args, measure_peak, spawn, time_interleaved, versions, wait_quiet, warm_up, worker_main
 from bench_scalable import STABLE_MALLOC, m_hand_hutch, probe_vector, tensor_peak
 from torch import nn
 
@@ -494,16 +494,7 @@ def parse(argv=None):
     ap.add_argument("--batch", type=int)
     ap.add_argument("--attention", choices=["explicit", "sdpa"])
     ap.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
-    ap.add_argument("--repeats", type=int, default=None)
-    ap.add_argument("--timeout", type=float, default=1200.0, help="seconds per worker")
-    ap.add_argument("--wait-idle", type=float, default=300.0,
-                    help="before each worker, wait up to this many seconds for the CPUs to be idle; 0 disables")
-    ap.add_argument("--malloc", choices=["stable", "default"], default="stable",
-                    help="glibc settings of the workers (as in bench_scalable.py)")
-    ap.add_argument("--out", type=Path, default=RESULTS, help="markdown table")
-    ap.add_argument("--json", type=Path, default=RESULTS_JSON, help="all numbers as JSON")
-    ap.add_argument("--worker", nargs=3, metavar=("WORKLOAD", "METHOD", "OUT"), help=argparse.SUPPRESS)
-    ap.add_argument("--opts", default="{}", help=argparse.SUPPRESS)
+    harness_args(ap, out=RESULTS, json=RESULTS_JSON)
     return ap.parse_args(argv)
 
 

@@ -39,7 +39,15 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from bench_exact import _inner_loops, _sample, measure_peak, spawn, versions, wait_quiet, worker_main
+from bench_exact import (
+    harness_args,
+    measure_peak,
+    spawn,
+    time_interleaved,
+    versions,
+    wait_quiet,
+    worker_main,
+)
 from bench_scalable import STABLE_MALLOC
 from torch import nn
 
@@ -201,16 +209,6 @@ CROSS_METHODS = ["nat_gram_true", "nat_cg_true", "nat_gram_emp", "nat_cg_emp"]
 # --------------------------------------------------------------------------- worker side
 
 
-def time_pair(run, base, repeats: int) -> tuple[list[float], list[float]]:
-    """``bench_exact.time_interleaved`` with ``repeats`` given (fast calls looped to ≥ 50 ms per sample)."""
-    inner_m, inner_b = _inner_loops(run), _inner_loops(base)
-    t_m, t_b = [], []
-    for _ in range(repeats):
-        t_b.append(_sample(base, inner_b))
-        t_m.append(_sample(run, inner_m))
-    return t_m, t_b
-
-
 def worker(workload: str, method: str, opts: dict, out_path: str) -> dict:
     torch.set_num_threads(THREADS)
     batch = int(workload.removeprefix("b"))
@@ -227,7 +225,7 @@ def worker(workload: str, method: str, opts: dict, out_path: str) -> dict:
         for _ in range(warmup):
             run()
             base()
-        t_m, t_b = time_pair(run, base, repeats)
+        t_m, t_b = time_interleaved(run, base, {"repeats": repeats})
     torch.save(result, out_path)
     return {"time_s": statistics.median(t_m), "base_s": statistics.median(t_b), "time_min": min(t_m),
             "base_min": min(t_b), "time_all": t_m, "base_all": t_b, "first_s": first_s, "mem_mib": mem_mib,
@@ -461,18 +459,9 @@ def parse(argv=None):
     ap.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--damping", type=float, default=DAMPING, help="λ (1e-3, fisherlens' default)")
     ap.add_argument("--lr", type=float, default=LR)
-    ap.add_argument("--repeats", type=int, default=None)
-    ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per worker")
-    ap.add_argument("--wait-idle", type=float, default=None,
-                    help="before each worker, wait up to this many seconds for the CPUs to be idle (300; 0 with "
-                    "--quick); 0 disables")
     ap.add_argument("--no-reference", action="store_true", help="skip the float64 exact directions (no agreement)")
-    ap.add_argument("--malloc", choices=["stable", "default"], default="stable",
-                    help="glibc settings of the workers (as in bench_scalable.py)")
-    ap.add_argument("--out", type=Path, default=RESULTS, help="markdown table")
-    ap.add_argument("--json", type=Path, default=RESULTS_JSON, help="all numbers as JSON")
-    ap.add_argument("--worker", nargs=3, metavar=("WORKLOAD", "METHOD", "OUT"), help=argparse.SUPPRESS)
-    ap.add_argument("--opts", default="{}", help=argparse.SUPPRESS)
+    harness_args(ap, out=RESULTS, json=RESULTS_JSON, timeout=1800.0, wait_idle=None,
+                 wait_note=" (default 300; 0 with --quick)")
     return ap.parse_args(argv)
 
 

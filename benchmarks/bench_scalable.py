@@ -40,6 +40,7 @@ from bench_exact import (
     backpack_method,
     diag_result,
     flat_result,
+    harness_args,
     m_fwd_bwd,
     measure_peak,
     spawn,
@@ -506,16 +507,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer repeats (smoke test)")
     ap.add_argument("--workloads", nargs="*", default=list(WORKLOADS), choices=list(WORKLOADS))
     ap.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
-    ap.add_argument("--repeats", type=int, default=None)
-    ap.add_argument("--timeout", type=float, default=1200.0, help="seconds per worker")
-    ap.add_argument("--wait-idle", type=float, default=300.0,
-                    help="before each worker, wait up to this many seconds for the CPUs to be idle; 0 disables")
-    ap.add_argument("--malloc", choices=["stable", "default"], default="stable",
-                    help="'stable' (default) runs the workers with glibc malloc settings that keep freed memory "
-                    "mapped (no page faults on repeated allocations, reproducible times); 'default' leaves glibc alone")
-    ap.add_argument("--out", type=Path, default=RESULTS)
-    ap.add_argument("--worker", nargs=3, metavar=("WORKLOAD", "METHOD", "OUT"), help=argparse.SUPPRESS)
-    ap.add_argument("--opts", default="{}", help=argparse.SUPPRESS)
+    harness_args(ap, out=RESULTS)
     args = ap.parse_args(argv)
 
     if args.worker:
