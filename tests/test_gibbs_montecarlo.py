@@ -81,7 +81,54 @@ def test_metric_matches_exact_enumeration(method, beta, h, sweeps):
     assert bool(((ratio > 0.6) & (ratio < 1.6)).all()), ratio
 
 
-@pytest.mark.parametrize(("method", "theta"), [("wolff", (BETA_C, 0.0)), ("metropolis", (0.35, 0.1))])
+# Wolff with a field (ghost spin): 7 configurations x 3 entries = 21 z-scores, |z| < 4 (family-wise < 2e-3).
+@pytest.mark.parametrize(
+    ("L", "beta", "h"),
+    [
+        (4, 0.3, 0.2),
+        (4, BETA_C, -0.1),
+        (4, 0.6, 0.05),  # ordered phase, weak field: most clusters reach the ghost
+        (4, 0.2, 1.0),
+        (4, 0.0, 0.5),  # no lattice bonds: every update goes through the ghost
+        (3, 0.4, 0.3),  # odd L
+        (2, 0.4, -0.5),  # doubled bonds
+    ],
+)
+def test_wolff_with_field_matches_exact(L, beta, h):
+    res = mc.ising2d_monte_carlo(L, (beta, h), sweeps=8000, burn_in=200, method="wolff", generator=_gen(1))
+    exact, mean = exact_metric(L, beta, h)
+    z = (res.metric - exact) / res.stderr
+    assert float(z.abs().max()) < 4.0, f"z-scores {z.tolist()}"
+    se_mean = torch.tensor(
+        [math.sqrt(2 * res.tau[k] * float(res.samples[:, i].var()) / res.sweeps) / L**2 for i, k in enumerate("EM")],
+        dtype=torch.float64,
+    )
+    assert float(((res.mean_phi - mean) / se_mean).abs().max()) < 5.0
+    assert res.clusters_per_sweep >= 1 and 1.0 <= res.mean_cluster_size <= L * L
+
+
+def test_wolff_field_sign_symmetry():
+    """The ghost-spin chain depends on |h| only: h -> -h negates M sample by sample and leaves E unchanged."""
+    a = mc.ising2d_monte_carlo(4, (0.4, 0.3), sweeps=300, burn_in=20, method="wolff", generator=_gen(4))
+    b = mc.ising2d_monte_carlo(4, (0.4, -0.3), sweeps=300, burn_in=20, method="wolff", generator=_gen(4))
+    assert torch.equal(a.samples[:, 0], b.samples[:, 0])
+    assert torch.equal(a.samples[:, 1], -b.samples[:, 1])
+    assert float(a.samples[:, 1].mean()) > 0  # the field is felt: M follows its sign
+
+
+def test_wolff_field_pins_the_magnetisation():
+    """At h = 0 the ghost never joins and the ordered 4x4 lattice's magnetisation takes both signs equally; a
+    field h = 0.5 (through the ghost) pins it to the field's sign."""
+    free = mc.ising2d_monte_carlo(4, (0.6, 0.0), sweeps=400, burn_in=20, method="wolff", generator=_gen(6))
+    pinned = mc.ising2d_monte_carlo(4, (0.6, 0.5), sweeps=400, burn_in=20, method="wolff", generator=_gen(6))
+    m_free, m_pinned = free.samples[:, 1], pinned.samples[:, 1]
+    assert float((m_free > 0).double().mean()) == pytest.approx(0.5, abs=0.15)
+    assert float((m_pinned > 0).double().mean()) > 0.99
+
+
+@pytest.mark.parametrize(
+    ("method", "theta"), [("wolff", (BETA_C, 0.0)), ("wolff", (BETA_C, 0.1)), ("metropolis", (0.35, 0.1))]
+)
 def test_stderr_is_honest(method, theta):
     """The spread of independent short runs matches the reported standard error."""
     runs = [
@@ -179,7 +226,6 @@ def test_autocorrelation_time_ar1():
         ({"sweeps": 10.5}, "sweeps"),
         ({"burn_in": 0}, "burn_in"),
         ({"method": "gibbs"}, "method"),
-        ({"theta": (0.3, 0.1), "method": "wolff"}, "metropolis"),
         ({"generator": 0}, "generator"),
     ],
 )

@@ -17,13 +17,27 @@ Samplers
 --------
 ``"wolff"``
     Wolff single-cluster updates (U. Wolff, "Collective Monte Carlo updating for spin systems",
-    Phys. Rev. Lett. 62, 361 (1989)), bond probability ``p = 1 - exp(-2β)``. Valid for ``h = 0`` only: a
-    non-zero field is refused with a ``ValueError`` that points to ``"metropolis"``/``"heatbath"`` (the
-    ghost-spin extension is not implemented). One measured *sweep* is a fixed number ``k`` of cluster flips,
-    ``k = max(1, round(N / <|C|>))`` with the mean cluster size ``<|C|>`` measured in the second half of the
-    burn-in (burn-in sweeps flip clusters until ``>= N`` spins have flipped), so about N spins flip per sweep.
+    Phys. Rev. Lett. 62, 361 (1989)), bond probability ``p = 1 - exp(-2β)``, for any ``h``.  A field is handled
+    by the *ghost spin* (R. H. Swendsen and J.-S. Wang, Phys. Rev. Lett. 58, 86 (1987); the standard
+    extension of the Fortuin–Kasteleyn representation): an extra spin ``s_g = ±1`` is coupled to every lattice
+    spin with coupling ``|h|``,
+
+        p(s, s_g) ∝ exp(β E_b(s) + |h| s_g M(s)),
+
+    so that the physical configuration ``σ = sign(h) s_g s`` has exactly the distribution ``p_θ(σ)`` (the map
+    ``(s, s_g) -> σ`` is two-to-one and both pre-images have the same weight).  The ghost is one more vertex
+    of the cluster graph: a bond between a cluster site and the ghost (either way) is activated with
+    probability ``p_h = 1 - exp(-2|h|)`` when their spins agree.  A cluster that reaches the ghost flips the
+    ghost too, which in the physical frame flips every spin *outside* the cluster.  The seed of each cluster
+    is a uniformly drawn lattice site (a state-independent choice, which keeps detailed balance); at
+    ``h = 0`` the ghost never joins and this is plain Wolff (same random stream).  Observables are measured
+    on ``σ``: ``E_b(σ) = E_b(s)``, ``M(σ) = sign(h) s_g M(s)``.
+    One measured *sweep* is a fixed number ``k`` of cluster flips,
+    ``k = max(1, round(N / <|C|>))`` with the mean cluster size ``<|C|>`` (lattice sites in the cluster, the
+    ghost not counted) measured in the second half of the burn-in (burn-in sweeps flip clusters until ``>= N``
+    lattice sites have been in clusters), so about N spins are updated per sweep.
     ``k`` must be fixed: measuring at the state-dependent time "after N spins have flipped" biases the sampled
-    distribution.
+    distribution.  In a strong field most clusters reach the ghost and hold most sites, so ``k = 1``.
     The cluster is grown breadth-first, vectorised over each BFS layer (numpy), never per site.
 ``"metropolis"``
     Single-spin Metropolis, vectorised over sublattices of mutually non-adjacent sites (the checkerboard for
@@ -105,7 +119,8 @@ class MonteCarloResult:
         block_length: length (sweeps) of the jackknife blocks.
         n_blocks: number of jackknife blocks.
         acceptance: mean acceptance rate (single-spin methods) or ``None``.
-        mean_cluster_size: mean Wolff cluster size (sites, over the measured sweeps) or ``None``.
+        mean_cluster_size: mean Wolff cluster size (lattice sites, the ghost not counted, over the measured
+            sweeps) or ``None``.
         clusters_per_sweep: the fixed number ``k`` of Wolff clusters per measured sweep or ``None``.
         elapsed_s: wall time of burn-in plus measurement.
         sweeps_per_second: ``(burn_in + sweeps) / elapsed_s``.
@@ -217,34 +232,58 @@ class _Uniforms:
 
 
 # ----------------------------------------------------------------------------------------------- samplers
-def _run_wolff(L, beta, burn_in, sweeps, generator, pbar):
+def _run_wolff(L, beta, h, burn_in, sweeps, generator, pbar):
     n = L * L
     nbr = _neighbours(L)
     right, down = nbr[:, 0], nbr[:, 2]
     p_bond = -math.expm1(-2.0 * beta)
+    p_ghost = -math.expm1(-2.0 * abs(h))
+    field_sign = -1 if h < 0 else 1
     uni = _Uniforms(generator, 16 * n)
-    spins = np.where(uni.take(n) < 0.5, -1, 1).astype(np.int8)
+    # spins[:n] are the lattice spins s, spins[n] the ghost s_g (fixed at +1 and never touched when h = 0)
+    spins = np.ones(n + 1, dtype=np.int8)
+    spins[:n] = np.where(uni.take(n) < 0.5, -1, 1)
+    every_site = np.arange(n)
+
+    def grow(frontier: np.ndarray, s0: int) -> np.ndarray:
+        """The next BFS layer: sites (and the ghost, index n) bonded to ``frontier``, now flipped."""
+        lattice = frontier[frontier < n]
+        cand = nbr[lattice].ravel()
+        cand = cand[spins[cand] == s0]  # "still s0" means "not yet in the cluster": members flip on entry
+        cand = cand[uni.take(cand.size) < p_bond]  # one independent trial per (cluster site, bond)
+        if p_ghost > 0.0:
+            ghost = np.empty(0, dtype=np.int64)
+            if spins[n] == s0 and lattice.size:  # bonds lattice site -> ghost, one trial each
+                if bool((uni.take(lattice.size) < p_ghost).any()):
+                    ghost = np.array([n])
+            if frontier[-1] == n:  # the ghost joined in the previous layer: its bonds to every site
+                free = every_site[spins[:n] == s0]
+                ghost = np.concatenate([ghost, free[uni.take(free.size) < p_ghost]])
+            cand = np.concatenate([cand, ghost])
+        if cand.size:
+            cand = np.unique(cand)  # sorted: the ghost (index n), if present, is last
+            spins[cand] = -s0
+        return cand
 
     def flip_cluster() -> int:
         seed = min(int(uni.take(1)[0] * n), n - 1)
-        s0 = spins[seed]
-        spins[seed] = -s0  # members are flipped on entry: "still s0" means "not yet in the cluster"
+        s0 = int(spins[seed])
+        spins[seed] = -s0
         frontier = np.array([seed])
         size = 1
         while True:
-            cand = nbr[frontier].ravel()
-            cand = cand[spins[cand] == s0]
-            if cand.size == 0:
+            frontier = grow(frontier, s0)
+            if frontier.size == 0:
                 return size
-            cand = cand[uni.take(cand.size) < p_bond]  # one independent trial per (cluster site, bond)
-            if cand.size == 0:
-                return size
-            frontier = np.unique(cand)
-            spins[frontier] = -s0
-            size += frontier.size
+            size += int(frontier.size) - int(frontier[-1] == n)
 
-    # Burn-in: flip clusters until ~N spins have flipped per sweep and record the mean cluster size. The
-    # measured sweeps use a FIXED number of clusters, k = round(N / <|C|>): a state-dependent stopping rule
+    def measure(t: int) -> None:
+        s = spins[:n]
+        phi[t, 0] = np.sum(s * (s[right] + s[down]), dtype=np.int64)
+        phi[t, 1] = field_sign * int(spins[n]) * int(np.sum(s, dtype=np.int64))
+
+    # Burn-in: flip clusters until ~N sites have been in clusters per sweep and record the mean cluster size.
+    # The measured sweeps use a FIXED number of clusters, k = round(N / <|C|>): a state-dependent stopping rule
     # ("flip until N spins have flipped") would bias the measured distribution.
     burn_clusters = burn_flipped = 0
     for t in range(burn_in):
@@ -263,8 +302,7 @@ def _run_wolff(L, beta, burn_in, sweeps, generator, pbar):
     for t in range(sweeps):
         for _ in range(k):
             flipped_total += flip_cluster()
-        phi[t, 0] = np.sum(spins * (spins[right] + spins[down]), dtype=np.int64)
-        phi[t, 1] = np.sum(spins, dtype=np.int64)
+        measure(t)
         if pbar is not None:
             pbar.update(1)
     return phi, {"clusters": k * sweeps, "flipped": flipped_total, "clusters_per_sweep": k}
@@ -402,7 +440,8 @@ def ising2d_monte_carlo(
         theta: natural parameters ``(β, h)``: ``β >= 0`` finite, ``h`` finite (pair, list or 2-element tensor).
         sweeps: number of measured sweeps (integer ``>= 2``); φ is measured after each.
         burn_in: number of discarded sweeps before measuring (integer ``>= 1``).
-        method: ``"wolff"`` (``h = 0`` only), ``"metropolis"`` or ``"heatbath"``.
+        method: ``"wolff"`` (cluster updates; a field through the ghost spin), ``"metropolis"`` or
+            ``"heatbath"``.
         generator: ``torch.Generator`` (CPU) that supplies all randomness; default ``torch.Generator()`` seeded
             with 0. It is advanced in place.
         progress: show a tqdm progress bar.
@@ -412,7 +451,7 @@ def ising2d_monte_carlo(
         ``stderr`` ``(2, 2)``, ``tau`` and ``effective_samples`` per observable and the ``(sweeps, 2)`` samples.
 
     Raises:
-        ValueError: on an invalid argument (the message names it), or ``method="wolff"`` with ``h != 0``.
+        ValueError: on an invalid argument (the message names it).
     """
     L = _check_int("L", L, 2)
     beta, h = _check_theta(theta)
@@ -420,11 +459,6 @@ def ising2d_monte_carlo(
     burn_in = _check_int("burn_in", burn_in, 1)
     if not isinstance(method, str) or method not in _METHODS:
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
-    if method == "wolff" and h != 0.0:
-        raise ValueError(
-            f"method='wolff' is valid for h = 0 only (got theta[1] = h = {h!r}); use method='metropolis' or "
-            "method='heatbath' for a non-zero field"
-        )
     if generator is None:
         generator = torch.Generator().manual_seed(0)
     elif not isinstance(generator, torch.Generator):
@@ -447,7 +481,7 @@ def ising2d_monte_carlo(
     start = time.perf_counter()
     try:
         if method == "wolff":
-            phi, info = _run_wolff(L, beta, burn_in, sweeps, generator, pbar)
+            phi, info = _run_wolff(L, beta, h, burn_in, sweeps, generator, pbar)
         else:
             phi, info = _run_single_spin(L, beta, h, n_total, generator, pbar, heatbath=(method == "heatbath"))
             phi = phi[burn_in:]
