@@ -86,7 +86,8 @@ undefined there); where shapes alone cannot show that a layer keeps the batch on
 size B, e.g. B = T), one more activation-only backward of a random check column proves it.
 
 Records go to ``mon.records``, to ``<run>/metrics.csv`` (one row appended atomically per record,
-:func:`fisherlens.runs.append_csv_row`) and, when ``torch.utils.tensorboard`` is importable, to TensorBoard.
+:func:`fisherlens.runs.append_csv_row`), to TensorBoard with ``tensorboard=DIR``, and to any logger — a callable
+``log(values, step)`` (:mod:`fisherlens.integrations.loggers`: Weights & Biases, MLflow, ... in one line each).
 """
 
 from __future__ import annotations
@@ -126,6 +127,7 @@ from ._core import (
 )
 from .estimators import probe_vectors
 from .fisher import fisher_rao_norm, fisher_trace
+from .integrations.loggers import TensorBoardLogger, check_loggers
 from .likelihoods import Bernoulli, Categorical, Gaussian, LossInduced
 from .ntk import fisher_ntk_trace, ntk_trace
 from .runs import RunDir, append_csv_row, write_csv
@@ -207,7 +209,11 @@ class Monitor:
             rewritten) to ``metrics.csv`` there — after the rows already in it; :meth:`load_state_dict` rewrites
             the table to the restored records.  Extra columns join the header when they first appear.  A path
             that is (or lies inside) an existing regular file raises ``ValueError``.
-        tensorboard: a log folder for ``torch.utils.tensorboard`` (ignored, with a warning, if not installed).
+        tensorboard: a log folder for ``torch.utils.tensorboard``: shorthand for
+            ``loggers=[TensorBoardLogger(dir)]`` (ignored, with a warning, if ``tensorboard`` is not installed).
+        loggers: callables ``log(values: dict[str, float], step: int)`` (or one), called with every record (all
+            columns but ``step``); closed by :meth:`close` when they have a ``close()``
+            (:mod:`fisherlens.integrations.loggers`).
         batch_size: chunk size of tensor probes (default 256, as the library).
         output: a callable picking the output tensor from what the model returns (tuple, dict, ``ModelOutput``),
             e.g. ``output=lambda out: out.logits``; used by every observable.  Not part of :meth:`state_dict`
@@ -232,7 +238,7 @@ class Monitor:
         every: int | Callable[[int], bool] = 1, kind: str = "true", method: str = "exact", draws: int = 1,
         generator: torch.Generator | None = None, params=None, run: RunDir | str | os.PathLike | None = None,
         tensorboard: str | os.PathLike | None = None, batch_size: int | None = None, output=None,
-        reduction: str = "mean",
+        reduction: str = "mean", loggers=None,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
@@ -293,15 +299,12 @@ class Monitor:
             self._csv = (run.path if isinstance(run, RunDir) else Path(run)) / "metrics.csv"
             self._csv.parent.mkdir(parents=True, exist_ok=True)
             (self._csv.parent / RunDir.MARKER).touch()  # a folder the monitor writes is a run folder
-        self._tb = None
+        self.loggers = check_loggers(loggers)
         if tensorboard is not None:
             try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                warnings.warn("tensorboard= was given but torch.utils.tensorboard is not importable (install "
-                              "the 'tensorboard' package); records go to the run folder only.", stacklevel=2)
-            else:
-                self._tb = SummaryWriter(log_dir=str(tensorboard))
+                self.loggers.append(TensorBoardLogger(tensorboard))
+            except ImportError as e:
+                warnings.warn(f"tensorboard= was given but {e}; records go to the run folder only.", stacklevel=2)
         self._batch = _BatchCapture(self) if "batch_fisher_trace" in self.observables else None
         self._arm()
 
@@ -372,11 +375,9 @@ class Monitor:
         self.records.append(rec)
         if self._csv is not None:
             append_csv_row(self._csv, rec)
-        if self._tb is not None:
-            for k, v in rec.items():
-                if k != "step":
-                    self._tb.add_scalar(k, v, step)
-            self._tb.flush()
+        values = {k: v for k, v in rec.items() if k != "step"}
+        for log in self.loggers:
+            log(values, step)
         self._arm()
         return rec
 
@@ -561,11 +562,12 @@ class Monitor:
         return cfg | ({"reduction": self.reduction} if self.reduction != "mean" else {})
 
     def close(self) -> None:
-        """Remove the hooks of ``batch_fisher_trace`` and close the TensorBoard writer."""
+        """Remove the hooks of ``batch_fisher_trace`` and close the loggers (those with a ``close()``)."""
         if self._batch is not None:
             self._batch.close()
-        if self._tb is not None:
-            self._tb.close()
+        for log in self.loggers:
+            if callable(getattr(log, "close", None)):
+                log.close()
 
     def __repr__(self):
         every = self._every if isinstance(self._every, int) else getattr(self._every, "__name__", "callable")
