@@ -92,7 +92,11 @@ def test_rerun_same_config_is_deterministic(quick_run, tmp_path):
 @pytest.mark.study
 def test_report(quick_run, capsys):
     assert main(["report", str(quick_run)]) == 0
-    assert capsys.readouterr().out == (quick_run / "summary.md").read_text()
+    out = capsys.readouterr().out
+    summary = (quick_run / "summary.md").read_text()
+    assert out.startswith(summary)
+    listed = [line.strip() for line in out[len(summary):].splitlines() if line.strip().endswith(".png")]
+    assert sorted(listed) == sorted(str(quick_run / f) for f in FIGURES)
 
 
 def _one_line_error(capsys, *words):
@@ -159,3 +163,64 @@ def test_version(capsys):
         main(["--version"])
     assert e.value.code == 0
     assert capsys.readouterr().out.strip() == f"fisherlens {fl.__version__}"
+
+
+@pytest.mark.parametrize("name", sorted(EXPERIMENTS))
+def test_run_name_help_lists_the_study_options(name, capsys):
+    from fisherlens.experiments import STUDIES
+
+    assert main(["run", name, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--set KEY=VALUE" in out and "--threads" in out
+    cfg = STUDIES[name].Config
+    for opt, typ, default, quick, _ in cfg.help_rows():
+        line = f"  {opt} ({typ}) = {default}" + (f"; --quick: {quick}" if quick else "")
+        assert line in out.splitlines(), line
+    assert {r[0] for r in cfg.help_rows()} == set(cfg.options())
+
+
+def test_run_help_without_name(capsys):
+    assert main(["run", "--help"]) == 0
+    assert "usage: fisherlens run" in capsys.readouterr().out
+    assert main(["run"]) == 2
+    _one_line_error(capsys, "experiment name")
+
+
+@pytest.mark.parametrize(("setting", "words"), [
+    ("epochs=abc", ["'epochs' expects int", "'abc'"]),
+    ("epochs=2.5", ["'epochs' expects int", "2.5"]),
+    ("lr=fast", ["'lr' expects float", "'fast'"]),
+    ("hidden=[16, 'x']", ["'hidden' expects tuple of int"]),
+    ("threads=0", ["threads must be a positive integer"]),
+    ("foo=1", ["unknown option(s) 'foo'", "epochs"]),
+])
+def test_set_values_are_checked_naming_the_option(setting, words, tmp_path, capsys):
+    assert main(["run", "demo", "--quick", "--out", str(tmp_path / "r"), "--set", setting]) == 2
+    _one_line_error(capsys, *words)
+    assert not (tmp_path / "r").exists()
+
+
+def test_threads_and_device_options(tmp_path, capsys):
+    assert main(["run", "demo", "--quick", "--device", "cpu", "--out", str(tmp_path / "r")]) == 2
+    _one_line_error(capsys, "CPU only", "--device")
+    assert main(["run", "lm-fisher", "--quick", "--device", "tpu9", "--out", str(tmp_path / "r")]) == 2
+    _one_line_error(capsys, "device")
+    if not __import__("torch").cuda.is_available():
+        assert main(["run", "lm-fisher", "--quick", "--device", "cuda", "--out", str(tmp_path / "r")]) == 2
+        _one_line_error(capsys, "CUDA device(s)", "cpu")
+    assert main(["run", "demo", "--quick", "--threads", "0", "--out", str(tmp_path / "r")]) == 2
+    _one_line_error(capsys, "threads")
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.study
+@pytest.mark.parametrize(("argv", "want"), [([], 1), (["--threads", "2"], 2)])
+def test_threads_are_pinned_during_the_run(argv, want, tmp_path, monkeypatch):
+    import torch
+
+    seen = []
+    real = torch.set_num_threads
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: (seen.append(n), real(n))[1])
+    before = torch.get_num_threads()
+    assert main(["run", "demo", "--quick", "--no-progress", *argv, "--out", str(tmp_path / "t")]) == 0
+    assert seen == [want, before]  # pinned for the run, restored after it

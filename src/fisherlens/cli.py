@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import ast
+import shutil
 import sys
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -36,9 +38,12 @@ def _parser() -> argparse.ArgumentParser:
         "run",
         help="run an experiment into a run folder",
         description="Run an experiment; writes config.json, metrics.csv, figures "
-        "and summary.md into the run folder.",
+        "and summary.md into the run folder. `fisherlens run NAME --help` lists NAME's options.",
+        add_help=False,
     )
-    r.add_argument("experiment", help="experiment name (see `fisherlens list`)")
+    r.add_argument("-h", "--help", action="store_true", help="show this help (with NAME: and NAME's options)")
+    r.set_defaults(run_parser=r)
+    r.add_argument("experiment", nargs="?", help="experiment name (see `fisherlens list`)")
     r.add_argument(
         "--out",
         type=Path,
@@ -56,6 +61,19 @@ def _parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     r.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads (default: the study's own, 1 for most: a busy machine is not "
+        "oversubscribed); the same as --set threads=N",
+    )
+    r.add_argument(
+        "--device",
+        default=None,
+        help="torch device of the studies that can use an accelerator (e.g. cuda, cuda:1; default cpu); "
+        "the same as --set device=NAME",
+    )
+    r.add_argument(
         "--set",
         action="append",
         default=[],
@@ -65,8 +83,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     rep = sub.add_parser(
         "report",
-        help="print the summary of a run folder",
-        description="Print summary.md of a run folder.",
+        help="print the summary of a run folder and the paths of its figures",
+        description="Print summary.md of a run folder, then the paths of its PNG figures.",
     )
     rep.add_argument("dir", type=Path, help="run folder")
     return p
@@ -81,18 +99,45 @@ def _list() -> int:
     return 0
 
 
+def _study_help(parser: argparse.ArgumentParser, name: str) -> int:
+    """``fisherlens run NAME --help``: the run options, then NAME's own (type, default, --quick value)."""
+    from .experiments import STUDIES
+
+    parser.print_help()
+    cls = STUDIES[name]
+    width = shutil.get_terminal_size((100, 20)).columns
+    print(f"\n{name}: {cls.description}\n\noptions of {name} (--set KEY=VALUE):")
+    for opt, typ, default, quick, doc in cls.Config.help_rows():
+        head = f"  {opt} ({typ}) = {default}" + (f"; --quick: {quick}" if quick else "")
+        print(head)
+        if doc:
+            print(textwrap.fill(doc.replace("``", "`"), width=max(width, 60) - 1, initial_indent=" " * 6,
+                                subsequent_indent=" " * 6))
+    return 0
+
+
 def _run(args: argparse.Namespace) -> int:
     from .experiments import STUDIES, UnknownOption, run_study
 
+    if args.help and args.experiment is None:
+        args.run_parser.print_help()
+        return 0
+    if args.experiment is None:
+        raise _UsageError("run: give an experiment name (see `fisherlens list`)")
     if args.experiment not in STUDIES:
         raise _UsageError(
             f"unknown experiment {args.experiment!r}; known: {', '.join(sorted(STUDIES))} "
             "(see `fisherlens list`)"
         )
+    if args.help:
+        return _study_help(args.run_parser, args.experiment)
     out = args.out if args.out is not None else Path("runs") / args.experiment
     options = dict(_option(s) for s in args.set)
-    if args.data is not None:
-        options["data"] = args.data
+    for key in ("data", "threads", "device"):
+        if getattr(args, key) is not None:
+            options[key] = getattr(args, key)
+    if "device" in options and "device" not in STUDIES[args.experiment].Config.options():
+        raise _UsageError(f"{args.experiment} runs on the CPU only (it has no device option); drop --device")
     try:
         path = run_study(STUDIES[args.experiment], out, quick=args.quick, seed=args.seed,
                          progress=not args.no_progress, **options)
@@ -131,6 +176,9 @@ def _report(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as e:
         raise _UsageError(str(e)) from e
     sys.stdout.write(text)
+    figures = sorted(args.dir.glob("*.png"))
+    if figures:
+        print("\nfigures:\n" + "\n".join(f"  {p}" for p in figures))
     return 0
 
 

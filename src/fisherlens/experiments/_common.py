@@ -20,6 +20,7 @@ Tensor = torch.Tensor
 __all__ = [
     "torch_threads", "split_with_probe", "make_mlp", "train_epoch", "evaluate", "arch_name", "rel_dev", "as_tuple",
     "check_int", "check_ints", "check_number", "check_bool", "check_choice", "check_distinct", "check_threads",
+    "check_device",
     "check_synthetic_data",
 ]
 
@@ -85,6 +86,22 @@ def check_threads(name: str, value) -> None:
     """``value`` must be a positive integer or ``None`` (torch's thread setting left alone)."""
     if value is not None and (not _is_int(value) or value < 1):
         raise ValueError(f"{name} must be a positive integer or None, got {value!r}.")
+
+
+def check_device(name: str, value) -> torch.device:
+    """``value`` as a ``torch.device`` that this machine has (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``)."""
+    try:
+        dev = torch.device(value)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"{name} must name a torch device (cpu, cuda, cuda:1, mps), got {value!r}.") from e
+    if dev.type == "cuda" and not (torch.cuda.is_available() and (dev.index or 0) < torch.cuda.device_count()):
+        raise ValueError(f"{name}={value!r}: this machine has {torch.cuda.device_count()} CUDA device(s) visible "
+                         "to torch; use --device cpu.")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"{name}={value!r}: torch.backends.mps is not available on this machine; use cpu.")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"{name}={value!r}: the studies run on cpu, cuda or mps.")
+    return dev
 
 
 def check_synthetic_data(data, what: str) -> None:

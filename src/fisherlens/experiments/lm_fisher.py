@@ -75,7 +75,7 @@ from torch import nn
 import fisherlens as fl
 
 from .. import plots
-from ._common import as_tuple, check_int, check_number, check_synthetic_data, rel_dev
+from ._common import as_tuple, check_device, check_int, check_number, check_synthetic_data, rel_dev
 from .study import Study, StudyConfig, StudyRun, figures_section, run_study
 
 Tensor = torch.Tensor
@@ -387,6 +387,8 @@ class LmFisherConfig(StudyConfig):
             (5; the exact empirical one is recorded at every step).
         eig_k: top eigenvalues (Lanczos), 10.
         threads: torch intra-op threads (2; quick 1); part of the config because results depend on it bitwise.
+        device: torch device of the model, the data and every random draw (``"cpu"``; ``"cuda"`` where one is
+            present); results on another device agree to round-off, not bitwise.
     """
 
     QUICK = {"seq_len": 16, "d_model": 32, "heads": 2, "d_ff": 64, "steps": 30, "batch_size": 16,
@@ -413,8 +415,10 @@ class LmFisherConfig(StudyConfig):
     batch_true_every: int = 5
     eig_k: int = 10
     threads: int | None = 2
+    device: str = "cpu"
 
     def validate(self) -> None:
+        check_device("lm-fisher: device", self.device)
         check_synthetic_data(self.data, "builds its corpus from the docstrings of Python's standard library")
         self.modules = as_tuple(self.modules)
         if not self.modules or not all(isinstance(m, str) and m for m in self.modules):
@@ -490,6 +494,11 @@ def _engine_notes(notes: dict[str, int]) -> Iterator[None]:
         notes[key] = notes.get(key, 0) + 1
 
 
+def _generator(model: nn.Module, seed: int) -> torch.Generator:
+    """A generator seeded with ``seed`` on the device of ``model``'s parameters."""
+    return torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+
+
 def batch_monitors(model: nn.Module, probe: tuple[Tensor, Tensor], seed: int, true_every: int = 1,
                    ) -> tuple[fl.Monitor, fl.Monitor, list]:
     """The two monitors of the training batch's Fisher trace (``batch_fisher_trace``) on the parameters of
@@ -509,7 +518,7 @@ def batch_monitors(model: nn.Module, probe: tuple[Tensor, Tensor], seed: int, tr
     # the Hutchinson monitor first: its extra backward runs in its forward hook, before the empirical monitor
     # attaches its gradient hook to the same forward
     hutch = fl.Monitor(model, lik, probe, observables=("batch_fisher_trace",), kind="true", method="hutchinson",
-                       generator=torch.Generator().manual_seed(seed), params=params, every=true_every)
+                       generator=_generator(model, seed), params=params, every=true_every)
     emp = fl.Monitor(model, lik, probe, observables=("batch_fisher_trace",), kind="empirical", params=params)
     return hutch, emp, params
 
@@ -526,7 +535,7 @@ class _Training:
         every = lambda s: s % cfg.record_every == 0 or s == cfg.steps  # noqa: E731  (and always the last step)
         self.mon = fl.Monitor(model, lik, probe, observables=("loss", "fisher_trace"), every=every, kind="true",
                               method="hutchinson", draws=cfg.monitor_draws,
-                              generator=torch.Generator().manual_seed(cfg.seed + 2), run=run.folder)
+                              generator=_generator(model, cfg.seed + 2), run=run.folder)
         self.mon_hutch, self.mon_step, self.batch_params = batch_monitors(model, probe, cfg.seed + 3,
                                                                           cfg.batch_true_every)
         self.steps: list[dict] = []
@@ -649,7 +658,7 @@ def analyse(cfg: LmFisherConfig, model: nn.Module, probe: tuple[Tensor, Tensor],
     lap("exact diagonal")
     for r in ("mean", "per_prediction"):  # the same draws (same seed) in both normalisations
         hut = fl.fisher_blocks(model, few, lik, what="diag", method="hutchinson", samples=cfg.hutchinson_samples,
-                               generator=torch.Generator().manual_seed(cfg.seed + 4), reduction=r)
+                               generator=_generator(model, cfg.seed + 4), reduction=r)
         if r == "mean":
             out["diag_hutchinson"], out["diag_stderr"] = flat(hut, "value"), flat(hut, "stderr")
         else:
@@ -742,7 +751,9 @@ class LmFisher(Study):
         with torch.random.fork_rng(devices=[]):  # seeded initialisation without touching the global RNG
             torch.manual_seed(cfg.seed)
             model = CharTransformer(V, cfg.seq_len, cfg.d_model, cfg.heads, cfg.layers, cfg.d_ff)
-        model.eval()
+        model.to(cfg.device).eval()
+        inputs = dataclasses.replace(inputs, **{k: tuple(t.to(cfg.device) for t in getattr(inputs, k))
+                                                for k in ("train", "test", "probe")})
         with _engine_notes(notes):
             eig0 = [float(v) for v in fl.eigenvalues(model, inputs.probe, fl.Categorical(), k=cfg.eig_k,
                                                     method="lanczos")]

@@ -13,8 +13,12 @@ becomes ``summary.md``.  Progress bars (tqdm) come from :meth:`StudyRun.bar`, ti
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
+import re
 import time
+import types
+import typing
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -38,18 +42,38 @@ class StudyConfig:
     Class attribute ``QUICK`` maps field names to the ``--quick`` values (applied before the caller's own
     options, so an explicit option always wins).  :meth:`validate` raises ``ValueError`` naming the bad option and
     may normalise values (e.g. a single width for a list option becomes a one-element tuple); subclasses extend it
-    and call ``super().validate()``.
+    and call ``super().validate()``.  Options are checked against the fields' types first (:func:`fits`).
+
+    Attributes:
+        seed: random seed of the run (every draw comes from generators seeded by it).
+        threads: torch intra-op threads during the study (default 1: a busy machine is not oversubscribed, and
+            results do not depend on the core count); ``None`` keeps torch's setting (one per core).
     """
 
     QUICK: ClassVar[Mapping[str, Any]] = {}
 
     quick: bool = False
     seed: int = 0
+    threads: int | None = 1
 
     @classmethod
     def options(cls) -> list[str]:
         """The option names a caller may set (every field but ``quick``)."""
         return [f.name for f in dataclasses.fields(cls) if f.name != "quick"]
+
+    @classmethod
+    def help_rows(cls) -> list[tuple[str, str, str, str, str]]:
+        """``(option, type, default, --quick value, description)`` of every option, for ``fisherlens run NAME
+        --help``; descriptions come from the ``Attributes:`` section of the config's docstring."""
+        hints, docs = typing.get_type_hints(cls), _attribute_docs(cls)
+        rows = []
+        for f in dataclasses.fields(cls):
+            if f.name == "quick":
+                continue
+            quick = repr(cls.QUICK[f.name]) if f.name in cls.QUICK else ""
+            default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+            rows.append((f.name, type_name(hints[f.name]), repr(default), quick, docs.get(f.name, "")))
+        return rows
 
     @classmethod
     def create(cls, study: str, quick: bool = False, **options) -> StudyConfig:
@@ -63,6 +87,11 @@ class StudyConfig:
         if unknown:
             raise UnknownOption(f"{study}: unknown option(s) {', '.join(map(repr, unknown))}; options: "
                                 f"{', '.join(cls.options())}.")
+        hints = typing.get_type_hints(cls)
+        for name, value in options.items():
+            if not fits(value, hints[name]):
+                raise ValueError(f"{study}: option {name!r} expects {type_name(hints[name])}, got {value!r} "
+                                 f"({type(value).__name__}).")
         cfg = cls(quick=bool(quick), **{**(cls.QUICK if quick else {}), **options})
         cfg.validate()
         return cfg
@@ -72,6 +101,52 @@ class StudyConfig:
         check_int("seed", self.seed, 0)
         if "threads" in {f.name for f in dataclasses.fields(self)}:
             check_threads("threads", self.threads)
+
+
+def type_name(hint) -> str:
+    """A readable name of a config field's type: ``int``, ``float or None``, ``tuple of int``, ..."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join("None" if a is type(None) else type_name(a) for a in args)
+    if typing.get_origin(hint) in (tuple, list, Sequence):
+        return f"{typing.get_origin(hint).__name__} of {type_name(args[0])}" if args else "a sequence"
+    return "anything" if hint is Any else getattr(hint, "__name__", str(hint))
+
+
+def fits(value, hint) -> bool:
+    """Whether ``value`` (from Python code or a ``--set`` literal) can be a field of type ``hint``: ints for
+    floats, a single item or a list for a tuple (the studies normalise them); never a bool for a number."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(value is None if a is type(None) else fits(value, a) for a in args)
+    if origin in (tuple, list, Sequence):
+        items = value if isinstance(value, (tuple, list)) else [value]
+        return all(fits(v, args[0]) for v in items) if args else True
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, hint) if isinstance(hint, type) else True
+
+
+def _attribute_docs(cls) -> dict[str, str]:
+    """Option name -> its one-paragraph description in the ``Attributes:`` sections of ``cls`` and its bases
+    (an entry ``a, b: text`` describes both)."""
+    out: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        doc = inspect.getdoc(klass) if "__doc__" in vars(klass) else None
+        if not doc or "Attributes:" not in doc:
+            continue
+        body = doc.split("Attributes:", 1)[1]
+        for m in re.finditer(r"^ {4}([\w, ]+):\s(.*(?:\n {6,}.*)*)", body, flags=re.M):
+            text = " ".join(m.group(2).split())
+            for name in m.group(1).split(","):
+                out[name.strip()] = text
+    return out
 
 
 @dataclasses.dataclass
