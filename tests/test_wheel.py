@@ -26,7 +26,8 @@ pytestmark = pytest.mark.wheel
 
 def _run(*cmd, **kw) -> str:
     r = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=1200, **kw)
-    assert r.returncode == 0, f"{' '.join(map(str, cmd))} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    what = " ".join(map(str, cmd))
+    assert r.returncode == 0, f"{what} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
     return r.stdout
 
 
