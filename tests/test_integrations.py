@@ -24,11 +24,15 @@ def _probe(seed=1, n=12):
     return torch.randn(n, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (n,), generator=g)
 
 
-def _train(model, mon, steps=6):
-    X, y = _probe(2, 24)
+def _train(model, mon, batches=None, steps=6):
+    """``steps`` SGD steps of a plain loop with ``mon.step`` after each (default batches: 4 fresh inputs each)."""
+    if batches is None:
+        X, y = _probe(2, 24)
+        batches = [(X[4 * i:4 * i + 4], y[4 * i:4 * i + 4]) for i in range(steps)]
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    for i in range(steps):
-        xb, yb = X[4 * i:4 * i + 4], y[4 * i:4 * i + 4]
+    for i, (xb, yb) in enumerate(batches):
+        if i == steps:
+            break
         out = model(xb)
         loss = nn.functional.cross_entropy(out, yb)
         opt.zero_grad()
@@ -145,16 +149,7 @@ def _lit_records_equal_plain(records, every, steps):
     mon = fl.Monitor(model, fl.Categorical(), (Xp.float(), yp), observables=("loss", "fisher_trace",
                                                                              "batch_fisher_trace"), every=every)
     mon.record(0)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    for i, (x, y) in enumerate(_loader()):
-        if i == steps:
-            break
-        out = model(x)
-        loss = nn.functional.cross_entropy(out, y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        mon.step(loss=loss, outputs=out, targets=y)
+    _train(model, mon, _loader(), steps)
     assert [r["step"] for r in records] == [r["step"] for r in mon.records]
     for a, b in zip(records, mon.records, strict=True):
         assert a == pytest.approx(b, rel=1e-5, abs=1e-6, nan_ok=True)
