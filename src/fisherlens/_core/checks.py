@@ -125,9 +125,23 @@ def check_outputs(f: Tensor, X, dtype: torch.dtype) -> None:
         raise ValueError("The model produced NaN or inf outputs on this data; the Fisher is undefined there.")
 
 
+def autocast_dtype() -> torch.dtype | None:
+    """The lower-precision dtype of an active ``torch.autocast`` region (CPU or CUDA), else ``None``."""
+    for device in ("cpu", "cuda"):
+        if torch.is_autocast_enabled(device):
+            return torch.get_autocast_dtype(device)
+    return None
+
+
 def tolerance(dtype: torch.dtype) -> float:
-    """Relative tolerance of the core's self-checks in ``dtype``."""
-    return 1e-9 if dtype == torch.float64 else 1e-4
+    """Relative tolerance of the core's self-checks in ``dtype``; for bfloat16 / float16 values, and inside
+    ``torch.autocast`` (whose forward rounds in its compute dtype), a few of their roundings: 3e-2 for bfloat16,
+    4e-3 for float16."""
+    tol = 1e-9 if dtype == torch.float64 else 1e-4
+    for low in (dtype, autocast_dtype()):
+        if low in (torch.bfloat16, torch.float16):
+            tol = max(tol, 4 * torch.finfo(low).eps)
+    return tol
 
 
 def close_enough(a: Tensor, b: Tensor, scale: float = 0.0) -> bool:

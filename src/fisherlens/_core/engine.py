@@ -9,6 +9,7 @@ policy, :func:`chunk_size`.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 
 import torch
@@ -108,6 +109,15 @@ def checked_grads(plan: Plan, calls: list[Call], f: Tensor, V: Tensor) -> list[T
     return [g[:K] for g in grads]
 
 
+def in_dtype(call: Call, dtype: torch.dtype) -> Call:
+    """The call with its floating layer input in ``dtype`` (under ``torch.autocast`` layers see lower-precision
+    inputs; their squares and Grams are accumulated in the parameters' dtype)."""
+    a = call.a
+    if not a.is_floating_point() or a.dtype == dtype:
+        return call
+    return dataclasses.replace(call, a=a.to(dtype))
+
+
 def layer_stats(fm: FunctionalModel, plan: Plan, calls: list[Call], grads: list[Tensor], want: set[str],
                 stats: Stats, B: int, K: int) -> None:
     """Statistics of every owned parameter from its layers' calls and output gradients ``(K, B, ...)`` (shared
@@ -120,11 +130,11 @@ def layer_stats(fm: FunctionalModel, plan: Plan, calls: list[Call], grads: list[
         if not idx:  # parameter unused in this forward (as when verified): its rows are zero
             stats.add_rows(n, fm.params[n].new_zeros(B, K, fm.sizes[n]), want, fm.shapes[n])
             continue
-        rule, sub = rule_for(mods[0]), [calls[i] for i in idx]
+        rule, sub = rule_for(mods[0]), [in_dtype(calls[i], fm.dtype) for i in idx]
         if "rows" not in want and rule.fast(sub):
-            stats.add(n, rule.fast_stats(sub[0], grads[idx[0]], which, want))
+            stats.add(n, rule.fast_stats(sub[0], grads[idx[0]].to(fm.dtype), which, want))
             continue
-        r = sum(rule_for(c.module).rows(c, grads[i], which) for c, i in zip(sub, idx, strict=True))
+        r = sum(rule_for(c.module).rows(c, grads[i].to(fm.dtype), which) for c, i in zip(sub, idx, strict=True))
         stats.add_rows(n, r.transpose(0, 1), want, fm.shapes[n])  # (B, K, numel)
 
 

@@ -15,7 +15,7 @@ from torch import nn
 from torch.func import functional_call, jvp, vjp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .checks import check_inputs, check_outputs
+from .checks import autocast_dtype, check_inputs, check_outputs
 from .fields import Fields, describe
 
 Tensor = torch.Tensor
@@ -147,6 +147,8 @@ class FunctionalModel:
         if out.dim() == 0:
             raise ValueError("The model returned a scalar; it must return one output (or more) per input (B, ...).")
         self.out_shape = tuple(out.shape[1:]) or (1,)
+        if out.dtype != self.dtype and out.is_floating_point() and autocast_dtype() == out.dtype:
+            out = out.to(self.dtype)  # torch.autocast: the likelihood's algebra in the parameters' dtype
         return out.reshape(out.shape[0], -1)
 
     def structured(self, f: Tensor) -> Tensor:
