@@ -1,6 +1,6 @@
 """Layer rules for transformer layers: Linear on sequences (ghost norms / per-layer materialisation),
-Embedding, LayerNorm and Hugging Face's Conv1D — rows against per-sample autograd, fast stats against the rows,
-and the engine owning them end to end."""
+Embedding, LayerNorm and Hugging Face's Conv1D, and the convolutions' fast path (the Linear rule on the unfolded
+patches) — rows against per-sample autograd, fast stats against the rows, and the engine owning them end to end."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from fisherlens._core import FunctionalModel, plan_for, rule_for, signature
 from fisherlens._core.layerwise.rules import (
     Call,
     Conv1DRule,
+    ConvRule,
     EmbeddingRule,
     LayerNormRule,
     LinearRule,
@@ -108,6 +109,49 @@ def test_linear_cost_choice():
     assert choice(2, 50, 50, {"sqnorm"}) and choice(2, 50, 50, {"gram"})  # short sequence, wide layer: ghost
     assert not choice(50, 2, 2, {"sqnorm"})  # long sequence, narrow layer: materialise
     assert not choice(2, 50, 50, {"sqnorm", "diag"})  # the diagonal needs G anyway
+
+
+# ----------------------------------------------------------------------------- convolutions
+CONVS = {
+    "conv2d": (lambda: nn.Conv2d(3, 4, 3, padding=1), (5, 3, 6, 6)),
+    "conv2d-strided-dilated": (lambda: nn.Conv2d(2, 3, (3, 2), stride=2, dilation=(1, 2), padding=(1, 0)),
+                               (4, 2, 7, 8)),
+    "conv2d-reflect": (lambda: nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect"), (4, 2, 5, 5)),
+    "conv1d": (lambda: nn.Conv1d(3, 5, 3, padding=2, dilation=2), (5, 3, 9)),
+    "conv2d-deep": (lambda: nn.Conv2d(8, 6, 3), (4, 8, 4, 4)),  # L = 4 ≤ I·k = 72: ghost norms for the trace
+}
+
+
+@pytest.mark.parametrize("name", sorted(CONVS))
+def test_conv_fast_path(name, monkeypatch):
+    torch.manual_seed(3)
+    make, shape = CONVS[name]
+    m = make()
+    rule, call, g = check_rule(m, torch.randn(*shape))
+    assert isinstance(rule, ConvRule)
+    r = reference_rows(m, call.a, g, "weight")
+    st = expected_stats(r, m.weight.shape)
+    branches = []
+    seq_stats = LinearRule.seq_stats
+
+    def spy(a, g, want, ghost):
+        branches.append(ghost)
+        return seq_stats(a, g, want, ghost)
+
+    monkeypatch.setattr(LinearRule, "seq_stats", staticmethod(spy))
+    norms = rule.fast_stats(call, g, "weight", {"sqnorm", "gram"})
+    assert_close(norms["sqnorm"], st.sqnorm["p"], rtol=1e-10, what="sqnorm")
+    assert_close(norms["gram"], st.gram, rtol=1e-10, what="gram")
+    L, Ik, O = g[0, 0, 0].numel(), m.weight[0].numel(), m.out_channels  # output positions, patch size, channels
+    cheaper = LinearRule.ghost_cheaper(torch.zeros(1, L, Ik), torch.zeros(K, 1, L, O), {"sqnorm", "gram"})
+    assert branches == [L <= Ik and cheaper]
+    if name == "conv2d-deep":
+        assert branches == [True]
+
+
+def test_grouped_conv_takes_the_rows():
+    torch.manual_seed(4)
+    check_rule(nn.Conv2d(4, 6, 3, groups=2), torch.randn(3, 4, 5, 5), fast=False)
 
 
 def test_linear_flat_input_unchanged():

@@ -236,8 +236,33 @@ class ConvRule(LayerRule):
             ks, dil, st = m.kernel_size, m.dilation, m.stride
         return F.unfold(a, ks, dilation=dil, padding=0, stride=st)
 
+    def fast(self, calls):
+        return len(calls) == 1 and calls[0].module.groups == 1
+
+    def fast_stats(self, call, g, which, want):
+        """The Linear rule on the patches: ``a (B, L, I·k)`` (``L`` output positions), ``g (K, B, L, O)``.  Ghost
+        norms (sqnorm, Gram) through the ``L × L`` patch Gram when cheaper and ``L ≤ I·k`` (so that the Gram is no
+        larger than the patches the budget counts), else this layer's per-sample ``(O, I·k)`` gradients."""
+        K, B = g.shape[:2]
+        gs = g.reshape(K, B, g.shape[2], -1).transpose(2, 3)  # (K, B, L, O)
+        if which == "bias":
+            return row_stats(gs.sum(2), want, gs.shape[-1:])
+        a = self.patches(call.module, call.a).transpose(1, 2)  # (B, L, I·k)
+        ghost = a.shape[1] <= a.shape[2] and LinearRule.ghost_cheaper(a, gs, want)
+        out = LinearRule.seq_stats(a, gs, want, ghost)
+        shape = call.module.weight.shape
+        if "diag" in out:
+            out["diag"] = out["diag"].reshape(shape)
+        if "diagk" in out:
+            out["diagk"] = out["diagk"].reshape(K, *shape)
+        return out
+
     def patch_numel(self, call):
         return call.a.shape[1] * math.prod(call.module.kernel_size) * math.prod(call.tap.shape[2:])
+
+    def column_numel(self, call):
+        """One column's per-sample ``(O, I·k)`` weight gradient."""
+        return call.module.weight.numel()
 
     def batch_axes(self, call):
         return tuple(call.a.shape[2:])
