@@ -22,6 +22,7 @@ from . import (
     meanfield_spectrum,
     mnist_traces,
     natural_gradient,
+    phase_transitions,
     sloppy,
     two_param,
 )
@@ -43,6 +44,7 @@ _ENTRIES: tuple[tuple[type[Study], Experiment], ...] = (
     (mnist_traces.MnistTraces, mnist_traces.mnist_traces),
     (lm_fisher.LmFisher, lm_fisher.lm_fisher),
     (natural_gradient.NaturalGradientStudy, natural_gradient.natural_gradient),
+    (phase_transitions.PhaseTransitions, phase_transitions.phase_transitions),
 )
 
 STUDIES: dict[str, type[Study]] = {cls.name: cls for cls, _ in _ENTRIES}

@@ -3,6 +3,7 @@ whose Fisher metric ``g(θ) = ∇²_θ log Z(θ) = Cov_θ[φ]`` is a metric call
 
 Conventions and references: :mod:`fisherlens.gibbs.models` (Janke, Johnston & Kenna, "Information geometry and
 phase transitions", Physica A 336 (2004); M. Sauter, B.Sc. thesis, University of Stuttgart (2023), §3.4).
+The zero-field 2-D torus exactly for any size: :class:`IsingTorus` (Kaufman's formula).
 Monte-Carlo estimates for larger 2-D lattices: :func:`ising2d_monte_carlo` (:mod:`fisherlens.gibbs.montecarlo`:
 Wolff clusters, checkerboard Metropolis, heat bath; autocorrelation-aware standard errors).
 """
@@ -16,11 +17,13 @@ from .models import (
     Ising2D,
     IsingChain,
     IsingFiniteChain,
+    IsingTorus,
     rbm_metric,
 )
-from .montecarlo import MonteCarloResult, ising2d_monte_carlo
+from .montecarlo import BETA_CRITICAL, MonteCarloResult, integrated_autocorrelation_time, ising2d_monte_carlo
 
 __all__ = [
+    "BETA_CRITICAL",
     "MAX_ENUMERATE_L",
     "MAX_TRANSFER_L",
     "CurieWeiss",
@@ -29,7 +32,9 @@ __all__ = [
     "Ising2D",
     "IsingChain",
     "IsingFiniteChain",
+    "IsingTorus",
     "rbm_metric",
     "MonteCarloResult",
+    "integrated_autocorrelation_time",
     "ising2d_monte_carlo",
 ]
