@@ -295,6 +295,13 @@ class Likelihood:
         """``product(f_r, x_r)`` per kept position for outputs ``f (B, *S)`` and flat ``x (B, M, d)``, back to
         ``(B, M, d)`` (zeros at dropped positions)."""
         f = f.detach()
+        B, shape = len(f), tuple(f.shape[1:])
+        pos, C = self.layout(shape)
+        if math.prod(pos) == 1:  # one prediction per input: the rows are the inputs, a dropped one is zeroed
+            fr = f.reshape(B, C)
+            self.check_outputs(fr)
+            out = product(fr, x.reshape(B, C, -1))
+            return out if y is None else torch.where(self.keep(f, y)[:, :, None], out, 0)
         rows = self.kept_rows(f, y)
         xr = self.to_rows_layout(x.reshape(*f.shape, -1), rows.shape)[rows.which, rows.pos]  # (R, C, d)
         return self.scatter(rows, product(rows.f, xr))
