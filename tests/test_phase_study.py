@@ -414,6 +414,16 @@ def test_torus_curve_and_peak():
         torus_peak(16, lo=0.5, hi=0.8)
 
 
+def test_torus_metric_curve():
+    model = IsingTorus(12)
+    betas = torch.tensor([0.05, 0.3, BETA_CRITICAL, 0.9, 2.0], dtype=F64)
+    ref = torch.stack([model.metric(b.reshape(1))[0, 0] for b in betas])
+    torch.testing.assert_close(model.metric_curve(betas), ref, rtol=1e-12, atol=1e-14)  # g(2.0) ~ 7e-6
+    for bad in ([0.3, 0.0], [[0.3]], [math.nan]):
+        with pytest.raises(ValueError, match="metric_curve"):
+            model.metric_curve(torch.tensor(bad, dtype=F64))
+
+
 def test_torus_bad_input():
     with pytest.raises(ValueError, match="L must be >= 2"):
         IsingTorus(1)

@@ -48,7 +48,7 @@ import torch
 from matplotlib import colors
 from matplotlib.figure import Figure
 from scipy import optimize
-from torch.func import jacfwd, vmap
+from torch.func import jacfwd
 
 import fisherlens as fl
 
@@ -326,12 +326,12 @@ def critical_sigma_w2(activation: str, sigma_b2: float, bracket: tuple[float, fl
 
 
 def torus_curve(L: int, betas) -> np.ndarray:
-    """Exact ``g_ββ(β) = Var[E_b]/N`` of the ``L × L`` torus at ``h = 0`` (:class:`~fisherlens.gibbs.IsingTorus`),
-    for the couplings ``betas (K,)`` (all ``> 0``) at once (``torch.func.vmap`` over the Hessian)."""
-    b = torch.as_tensor(np.asarray(betas, dtype=float), dtype=DTYPE).reshape(-1, 1)
-    if not bool((b > 0).all()):
+    """Exact ``g_ββ(β) = Var[E_b]/N`` of the ``L × L`` torus at ``h = 0`` for the couplings ``betas (K,)`` (all
+    ``> 0``) at once (:meth:`fisherlens.gibbs.IsingTorus.metric_curve`)."""
+    b = np.asarray(betas, dtype=float).reshape(-1)
+    if not np.all(b > 0):
         raise ValueError(f"torus_curve: every beta must be > 0, got min {float(b.min())!r}.")
-    return vmap(IsingTorus(L).metric)(b)[:, 0, 0].numpy()
+    return IsingTorus(L).metric_curve(torch.as_tensor(b, dtype=DTYPE)).numpy()
 
 
 def torus_peak(L: int, lo: float = 0.2, hi: float = 0.8, points: int = 41, rounds: int = 3) -> tuple[float, float]:

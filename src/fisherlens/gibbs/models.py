@@ -516,20 +516,44 @@ class IsingTorus(GibbsModel):
         b = _theta(theta, 1, "IsingTorus.log_partition")[0]
         if not _all_positive(b):
             raise ValueError(f"IsingTorus: beta must be > 0 (Kaufman's formula), got {float(b)!r}.")
-        L = self.L
+        return self._log_z(b.reshape(1))[0]
+
+    def _log_z(self, b: Tensor) -> Tensor:
+        """Per-site ``log Z / L²`` for couplings ``b (K,)``, elementwise, shape ``(K,)``."""
+        b = b[:, None]
         gamma = torch.cat(
-            [
-                (2 * b + torch.log(torch.tanh(b))).reshape(1),
-                torch.acosh(torch.cosh(2 * b) / torch.tanh(2 * b) - self._cos),
-            ]
-        )
-        x = L * gamma / 2
-        odd, even = x[1::2], x[0::2]
-        log_z1 = _log_2cosh(odd).sum()
-        log_z3 = _log_2cosh(even).sum()
-        rest = torch.tanh(odd).prod() + torch.exp(log_z3 - log_z1) * (1 + torch.tanh(even).prod())
+            [2 * b + torch.log(torch.tanh(b)), torch.acosh(torch.cosh(2 * b) / torch.tanh(2 * b) - self._cos)], 1
+        )  # (K, 2L): γ_0 (signed), γ_1 … γ_{2L−1}
+        x = self.L * gamma / 2
+        odd, even = x[:, 1::2], x[:, 0::2]
+        log_z1 = _log_2cosh(odd).sum(1)
+        log_z3 = _log_2cosh(even).sum(1)
+        # Z₄/Z₃ = tanh(x₀) Π_{r≥1} tanh(x_{2r}): the factor that vanishes at β_c (γ₀ = 0) kept out of the product,
+        # whose backward divides by its elements.
+        z4_over_z3 = torch.tanh(even[:, 0]) * torch.tanh(even[:, 1:]).prod(1)
+        rest = torch.tanh(odd).prod(1) + torch.exp(log_z3 - log_z1) * (1 + z4_over_z3)
+        b = b[:, 0]
         log_z = math.log(0.5) + (self.n_sites / 2) * torch.log(2 * torch.sinh(2 * b)) + log_z1 + torch.log1p(rest)
         return log_z / self.n_sites
+
+    def metric_curve(self, betas) -> Tensor:
+        """``g_ββ(β) = Var[E_b] / N`` at many couplings at once, ``betas (K,) -> (K,)`` float64 (two reverse passes
+        through the batched formula; each coupling is independent, so the gradient of the sum is elementwise).
+
+        Raises:
+            ValueError: a coupling ``<= 0`` or non-finite, or ``betas`` not one-dimensional.
+        """
+        b = torch.as_tensor(betas, dtype=DTYPE).detach().clone()
+        if b.dim() != 1 or not bool(torch.isfinite(b).all()) or not bool((b > 0).all()):
+            raise ValueError(
+                f"IsingTorus.metric_curve: betas must be a 1-D array of finite couplings > 0, got "
+                f"shape {tuple(b.shape)}, min {float(b.min()) if b.numel() else float('nan')!r}."
+            )
+        b.requires_grad_(True)
+        with torch.enable_grad():
+            (d1,) = torch.autograd.grad(self._log_z(b).sum(), b, create_graph=True)
+            (d2,) = torch.autograd.grad(d1.sum(), b)
+        return d2
 
     def specific_heat(self, beta: float) -> float:
         """Specific heat per site ``c = β² Var[E_b] / N = β² g(β)`` (units of ``k_B``, ``J = 1``)."""
