@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from helpers import raises
 from torch import nn
-from zoo import build
+from zoo import FreeScale, build
 
 import fisherlens as fl
 from fisherlens.runs import RunDir, read_csv
@@ -409,9 +409,10 @@ def test_bad_input():
         fl.Monitor("model", lik, probe)
     with pytest.raises(ValueError, match="params="):
         mk(params=["nonexistent"])
-    tied, Xt = build("batchnorm")
-    with pytest.raises(ValueError, match="batch_fisher_trace needs"):
-        fl.Monitor(tied, lik, (Xt, torch.zeros(len(Xt), dtype=torch.long)), observables=("batch_fisher_trace",))
+    free = FreeScale().double().eval()  # a raw gain parameter: no layer rule owns it
+    Xf = torch.randn(4, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"batch_fisher_trace needs.*BatchNorm\* \(eval mode\).*\['gain'\]"):
+        fl.Monitor(free, lik, (Xf, torch.zeros(4, dtype=torch.long)), observables=("batch_fisher_trace",))
     mon = mk(observables=("loss",))
     with pytest.raises(ValueError, match="clashes"):
         mon.record(0, loss=1.0)

@@ -149,6 +149,25 @@ def test_conv_fast_path(name, monkeypatch):
         assert branches == [True]
 
 
+@pytest.mark.parametrize("shape", [(5, 3), (5, 3, 7), (4, 3, 5, 6)])
+def test_batchnorm_in_eval_mode(shape):
+    torch.manual_seed(5)
+    m = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d}[len(shape)](3)
+    with torch.no_grad():
+        m.running_mean.normal_()
+        m.running_var.uniform_(0.5, 2.0)
+        m.weight.normal_()
+        m.bias.normal_()
+    m.eval()
+    rule, call, _ = check_rule(m, torch.randn(*shape))
+    assert rule.batch_axes(call) == shape[2:]
+
+
+def test_batchnorm_without_running_stats_is_not_owned():
+    assert rule_for(nn.BatchNorm2d(3, track_running_stats=False)) is None
+    assert rule_for(nn.BatchNorm2d(3, affine=False)) is None
+
+
 def test_grouped_conv_takes_the_rows():
     torch.manual_seed(4)
     check_rule(nn.Conv2d(4, 6, 3, groups=2), torch.randn(3, 4, 5, 5), fast=False)

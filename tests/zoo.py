@@ -177,7 +177,7 @@ class Arch:
     make: Callable[[], nn.Module]
     in_shape: tuple[int, ...]
     C: int
-    layerwise: bool = True  # every parameter is owned by a Linear/Conv1d/Conv2d used in the usual way
+    layerwise: bool = True  # every parameter is owned by a layer with a rule (Linear, Conv, BatchNorm in eval, ...)
     tokens: int = 0  # > 0: integer inputs in [0, tokens)
 
 
@@ -204,10 +204,10 @@ ARCHS: dict[str, Arch] = {
     "shared_twice": Arch(SharedTwice, (4,), 3, True),
     "tied": Arch(Tied, (4,), 3, False),
     "batchnorm": Arch(lambda: nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(),
-                                            nn.Linear(6, 3)), (4,), 3, False),
+                                            nn.Linear(6, 3)), (4,), 3, True),
     "batchnorm_cnn": Arch(lambda: nn.Sequential(
         nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(), nn.Linear(27, 3)),
-        (1, 5, 5), 3, False),
+        (1, 5, 5), 3, True),
     "seq3d": Arch(Seq3D, (3, 4), 3, True),
     "unused_params": Arch(Unused, (4,), 3, True),
     "embedding": Arch(Tokens, (2,), 3, True, tokens=10),

@@ -52,7 +52,8 @@ batch at the previous record's parameters gives ``J_n Δθ``, and ``Δθᵀ F Δ
 P×P matrix and no second model copy (the previous θ is one P-vector).
 
 ``batch_fisher_trace`` (the cheap per-step observable).  Forward hooks on the layers with a rule of the core
-(``nn.Linear``, ``Conv1d``/``Conv2d``, ``Embedding``, ``LayerNorm``, transformers' ``Conv1D``) record each
+(``nn.Linear``, ``Conv1d``/``Conv2d``, ``Embedding``, ``LayerNorm``, ``BatchNorm*`` in eval mode, transformers'
+``Conv1D``) record each
 layer's input ``a_n`` during the caller's training forward (only when the coming step is scheduled; positional or
 keyword inputs).  Per-sample gradient norms then follow from layer-output gradients ``δ_n`` alone — for a Linear
 layer ``‖a_n‖²‖δ_n‖²`` ("ghost norms", the reduction of :mod:`fisherlens._core`'s layerwise engine), for other
@@ -119,6 +120,7 @@ from ._core import (
     model_errors,
     plan_for,
     quadratic_sum,
+    ruled_layers,
     signature,
     tap_grads,
     tolerance,
@@ -641,8 +643,7 @@ class _BatchCapture:
         if missing:
             raise ValueError(
                 f"batch_fisher_trace needs every selected parameter to be the weight or bias of a layer with a rule "
-                f"(nn.Linear, Conv1d/Conv2d, Embedding, LayerNorm, transformers' Conv1D); not {missing}. Restrict "
-                "params= or measure 'fisher_trace' on the probe.")
+                f"({ruled_layers()}); not {missing}. Restrict params= or measure 'fisher_trace' on the probe.")
         self.fm, self.plan = fm, plan
         self.owned = dict(plan.owned)
         self.identity = [(which, m, fm.tensors[n]) for n, (which, ms) in self.owned.items() for m in ms]

@@ -60,7 +60,7 @@ from .fields import Fields, batch_len, describe, split_fields
 from .functional import functional_rows
 from .layerwise.capture import Capture, WeakHook, tap_grads
 from .layerwise.plan import Plan, Signature, ambiguous, call_problems, check_batch, plan_for, signature
-from .layerwise.rules import RULES, Call, LayerRule, rule_for
+from .layerwise.rules import RULES, Call, LayerRule, rule_for, ruled_layers
 from .model import (
     FunctionalModel,
     differentiable_kernels,
@@ -86,7 +86,7 @@ __all__ = [
     "batch_stats", "checked_grads", "chunk_size", "identity_sandwich", "layer_stats",
     "output_dim", "quadratic_sum", "stream", "work_budget", "functional_rows",
     "Capture", "WeakHook", "tap_grads", "Plan", "Signature", "ambiguous", "call_problems", "check_batch", "plan_for",
-    "signature", "Call", "LayerRule", "rule_for", "FunctionalModel", "differentiable_kernels",
+    "signature", "Call", "LayerRule", "rule_for", "ruled_layers", "FunctionalModel", "differentiable_kernels",
     "forward_checked", "jvp_checked", "model_errors", "pullback_checked", "select_params", "vjp_checked", "Request",
     "FactorRows", "gram64", "Stats",
 ]

@@ -29,7 +29,7 @@ from .layerwise.plan import (
     signature,
     signature_key,
 )
-from .layerwise.rules import Call, rule_for
+from .layerwise.rules import Call, rule_for, ruled_layers
 from .model import FunctionalModel, forward_checked, jvp_checked
 from .stats import Stats
 
@@ -64,9 +64,8 @@ def batch_stats(fm: FunctionalModel, X, make_v, want: set[str], engine: str = "a
     sig = signature(fm, X, prove=engine != "functional")
     if engine == "layerwise" and len(plan.owned) < len(fm.names):
         missing = [n for n in fm.names if n not in plan.owned]
-        raise ValueError(f"engine='layerwise' handles only parameters of layers with a rule (Linear, Conv1d/2d, "
-                         f"Embedding, LayerNorm, transformers' Conv1D) used through them; not {missing}. Use "
-                         "engine='auto'.")
+        raise ValueError(f"engine='layerwise' handles only parameters of layers with a rule ({ruled_layers()}) "
+                         f"used through them; not {missing}. Use engine='auto'.")
     stats = Stats()
     owned: dict = {}
     if engine == "functional" or not plan.owned:

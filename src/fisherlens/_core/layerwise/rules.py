@@ -5,7 +5,7 @@ for the K sandwich columns — into per-sample rows of its ``weight``/``bias``, 
 that reduces diag / sqnorm / Gram without materialising rows.
 
 Rules ship for ``nn.Linear`` (any number of middle axes: sequences), ``nn.Conv1d``/``nn.Conv2d``,
-``nn.Embedding``, ``nn.LayerNorm`` and, by class name (no import), Hugging Face's
+``nn.Embedding``, ``nn.LayerNorm``, ``nn.BatchNorm*`` in eval mode and, by class name (no import), Hugging Face's
 ``transformers.pytorch_utils.Conv1D`` (GPT-2's linear layers).
 
 **To support a new layer type, subclass :class:`LayerRule`, implement** :meth:`LayerRule.rows` **(and
@@ -356,6 +356,40 @@ class LayerNormRule(LayerRule):
         return tuple(call.a.shape[1 : call.a.dim() - len(call.module.normalized_shape)])
 
 
+class BatchNormRule(LayerRule):
+    """``nn.BatchNorm1d/2d/3d`` in eval mode with running statistics, input ``(B, C, *L)``: a fixed per-channel
+    affine map, weight ``Σ_l g_kbcl x̂_bcl`` with ``x̂ = (a − running_mean)/√(running_var + eps)``, bias
+    ``Σ_l g_kbcl``.  In training mode (or without running statistics) BatchNorm mixes the samples of a batch and
+    is not owned (the core refuses a BatchNorm in training mode anyway)."""
+
+    def applies(self, module):
+        return module.affine and module.track_running_stats and module.running_mean is not None
+
+    def rows(self, call, g, which):
+        m, (K, B) = call.module, g.shape[:2]
+        if m.training:
+            raise ValueError(f"{type(m).__name__} in training mode mixes the samples of a batch; call model.eval().")
+        if which == "weight":
+            shape = (1, -1, *[1] * (call.a.dim() - 2))
+            mean, var = m.running_mean.reshape(shape), m.running_var.reshape(shape)
+            g = g * ((call.a - mean) * torch.rsqrt(var + m.eps))
+        return g.reshape(K, B, g.shape[2], -1).sum(-1)
+
+    def fast(self, calls):
+        return len(calls) == 1
+
+    def fast_stats(self, call, g, which, want):
+        """The rows are only ``C`` per sample and column: :func:`row_stats` of them."""
+        return row_stats(self.rows(call, g, which), want, (call.module.num_features,))
+
+    def patch_numel(self, call):
+        """The normalised input ``x̂``."""
+        return call.a[0].numel()
+
+    def batch_axes(self, call):
+        return tuple(call.a.shape[2:])
+
+
 #: layer type -> rule; subclasses of a listed type use its rule.
 RULES: dict[type, LayerRule] = {
     nn.Linear: LinearRule(),
@@ -363,12 +397,20 @@ RULES: dict[type, LayerRule] = {
     nn.Conv2d: ConvRule(),
     nn.Embedding: EmbeddingRule(),
     nn.LayerNorm: LayerNormRule(),
+    nn.modules.batchnorm._BatchNorm: BatchNormRule(),
 }
 
 #: ``"module.QualName"`` of a layer type -> rule, for types fisherlens does not import; subclasses too.
 RULES_BY_NAME: dict[str, LayerRule] = {
     "transformers.pytorch_utils.Conv1D": Conv1DRule(),
 }
+
+
+def ruled_layers() -> str:
+    """The layer types with a rule, for messages: ``"nn.Linear, nn.Conv1d, ..., transformers' Conv1D"``."""
+    names = [f"nn.{t.__name__}" if t.__module__.startswith("torch.nn") else t.__name__ for t in RULES]
+    names = [n.replace("nn._BatchNorm", "nn.BatchNorm* (eval mode)") for n in names]
+    return ", ".join(names + [f"{q.split('.')[0]}' {q.rsplit('.', 1)[1]}" for q in RULES_BY_NAME])
 
 
 def rule_for(module: nn.Module) -> LayerRule | None:
