@@ -28,6 +28,8 @@ from fisherlens.experiments.phase_transitions import (
     third_cumulant_convergence,
     torus_curve,
     torus_peak,
+    train_run,
+    training_draws,
 )
 from fisherlens.gibbs import BETA_CRITICAL, Ising2D, IsingChain, IsingTorus
 from fisherlens.runs import read_csv
@@ -35,7 +37,14 @@ from fisherlens.theory.random_networks import MLPEnsemble
 
 F64 = torch.float64
 PNG = b"\x89PNG\r\n\x1a\n"
-FIGURES = ("chain_curvature.png", "ising2d_specific_heat.png", "ising2d_curvature.png", "rbm.png", "network_fisher.png")
+FIGURES = (
+    "chain_curvature.png",
+    "ising2d_specific_heat.png",
+    "ising2d_curvature.png",
+    "rbm.png",
+    "network_fisher.png",
+    "training.png",
+)
 
 
 # ----------------------------------------------------------------------------- slow references
@@ -151,6 +160,8 @@ def test_quick_run_files(quick_run):
         "network_summary.csv",
         "network_growth.csv",
         "network_crossings.csv",
+        "training.csv",
+        "training_runs.csv",
         "fss.csv",
         "fss.md",
         "summary.md",
@@ -167,6 +178,7 @@ def test_quick_run_files(quick_run):
         "## 3. Scalar curvature",
         "## 4. Restricted Boltzmann machine",
         "## 5. The network analogue",
+        "## 6. Training across the learning-rate boundary",
         "**Findings.**",
     ):
         assert section in summary
@@ -335,6 +347,59 @@ def test_crossings_and_fss_tables(quick_run):
         assert float(r["beta_c_error"]) == pytest.approx(coef[1] - BETA_CRITICAL, rel=1e-8, abs=1e-14)
 
 
+def plain_jacobian(net, X):
+    params = list(net.parameters())
+    return torch.stack(
+        [
+            torch.cat([g.reshape(-1) for g in torch.autograd.grad(net(X[t : t + 1])[0, 0], params)])
+            for t in range(X.shape[0])
+        ]
+    )
+
+
+@pytest.mark.study
+def test_training_tables_against_plain_gradient_descent(quick_run):
+    runs = read_csv(quick_run / "training_runs.csv")
+    rows = read_csv(quick_run / "training.csv")
+    assert sorted(float(r["eta_ratio"]) for r in runs) == [0.5, 1.5, 3.0]
+    student, X, Y = training_draws(8, 4, 8, 3.0, 0.64, 0, 0)
+    J = plain_jacobian(student, X)
+    lam0 = float(torch.linalg.eigvalsh(J @ J.T / 8)[-1])
+    for r in runs:
+        assert float(r["lambda_max_0"]) == pytest.approx(lam0, rel=1e-10)
+        assert float(r["trace_0"]) == pytest.approx(float((J**2).sum() / 8), rel=1e-10)
+        assert float(r["eta"]) == pytest.approx(float(r["eta_ratio"]) * 2 / lam0, rel=1e-10)
+    # re-run the η = 0.5 η_c descent with plain autograd and compare every logged loss and Fisher entry
+    eta = 0.5 * 2 / lam0
+    net, X, Y = training_draws(8, 4, 8, 3.0, 0.64, 0, 0)
+    logged = [r for r in rows if float(r["eta_ratio"]) == 0.5]
+    assert [int(r["step"]) for r in logged] == list(range(21))
+    params = list(net.parameters())
+    for r in logged:
+        loss = 0.5 * ((net(X) - Y) ** 2).sum() / 8
+        assert float(r["loss"]) == pytest.approx(loss.item(), rel=1e-10)
+        if r["trace"] != "nan":
+            Jt = plain_jacobian(net, X)
+            assert float(r["trace"]) == pytest.approx(float((Jt**2).sum() / 8), rel=1e-10)
+            assert float(r["lambda_max"]) == pytest.approx(float(torch.linalg.eigvalsh(Jt @ Jt.T / 8)[-1]), rel=1e-9)
+        grads = torch.autograd.grad(loss, params)
+        with torch.no_grad():
+            for p, g in zip(params, grads, strict=True):
+                p -= eta * g
+    assert {int(r["step"]) for r in logged if r["trace"] != "nan"} == {0, 5, 10, 15, 20}
+
+
+def test_train_run_divergence_and_logging():
+    net, X, Y = training_draws(6, 3, 5, 3.0, 0.64, 1, 0)
+    rows = train_run(net, X, Y, 50.0, 40, 7)
+    assert rows[-1]["diverged"] == 1 and rows[-1]["step"] < 40
+    assert all(r["diverged"] == 0 for r in rows[:-1])
+    net, X, Y = training_draws(6, 3, 5, 3.0, 0.64, 1, 0)
+    rows = train_run(net, X, Y, 1e-3, 10, 4)
+    assert [r["step"] for r in rows if not math.isnan(r["trace"])] == [0, 4, 8, 10]
+    assert rows[-1]["loss"] < rows[0]["loss"]
+
+
 def test_third_cumulant_convergence():
     out = third_cumulant_convergence(4, 0.3, L_large=16)
     phi = lattice_states(4)
@@ -500,6 +565,9 @@ def test_fit_peak_shift_and_parabola():
         ({"net_sigma_w2_max": 0.2}, "net_sigma_w2_max"),
         ({"mc_points": 2}, "mc_points"),
         ({"data": "digits"}, "draws its own models"),
+        ({"train_ratios": ()}, "train_ratios"),
+        ({"train_ratios": (0.5, -1.0)}, "train_ratios"),
+        ({"train_depth": 1}, "train_depth"),
     ],
 )
 def test_bad_options(tmp_path, options, match):
