@@ -52,9 +52,67 @@ MARK = "@@RESULT@@"
 # --------------------------------------------------------------------------- workloads
 
 
+class BasicBlock(nn.Module):
+    """The ResNet basic block: two 3×3 convolutions with BatchNorm, a projection shortcut when the shape changes."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.short = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.short = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.short(x))
+
+
+def resnet18(classes: int = 10) -> nn.Module:
+    """ResNet-18 for 3×32×32 inputs (CIFAR stem: one 3×3 convolution, no max-pool), written here because the local
+    torchvision wheel does not import next to the CPU torch; BatchNorm statistics randomised (a trained network's
+    running statistics are not the identity)."""
+    layers, cin = [nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU()], 64
+    for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+        layers += [BasicBlock(cin, cout, stride), BasicBlock(cout, cout, 1)]
+        cin = cout
+    model = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, classes))
+    g = torch.Generator().manual_seed(SEED + 1)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(0.1 * torch.randn(m.num_features, generator=g))
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+    return model
+
+
+class EncoderClassifier(nn.Module):
+    """A 4-layer transformer encoder classifier: token and position embeddings, ``nn.TransformerEncoder`` (d = 128,
+    4 heads, feed-forward 256, dropout 0, batch first), mean pooling, a linear head."""
+
+    def __init__(self, vocab: int = 1000, T: int = 32, d: int = 128, layers: int = 4, classes: int = 10):
+        super().__init__()
+        self.tok = nn.Embedding(vocab, d)
+        self.pos = nn.Embedding(T, d)
+        layer = nn.TransformerEncoderLayer(d, 4, 256, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, ids):
+        pos = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)  # batch on axis 0
+        return self.head(self.encoder(self.tok(ids) + self.pos(pos)).mean(1))
+
+
 def make_workload(name: str):
     """Model (float32, eval mode) and a batch ``(X, Y)``, identical in every process."""
     torch.manual_seed(SEED)
+    if name == "resnet18":
+        model, X = resnet18(), torch.randn(32, 3, 32, 32)
+        return model.float().eval(), X, torch.randint(0, 10, (32,))
+    if name == "transformer":
+        model, X = EncoderClassifier(), torch.randint(0, 1000, (32, 32))
+        return model.float().eval(), X, torch.randint(0, 10, (32,))
     if name == "mlp":
         model = nn.Sequential(
             nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10)
@@ -76,6 +134,8 @@ def make_workload(name: str):
 WORKLOADS = {
     "mlp": "MLP 784-128-128-10, X (128, 784)",
     "cnn": "CNN 3x32x32 (conv16-pool-conv32-pool-fc10), X (128, 3, 32, 32)",
+    "resnet18": "ResNet-18 (CIFAR stem, BatchNorm in eval mode), X (32, 3, 32, 32)",
+    "transformer": "4-layer transformer encoder classifier (d 128, T 32, vocab 1000), X (32, 32) token ids",
 }
 
 
@@ -168,7 +228,9 @@ def backpack_method(extension, reduce):
     def factory(model, X, Y, opts):
         from backpack import backpack, extend
 
-        net = extend(model)
+        plain = (nn.Sequential, nn.Linear, nn.Conv2d, nn.ReLU, nn.MaxPool2d, nn.Flatten)
+        # residual blocks (ResNet-18): BackPACK's converter to a graph module
+        net = extend(model, use_converter=not all(isinstance(m, plain) for m in model.modules()))
         lossf = extend(nn.CrossEntropyLoss())  # reduction="mean": the quantities carry the 1/N factor
         n = len(X)
 
@@ -563,7 +625,7 @@ def main(argv=None) -> int:
     lines = [
         "# Exact Fisher benchmark (CPU)",
         "",
-        f"- batch N = {N_BATCH}, float32, `torch.set_num_threads({args.threads})`, "
+        f"- batch N = {N_BATCH} (32 for resnet18 and transformer), float32, `torch.set_num_threads({args.threads})`, "
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs",
         f"- {versions()}",
         f"- time: median of {opts['repeats']} repeats after {opts['warmup']} warm-up call(s), "

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from bench_exact import WORKLOADS as EXACT_WORKLOADS
 from bench_exact import (
     backpack_extension,
     backpack_method,
@@ -71,12 +72,14 @@ WORKLOADS = {
     "mlp": "MLP 784-128-128-10, X (128, 784)",
     "mlp_wide": "MLP 784-784-784-10, X (128, 784)",
     "cnn": "CNN 3x32x32 (conv16-pool-conv32-pool-fc10), X (128, 3, 32, 32)",
+    "resnet18": EXACT_WORKLOADS["resnet18"],
+    "transformer": EXACT_WORKLOADS["transformer"],
 }
 
 
 def make_workload(name: str):
     """Model (float32, eval mode) and a batch ``(X, Y)``, identical in every process."""
-    if name in ("mlp", "cnn"):
+    if name in ("mlp", "cnn", "resnet18", "transformer"):
         return make_exact_workload(name)
     if name != "mlp_wide":
         raise ValueError(name)
@@ -402,7 +405,7 @@ def reference(workload: str) -> dict:
     op = fl.fisher_operator(model, data, cat)
     ref["eig"], ref["eig_products"] = _scipy_top(
         lambda x: op.matvec(torch.as_tensor(x, dtype=torch.float32)).double().numpy(), P, "LA")
-    if P * N_BATCH * 10 * 4 <= 2 * 2**30:
+    if P * len(X) * 10 * 4 <= 2 * 2**30:
         ref["eig_gram"] = float(fl.eigenvalues(model, data, cat, k=1, method="gram")[0])
     # the Hessian's largest-magnitude eigenvalue (what power iteration converges to), tight, via curvlinops
     try:
@@ -519,7 +522,7 @@ def main(argv=None) -> int:
     lines = [
         "# Scalable Fisher benchmark (CPU): one-draw estimators, Fisher–vector products, top eigenvalue",
         "",
-        f"- batch N = {N_BATCH}, float32, `torch.set_num_threads({THREADS})`, "
+        f"- batch N = {N_BATCH} (32 for resnet18 and transformer), float32, `torch.set_num_threads({THREADS})`, "
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs",
         f"- {versions()}",
         f"- time: median of {opts['repeats']} repeats after {opts['warmup']} warm-up call(s), divided by the "
