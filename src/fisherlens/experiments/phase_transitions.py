@@ -30,7 +30,6 @@ neural networks.  This study computes, with :mod:`fisherlens.gibbs` and :mod:`fi
    across ``σ_w²``), against the mean-field theory (:func:`fisherlens.theory.meanfield`, finite-size form), and
    the per-layer growth rate ``Δ log tr F / ΔL`` against ``log χ₁``, and where the curves ``tr F / P`` of
    consecutive depths cross (:func:`depth_crossings`).
-
 6. **Training across the learning-rate boundary** of ``meanfield-lr``: full-batch gradient descent of a student on a
    teacher network's outputs (squared loss, whose Hessian at the zero-loss minimum is the Fisher) at learning rates
    ``η = r · η_c`` around ``η_c = 2/λ_max`` of the student's Fisher at initialisation; ``tr F`` and ``λ_max`` along
@@ -1248,6 +1247,8 @@ def _fig_training(run: StudyRun, rows: list[dict], runs: list[dict]) -> None:
     ax[2].axvline(1.0, color="k", ls=":", lw=1, label="η = η_c")
     ax[2].set_xscale("log")
     ax[2].set_yscale("log")
+    ax[2].set_xticks(x, [f"{v:g}" for v in x])
+    ax[2].minorticks_off()
     ax[2].set_xlabel("η / η_c")
     ax[2].set_title("Fisher observables vs learning rate (grey: a run diverged)", fontsize=10)
     ax[2].legend(frameon=False, fontsize=7)
