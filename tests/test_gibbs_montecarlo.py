@@ -244,3 +244,17 @@ def test_metropolis_l2_warns():
 def test_short_run_warns():
     with pytest.warns(RuntimeWarning, match="short"):
         mc.ising2d_monte_carlo(8, (BETA_C, 0.0), sweeps=20, burn_in=2, method="metropolis")
+
+
+# L = 8 against the exact row transfer matrix (itself tested against enumeration and Kaufman's torus):
+# 3 configurations x 3 entries, |z| < 4.
+@pytest.mark.parametrize(
+    ("method", "beta", "h"), [("wolff", BETA_C, 0.0), ("wolff", 0.4, 0.1), ("heatbath", 0.3, -0.2)]
+)
+def test_l8_matches_transfer_matrix(method, beta, h):
+    from fisherlens.gibbs import Ising2D
+
+    res = mc.ising2d_monte_carlo(8, (beta, h), sweeps=4000, burn_in=200, method=method, generator=_gen(21))
+    exact = Ising2D(8).metric(torch.tensor([beta, h], dtype=torch.float64))
+    z = (res.metric - exact) / res.stderr
+    assert float(z.abs().max()) < 4.0, f"z-scores {z.tolist()}"
