@@ -85,21 +85,34 @@ def test_linear_on_sequences(shape):
     assert not rule.fast([call, call])
 
 
+@pytest.mark.parametrize("ghost_diag", [True, False])
 @pytest.mark.parametrize("ghost", [True, False])
 @pytest.mark.parametrize("shape", [(5, 4, 3), (5, 2, 3, 4)])
-def test_linear_ghost_and_materialised_branches(shape, ghost):
+def test_linear_ghost_and_materialised_branches(shape, ghost, ghost_diag):
     torch.manual_seed(1)
     m = nn.Linear(shape[-1], 6)
     a = torch.randn(*shape)
     call, g = recorded(m, a)
     r = reference_rows(m, a, g, "weight")
     gs, a3 = g.reshape(K, shape[0], -1, 6), a.reshape(shape[0], -1, shape[-1])
-    assert_stats(LinearRule.seq_stats(a3, gs, ALL, ghost=ghost), r, m.weight.shape, f"ghost={ghost}")
+    assert_stats(LinearRule.seq_stats(a3, gs, ALL, ghost, ghost_diag), r, m.weight.shape, f"ghost={ghost}")
+    diag = LinearRule.seq_stats(a3, gs, {"diag"}, ghost, ghost_diag)
+    assert set(diag) == {"diag"}
+    assert_close(diag["diag"], expected_stats(r, m.weight.shape).diag["p"], rtol=1e-10, what="diag alone")
     norms = LinearRule.seq_stats(a3, gs, {"sqnorm", "gram"}, ghost=ghost)
     st = expected_stats(r, m.weight.shape)
     assert set(norms) == {"sqnorm", "gram"}
     assert_close(norms["sqnorm"], st.sqnorm["p"], rtol=1e-10, what="sqnorm")
     assert_close(norms["gram"], st.gram, rtol=1e-10, what="gram")
+
+
+def test_diagonal_cost_choice():
+    def choice(T, I, O, K):
+        return LinearRule.ghost_diag_cheaper(torch.zeros(2, T, I), torch.zeros(K, 2, T, O))
+
+    assert choice(16, 4608, 512, 10)  # ResNet-18's last stage: 4×4 positions, wide patches — position pairs
+    assert not choice(1024, 27, 64, 10)  # the stem: many positions, narrow patches — materialise
+    assert not choice(64, 2304, 2, 1)  # T² > K·O: the pairs would outgrow G
 
 
 def test_linear_cost_choice():
@@ -134,9 +147,9 @@ def test_conv_fast_path(name, monkeypatch):
     branches = []
     seq_stats = LinearRule.seq_stats
 
-    def spy(a, g, want, ghost):
+    def spy(a, g, want, ghost, ghost_diag=False):
         branches.append(ghost)
-        return seq_stats(a, g, want, ghost)
+        return seq_stats(a, g, want, ghost, ghost_diag)
 
     monkeypatch.setattr(LinearRule, "seq_stats", staticmethod(spy))
     norms = rule.fast_stats(call, g, "weight", {"sqnorm", "gram"})

@@ -119,7 +119,7 @@ class LinearRule(LayerRule):
         if which == "bias":
             return row_stats(gs.sum(2), want, gs.shape[-1:])
         a = call.a.reshape(B, -1, call.a.shape[-1])  # (B, T, I)
-        return self.seq_stats(a, gs, want, ghost=self.ghost_cheaper(a, gs, want))
+        return self.seq_stats(a, gs, want, self.ghost_cheaper(a, gs, want), self.ghost_diag_cheaper(a, gs))
 
     @staticmethod
     def flat_stats(a: Tensor, g: Tensor, which: str, want: set[str]) -> dict[str, Tensor]:
@@ -155,18 +155,40 @@ class LinearRule(LayerRule):
         return T * T * I + K * T * T * O + K2 * T * O < K * T * O * I + K2 * O * I
 
     @staticmethod
-    def seq_stats(a: Tensor, g: Tensor, want: set[str], ghost: bool) -> dict[str, Tensor]:
+    def ghost_diag_cheaper(a: Tensor, g: Tensor) -> bool:
+        """Whether the diagonal by position pairs beats materialising ``G (K, O, I)`` per sample.
+
+        Materialising writes and reads ``K·O·I`` numbers per sample (memory-bound: weighted ×60 against the
+        ``K·T·O·I`` multiply-adds); position pairs cost ``T²·O·I`` in one matrix product plus ``T²(O + I)``
+        numbers, and are used only when they hold no more than ``G`` (``T² ≤ K·O``), which the budget counts.
+        """
+        K, _, T, O = g.shape
+        I = a.shape[-1]
+        mat = K * T * O * I + 60 * K * O * I
+        pairs = T * T * O * I + K * T * T * O + T * T * I + 20 * T * T * (O + I)
+        return T * T <= K * O and pairs < mat
+
+    @staticmethod
+    def seq_stats(a: Tensor, g: Tensor, want: set[str], ghost: bool, ghost_diag: bool = False) -> dict[str, Tensor]:
         """Weight statistics for ``a (B, T, I)``, ``g (K, B, T, O)``.
 
         Materialised: ``G_kb = Σ_t g_kbt a_btᵀ`` ``(K, B, O, I)`` of this layer, then :func:`row_stats` (always
-        for diag/diagk).  Ghost (sqnorm, Gram): ``G_k·G_l = Σ_{t,u} (a_t·a_u)(g_kt·g_lu) = Σ_{t,o} g_kto h_lto``
-        with ``h_l = (a aᵀ) g_l`` — no ``(O, I)`` tensor.
+        for diagk).  Ghost (sqnorm, Gram): ``G_k·G_l = Σ_{t,u} (a_t·a_u)(g_kt·g_lu) = Σ_{t,o} g_kto h_lto``
+        with ``h_l = (a aᵀ) g_l`` — no ``(O, I)`` tensor.  Ghost diagonal: ``Σ_kb G²_oi = Σ_b Σ_{t,u}
+        (Σ_k g_kto g_kuo)(a_ti a_ui)``, one ``(O, B·T²) × (B·T², I)`` matrix product — no ``(O, I)`` tensor per
+        sample and column.
         """
-        dense = want - {"sqnorm", "gram"} if ghost else want
+        dense = want - {"sqnorm", "gram"} if ghost else set(want)
         out = {}
+        if ghost_diag and "diag" in dense:
+            dense.discard("diag")
+            B, T = a.shape[:2]
+            gg = torch.einsum("kbto,kbuo->otbu", g, g).reshape(g.shape[-1], -1)  # (O, T·B·T)
+            aa = torch.einsum("bti,bui->tbui", a, a).reshape(-1, a.shape[-1])  # (T·B·T, I)
+            out["diag"] = gg @ aa
         if dense:
             G = torch.einsum("kbto,bti->kboi", g, a)
-            out = row_stats(G.flatten(2), dense, G.shape[2:])
+            out.update(row_stats(G.flatten(2), dense, G.shape[2:]))
         if ghost:
             h = torch.einsum("btu,kbuo->kbto", a @ a.transpose(1, 2), g)
             if "sqnorm" in want:
@@ -249,7 +271,7 @@ class ConvRule(LayerRule):
             return row_stats(gs.sum(2), want, gs.shape[-1:])
         a = self.patches(call.module, call.a).transpose(1, 2)  # (B, L, I·k)
         ghost = a.shape[1] <= a.shape[2] and LinearRule.ghost_cheaper(a, gs, want)
-        out = LinearRule.seq_stats(a, gs, want, ghost)
+        out = LinearRule.seq_stats(a, gs, want, ghost, LinearRule.ghost_diag_cheaper(a, gs))
         shape = call.module.weight.shape
         if "diag" in out:
             out["diag"] = out["diag"].reshape(shape)
