@@ -8,9 +8,9 @@ import warnings
 
 import pytest
 import torch
+from zoo import default_dtype, float32_cnn, float32_mlp, lm_case
 
 import fisherlens as fl
-from zoo import default_dtype, float32_cnn, float32_mlp, lm_case
 
 BF16 = dict(device_type="cpu", dtype=torch.bfloat16)
 TOL = 4e-2  # bfloat16 keeps 8 significant bits: relative rounding 2^-9 per operation
