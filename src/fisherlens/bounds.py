@@ -67,6 +67,7 @@ class _Envelope(Categorical):
 def envelope(
     model, data, which: str = "diag", what: str = "diag", *, params=None, reduction: str = "mean", batch_size=None,
     engine: str = "auto", max_memory: int | None = None, output=None, channels: str = "last",
+    group=None, distributed: bool | None = None,
 ):
     """An upper Loewner envelope of the categorical (true) Fisher, reduced like the Fisher itself.
 
@@ -76,6 +77,7 @@ def envelope(
         what: ``"diag"`` → ``(P,)``, ``"trace"`` → float, ``"dense"`` → ``(P, P)`` (refused if too large; the
             old spelling ``"matrix"`` still works, with a ``FutureWarning``), as in :func:`fisherlens.fisher_blocks`.
         channels: where the classes sit in structured outputs, as in :class:`fisherlens.Categorical`.
+        group, distributed: as in :func:`fisherlens.fisher_matrix` (the envelope of the union of the shards).
         Others: as in :func:`fisherlens.fisher_diag` (the model's outputs are logits; labels equal to
         ``ignore_index`` drop positions).
     """
@@ -83,7 +85,7 @@ def envelope(
     what = renamed("what", what, {"matrix": "dense"})
     check_choice("what", what, ("diag", "trace", "dense"))
     run = Request(model=model, data=data, likelihood=_Envelope(which, channels), params=params, reduction=reduction,
-                  batch_size=batch_size, engine=engine, output=output)
+                  batch_size=batch_size, engine=engine, output=output, group=group, distributed=distributed)
     fm = run.fm
     if what == "dense":
         check_dense(f"envelope matrix with P={fm.P}", fm.P**2, fm.itemsize, "Use what='diag' or 'trace'", max_memory)

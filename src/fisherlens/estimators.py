@@ -26,6 +26,13 @@ over the draws divided by √samples (``nan`` for one draw).
 forward passes), and keeps only float64 running means and sums of squared deviations (:class:`Moments`).
 With a single chunk (``samples · P · 8`` bytes within the budget) the random vectors are drawn in the same
 order as in one pass with all draws; with several, chunk by chunk (same law, other values for a given seed).
+
+**Under a process group** (docs/distributed.md) each rank draws the ξ_n of its own inputs from its own generator
+(:func:`fisherlens._core.rank_generator`: independent per rank, reproducible from one seed), and each chunk's
+per-draw sums are all-reduced before they are normalised by the global N: draw s is then one estimate over the
+union of the shards (the batch estimator's batches are the ranks' batches), and ``stderr`` is the spread of
+these global draws — the same :class:`Estimate` on every rank.  One all-reduce per chunk of draws (plus one
+tiny one agreeing on the chunk's size when ``samples > 1``).
 """
 
 from __future__ import annotations
@@ -160,7 +167,7 @@ def _batch_chunk(run: Request, method: str, what: str, probe: str, s_max: int) -
     for X, Y in run.batches():
         f, pull = pullback_checked(fm, X)
         if s is None:
-            s = int(max(1, min(s_max, work_budget() // (8 * (draw_numel(fm, what) + f.numel())))))
+            s = _agreed(run, int(max(1, min(s_max, work_budget() // (8 * (draw_numel(fm, what) + f.numel()))))), s_max)
         fs = fm.structured(f)
         run.m += run.likelihood.count(fs, Y)
         xi = probe_vectors(run.likelihood, fs, method, probe, s, run.generator, Y)  # (B, M, s)
@@ -178,7 +185,25 @@ def _batch_chunk(run: Request, method: str, what: str, probe: str, s_max: int) -
             else:
                 x = vn[:, :, None] * vn[:, None, :]
             acc[n] = acc[n].add_(x) if n in acc else x
+    if s is None:  # an empty shard (under a process group)
+        s = _agreed(run, s_max, s_max)
     return acc, s
+
+
+def _agreed(run: Request, s: int, s_max: int) -> int:
+    """The draws of this chunk, the same on every rank: the smallest rank's ``s`` (one all-reduce when ``s_max > 1``
+    under a process group; each rank lowers ``s`` for its own first batch, an empty shard keeps ``s_max``)."""
+    if run.shards is None or s_max == 1:
+        return s
+    return min(run.shards.counts(s, device=run.fm.device)[0])
+
+
+def _zeros(fm, what: str, s: int) -> dict[str, Tensor]:
+    """The per-draw sums of no data: ``{name: zeros (s, ...)}`` (an empty shard's part of the all-reduce)."""
+    def shape(n):
+        return {"diag": (s, *fm.shapes[n]), "trace": (s,)}.get(what, (s, fm.sizes[n], fm.sizes[n]))
+
+    return {n: torch.zeros(shape(n), dtype=fm.dtype, device=fm.device) for n in fm.names}
 
 
 def _per_sample_chunk(run: Request, method: str, what: str, probe: str, s: int) -> tuple[dict[str, Tensor], int]:
@@ -217,6 +242,9 @@ def draw_chunks(run: Request, method: str, what: str, *, probe: str = "rademache
             if done:
                 _check_reiterable(run, samples, done)
             acc, k = one(run, method, what, probe, min(s, samples - done))
+            if run.shards is not None:  # the per-draw sums over all shards: one all-reduce per chunk of draws
+                acc = {**_zeros(run.fm, what, k), **acc}
+                acc = dict(zip(run.fm.names, run.total([acc[n] for n in run.fm.names]), strict=True))
             done += k
             scale = run.scale()
             yield {n: acc[n].mul_(scale) for n in run.fm.names}

@@ -33,7 +33,7 @@ __all__ = ["fisher_matrix", "fisher_diag", "fisher_trace", "fisher_blocks", "fis
 
 def fisher_matrix(
     model, data, likelihood, kind="true", *, params=None, reduction="mean", samples=1, generator=None,
-    batch_size=None, engine="auto", max_memory: int | None = None, output=None,
+    batch_size=None, engine="auto", max_memory: int | None = None, output=None, group=None, distributed=None,
 ) -> Tensor:
     """Dense Fisher matrix ``F (P, P)`` = ``(1/N) Σ_n J_nᵀ V_n V_nᵀ J_n``.
 
@@ -62,12 +62,19 @@ def fisher_matrix(
         max_memory: largest size of the result in bytes.
         output: a callable picking the output tensor from what the model returns (a tuple, dict or
             ``ModelOutput``), e.g. ``output=lambda out: out.logits``.
+        group: a ``torch.distributed`` process group (default: the default group, when one is initialised):
+            ``data`` is this rank's shard, and the result is that of the union of the shards (the global N in the
+            mean), the same on every rank, from one all-reduce per call; random draws are independent per rank
+            and reproducible from the one ``generator`` (docs/distributed.md).
+        distributed: ``None`` (default): distributed when a process group of more than one rank is
+            initialised; ``True``: required; ``False``: this process's data alone.
 
     Returns:
         Tensor ``(P, P)`` in the model's dtype.
     """
     run = Request(model=model, data=data, likelihood=likelihood, kind=kind, params=params, reduction=reduction,
-                  samples=samples, generator=generator, batch_size=batch_size, engine=engine, output=output)
+                  samples=samples, generator=generator, batch_size=batch_size, engine=engine, output=output,
+                  group=group, distributed=distributed)
     fm = run.fm
     item = fm.itemsize
     check_dense(
@@ -87,6 +94,7 @@ def dense(run: Request, make_v=None, columns=None) -> Tensor:
     for _, _, st in run.chunks({"rows"}, make_v, columns):
         R = torch.cat([st.rows[n] for n in fm.names], dim=-1).reshape(-1, fm.P)
         out.addmm_(R.T, R)
+    (out,) = run.total([out])
     return finite_result("The Fisher matrix", out * run.scale())
 
 
@@ -97,6 +105,7 @@ def diag_dict(run: Request, make_v=None, columns=None) -> dict[str, Tensor]:
     for _, _, st in run.chunks({"diag"}, make_v, columns):
         for n in fm.names:
             acc[n] += st.diag[n]
+    acc = dict(zip(fm.names, run.total(list(acc.values())), strict=True))
     s = run.scale()
     return finite_result("The Fisher diagonal", {n: v * s for n, v in acc.items()})
 
@@ -108,18 +117,21 @@ def trace_dict(run: Request, make_v=None, columns=None) -> dict[str, float]:
     for _, _, st in run.chunks({"sqnorm"}, make_v, columns):
         for n in fm.names:
             acc[n] += st.sqnorm[n].sum().item()
+    acc = dict(zip(fm.names, run.total(list(acc.values())), strict=True))
     s = run.scale()
     return finite_result("The Fisher trace", {n: v * s for n, v in acc.items()})
 
 
 def fisher_diag(
     model, data, likelihood, kind="true", method="exact", *, params=None, reduction="mean", samples=1,
-    generator=None, batch_size=None, engine="auto", probe="rademacher", per_sample=False, output=None,
+    generator=None, batch_size=None, engine="auto", probe="rademacher", per_sample=False, output=None, group=None,
+    distributed=None,
 ) -> Tensor | Estimate:
     """Diagonal of the Fisher, ``diag F (P,)`` = ``(1/N) Σ_n Σ_k (V_nᵀ J_n)_k²``, without forming F.
 
     Args:
-        model, data, likelihood, kind, params, reduction, samples, generator, batch_size, engine, output: as in
+        model, data, likelihood, kind, params, reduction, samples, generator, batch_size, engine, output, group,
+            distributed: as in
             :func:`fisher_matrix`.
         method: ``"exact"``; or a random estimate of the true Fisher's diagonal (see
             :mod:`fisherlens.estimators`): ``"hutchinson"`` (one backward pass per batch and draw) or
@@ -133,23 +145,27 @@ def fisher_diag(
     check_choice("method", method, METHODS)
     if method != "exact":
         run = Request(model=model, data=data, likelihood=likelihood, kind=kind, params=params, reduction=reduction,
-                      generator=generator, batch_size=batch_size, engine=engine, output=output)
+                      generator=generator, batch_size=batch_size, engine=engine, output=output,
+                  group=group, distributed=distributed)
         return estimate(run, method, "diag", probe=probe, per_sample=per_sample, samples=samples, total=True)
     run = Request(model=model, data=data, likelihood=likelihood, kind=kind, params=params, reduction=reduction,
-                  samples=samples, generator=generator, batch_size=batch_size, engine=engine, output=output)
+                  samples=samples, generator=generator, batch_size=batch_size, engine=engine, output=output,
+                  group=group, distributed=distributed)
     return run.fm.flatten(diag_dict(run))
 
 
 def fisher_trace(
     model, data, likelihood, kind="true", method="exact", *, params=None, reduction="mean", samples=1,
-    generator=None, batch_size=None, engine="auto", probe="rademacher", per_sample=False, output=None,
+    generator=None, batch_size=None, engine="auto", probe="rademacher", per_sample=False, output=None, group=None,
+    distributed=None,
 ) -> float | Estimate:
     """Trace of the Fisher, ``tr F = (1/N) Σ_n ‖V_nᵀ J_n‖²_F`` (empirical: ``(1/N) Σ_n ‖g_n‖²``).
 
     Computed from per-sample squared norms; per-sample gradients are not materialised on the fast path.
 
     Args:
-        model, data, likelihood, kind, params, reduction, samples, generator, batch_size, engine, output: as in
+        model, data, likelihood, kind, params, reduction, samples, generator, batch_size, engine, output, group,
+            distributed: as in
             :func:`fisher_matrix`.
         method: ``"exact"``, ``"hutchinson"`` or ``"mc"`` (as in :func:`fisher_diag`).
         probe, per_sample: as in :func:`fisher_diag`.
@@ -160,10 +176,12 @@ def fisher_trace(
     check_choice("method", method, METHODS)
     if method != "exact":
         run = Request(model=model, data=data, likelihood=likelihood, kind=kind, params=params, reduction=reduction,
-                      generator=generator, batch_size=batch_size, engine=engine, output=output)
+                      generator=generator, batch_size=batch_size, engine=engine, output=output,
+                  group=group, distributed=distributed)
         return estimate(run, method, "trace", probe=probe, per_sample=per_sample, samples=samples, total=True)
     run = Request(model=model, data=data, likelihood=likelihood, kind=kind, params=params, reduction=reduction,
-                  samples=samples, generator=generator, batch_size=batch_size, engine=engine, output=output)
+                  samples=samples, generator=generator, batch_size=batch_size, engine=engine, output=output,
+                  group=group, distributed=distributed)
     return float(math.fsum(trace_dict(run).values()))
 
 
@@ -177,7 +195,7 @@ def _check_blocks(fm, max_memory, extra: int = 1) -> None:
 def fisher_blocks(
     model, data, likelihood, kind="true", what="diag", method="exact", *, params=None, reduction="mean",
     samples=1, generator=None, batch_size=None, engine="auto", probe="rademacher", per_sample=False,
-    max_memory: int | None = None, output=None,
+    max_memory: int | None = None, output=None, group=None, distributed=None,
 ) -> dict:
     """Per-parameter-tensor (per-layer) view of the Fisher: ``{name: value}``.
 
@@ -185,7 +203,8 @@ def fisher_blocks(
     ``fisher_trace``); ``"dense"``: the diagonal block ``F_[name, name]`` of shape ``(numel, numel)``.
 
     Args:
-        model, data, likelihood, kind, params, reduction, samples, generator, batch_size, engine, output: as in
+        model, data, likelihood, kind, params, reduction, samples, generator, batch_size, engine, output, group,
+            distributed: as in
             :func:`fisher_matrix`.
         what: ``"diag"``, ``"trace"`` or ``"dense"``.
         method, probe, per_sample: as in :func:`fisher_diag`; random methods give :class:`Estimate` values.
@@ -195,13 +214,15 @@ def fisher_blocks(
     check_choice("method", method, METHODS)
     if method != "exact":
         run = Request(model=model, data=data, likelihood=likelihood, kind=kind, params=params, reduction=reduction,
-                      generator=generator, batch_size=batch_size, engine=engine, output=output)
+                      generator=generator, batch_size=batch_size, engine=engine, output=output,
+                  group=group, distributed=distributed)
         if what == "dense":  # the result (value and stderr); the estimator checks its own running sums
             _check_blocks(run.fm, max_memory, extra=2)
         return estimate(run, method, what, probe=probe, per_sample=per_sample, samples=samples,
                         max_memory=max_memory)
     run = Request(model=model, data=data, likelihood=likelihood, kind=kind, params=params, reduction=reduction,
-                  samples=samples, generator=generator, batch_size=batch_size, engine=engine, output=output)
+                  samples=samples, generator=generator, batch_size=batch_size, engine=engine, output=output,
+                  group=group, distributed=distributed)
     fm = run.fm
     if what == "diag":
         return diag_dict(run)
@@ -213,23 +234,27 @@ def fisher_blocks(
         for n in fm.names:
             r = st.rows[n].reshape(-1, fm.sizes[n])
             acc[n].addmm_(r.T, r)
+    acc = dict(zip(fm.names, run.total(list(acc.values())), strict=True))
     s = run.scale()
     return finite_result("A Fisher block", {n: v * s for n, v in acc.items()})
 
 
 def fisher_rao_norm(
     model, data, likelihood, kind="true", *, params=None, reduction="mean", samples=1, generator=None,
-    batch_size=None, output=None,
+    batch_size=None, output=None, group=None, distributed=None,
 ) -> float:
     """Fisher–Rao norm ``θᵀ F θ = (1/N) Σ_n ‖V_nᵀ (J_n θ)‖²`` with θ the selected parameters.
 
     One ``torch.func.jvp`` per batch (``J_n θ`` for all n at once); F is never formed.
 
     Args:
-        model, data, likelihood, kind, params, reduction, samples, generator, batch_size, engine, output: as in
+        model, data, likelihood, kind, params, reduction, samples, generator, batch_size, engine, output, group,
+            distributed: as in
             :func:`fisher_matrix`.
     """
     run = Request(model=model, data=data, likelihood=likelihood, kind=kind, params=params, reduction=reduction,
-                  samples=samples, generator=generator, batch_size=batch_size, engine="functional", output=output)
+                  samples=samples, generator=generator, batch_size=batch_size, engine="functional", output=output,
+                  group=group, distributed=distributed)
     total, _ = quadratic_sum(run.fm, run.batches(), run.v, run.fm.params)
+    (total,) = run.total([total])
     return total * run.scale()

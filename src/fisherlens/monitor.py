@@ -121,9 +121,11 @@ from ._core import (
     plan_for,
     quadratic_sum,
     ruled_layers,
+    shards_for,
     signature,
     tap_grads,
     tolerance,
+    unwrap_model,
     vjp_checked,
     work_budget,
 )
@@ -155,6 +157,8 @@ OBSERVABLES: dict[str, tuple[str, ...]] = {
 KINDS = ("true", "empirical")
 METHODS = ("exact", "hutchinson")
 REDUCTIONS = ("mean", "per_prediction")
+#: ``record_on=``: the ranks of a process group that keep and write the records.
+RECORD_ON = ("rank0", "all")
 _STATE_VERSION = 1
 #: the keys of :meth:`Monitor.state_dict`.
 _STATE_KEYS = ("version", "config", "step_count", "path", "theta_prev", "generator", "records")
@@ -224,6 +228,17 @@ class Monitor:
             prediction, what ``F.cross_entropy(reduction="mean")`` averages over) for ``loss``, ``grad_norm``,
             ``fisher_trace``, ``top_eigenvalue``, ``rao_norm``, ``path_length`` and ``batch_fisher_trace``;
             ``ntk_trace`` stays per input and ``relation`` needs ``"mean"``.
+        group, distributed: as in :func:`fisherlens.fisher_matrix`.  Under a process group (``torchrun``, DDP)
+            ``probe`` is this rank's shard and every observable is that of the union of the shards
+            (``batch_fisher_trace``: of the union of the ranks' training batches), the same on every rank.  The
+            rule: **call** :meth:`step` **and** :meth:`record` **on every rank, with the same steps** — a record
+            is a collective (a mismatched step is refused with a ``ValueError``); ``record_on`` chooses the ranks
+            that keep and write the records.  A monitor meant to run on one rank alone takes
+            ``distributed=False`` (its own probe only, no collective).  A ``DistributedDataParallel`` model is
+            measured through the module it wraps.
+        record_on: ``"rank0"`` (default): only the group's first rank appends to :attr:`records`, writes
+            ``run=`` and calls the loggers (the others return the same record from :meth:`step`); ``"all"``:
+            every rank does (give each its own ``run=`` folder).
 
     Attributes:
         records: list of all records (``dict`` column -> float; ``step`` is an int).
@@ -240,10 +255,18 @@ class Monitor:
         every: int | Callable[[int], bool] = 1, kind: str = "true", method: str = "exact", draws: int = 1,
         generator: torch.Generator | None = None, params=None, run: RunDir | str | os.PathLike | None = None,
         tensorboard: str | os.PathLike | None = None, batch_size: int | None = None, output=None,
-        reduction: str = "mean", loggers=None,
+        reduction: str = "mean", loggers=None, group=None, distributed: bool | None = None,
+        record_on: str = "rank0",
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+        model = unwrap_model(model)  # a DistributedDataParallel wrapper: measure the module it wraps
+        check_choice("record_on", record_on, RECORD_ON)
+        self._shards = shards_for(group, distributed)
+        #: whether this rank keeps and writes the records (always, single-process; docs/distributed.md#the-monitor)
+        self.records_here = self._shards is None or record_on == "all" or self._shards.rank == 0
+        if not self.records_here:
+            run = tensorboard = loggers = None
         check_choice("kind", kind, KINDS)
         check_kind(likelihood, kind)
         check_choice("method", method, METHODS)
@@ -367,6 +390,9 @@ class Monitor:
                 extra[k] = v.item()
             elif not isinstance(v, (int, float)):
                 raise TypeError(f"Extra column {k!r} must be a number, got {type(v).__name__}.")
+        if self._shards is not None:  # every rank measures the same step (the measurement is collective)
+            self._shards.same(step, "the step of this record: call mon.step() / mon.record() on every rank, with "
+                                    "the same steps (record_on= chooses the ranks that keep and write the records)")
         rec: dict = {"step": step}
         if self._batch is not None:
             rec["batch_fisher_trace"] = self._batch.value(targets, outputs, loss, required=from_step)
@@ -374,6 +400,9 @@ class Monitor:
             with self._measuring():
                 rec.update(self._measure())
         rec = {c: rec[c] for c in self.columns} | {k: float(v) for k, v in extra.items()}
+        if not self.records_here:  # distributed: other ranks keep and write the records (record_on=)
+            self._arm()
+            return rec
         self.records.append(rec)
         if self._csv is not None:
             append_csv_row(self._csv, rec)
@@ -415,7 +444,9 @@ class Monitor:
 
     def _measure(self) -> dict:
         obs, lik, kind, probe = self.observables, self.likelihood, self.kind, self.probe
-        common = {"params": self.params, "batch_size": self.batch_size, "output": self.output}
+        common = {"params": self.params, "batch_size": self.batch_size, "output": self.output,
+                  "group": None if self._shards is None else self._shards.group,
+                  "distributed": self._shards is not None}
         red = {"reduction": self.reduction}
         out: dict = {}
         if {"loss", "accuracy", "grad_norm"} & set(obs):
@@ -445,7 +476,8 @@ class Monitor:
         fm, lik = self._fm(), self.likelihood
         want_grad = "grad_norm" in self.observables
         loss, correct, n, m, grad = 0.0, 0, 0, 0, None
-        for X, Y in iter_batches(self.probe, fm, need_y=True, batch_size=self.batch_size):
+        for X, Y in iter_batches(self.probe, fm, need_y=True, batch_size=self.batch_size,
+                                 empty_ok=self._shards is not None):
             if want_grad:
                 f, pull = vjp_checked(fm, X)
             else:
@@ -460,6 +492,12 @@ class Monitor:
                 g = fm.flatten(pull(lik.residual(fs, Y).reshape(f.shape))[0])
                 grad = g if grad is None else grad + g
             n += len(X)
+        if self._shards is not None:  # the probe's shards of all ranks: one all-reduce
+            if want_grad and grad is None:
+                grad = torch.zeros(fm.P, dtype=fm.dtype, device=fm.device)
+            loss, correct, n, m, *g = self._shards.sum([loss, correct, n, m, *([] if grad is None else [grad])],
+                                                       device=fm.device)
+            grad = g[0] if g else None
         per = self._per(n, m, "loss")
         out = {"loss": loss / per, "accuracy": correct / max(m, 1)}
         if want_grad:
@@ -494,7 +532,8 @@ class Monitor:
                 raise ValueError("path_length: the number of selected parameters changed between records.")
             old = fm.unflatten(self._theta_prev.to(theta))
             delta = fm.unflatten(theta - self._theta_prev.to(theta))
-            batches = iter_batches(self.probe, fm, need_y=self.kind == "empirical", batch_size=self.batch_size)
+            batches = iter_batches(self.probe, fm, need_y=self.kind == "empirical", batch_size=self.batch_size,
+                                   empty_ok=self._shards is not None)
             kept = [0]
 
             def sandwich(f, y, lik=self.likelihood):
@@ -502,6 +541,8 @@ class Monitor:
                 return lik.sandwich(f, self.kind, y)
 
             q, n = quadratic_sum(fm, batches, sandwich, delta, at=old)
+            if self._shards is not None:
+                q, n, kept[0] = self._shards.sum([q, n, kept[0]], device=fm.device)
             self._path += math.sqrt(max(q / self._per(n, kept[0], "path_length"), 0.0))
         self._theta_prev = theta
         return self._path
@@ -821,6 +862,8 @@ class _BatchCapture:
                                   "previous step(); recorded NaN. Call step() once per training step, after "
                                   "loss.backward() and optimizer.step(), with consecutive step numbers.",
                                   stacklevel=4)
+                if self.mon._shards is not None:  # still joins the all-reduce: its NaN makes the union's NaN
+                    return self._normalise(math.nan, 0, 0)
                 return math.nan
             if self.mon.kind == "true":
                 return self._true_value(targets)
@@ -847,13 +890,20 @@ class _BatchCapture:
         rows = lik.rows(fs, y)  # the kept positions; validates the labels
         return self._normalise(self.sq[rows.which, rows.pos].sum().item() / k, len(rows.which))
 
-    def _normalise(self, total: float, m: int) -> float:
-        """Per input (``reduction="mean"``) or per kept prediction; NaN (warned) when every position is ignored."""
+    def _normalise(self, total: float, m: int, n: int | None = None) -> float:
+        """Per input (``reduction="mean"``) or per kept prediction; NaN (warned) when every position is ignored.
+        Under a process group the union of the ranks' training batches: ``total``, ``n`` (default this batch's
+        inputs) and ``m`` summed over the ranks by one all-reduce."""
+        n = len(self.fs) if n is None else n
+        if self.mon._shards is not None:
+            total, n, m = self.mon._shards.sum([total, n, m], device=self.fm.device)
+            if math.isnan(total):  # a rank captured nothing (warned there)
+                return math.nan
         if m == 0:
             warnings.warn("batch_fisher_trace: every position of the training batch is ignored (labels equal to "
                           "ignore_index, or masked out); recorded NaN.", stacklevel=5)
             return math.nan
-        return total / (len(self.fs) if self.mon.reduction == "mean" else m)
+        return total / (n if self.mon.reduction == "mean" else m)
 
     def _empirical(self, targets, outputs, loss) -> float:
         lik, fs = self.mon.likelihood, self.fs

@@ -84,7 +84,7 @@ def natural_gradient(
     model, data, likelihood, grad=None, damping: float = 1e-3, kind: str = "true", *, params=None,
     solver: str = "auto", reduction: str = "mean", samples: int = 1, generator=None, batch_size=None,
     output=None, max_memory: int | None = None, tol: float | None = None, max_iter: int | None = None,
-    engine: str = "auto",
+    engine: str = "auto", group=None, distributed: bool | None = None,
 ) -> NaturalDirection:
     """The damped natural gradient ``d = (F + λI)⁻¹ g (P,)``, without forming the ``P × P`` matrix F.
 
@@ -101,7 +101,8 @@ def natural_gradient(
       residual when the recurrence's residual has drifted from it.
 
     Args:
-        model, data, likelihood, kind, params, reduction, samples, generator, batch_size, engine, output: as in
+        model, data, likelihood, kind, params, reduction, samples, generator, batch_size, engine, output, group,
+            distributed: as in
             :func:`fisherlens.fisher_matrix`.  ``data`` is read several times (the gradient, F): pass a
             re-iterable (tensors, a list of batches, a ``DataLoader``), not a one-shot iterator.
         grad: ``g``, as ``{name: tensor}`` (exactly the selected parameters, each in its shape) or a flat
@@ -138,7 +139,8 @@ def natural_gradient(
         raise TypeError("natural_gradient reads the data more than once (the gradient and F); pass a re-iterable "
                         "(tensors, a list of batches, a DataLoader), not a one-shot iterator.")
     run = Request(model=model, data=data, likelihood=likelihood, kind=kind, params=params, reduction=reduction,
-                  samples=samples, generator=generator, batch_size=batch_size, engine=engine, output=output)
+                  samples=samples, generator=generator, batch_size=batch_size, engine=engine, output=output,
+                  group=group, distributed=distributed)
     fm = run.fm
     tol = _check_tol(tol, fm.dtype)
     max_iter = min(2 * fm.P + 10, 1000) if max_iter is None else _check_max_iter(max_iter)
@@ -146,6 +148,8 @@ def natural_gradient(
     if solver != "cg":
         NK = _factor_rows(run)  # N·K before any forward: the Gram is refused (or avoided) before it is built
         fits = NK * NK * 8 <= (max_memory if max_memory is not None else available_memory() // 2)
+        if run.shards is not None:  # the ranks' free memory differs: they must still take the same route
+            fits = not run.shards.sum([int(not fits)], device=fm.device)[0]
         if solver == "auto":
             solver = "gram" if NK <= GRAM_MAX and fits else "cg"
         elif not fits:
@@ -200,12 +204,16 @@ def _flat_grad(fm, grad) -> Tensor:
 
 
 def _factor_rows(run: Request) -> int:
-    """N·K, the number of factor rows of the data: one pass over the batches (no forward but one of one input)."""
+    """N·K, the number of factor rows of the data: one pass over the batches (no forward but one of one input);
+    under a process group over all ranks (one all-reduce)."""
     n, K = 0, None
-    for X, _ in iter_batches(run.data, run.fm, need_y=False, batch_size=run.batch_size):
+    for X, _ in iter_batches(run.data, run.fm, need_y=False, batch_size=run.batch_size, empty_ok=run.empty_ok):
         if K is None:
             K = run.columns(output_dim(run.fm, X))
         n += len(X)
+    if run.shards is not None:
+        ns, ks = run.shards.counts(n, K or 0, device=run.fm.device)
+        n, K = sum(ns), max(ks)
     return n * K
 
 
@@ -213,7 +221,9 @@ def _factor_rows(run: Request) -> int:
 def data_loss(run: Request, batches, grad: bool = True) -> tuple[float, Tensor | None]:
     """``(loss, g (P,) or None)``: the loss ``s Σ_n ℓ_n`` over ``(X, Y)`` batches, with the scale ``s`` of ``run``'s
     reduction (:meth:`Request.scale`), and with ``grad`` its gradient; one forward (and one pull-back) per batch.
-    Shared with :class:`fisherlens.optim.NaturalGradient`, which measures the loss before and after a step."""
+    Shared with :class:`fisherlens.optim.NaturalGradient`, which measures the loss before and after a step.  Under
+    a process group (``run.shards``) ``batches`` are this rank's and the sums are those of all ranks (one
+    all-reduce)."""
     fm, lik = run.fm, run.likelihood
     loss, n, m = 0.0, 0, 0
     g = torch.zeros(fm.P, dtype=fm.dtype, device=fm.device) if grad else None
@@ -233,6 +243,9 @@ def data_loss(run: Request, batches, grad: bool = True) -> tuple[float, Tensor |
         n += len(X)
         if grad:
             g += fm.flatten(pull(lik.residual(fs, Y).reshape(f.shape))[0])
+    if run.shards is not None:
+        loss, n, m, *g = run.shards.sum([loss, n, m, *([] if g is None else [g])], device=fm.device)
+        g = g[0] if g else None
     s = run.scale(n, m)
     return loss * s, None if g is None else g * s
 
@@ -273,7 +286,7 @@ def _gram_solve(run: Request, g: Tensor | None, lam: float, tol: float):
     """``d`` by Woodbury on the Gram (its size checked by the caller), with up to two steps of iterative
     refinement (each while the residual is above ``tol`` and still falls by half):
     ``d ← d + (F + λI)⁻¹ (g − (F + λI) d)``."""
-    R = FactorRows(run)
+    R = FactorRows(run, "Use solver='cg' (matrix-free conjugate gradients: one all-reduce per product)")
     g, loss = _grad_info(run, g, R.batches())
     G = R.gram()
     s = run.scale(R.n)  # after the rows: they count the kept predictions
@@ -310,7 +323,8 @@ def _cg_solve(run: Request, g: Tensor | None, lam: float, tol: float, max_iter: 
     """``d`` by conjugate gradients on ``F + λI`` (float64 recurrences, products in the model's dtype), restarted
     from the true residual when the recurrence's has drifted below ``tol`` but the true one has not."""
     fm = run.fm
-    g, loss = _grad_info(run, g, iter_batches(run.data, fm, need_y=False, batch_size=run.batch_size))
+    g, loss = _grad_info(run, g, iter_batches(run.data, fm, need_y=False, batch_size=run.batch_size,
+                                              empty_ok=run.empty_ok))
     op = FisherOperator(run)
 
     def A(v: Tensor) -> Tensor:

@@ -27,6 +27,7 @@ from ._core import (
     chunk_size,
     identity_sandwich,
     output_dim,
+    shards_for,
     split_fields,
     stream,
 )
@@ -99,7 +100,7 @@ def ntk(
 
 
 def ntk_trace(model, x, *, params=None, reduction: str | None = None, batch_size=None, engine="auto",
-              output=None) -> float:
+              output=None, group=None, distributed: bool | None = None) -> float:
     """Trace of the NTK, ``tr Θ = Σ_n Σ_a ‖∇_θ f_a(x_n)‖²`` with ``reduction="sum"``, ``(1/N) tr Θ`` with
     ``"mean"``.
 
@@ -109,7 +110,8 @@ def ntk_trace(model, x, *, params=None, reduction: str | None = None, batch_size
 
     ``x`` is an input tensor ``(N, ...)`` or any ``data`` accepted elsewhere (labels are ignored); streamed,
     and on the fast path no Jacobian is materialised.  ``batch_size``: ``None`` or a positive integer
-    (else ``ValueError``).
+    (else ``ValueError``).  ``group``, ``distributed``: as in :func:`fisherlens.fisher_matrix` (``x`` is this
+    rank's shard; the trace and N are summed over the ranks).
     """
     if reduction is None:
         warnings.warn("fl.ntk_trace's default reduction will change from 'sum' to 'mean' (the library's rule); pass "
@@ -118,32 +120,40 @@ def ntk_trace(model, x, *, params=None, reduction: str | None = None, batch_size
     check_choice("reduction", reduction, ("mean", "sum"))
     check_positive_int("batch_size", batch_size, optional=True)
     fm = FunctionalModel(model, params, output)
+    shards = shards_for(group, distributed)
     total, n = 0.0, 0
     chunks = stream(
         fm, x, lambda f, _: identity_sandwich(f), {"sqnorm"}, need_y=False, columns=lambda C: C,
-        batch_size=batch_size, engine=engine,
+        batch_size=batch_size, engine=engine, empty_ok=shards is not None,
     )
     for b, _, _, st in chunks:
         total += math.fsum(s.sum().item() for s in st.sqnorm.values())
         n += b
+    if shards is not None:
+        total, n = shards.sum([total, n], device=fm.device)
+        if n == 0:
+            raise ValueError("The data is empty on every rank: no samples to average over.")
     return total / n if reduction == "mean" else total
 
 
 def fisher_ntk_trace(
     model, data, likelihood, kind: str = "empirical", *, params=None, samples: int = 1, generator=None,
     batch_size=None, engine: str = "auto", per_sample: bool = False, output=None,
+    group=None, distributed: bool | None = None,
 ) -> TraceRelation:
     """Both sides of ``tr F = (1/N) Σ_n tr(V_nᵀ Θ_nn V_n)`` (docs/conventions.md#trace-relation), plus ``tr Θ`` alone.
 
     One backward pass per batch with the C identity columns and the K sandwich columns side by side
     gives the per-sample Gram ``[I V]ᵀ J_n J_nᵀ [I V]``: its ``I`` block is ``Θ_nn``, its ``V`` block's trace
     the direct ``tr F_n``.  Arguments as in :func:`fisherlens.fisher_trace`; ``per_sample=True`` also
-    returns the per-input traces (memory O(N)); ``batch_size`` is ``None`` or a positive integer (else
+    returns the per-input traces (memory O(N); under a process group those of this rank's inputs, the traces
+    themselves over all ranks); ``batch_size`` is ``None`` or a positive integer (else
     ``ValueError``).
     """
     check_positive_int("batch_size", batch_size, optional=True)
     run = Request(model=model, data=data, likelihood=likelihood, kind=kind, params=params, samples=samples,
-                  generator=generator, batch_size=batch_size, engine=engine, output=output)
+                  generator=generator, batch_size=batch_size, engine=engine, output=output,
+                  group=group, distributed=distributed)
     fis = side = ntr = 0.0
     keep: list[tuple[Tensor, Tensor]] = []
 
@@ -160,6 +170,14 @@ def fisher_ntk_trace(
         ntr += tr_theta.sum().item()
         if per_sample:
             keep.append((direct, tr_theta))
-    ps = (torch.cat([a for a, _ in keep]), torch.cat([b for _, b in keep])) if per_sample else None
+    fis, side, ntr = run.total([fis, side, ntr])
+    ps = _per_input(run, keep) if per_sample else None
     s = run.scale()  # 1/N; refuses data whose every position is ignored
     return TraceRelation(fis * s, side * s, ntr * s, ps)
+
+
+def _per_input(run: Request, keep: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    """The per-input traces ``(tr F_n, tr Θ_nn)`` kept by :func:`fisher_ntk_trace` (empty for an empty shard)."""
+    if not keep:
+        return run.fm.params[run.fm.names[0]].new_zeros(0), run.fm.params[run.fm.names[0]].new_zeros(0)
+    return torch.cat([a for a, _ in keep]), torch.cat([b for _, b in keep])

@@ -73,6 +73,7 @@ class FisherOperator:
                 out += fm.flatten(pull(u[0])[0])[None]
             else:
                 out += fm.flatten(vmap(lambda c, pull=pull: pull(c)[0])(u), lead=1)
+        (out,) = run.total([out])  # under a process group: one all-reduce per product (all k columns)
         self.products += M.shape[1]
         return (out * run.scale()).T
 
@@ -108,7 +109,7 @@ class FisherOperator:
         r = self.run
         return fisher_matrix(r.fm.model, r.data, r.likelihood, r.kind, params=r.fm.names, reduction=r.reduction,
                              samples=r.samples, batch_size=r.batch_size, engine=r.engine, max_memory=max_memory,
-                             output=r.fm.output)
+                             output=r.fm.output, **r.sharding)
 
     def to_scipy(self) -> LinearOperator:
         """A ``scipy.sparse.linalg.LinearOperator`` (float64 numpy in and out; symmetric)."""
@@ -129,13 +130,16 @@ class FisherOperator:
 
 def fisher_operator(
     model, data, likelihood, kind: str = "true", *, params=None, reduction: str = "mean", samples: int = 1,
-    generator=None, batch_size=None, output=None,
+    generator=None, batch_size=None, output=None, group=None, distributed: bool | None = None,
 ) -> FisherOperator:
     """The Fisher as a matrix-free operator (arguments as in :func:`fisherlens.fisher_matrix`).
 
-    Each product streams the data once: per batch one forward, one ``jvp`` and one ``vjp``.
+    Each product streams the data once: per batch one forward, one ``jvp`` and one ``vjp``; under a process group
+    (``group=``, ``distributed=``: as in :func:`fisherlens.fisher_matrix`) each rank streams its shard and one
+    all-reduce per product sums the ranks' parts, so every rank gets the same ``F v`` (docs/distributed.md).
     Iterable data must be re-iterable (a ``DataLoader``, a list, tensors), since every product reads it again.
     """
     return FisherOperator(Request(model=model, data=data, likelihood=likelihood, kind=kind, params=params,
                                   reduction=reduction, samples=samples, generator=generator, batch_size=batch_size,
-                                  engine="functional", output=output))
+                                  engine="functional", output=output, group=group,
+                                  distributed=distributed))

@@ -18,7 +18,7 @@ from contextlib import nullcontext
 
 import torch
 
-from ._core import Request, quadratic_sum
+from ._core import Request, quadratic_sum, unwrap_model
 from .natural import SOLVERS, NaturalDirection, data_loss, natural_gradient
 from .spectrum import critical_learning_rate, eigenvalues
 
@@ -70,6 +70,9 @@ class NaturalGradient(torch.optim.Optimizer):
         adaptive_damping: adapt λ by the reduction ratio ρ after every step (never below :data:`MIN_DAMPING`);
             costs one Fisher quadratic form (one ``jvp`` pass) and one forward (two with a caller's ``.grad``).
         critical_fraction: the fraction of η_c used by ``lr="critical"`` (1 is the edge of stability).
+        group, distributed: as in :func:`fisherlens.fisher_matrix`: under a process group ``batch`` is this rank's
+            shard of the step's batch and every rank takes the same step, that of the union (docs/distributed.md);
+            a ``DistributedDataParallel`` model is the module it wraps.
 
     Attributes:
         damping: the current λ (saved by :meth:`state_dict`).
@@ -82,7 +85,7 @@ class NaturalGradient(torch.optim.Optimizer):
                  momentum: float = 0.0, kind: str = "true", solver: str = "auto", adaptive_damping: bool = False, *,
                  reduction: str = "mean", samples: int = 1, generator=None, output=None, batch_size=None,
                  tol: float | None = None, max_iter: int | None = None, max_memory: int | None = None,
-                 critical_fraction: float = 0.5):
+                 critical_fraction: float = 0.5, group=None, distributed: bool | None = None):
         _check_lr(lr)
         _check_momentum(momentum)
         if not (isinstance(damping, (int, float)) and not isinstance(damping, bool) and damping > 0
@@ -94,18 +97,18 @@ class NaturalGradient(torch.optim.Optimizer):
             raise ValueError(f"critical_fraction must lie in (0, 1], got {critical_fraction!r}.")
         super().__init__(params, {"lr": lr, "momentum": momentum})
         self.model, self.likelihood = model, likelihood
-        self._names = {id(p): n for n, p in model.named_parameters()}
-        for group in self.param_groups:
-            _check_lr(group["lr"])
-            _check_momentum(group["momentum"])
-            if any(id(p) not in self._names for p in group["params"]):
+        self._names = {id(p): n for n, p in unwrap_model(model).named_parameters()}  # a DDP model: its module's
+        for pg in self.param_groups:
+            _check_lr(pg["lr"])
+            _check_momentum(pg["momentum"])
+            if any(id(p) not in self._names for p in pg["params"]):
                 raise ValueError("NaturalGradient optimises parameters of `model` only: a parameter in params is not "
                                  "in model.named_parameters().")
         self.damping = float(damping)
         self.kind, self.solver, self.adaptive_damping = kind, solver, bool(adaptive_damping)
         self.critical_fraction = float(critical_fraction)
         self.options = {"reduction": reduction, "samples": samples, "generator": generator, "output": output,
-                        "batch_size": batch_size}
+                        "batch_size": batch_size, "group": group, "distributed": distributed}
         self.solve_options = {"tol": tol, "max_iter": max_iter, "max_memory": max_memory}
         self.last: dict = {}
 
@@ -173,7 +176,7 @@ class NaturalGradient(torch.optim.Optimizer):
             self.last["lambda_max"] = float(eigenvalues(
                 self.model, batch, self.likelihood, k=1, method="lanczos", kind=self.kind, params=chosen,
                 reduction=o["reduction"], samples=o["samples"], generator=o["generator"],
-                batch_size=o["batch_size"], output=o["output"])[0])
+                batch_size=o["batch_size"], output=o["output"], group=o["group"], distributed=o["distributed"])[0])
         lam_max = self.last["lambda_max"]
         kappa = lam_max / (lam_max + self.damping)
         return self.critical_fraction * critical_learning_rate(kappa, group["momentum"])
@@ -201,7 +204,7 @@ class NaturalGradient(torch.optim.Optimizer):
         o = self.options
         return Request(model=self.model, data=batch, likelihood=self.likelihood, kind=self.kind, params=chosen,
                        reduction=o["reduction"], samples=o["samples"], generator=o["generator"],
-                       batch_size=o["batch_size"], output=o["output"])
+                       batch_size=o["batch_size"], output=o["output"], group=o["group"], distributed=o["distributed"])
 
     def _predicted(self, batch, chosen, d: NaturalDirection, delta) -> tuple[float, float]:
         """``(L(θ), predicted reduction −(gᵀΔ + ½ ΔᵀFΔ))`` at the current θ, before the update."""
@@ -209,6 +212,7 @@ class NaturalGradient(torch.optim.Optimizer):
         fm = run.fm
         step = {n: delta[n][1].to(fm.dtype) for n in fm.names}
         total, _ = quadratic_sum(fm, run.batches(check=False), run.counted(run.sandwich), step)
+        (total,) = run.total([total])  # under a process group: the union of the ranks' batches
         quad = total * run.scale()
         lin = float(sum((d.grad[n].double() * step[n].double()).sum() for n in fm.names))
         before = d.loss if d.loss is not None else data_loss(run, run.batches(check=False), grad=False)[0]

@@ -52,7 +52,7 @@ def _descending(vals: Tensor, vecs: Tensor | None, k: int | None):
 
 
 def _gram_eigen(run: Request, k: int | None, vectors: bool, max_memory: int | None):
-    R = FactorRows(run)
+    R = FactorRows(run, "Use method='lanczos' with k= (matrix-free: one all-reduce per product)", max_memory)
     _check_gram(int(R.offs[-1]), max_memory)
     G = R.gram()
     return _gram_solve(G.mul_(run.scale(R.n)), k, vectors, R.rmv, run.fm.dtype)  # rows counted the predictions
@@ -90,6 +90,8 @@ def _structure_reason(run: Request) -> str | None:
     then sums only their layers' kernels), all Linear parameters share the selected ones' dtype and device, and the
     kind is ``"true"`` or ``"empirical"`` (``"mc"`` is left to the generic route: it draws the labels chunk by
     chunk, and the structured route would draw them in one call, hence a different sample)."""
+    if run.shards is not None:
+        return "under a process group the generic route gathers the factor rows of every rank"
     if run.kind == "mc":
         return "kind='mc' draws its labels per chunk of the generic route; the structured route cannot repeat them"
     if run.reduction == "per_prediction" or run.fm.output is not None:
@@ -165,6 +167,7 @@ def eigenvalues(
     model, data, likelihood, k: int | None = None, method: str = "auto", kind: str = "true", *,
     params=None, reduction: str = "mean", samples: int = 1, generator=None, batch_size=None, engine="auto",
     return_vectors: bool = False, tol: float = 1e-8, max_memory: int | None = None, output=None,
+    group=None, distributed: bool | None = None,
 ):
     """Eigenvalues of the Fisher, descending (and optionally its eigenvectors, columns of ``(P, k)``).
 
@@ -204,6 +207,11 @@ def eigenvalues(
             engine's own choice (layerwise where it can, else functional); ``"layerwise"``/``"functional"``: that
             generic engine (see :mod:`fisherlens._core`).
         tol: relative tolerance of Lanczos.
+        group, distributed: as in :func:`fisherlens.fisher_matrix`.  Under a process group every route gives every
+            rank the spectrum of the union of the shards: ``"dense"`` from the all-reduced F, ``"lanczos"`` on the
+            distributed operator (each rank runs the same iteration on the same products, one all-reduce per
+            product), ``"gram"`` by gathering every rank's factor rows (refused, naming Lanczos, when they do not fit
+            in memory); ``"auto"`` decides on the global N·K; the structured route is single-process.
         Others: as in :func:`fisherlens.fisher_matrix`.
 
     Returns:
@@ -215,15 +223,15 @@ def eigenvalues(
     check_choice("engine", engine, EIG_ENGINES)
     generic = "auto" if engine in ("auto", "structure", "generic") else engine
     run = Request(model=model, data=data, likelihood=likelihood, kind=kind, params=params, reduction=reduction,
-                  samples=samples, generator=generator, batch_size=batch_size, engine=generic, output=output)
+                  samples=samples, generator=generator, batch_size=batch_size, engine=generic, output=output,
+                  group=group, distributed=distributed)
     P = run.fm.P
     if k is not None and k > P:
         raise ValueError(f"k={k} is larger than the number of parameters P = {P}: the Fisher has only {P} "
                          f"eigenvalues. Pass k <= {P}, or k=None for all of them.")
     NK = None
     if method == "auto":
-        N = _n_samples(data)
-        NK = None if N is None else N * run.columns(_out_dim(run, data))
+        NK = _factor_count(run, data)
         if P <= 2048 or (NK is not None and P <= NK):
             method = "dense"
         elif NK is None or NK <= 8192:
@@ -239,14 +247,15 @@ def eigenvalues(
         isinstance(data, Tensor) or (isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], Tensor))
     ):  # N·K known before reading the data (other data: checked on the result, below)
         if NK is None:
-            NK = _n_samples(data) * run.columns(_out_dim(run, data))
+            NK = _factor_count(run, data)
         if k > NK:
             raise ValueError(f"k={k} is larger than N·K = {NK}, the size of the Gram matrix: method='gram' gives "
                              f"at most {NK} eigenvalues (the other P - {NK} are 0). Pass k <= {NK}, or "
                              "method='dense' for the zeros too.")
     if method == "dense":
         F = fisher_matrix(model, data, likelihood, kind, params=params, reduction=reduction, samples=samples,
-                          generator=generator, batch_size=batch_size, engine=generic, max_memory=max_memory)
+                          generator=generator, batch_size=batch_size, engine=generic, max_memory=max_memory,
+                          **run.sharding)
         vals, vecs = torch.linalg.eigh(F)
         vals, vecs = _descending(vals, vecs if return_vectors else None, k)
     elif method == "gram":
@@ -282,6 +291,17 @@ def eigenvalues(
                          f"at most {len(vals)} eigenvalues (the other P - {len(vals)} are 0). Pass k <= "
                          f"{len(vals)}, or method='dense' for the zeros too.")
     return (vals, vecs) if return_vectors else vals
+
+
+def _factor_count(run: Request, data) -> int | None:
+    """N·K before reading the data (``None`` when N is unknown): under a process group summed over the ranks by
+    one all-reduce, so that every rank takes the same route."""
+    N = _n_samples(data)
+    K = 0 if N is None or (N == 0 and run.shards is not None) else run.columns(_out_dim(run, data))
+    if run.shards is None:
+        return None if N is None else N * K
+    unknown, n, k, has = run.shards.sum([int(N is None), N or 0, K, int(K > 0)], device=run.fm.device)
+    return None if unknown else n * (k // has if has else 0)
 
 
 def _out_dim(run: Request, data) -> int:
@@ -325,7 +345,7 @@ def lanczos(matmat, P: int, probes: Tensor, steps: int) -> tuple[Tensor, Tensor]
 def spectral_density(
     model, data, likelihood, kind: str = "true", *, probes: int = 8, steps: int = 40, grid: int = 400,
     sigma: float | None = None, log: bool = True, floor: float | None = None, generator=None, params=None,
-    reduction: str = "mean", batch_size=None, output=None,
+    reduction: str = "mean", batch_size=None, output=None, group=None, distributed: bool | None = None,
 ) -> SpectralDensity:
     """Spectral density of F by stochastic Lanczos quadrature (Ubaru, Chen & Saad 2017; Lin, Saad & Yang 2016).
 
@@ -334,16 +354,20 @@ def spectral_density(
     ``φ(t) = (1/probes) Σ τ_j g_σ(t − θ_j)``.  With ``log=True`` (spectra span decades) the kernel acts on
     ``log10 λ``, nodes ≤ ``floor`` (default ``1e-12 · λ_max``) count as ``zero_mass``.  Cost: ``steps`` passes
     over the data, each ``probes`` Fisher–vector products batched.  ``generator`` seeds the probes (and the
-    labels of ``kind="mc"``).
+    labels of ``kind="mc"``).  ``group``, ``distributed``: as in :func:`fisherlens.fisher_matrix` (the probes of the
+    group's first rank are broadcast; each step's products are all-reduced).
     """
     if not isinstance(probes, int) or probes < 1 or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"probes and steps must be positive integers, got {probes!r}, {steps!r}.")
     run = Request(model=model, data=data, likelihood=likelihood, kind=kind, params=params, reduction=reduction,
-                  generator=generator, batch_size=batch_size, engine="functional", output=output)
+                  generator=generator, batch_size=batch_size, engine="functional", output=output,
+                  group=group, distributed=distributed)
     op = FisherOperator(run)  # copies the generator's state for kind="mc" labels; probes then use it
     P = run.fm.P
     steps = min(steps, P)
     v = torch.randint(0, 2, (P, probes), generator=generator).to(run.fm.dtype) * 2 - 1
+    if run.shards is not None:  # the probes are Lanczos starts, not data draws: the same on every rank
+        v = run.shards.broadcast(v.to(run.fm.device))
     alpha, beta = lanczos(op.matmat, P, v.to(run.fm.device), steps)
     nodes, weights = [], []
     for a, b in zip(alpha, beta, strict=True):

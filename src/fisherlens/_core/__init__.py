@@ -17,6 +17,8 @@ the library):
 * :mod:`.model` — :class:`FunctionalModel` and the checked forward / ``vjp`` / ``jvp``;
 * :mod:`.fields` — keyword (dict) batches, :class:`Fields`;
 * :mod:`.data` — streaming of every accepted form of ``data``;
+* :mod:`.distributed` — the data as shards over a ``torch.distributed`` process group (:class:`Shards`, one
+  all-reduce per call);
 * :mod:`.request` — :class:`Request`, the keyword-only validated arguments, with the one scale rule;
 * :mod:`.stats` — :class:`Stats`, the per-batch statistics every view reduces;
 * :mod:`.engine` — :func:`batch_stats`, :func:`stream` and the one chunking policy :func:`chunk_size`;
@@ -45,6 +47,7 @@ from .checks import (
     tolerance,
 )
 from .data import iter_batches
+from .distributed import Shards, collectives, rank_generator, shards_for, unwrap_model
 from .engine import (
     batch_stats,
     checked_grads,
@@ -82,7 +85,8 @@ __all__ = [
     "ENGINES", "KINDS", "REDUCTIONS", "WORK_BUDGET", "RULES",
     "all_finite", "available_memory", "check_choice", "check_dense", "check_inputs", "check_kind",
     "check_outputs", "check_positive_int", "close_enough", "finite_result", "renamed", "tolerance",
-    "iter_batches", "Fields", "batch_len", "describe", "split_fields",
+    "iter_batches", "Shards", "collectives", "rank_generator", "shards_for", "unwrap_model",
+    "Fields", "batch_len", "describe", "split_fields",
     "batch_stats", "checked_grads", "chunk_size", "identity_sandwich", "layer_stats",
     "output_dim", "quadratic_sum", "stream", "work_budget", "functional_rows",
     "Capture", "WeakHook", "tap_grads", "Plan", "Signature", "ambiguous", "call_problems", "check_batch", "plan_for",

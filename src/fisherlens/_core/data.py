@@ -85,14 +85,16 @@ def _source(data, batch_size: int | None):
     )
 
 
-def iter_batches(data, fm: FunctionalModel, *, need_y: bool, batch_size: int | None = None) -> Iterator:
+def iter_batches(data, fm: FunctionalModel, *, need_y: bool, batch_size: int | None = None,
+                 empty_ok: bool = False) -> Iterator:
     """Yield ``(X, Y)`` batches on the model's device; floating ``X`` cast to the model's dtype.
 
     ``data`` is a tuple ``(X, Y)`` of tensors or a dict of tensors (split into chunks of ``batch_size``), a
     ``Dataset`` (read through a ``DataLoader``) or any iterable of batches (streamed: nothing is accumulated).
     A dict batch gives keyword inputs ``X`` and targets ``Y`` (:class:`~.fields.Fields` with ``labels`` and/or
     ``mask``, and its ``attention_mask``).  ``Y`` may be ``None`` unless ``need_y``.  Raises ``ValueError`` for
-    empty data, mismatched lengths, missing labels and non-finite inputs.
+    empty data (unless ``empty_ok``: a rank's shard may be empty, the global count is checked after the
+    all-reduce, docs/distributed.md), mismatched lengths, missing labels and non-finite inputs.
     """
     check_positive_int("batch_size", batch_size, optional=True)
     seen = 0
@@ -110,5 +112,5 @@ def iter_batches(data, fm: FunctionalModel, *, need_y: bool, batch_size: int | N
             Y = Y.to(fm.device)
         seen += len(X)
         yield X, Y
-    if seen == 0:
+    if seen == 0 and not empty_ok:
         raise ValueError("The data is empty: no samples to average over.")

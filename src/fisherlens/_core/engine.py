@@ -174,11 +174,12 @@ def chunk_size(fm: FunctionalModel, X, K: int, want: set[str], engine: str = "au
 
 
 def stream(fm: FunctionalModel, data, make_v, want: set[str], *, need_y: bool, columns,
-           batch_size: int | None = None, engine: str = "auto") -> Iterator[tuple[int, Tensor, Tensor, Stats]]:
+           batch_size: int | None = None, engine: str = "auto",
+           empty_ok: bool = False) -> Iterator[tuple[int, Tensor, Tensor, Stats]]:
     """Stream ``data`` and yield ``(n, f, V, stats)`` per chunk, ``V = make_v(f, Y)`` (``f (B, *S)`` in the
     model's output shape) with ``columns(M)`` columns per sample; batches are split by :func:`chunk_size`;
-    nothing is accumulated across chunks."""
-    for X, Y in iter_batches(data, fm, need_y=need_y, batch_size=batch_size):
+    nothing is accumulated across chunks (``empty_ok``: as in :func:`~.data.iter_batches`)."""
+    for X, Y in iter_batches(data, fm, need_y=need_y, batch_size=batch_size, empty_ok=empty_ok):
         M = output_dim(fm, X)
         step = chunk_size(fm, X, columns(M), want, engine, M=M)
         for i in range(0, len(X), step):

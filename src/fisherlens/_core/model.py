@@ -16,6 +16,7 @@ from torch.func import functional_call, jvp, vjp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .checks import autocast_dtype, check_inputs, check_outputs
+from .distributed import unwrap_model
 from .fields import Fields, describe
 
 Tensor = torch.Tensor
@@ -89,7 +90,9 @@ class FunctionalModel:
     ``params`` selects a subset by parameter name, module-name prefix or tensor identity;
     default: all parameters with ``requires_grad``.  Flat vectors follow ``named_parameters()`` order.
     ``output`` picks the output tensor from what the model returns (a tuple, dict or ``ModelOutput``), e.g.
-    ``output=lambda out: out.logits``.  The output ``(B, *S)`` is flattened to ``(B, M)`` in its own memory
+    ``output=lambda out: out.logits``.  A ``DistributedDataParallel`` (or ``DataParallel``) wrapper is replaced by
+    the module it wraps (parameter names without its ``module.`` prefix).
+    The output ``(B, *S)`` is flattened to ``(B, M)`` in its own memory
     order; :attr:`out_shape` is the per-input shape ``S`` of the last forward.  Keyword inputs (a
     :class:`~.fields.Fields` batch) are passed to the model as keyword arguments.
     """
@@ -103,6 +106,7 @@ class FunctionalModel:
         self.output = output
         #: per-input output shape ``S`` of the last forward (``(C,)`` for ``(B, C)`` outputs)
         self.out_shape: tuple[int, ...] = ()
+        model = unwrap_model(model)  # a DistributedDataParallel wrapper: the module it wraps
         check_eval_mode(model)
         self.model = model
         named = dict(model.named_parameters())

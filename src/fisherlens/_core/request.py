@@ -6,6 +6,7 @@ import torch
 
 from .checks import ENGINES, REDUCTIONS, check_choice, check_kind, check_positive_int
 from .data import iter_batches
+from .distributed import rank_generator, shards_for
 from .engine import stream
 from .layerwise.plan import check_batch
 from .model import FunctionalModel
@@ -16,13 +17,18 @@ class Request:
 
     Attributes:
         fm: the :class:`~.model.FunctionalModel` of ``model``, ``params`` and ``output``.
-        data, likelihood, kind, reduction, samples, generator, batch_size, engine: as given (validated).
-        n: inputs seen by the current (last) pass over the data; m: kept predictions (positions) in it.
+        data, likelihood, kind, reduction, samples, batch_size, engine: as given (validated).
+        generator: as given; under a process group a per-rank generator derived from it on first use
+            (:func:`~.distributed.rank_generator`).
+        shards: the :class:`~.distributed.Shards` of ``group=`` / ``distributed=``, ``None`` single-process;
+            ``data`` is then this rank's shard, and :meth:`total` sums a pass's statistics over the ranks.
+        n: inputs seen by the current (last) pass over the data; m: kept predictions (positions) in it (after
+            :meth:`total`: over all ranks).
     """
 
     def __init__(self, *, model, data, likelihood, kind: str = "true", params=None, reduction: str = "mean",
                  samples: int = 1, generator: torch.Generator | None = None, batch_size: int | None = None,
-                 engine: str = "auto", output=None):
+                 engine: str = "auto", output=None, group=None, distributed: bool | None = None):
         check_kind(likelihood, kind)
         check_choice("reduction", reduction, REDUCTIONS)
         check_choice("engine", engine, ENGINES)
@@ -30,17 +36,52 @@ class Request:
             raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}.")
         self.fm = FunctionalModel(model, params, output)
         self.data, self.likelihood, self.kind = data, likelihood, kind
-        self.reduction, self.generator = reduction, generator
+        self.reduction, self._generator = reduction, generator
+        self.shards = shards_for(group, distributed)
+        self._rank_generator: torch.Generator | None = None
         self.samples = check_positive_int("samples", samples, what="label draws per input")
         self.batch_size, self.engine = batch_size, engine
         self.n = self.m = 0
+
+    @property
+    def generator(self) -> torch.Generator | None:
+        """The generator of the random draws: the one given, or, under a process group, this rank's generator
+        derived from it (once per request, at the first draw)."""
+        if self.shards is None:
+            return self._generator
+        if self._rank_generator is None:
+            self._rank_generator = rank_generator(self._generator, self.shards.rank, self.fm.device)
+        return self._rank_generator
+
+    @property
+    def empty_ok(self) -> bool:
+        """Whether this rank's data may be empty (under a process group; :meth:`total` checks the global N)."""
+        return self.shards is not None
+
+    def total(self, values: list) -> list:
+        """``values`` (tensors and numbers summed over this rank's data) summed over the ranks, with this pass's
+        counts :attr:`n` and :attr:`m`, by one all-reduce; ``values`` themselves when single-process.
+
+        Raises ``ValueError`` when every shard is empty."""
+        if self.shards is None:
+            return values
+        *out, self.n, self.m = self.shards.sum([*values, self.n, self.m], device=self.fm.device)
+        if self.n == 0:
+            raise ValueError("The data is empty on every rank: no samples to average over.")
+        return out
+
+    @property
+    def sharding(self) -> dict:
+        """``group=`` / ``distributed=`` that give another call this request's shards."""
+        return {"group": None if self.shards is None else self.shards.group, "distributed": self.shards is not None}
 
     def batches(self, check: bool = True):
         """Yield ``(X, Y)`` batches of the data, counting this pass's inputs in :attr:`n`; with ``check``, each
         batch's signature is checked once (:func:`~.layerwise.plan.check_batch`) — callers that only gather the
         data pass False."""
         self.n = self.m = 0
-        for X, Y in iter_batches(self.data, self.fm, need_y=self.kind == "empirical", batch_size=self.batch_size):
+        for X, Y in iter_batches(self.data, self.fm, need_y=self.kind == "empirical", batch_size=self.batch_size,
+                                 empty_ok=self.empty_ok):
             if check:
                 check_batch(self.fm, X)
             self.n += len(X)
@@ -73,7 +114,8 @@ class Request:
         self.n = self.m = 0
         make = self.counted(make_v or self.sandwich)
         for n, f, V, st in stream(self.fm, self.data, make, want, need_y=self.kind == "empirical",
-                                  columns=columns or self.columns, batch_size=self.batch_size, engine=self.engine):
+                                  columns=columns or self.columns, batch_size=self.batch_size, engine=self.engine,
+                                  empty_ok=self.empty_ok):
             self.n += n
             yield f, V, st
 

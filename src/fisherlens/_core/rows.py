@@ -2,7 +2,9 @@
 
 Shared by the Gram routes of the spectrum and of the natural gradient: the data is read once (its chunks
 kept), each chunk's sandwich is built once and reused whenever its rows are recomputed (``kind="mc"`` draws
-its labels once), and the rows are held when all of them fit four working budgets.
+its labels once), and the rows are held when all of them fit four working budgets.  Under a process group the
+rows of every rank are gathered (they must fit in memory, else a ``ValueError`` names the matrix-free route), so
+each rank holds the whole ``Ĵ`` of the union of the shards, in rank order.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .checks import available_memory
 from .engine import batch_stats, output_dim, work_budget
 from .request import Request
 
@@ -40,10 +43,16 @@ class FactorRows:
     """The factor rows ``Ĵ (N·K, P)`` of ``run``'s data (unscaled: ``F = s·ĴᵀĴ`` with ``s = run.scale(n)``).
 
     Attributes:
-        chunks: ``[(X, memo)]`` per chunk; K: sandwich columns per input; n: inputs; offs: row offsets.
+        chunks: ``[(X, memo)]`` per chunk (this rank's); K: sandwich columns per input; n: inputs (of all ranks);
+        offs: row offsets of the row blocks (the chunks; one block of all ranks' rows under a process group).
+
+    Args:
+        run: the request; under a process group (``run.shards``) the rows of all ranks are gathered.
+        hint: what to do instead when the gathered rows do not fit ``max_memory`` (default half the memory).
     """
 
-    def __init__(self, run: Request):
+    def __init__(self, run: Request, hint: str = "Use method='lanczos' with k= (matrix-free)",
+                 max_memory: int | None = None):
         self.run, fm = run, run.fm
         self.chunks: list[tuple] = []
         K = step = None
@@ -54,11 +63,34 @@ class FactorRows:
             for i in range(0, len(X), step):
                 self.chunks.append((X[i : i + step], {"y": None if Y is None else Y[i : i + step]}))
         self.K, self.n = K, sum(len(X) for X, _ in self.chunks)
-        self.offs = np.cumsum([0] + [len(X) * K for X, _ in self.chunks])
-        self.held = [] if self.n * K * fm.P * fm.itemsize <= 4 * work_budget() else None
+        self.offs = np.cumsum([0] + [len(X) * K for X, _ in self.chunks])  # an empty shard has K = None
+        self.held = [] if self.n * (K or 0) * fm.P * fm.itemsize <= 4 * work_budget() else None
+        self.parts = len(self.chunks)
+        if run.shards is not None:
+            self._gather(hint, max_memory)
+
+    def _gather(self, hint: str, max_memory: int | None) -> None:
+        """Hold the rows of every rank, ``(N·K, P)`` in rank order, as one block (three collectives: the counts,
+        the agreement that they fit — each rank's free memory differs — and the rows themselves)."""
+        run, fm = self.run, self.run.fm
+        ns, ks = run.shards.counts(self.n, self.K or 0, device=fm.device)
+        self.K, self.n = max(ks), sum(ns)
+        need = self.n * self.K * fm.P * fm.itemsize
+        limit = max_memory if max_memory is not None else available_memory() // 2
+        mine = torch.cat([self.rows(i) for i in range(self.parts)]) if need <= limit and self.chunks else None
+        bad, run.m = run.shards.sum([int(need > limit), run.m], device=fm.device)
+        if bad:
+            raise ValueError(f"The Gram route under a process group gathers the factor rows of all "
+                             f"{run.shards.size} ranks on each, {self.n * self.K} × {fm.P} numbers ({need / 2**30:.2f} "
+                             f"GiB), more than a rank may use ({limit / 2**30:.2f} GiB here: max_memory=, default half "
+                             f"the available memory). {hint}.")
+        if mine is None:
+            mine = torch.zeros(0, fm.P, dtype=fm.dtype, device=fm.device)
+        self.held = [run.shards.gather_rows(mine, [n * self.K for n in ns])]
+        self.parts, self.offs, run.n = 1, np.array([0, self.n * self.K]), self.n
 
     def __len__(self) -> int:
-        return len(self.chunks)
+        return self.parts
 
     def batches(self) -> list[tuple]:
         """The kept ``(X, Y)`` chunks."""
