@@ -361,8 +361,29 @@ def _optimizer(rank: int, sizes: list[int]) -> None:
         _close(p.detach(), q.detach(), f"NaturalGradient step: {n}", 1e-9)
 
 
+def _options(rank: int, sizes: list[int]) -> None:
+    """An explicit ``group=`` (ranks 0 and 1), refusals raised on every rank alike (none is left waiting)."""
+    model, (X, Y) = _model(), _data()
+    lik = fl.Categorical()
+    a, b = _bounds(sizes, rank)
+    shard = (X[a:b], Y[a:b])
+    sub = dist.new_group([0, 1])  # every rank takes part in creating it
+    if rank < 2:
+        both = sizes[0] + sizes[1]
+        ref = fl.fisher_diag(model, (X[:both], Y[:both]), lik, distributed=False)
+        _close(fl.fisher_diag(model, shard, lik, group=sub), ref, "fisher_diag over group=")
+    else:
+        with pytest.raises(ValueError, match="not a member"):
+            fl.fisher_diag(model, shard, lik, group=sub)
+    with pytest.raises(ValueError, match="method='lanczos'"):  # the gathered rows would not fit
+        fl.eigenvalues(model, shard, lik, method="gram", max_memory=1000)
+    with pytest.raises(ValueError, match="empty on every rank"):
+        fl.fisher_trace(model, (X[:0], Y[:0]), lik)
+
+
 def _worker(rank: int, world: int, sizes: list[int], train: list[int]) -> None:
     _exact(rank, sizes)
+    _options(rank, sizes)
     _optimizer(rank, sizes)
     _random(rank, world, sizes)
     _monitor(rank, sizes, train)
