@@ -269,6 +269,21 @@ def _random(rank: int, world: int, sizes: list[int]) -> None:
             _close(value, ref.value.reshape(-1), f"{method} {what} per_sample={per_sample} value")
             _close(err, ref.stderr.reshape(-1), f"{method} {what} per_sample={per_sample} stderr")
             _same_on_all_ranks(value, f"{method} {what} value")
+    blocks = fl.fisher_blocks(
+        model,
+        shard,
+        lik,
+        what="dense",
+        method="hutchinson",
+        samples=S,
+        batch_size=4,
+        generator=torch.Generator().manual_seed(seed),
+    )
+    m = Moments()
+    m.add(per_rank_draws("hutchinson", "dense", False))
+    ref = m.estimate()
+    _close(torch.cat([e.value.reshape(-1) for e in blocks.values()]), ref.value, "hutchinson dense blocks value")
+    _close(torch.cat([e.stderr.reshape(-1) for e in blocks.values()]), ref.stderr, "hutchinson dense blocks stderr")
     # the MC Fisher (sampled labels) rebuilt the same way
     F = fl.fisher_diag(model, shard, lik, kind="mc", samples=2, generator=torch.Generator().manual_seed(seed))
     total = 0
