@@ -310,13 +310,15 @@ def estimate(run: Request, method: str, what: str, *, probe: str = "rademacher",
         return _one_draw(run, method, what, probe, per_sample, total, max_memory)
     names, trace_total = run.fm.names, total and what == "trace"
     acc = {n: Moments() for n in (["total"] if trace_total else names)}
-    for d in draw_chunks(run, method, what, probe=probe, per_sample=per_sample, samples=samples,
-                         max_memory=max_memory):
-        if trace_total:
-            acc["total"].add(sum(d.values()))
-            continue
-        for n in names:
-            acc[n].add(d.pop(n))
+    with run.bar(samples, f"{method} draws", "draw") as bar:
+        for d in draw_chunks(run, method, what, probe=probe, per_sample=per_sample, samples=samples,
+                             max_memory=max_memory):
+            bar.update(next(iter(d.values())).shape[0])
+            if trace_total:
+                acc["total"].add(sum(d.values()))
+                continue
+            for n in names:
+                acc[n].add(d.pop(n))
     dtype, scalar = run.fm.dtype, what == "trace"
     if trace_total:
         return acc["total"].estimate(scalar=True)

@@ -125,7 +125,7 @@ def trace_dict(run: Request, make_v=None, columns=None) -> dict[str, float]:
 def fisher_diag(
     model, data, likelihood, kind="true", method="exact", *, params=None, reduction="mean", samples=1,
     generator=None, batch_size=None, engine="auto", probe="rademacher", per_sample=False, output=None, group=None,
-    distributed=None,
+    distributed=None, progress: bool = False,
 ) -> Tensor | Estimate:
     """Diagonal of the Fisher, ``diag F (P,)`` = ``(1/N) Σ_n Σ_k (V_nᵀ J_n)_k²``, without forming F.
 
@@ -138,6 +138,7 @@ def fisher_diag(
             ``"mc"`` (sampled labels), with ``samples`` draws.
         probe: ``"rademacher"`` or ``"gaussian"`` (Hutchinson).
         per_sample: per-sample squares (lower variance, per-sample cost) instead of one backward per batch.
+        progress: a progress bar over the draws of a random ``method`` (tqdm; the exact methods show none).
 
     Returns:
         Tensor ``(P,)`` in ``named_parameters()`` order of the selection, or an :class:`Estimate` of it.
@@ -145,8 +146,8 @@ def fisher_diag(
     check_choice("method", method, METHODS)
     if method != "exact":
         run = Request(model=model, data=data, likelihood=likelihood, kind=kind, params=params, reduction=reduction,
-                      generator=generator, batch_size=batch_size, engine=engine, output=output,
-                  group=group, distributed=distributed)
+                      generator=generator, batch_size=batch_size, engine=engine, output=output, group=group,
+                      distributed=distributed, progress=progress)
         return estimate(run, method, "diag", probe=probe, per_sample=per_sample, samples=samples, total=True)
     run = Request(model=model, data=data, likelihood=likelihood, kind=kind, params=params, reduction=reduction,
                   samples=samples, generator=generator, batch_size=batch_size, engine=engine, output=output,
@@ -157,7 +158,7 @@ def fisher_diag(
 def fisher_trace(
     model, data, likelihood, kind="true", method="exact", *, params=None, reduction="mean", samples=1,
     generator=None, batch_size=None, engine="auto", probe="rademacher", per_sample=False, output=None, group=None,
-    distributed=None,
+    distributed=None, progress: bool = False,
 ) -> float | Estimate:
     """Trace of the Fisher, ``tr F = (1/N) Σ_n ‖V_nᵀ J_n‖²_F`` (empirical: ``(1/N) Σ_n ‖g_n‖²``).
 
@@ -168,7 +169,7 @@ def fisher_trace(
             distributed: as in
             :func:`fisher_matrix`.
         method: ``"exact"``, ``"hutchinson"`` or ``"mc"`` (as in :func:`fisher_diag`).
-        probe, per_sample: as in :func:`fisher_diag`.
+        probe, per_sample, progress: as in :func:`fisher_diag`.
 
     Returns:
         float, or an :class:`Estimate` (a float-like value with ``stderr``).
@@ -176,8 +177,8 @@ def fisher_trace(
     check_choice("method", method, METHODS)
     if method != "exact":
         run = Request(model=model, data=data, likelihood=likelihood, kind=kind, params=params, reduction=reduction,
-                      generator=generator, batch_size=batch_size, engine=engine, output=output,
-                  group=group, distributed=distributed)
+                      generator=generator, batch_size=batch_size, engine=engine, output=output, group=group,
+                      distributed=distributed, progress=progress)
         return estimate(run, method, "trace", probe=probe, per_sample=per_sample, samples=samples, total=True)
     run = Request(model=model, data=data, likelihood=likelihood, kind=kind, params=params, reduction=reduction,
                   samples=samples, generator=generator, batch_size=batch_size, engine=engine, output=output,
@@ -195,7 +196,7 @@ def _check_blocks(fm, max_memory, extra: int = 1) -> None:
 def fisher_blocks(
     model, data, likelihood, kind="true", what="diag", method="exact", *, params=None, reduction="mean",
     samples=1, generator=None, batch_size=None, engine="auto", probe="rademacher", per_sample=False,
-    max_memory: int | None = None, output=None, group=None, distributed=None,
+    max_memory: int | None = None, output=None, group=None, distributed=None, progress: bool = False,
 ) -> dict:
     """Per-parameter-tensor (per-layer) view of the Fisher: ``{name: value}``.
 
@@ -207,15 +208,16 @@ def fisher_blocks(
             distributed: as in
             :func:`fisher_matrix`.
         what: ``"diag"``, ``"trace"`` or ``"dense"``.
-        method, probe, per_sample: as in :func:`fisher_diag`; random methods give :class:`Estimate` values.
+        method, probe, per_sample, progress: as in :func:`fisher_diag`; random methods give :class:`Estimate`
+            values.
         max_memory: largest total size of the dense blocks in bytes.
     """
     check_choice("what", what, ("diag", "trace", "dense"))
     check_choice("method", method, METHODS)
     if method != "exact":
         run = Request(model=model, data=data, likelihood=likelihood, kind=kind, params=params, reduction=reduction,
-                      generator=generator, batch_size=batch_size, engine=engine, output=output,
-                  group=group, distributed=distributed)
+                      generator=generator, batch_size=batch_size, engine=engine, output=output, group=group,
+                      distributed=distributed, progress=progress)
         if what == "dense":  # the result (value and stderr); the estimator checks its own running sums
             _check_blocks(run.fm, max_memory, extra=2)
         return estimate(run, method, what, probe=probe, per_sample=per_sample, samples=samples,

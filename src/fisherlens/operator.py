@@ -38,6 +38,8 @@ class FisherOperator:
         self.shape = (fm.P, fm.P)
         self.dtype, self.device = fm.dtype, fm.device
         self.products = 0
+        #: a progress bar (tqdm) that counts the products, set by the solvers that show one
+        self.bar = None
         self._state = None
         if run.kind == "mc":
             gen = run.generator
@@ -75,6 +77,8 @@ class FisherOperator:
                 out += fm.flatten(vmap(lambda c, pull=pull: pull(c)[0])(u), lead=1)
         (out,) = run.total([out])  # under a process group: one all-reduce per product (all k columns)
         self.products += M.shape[1]
+        if self.bar is not None:
+            self.bar.update(M.shape[1])
         return (out * run.scale()).T
 
     def _sandwiched(self, f: Tensor, Y, jv: Tensor, gen) -> Tensor:

@@ -167,7 +167,7 @@ def eigenvalues(
     model, data, likelihood, k: int | None = None, method: str = "auto", kind: str = "true", *,
     params=None, reduction: str = "mean", samples: int = 1, generator=None, batch_size=None, engine="auto",
     return_vectors: bool = False, tol: float = 1e-8, max_memory: int | None = None, output=None,
-    group=None, distributed: bool | None = None,
+    group=None, distributed: bool | None = None, progress: bool = False,
 ):
     """Eigenvalues of the Fisher, descending (and optionally its eigenvectors, columns of ``(P, k)``).
 
@@ -207,6 +207,7 @@ def eigenvalues(
             engine's own choice (layerwise where it can, else functional); ``"layerwise"``/``"functional"``: that
             generic engine (see :mod:`fisherlens._core`).
         tol: relative tolerance of Lanczos.
+        progress: a progress bar (tqdm) counting the Fisher–vector products of Lanczos (the other routes show none).
         group, distributed: as in :func:`fisherlens.fisher_matrix`.  Under a process group every route gives every
             rank the spectrum of the union of the shards: ``"dense"`` from the all-reduced F, ``"lanczos"`` on the
             distributed operator (each rank runs the same iteration on the same products, one all-reduce per
@@ -224,7 +225,7 @@ def eigenvalues(
     generic = "auto" if engine in ("auto", "structure", "generic") else engine
     run = Request(model=model, data=data, likelihood=likelihood, kind=kind, params=params, reduction=reduction,
                   samples=samples, generator=generator, batch_size=batch_size, engine=generic, output=output,
-                  group=group, distributed=distributed)
+                  group=group, distributed=distributed, progress=progress)
     P = run.fm.P
     if k is not None and k > P:
         raise ValueError(f"k={k} is larger than the number of parameters P = {P}: the Fisher has only {P} "
@@ -282,7 +283,8 @@ def eigenvalues(
         op = FisherOperator(run)
         v0 = np.ones(P) / math.sqrt(P)
         ncv = min(P, max(2 * k + 1, k + 8))  # a short restart cycle: fewer products than scipy's default of 20
-        w, V = eigsh(op.to_scipy(), k=k, which="LA", tol=tol, v0=v0, ncv=ncv, return_eigenvectors=True)
+        with run.bar(None, f"Lanczos, top {k}", "product") as op.bar:
+            w, V = eigsh(op.to_scipy(), k=k, which="LA", tol=tol, v0=v0, ncv=ncv, return_eigenvectors=True)
         vals = torch.as_tensor(w.copy(), dtype=run.fm.dtype)
         vecs = torch.as_tensor(V.copy(), dtype=run.fm.dtype) if return_vectors else None
         vals, vecs = _descending(vals, vecs, k)
@@ -346,6 +348,7 @@ def spectral_density(
     model, data, likelihood, kind: str = "true", *, probes: int = 8, steps: int = 40, grid: int = 400,
     sigma: float | None = None, log: bool = True, floor: float | None = None, generator=None, params=None,
     reduction: str = "mean", batch_size=None, output=None, group=None, distributed: bool | None = None,
+    progress: bool = False,
 ) -> SpectralDensity:
     """Spectral density of F by stochastic Lanczos quadrature (Ubaru, Chen & Saad 2017; Lin, Saad & Yang 2016).
 
@@ -355,20 +358,22 @@ def spectral_density(
     ``log10 λ``, nodes ≤ ``floor`` (default ``1e-12 · λ_max``) count as ``zero_mass``.  Cost: ``steps`` passes
     over the data, each ``probes`` Fisher–vector products batched.  ``generator`` seeds the probes (and the
     labels of ``kind="mc"``).  ``group``, ``distributed``: as in :func:`fisherlens.fisher_matrix` (the probes of the
-    group's first rank are broadcast; each step's products are all-reduced).
+    group's first rank are broadcast; each step's products are all-reduced).  ``progress``: a progress bar (tqdm)
+    counting the products.
     """
     if not isinstance(probes, int) or probes < 1 or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"probes and steps must be positive integers, got {probes!r}, {steps!r}.")
     run = Request(model=model, data=data, likelihood=likelihood, kind=kind, params=params, reduction=reduction,
                   generator=generator, batch_size=batch_size, engine="functional", output=output,
-                  group=group, distributed=distributed)
+                  group=group, distributed=distributed, progress=progress)
     op = FisherOperator(run)  # copies the generator's state for kind="mc" labels; probes then use it
     P = run.fm.P
     steps = min(steps, P)
     v = torch.randint(0, 2, (P, probes), generator=generator).to(run.fm.dtype) * 2 - 1
     if run.shards is not None:  # the probes are Lanczos starts, not data draws: the same on every rank
         v = run.shards.broadcast(v.to(run.fm.device))
-    alpha, beta = lanczos(op.matmat, P, v.to(run.fm.device), steps)
+    with run.bar(steps * probes, f"SLQ, {probes} probes × {steps} steps", "product") as op.bar:
+        alpha, beta = lanczos(op.matmat, P, v.to(run.fm.device), steps)
     nodes, weights = [], []
     for a, b in zip(alpha, beta, strict=True):
         m = int((b > 0).sum()) + 1 if b.numel() else 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from tqdm.auto import tqdm
 
 from .checks import ENGINES, REDUCTIONS, check_choice, check_kind, check_positive_int
 from .data import iter_batches
@@ -24,11 +25,13 @@ class Request:
             ``data`` is then this rank's shard, and :meth:`total` sums a pass's statistics over the ranks.
         n: inputs seen by the current (last) pass over the data; m: kept predictions (positions) in it (after
             :meth:`total`: over all ranks).
+        progress: whether long loops show a progress bar (:meth:`bar`).
     """
 
     def __init__(self, *, model, data, likelihood, kind: str = "true", params=None, reduction: str = "mean",
                  samples: int = 1, generator: torch.Generator | None = None, batch_size: int | None = None,
-                 engine: str = "auto", output=None, group=None, distributed: bool | None = None):
+                 engine: str = "auto", output=None, group=None, distributed: bool | None = None,
+                 progress: bool = False):
         check_kind(likelihood, kind)
         check_choice("reduction", reduction, REDUCTIONS)
         check_choice("engine", engine, ENGINES)
@@ -42,6 +45,16 @@ class Request:
         self.samples = check_positive_int("samples", samples, what="label draws per input")
         self.batch_size, self.engine = batch_size, engine
         self.n = self.m = 0
+        if not isinstance(progress, bool):
+            raise TypeError(f"progress must be True or False, got {progress!r}.")
+        self.progress = progress
+
+    def bar(self, total: int | None, desc: str, unit: str) -> tqdm:
+        """A tqdm progress bar ``"fisherlens: <desc>"`` (use as a context manager), shown with ``progress=True``
+        (under a process group on the first rank only), else disabled; it disappears when done."""
+        show = self.progress and (self.shards is None or self.shards.rank == 0)
+        return tqdm(total=total, desc=f"fisherlens: {desc}", unit=unit, disable=not show, leave=False,
+                    mininterval=0.5)
 
     @property
     def generator(self) -> torch.Generator | None:
