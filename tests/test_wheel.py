@@ -101,5 +101,6 @@ def test_wheel_in_a_fresh_venv_runs_the_main_job(dist, tmp_path):
     n, tr_dense, tr, version = api.split()
     assert n == "64" and version == fisherlens.__version__
     assert abs(float(tr_dense) - float(tr)) <= 1e-10 * abs(float(tr))
-    with pytest.raises(AssertionError, match="needs PyTorch Lightning"):  # a clear error without the framework
-        _run(py, "-c", "import fisherlens.integrations.lightning", env=env)
+    for module, says in (("lightning", "needs PyTorch Lightning"), ("transformers", "needs Hugging Face")):
+        with pytest.raises(AssertionError, match=says):  # a clear error without the framework
+            _run(py, "-c", f"import fisherlens.integrations.{module}", env=env)
