@@ -258,3 +258,187 @@ def test_l8_matches_transfer_matrix(method, beta, h):
     exact = Ising2D(8).metric(torch.tensor([beta, h], dtype=torch.float64))
     z = (res.metric - exact) / res.stderr
     assert float(z.abs().max()) < 4.0, f"z-scores {z.tolist()}"
+
+
+# ----------------------------------------------------------------------------- scalar curvature from cumulants
+def _exact_curvature(L, beta, h):
+    import fisherlens as fl
+    from fisherlens.gibbs import Ising2D
+
+    return fl.geometry.scalar_curvature(Ising2D(L), torch.tensor([beta, h], dtype=torch.float64))
+
+
+@pytest.mark.parametrize(
+    ("model", "theta"),
+    [
+        ("chain", (0.5, 0.3)),
+        ("chain", (1.2, 0.0)),
+        ("chain", (0.2, -1.1)),
+        ("curie_weiss", (0.8, 0.2)),
+        ("curie_weiss", (1.3, 0.0)),
+        ("ising3", (0.4, 0.1)),
+    ],
+)
+def test_curvature_formula_against_geometry(model, theta):
+    """R from (g, ∇³ψ) by the Hessian-metric formula equals fl.geometry's R (which differentiates g twice)."""
+    import fisherlens as fl
+    from fisherlens.gibbs import CurieWeiss, Ising2D, IsingChain
+
+    m = {"chain": IsingChain(), "curie_weiss": CurieWeiss(12), "ising3": Ising2D(3)}[model]
+    th = torch.tensor(theta, dtype=torch.float64)
+    g, third = m.metric(th), torch.func.jacfwd(m.metric)(th)
+    R = mc.scalar_curvature_from_cumulants(g, third)
+    assert R.shape == () and R.dtype == torch.float64
+    assert float(R) == pytest.approx(fl.geometry.scalar_curvature(m, th), rel=1e-9, abs=1e-10)
+    if model == "chain":
+        assert float(R) == pytest.approx(IsingChain.scalar_curvature_exact(th), rel=1e-9)
+
+
+def test_curvature_formula_batched_sphere_free_cases_and_errors():
+    # ψ = Σ log-partition of independent coordinates (a product of 1-D families) is flat: R = 0
+    g = torch.diag(torch.tensor([2.0, 0.5], dtype=torch.float64))
+    third = torch.zeros(2, 2, 2, dtype=torch.float64)
+    third[0, 0, 0], third[1, 1, 1] = 3.0, -1.0
+    assert float(mc.scalar_curvature_from_cumulants(g, third)) == pytest.approx(0.0, abs=1e-15)
+    # batched: (3, 2, 2) and (3, 2, 2, 2) -> (3,), each equal to the single evaluation; scaling g, T -> g/N, T/N
+    from fisherlens.gibbs import IsingChain
+
+    ths = torch.tensor([[0.3, 0.1], [0.6, -0.4], [0.9, 0.0]], dtype=torch.float64)
+    gs = torch.stack([IsingChain().metric(t) for t in ths])
+    ts = torch.stack([torch.func.jacfwd(IsingChain().metric)(t) for t in ths])
+    batch = mc.scalar_curvature_from_cumulants(gs, ts)
+    assert batch.shape == (3,)
+    for k in range(3):
+        assert float(batch[k]) == pytest.approx(float(mc.scalar_curvature_from_cumulants(gs[k], ts[k])), rel=1e-13)
+        assert float(mc.scalar_curvature_from_cumulants(gs[k] / 7, ts[k] / 7)) == pytest.approx(
+            7 * float(batch[k]), rel=1e-12
+        )
+    with pytest.raises(ValueError, match="same leading shape"):
+        mc.scalar_curvature_from_cumulants(gs, ts[:2])
+    with pytest.raises(ValueError, match="same leading shape"):
+        mc.scalar_curvature_from_cumulants(torch.ones(2), torch.ones(2, 2, 2))
+
+
+def test_mc_curvature_sign_matches_geometry_on_l4():
+    """The exact R of Ising2D(4) through fl.geometry equals the formula on the enumerated cumulants, and it is
+    the quantity the estimator targets (positive at h = 0, negative at (0.3, 0.2))."""
+    from fisherlens.gibbs import Ising2D
+
+    for beta, h in ((BETA_C, 0.0), (0.3, 0.2)):
+        th = torch.tensor([beta, h], dtype=torch.float64)
+        m = Ising2D(4)
+        R = float(mc.scalar_curvature_from_cumulants(m.metric(th), torch.func.jacfwd(m.metric)(th)))
+        assert R == pytest.approx(_exact_curvature(4, beta, h), rel=1e-9)
+        assert (R > 0) == (h == 0.0)
+
+
+# 5 + 2 points, one z-score each, |z| < 4 (family-wise false-alarm rate < 5e-4; the seeds are fixed).
+@pytest.mark.parametrize(
+    ("L", "beta", "h", "sweeps"),
+    [
+        (4, 0.3, 0.2, 8000),
+        (4, BETA_C, 0.0, 8000),
+        (4, BETA_C, 0.1, 8000),
+        (4, 0.6, 0.05, 8000),  # ordered phase, weak field
+        (4, 0.4, -0.15, 8000),
+        (6, BETA_C, 0.0, 4000),  # the transfer matrix (0.2 s for the exact curvature; L = 8 costs 1.5-3 s)
+        (6, 0.4, 0.05, 4000),
+    ],
+)
+def test_mc_curvature_matches_exact(L, beta, h, sweeps):
+    res = mc.ising2d_monte_carlo(L, (beta, h), sweeps=sweeps, burn_in=200, method="wolff", generator=_gen(1))
+    est = mc.monte_carlo_curvature(res)
+    exact = _exact_curvature(L, beta, h)
+    assert est.stderr > 0 and est.symmetrized == (h == 0.0)
+    z = (est.scalar_curvature - exact) / est.stderr
+    assert abs(z) < 4.0, (est.scalar_curvature, est.stderr, exact, z)
+    assert abs(est.bias) < est.stderr  # the plug-in bias is small against the noise at these run lengths
+    assert est.replicates.shape == (est.n_blocks,) and est.block_length == res.block_length
+    if h != 0.0:
+        torch.testing.assert_close(est.metric, res.metric)  # the plain sample covariance, as in the result
+
+
+def test_mc_curvature_heatbath_matches_exact():
+    res = mc.ising2d_monte_carlo(4, (0.35, 0.1), sweeps=6000, method="heatbath", generator=_gen(2))
+    est = res.curvature()
+    z = (est.scalar_curvature - _exact_curvature(4, 0.35, 0.1)) / est.stderr
+    assert abs(z) < 4.0, z
+
+
+def _naive_jackknife(phi, block, n_sites, symmetric):
+    """Leave-one-block-out (g, T, R) by direct recomputation on the remaining samples (slow reference)."""
+    n_blocks = phi.shape[0] // block
+    x = phi[: n_blocks * block]
+    if symmetric:
+        x = np.concatenate([x, x * np.array([1.0, -1.0])])  # the mirror images M -> -M
+        owner = np.concatenate([np.arange(x.shape[0] // 2) // block] * 2)
+    else:
+        owner = np.arange(x.shape[0]) // block
+
+    def cumulants(y, n):
+        mu = y.mean(0)
+        if symmetric:
+            mu[1] = 0.0
+        d = y - mu
+        m = y.shape[0]  # 2n with the mirror images; the small-sample factors use the n measured sweeps
+        g = np.einsum("ta,tb->ab", d, d) / m * (n / (n - 1))
+        t3 = np.einsum("ta,tb,tc->abc", d, d, d) / m * (n * n / ((n - 1) * (n - 2)))
+        return g, t3
+
+    reps = []
+    for k in range(n_blocks):
+        y = x[owner != k]
+        n = (n_blocks - 1) * block
+        g, t3 = cumulants(y, n)
+        reps.append(float(mc.scalar_curvature_from_cumulants(torch.tensor(g / n_sites), torch.tensor(t3 / n_sites))))
+    reps = np.array(reps)
+    return reps, math.sqrt((n_blocks - 1) / n_blocks * ((reps - reps.mean()) ** 2).sum())
+
+
+@pytest.mark.parametrize(("theta", "symmetric"), [((0.35, 0.1), False), ((0.4, 0.0), True), ((0.4, 0.0), False)])
+def test_mc_curvature_jackknife_against_naive(theta, symmetric):
+    res = mc.ising2d_monte_carlo(4, theta, sweeps=1500, burn_in=50, generator=_gen(9))
+    est = mc.monte_carlo_curvature(res, symmetrize=symmetric)
+    reps, se = _naive_jackknife(res.samples.numpy(), res.block_length, 16, symmetric)
+    np.testing.assert_allclose(est.replicates.numpy(), reps, rtol=1e-9)
+    assert est.stderr == pytest.approx(se, rel=1e-9)
+    # the point estimate on all samples: the plug-in cumulants of the (mirrored) samples
+    phi = res.samples.numpy()
+    if symmetric:
+        phi = np.concatenate([phi, phi * np.array([1.0, -1.0])])
+    mu = phi.mean(0)
+    d = phi - mu
+    t = res.sweeps
+    third = np.einsum("ta,tb,tc->abc", d, d, d) / phi.shape[0] * (t * t / ((t - 1) * (t - 2))) / 16
+    np.testing.assert_allclose(est.third_cumulants.numpy(), third, rtol=1e-9, atol=1e-9)
+
+
+def test_mc_curvature_symmetry_at_zero_field():
+    res = mc.ising2d_monte_carlo(4, (0.45, 0.0), sweeps=2000, burn_in=50, generator=_gen(12))
+    sym, raw = res.curvature(), res.curvature(symmetrize=False)
+    assert sym.symmetrized and not raw.symmetrized
+    assert float(sym.metric[0, 1]) == 0.0 and float(sym.metric_stderr[0, 1]) == 0.0
+    for idx in ((0, 0, 1), (0, 1, 0), (1, 0, 0), (1, 1, 1)):  # T_ββh and T_hhh in every index order
+        assert float(sym.third_cumulants[idx]) == 0.0 and float(sym.third_stderr[idx]) == 0.0
+        assert float(raw.third_stderr[idx]) > 0.0  # the raw estimate keeps the sampled (nonzero) odd entries
+    assert float(raw.third_cumulants[1, 1, 1]) != 0.0
+    m = res.samples[:, 1].numpy()
+    assert float(sym.metric[1, 1]) == pytest.approx(float((m * m).mean()) / 16 * res.sweeps / (res.sweeps - 1))
+    assert set(sym.tau) == {"T_bbb", "T_bhh"} and set(raw.tau) == {"T_bbb", "T_bbh", "T_bhh", "T_hhh"}
+    with pytest.raises(ValueError, match="h = 0"):
+        mc.ising2d_monte_carlo(4, (0.45, 0.1), sweeps=200, burn_in=5, generator=_gen(1)).curvature(symmetrize=True)
+    with pytest.raises(ValueError, match="symmetrize"):
+        res.curvature(symmetrize="yes")
+    with pytest.raises(ValueError, match="MonteCarloResult"):
+        mc.monte_carlo_curvature(res.samples)
+
+
+def test_mc_curvature_stderr_is_honest():
+    """The spread of R over independent runs matches its reported standard error (L = 4, near β_c, h ≠ 0)."""
+    runs = [
+        mc.ising2d_monte_carlo(4, (BETA_C, 0.1), sweeps=1500, burn_in=100, generator=_gen(300 + k)).curvature()
+        for k in range(16)
+    ]
+    est = np.array([r.scalar_curvature for r in runs])
+    ratio = est.std(ddof=1) / np.mean([r.stderr for r in runs])
+    assert 0.5 < ratio < 2.0, ratio

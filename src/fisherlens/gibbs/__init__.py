@@ -5,7 +5,9 @@ Conventions and references: :mod:`fisherlens.gibbs.models` (Janke, Johnston & Ke
 phase transitions", Physica A 336 (2004); M. Sauter, B.Sc. thesis, University of Stuttgart (2023), §3.4).
 The zero-field 2-D torus exactly for any size: :class:`IsingTorus` (Kaufman's formula).
 Monte-Carlo estimates for larger 2-D lattices: :func:`ising2d_monte_carlo` (:mod:`fisherlens.gibbs.montecarlo`:
-Wolff clusters, checkerboard Metropolis, heat bath; autocorrelation-aware standard errors).
+Wolff clusters, checkerboard Metropolis, heat bath; autocorrelation-aware standard errors), and from the same
+samples the scalar curvature ``R`` by :func:`monte_carlo_curvature` (second and third cumulants of ``φ``,
+:func:`scalar_curvature_from_cumulants`).
 """
 
 from .models import (
@@ -20,7 +22,15 @@ from .models import (
     IsingTorus,
     rbm_metric,
 )
-from .montecarlo import BETA_CRITICAL, MonteCarloResult, integrated_autocorrelation_time, ising2d_monte_carlo
+from .montecarlo import (
+    BETA_CRITICAL,
+    MonteCarloCurvature,
+    MonteCarloResult,
+    integrated_autocorrelation_time,
+    ising2d_monte_carlo,
+    monte_carlo_curvature,
+    scalar_curvature_from_cumulants,
+)
 
 __all__ = [
     "BETA_CRITICAL",
@@ -34,7 +44,10 @@ __all__ = [
     "IsingFiniteChain",
     "IsingTorus",
     "rbm_metric",
+    "MonteCarloCurvature",
     "MonteCarloResult",
     "integrated_autocorrelation_time",
     "ising2d_monte_carlo",
+    "monte_carlo_curvature",
+    "scalar_curvature_from_cumulants",
 ]

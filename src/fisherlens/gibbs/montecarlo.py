@@ -80,9 +80,12 @@ import torch
 
 __all__ = [
     "BETA_CRITICAL",
+    "MonteCarloCurvature",
     "MonteCarloResult",
     "integrated_autocorrelation_time",
     "ising2d_monte_carlo",
+    "monte_carlo_curvature",
+    "scalar_curvature_from_cumulants",
 ]
 
 #: Critical coupling of the infinite 2-D square-lattice Ising model, ``½ ln(1 + √2)``.
@@ -159,6 +162,53 @@ class MonteCarloResult:
         """Effective samples of the slowest metric entry per second of wall time."""
         slowest = min(self.effective_samples[k] for k in ("g_bb", "g_bh", "g_hh"))
         return slowest / self.elapsed_s if self.elapsed_s > 0 else float("inf")
+
+    def curvature(self, *, symmetrize: bool | None = None) -> MonteCarloCurvature:
+        """Scalar curvature ``R`` of the per-site metric from these samples: :func:`monte_carlo_curvature`."""
+        return monte_carlo_curvature(self, symmetrize=symmetrize)
+
+
+@dataclass
+class MonteCarloCurvature:
+    """Monte-Carlo estimate of the scalar curvature ``R(β, h)`` of the per-site Fisher metric (2-D Ising).
+
+    Attributes:
+        scalar_curvature: ``R`` (sign of :mod:`fisherlens.geometry`: the unit sphere has ``+2``), the plug-in
+            value :func:`scalar_curvature_from_cumulants` of ``metric`` and ``third_cumulants``.
+        stderr: block-jackknife standard error of ``scalar_curvature``.
+        bias: jackknife estimate of the bias of the plug-in ``R``, ``(B - 1)(R̄_(·) - R_B)`` with ``R_B`` the
+            plug-in value on the ``B`` whole blocks (``R`` is a nonlinear function of sample moments, biased at
+            ``O(τ/T)``); not subtracted from ``scalar_curvature``.
+        metric: ``(2, 2)`` float64, ``g = κ₂(φ)/N`` used for ``R`` (``g_βh = 0`` when ``symmetrized``).
+        third_cumulants: ``(2, 2, 2)`` float64, ``T_abc = ∂_a∂_b∂_c (log Z/N) = κ₃(φ)_abc / N`` (index 0: β / E_b,
+            index 1: h / M); the entries odd in ``h`` are 0 when ``symmetrized``.
+        metric_stderr: ``(2, 2)`` block-jackknife standard errors of ``metric`` (0 where fixed by symmetry).
+        third_stderr: ``(2, 2, 2)`` block-jackknife standard errors of ``third_cumulants``.
+        replicates: ``(B,)`` the leave-one-block-out values of ``R`` behind ``stderr`` and ``bias``.
+        symmetrized: whether the exact ``M -> -M`` symmetry of ``h = 0`` was imposed (see
+            :func:`monte_carlo_curvature`).
+        tau: integrated autocorrelation times (sweeps) of the centred triple products used, keys ``"T_bbb"``,
+            ``"T_bbh"``, ``"T_bhh"``, ``"T_hhh"`` (only the ``h``-even two when ``symmetrized``).
+        block_length: jackknife block length (sweeps), that of the :class:`MonteCarloResult`.
+        n_blocks: number of jackknife blocks.
+        L: linear lattice size.
+        theta: ``(β, h)``.
+    """
+
+    scalar_curvature: float
+    stderr: float
+    bias: float
+    metric: torch.Tensor
+    third_cumulants: torch.Tensor
+    metric_stderr: torch.Tensor
+    third_stderr: torch.Tensor
+    replicates: torch.Tensor
+    symmetrized: bool
+    tau: dict[str, float]
+    block_length: int
+    n_blocks: int
+    L: int
+    theta: tuple[float, float]
 
 
 # ----------------------------------------------------------------------------------------------- validation
@@ -372,20 +422,90 @@ def integrated_autocorrelation_time(x, c: float = _SOKAL_C) -> tuple[float, int]
     return float(max(taus[w - 1], 0.5)), w
 
 
-def _block_jackknife_cov(phi: np.ndarray, block: int) -> tuple[np.ndarray, int]:
-    """Jackknife standard error of the sample covariance over contiguous blocks; returns ``(stderr, n_blocks)``."""
-    n_blocks = phi.shape[0] // block
-    x = phi[: n_blocks * block]
-    x = x - x.mean(0)  # centring first keeps the cancellation harmless
-    m = x.shape[0]
-    b1 = x.reshape(n_blocks, block, 2).sum(1)  # (B, 2)
-    b2 = np.einsum("kta,ktb->kab", x.reshape(n_blocks, block, 2), x.reshape(n_blocks, block, 2))  # (B, 2, 2)
-    s1, s2 = b1.sum(0), b2.sum(0)
-    rest = m - block
-    mean = (s1[None] - b1) / rest
-    cov = ((s2[None] - b2) / rest - mean[:, :, None] * mean[:, None, :]) * (rest / (rest - 1))
-    dev = cov - cov.mean(0)
-    return np.sqrt((n_blocks - 1) / n_blocks * (dev**2).sum(0)), n_blocks
+def _moments_from_sums(s1: np.ndarray, s2: np.ndarray, s3: np.ndarray | None, n) -> tuple:
+    """Sample covariance (ddof 1) and third cumulant (k-statistic) from power sums of shifted data.
+
+    ``s1 (..., d)``, ``s2 (..., d, d)``, ``s3 (..., d, d, d)`` are ``Σ x``, ``Σ x⊗x``, ``Σ x⊗x⊗x`` over ``n``
+    samples of ``x = φ - c`` for a constant shift ``c`` (central moments do not depend on it).  With
+    ``μ = s1/n``: ``m2 = s2/n - μ⊗μ``, ``m3_abc = s3_abc/n - μ_a m'_bc - μ_b m'_ac - μ_c m'_ab + 2 μ_a μ_b μ_c``
+    (``m' = s2/n``), returned as ``n/(n-1) m2`` and ``n²/((n-1)(n-2)) m3`` (``None`` when ``s3`` is).
+    """
+    n = np.asarray(n, dtype=np.float64)
+    mu = s1 / n[..., None]
+    r2 = s2 / n[..., None, None]
+    cov = (r2 - mu[..., :, None] * mu[..., None, :]) * (n / (n - 1))[..., None, None]
+    if s3 is None:
+        return cov, None
+    r3 = s3 / n[..., None, None, None]
+    m3 = (
+        r3
+        - mu[..., :, None, None] * r2[..., None, :, :]
+        - mu[..., None, :, None] * r2[..., :, None, :]
+        - mu[..., None, None, :] * r2[..., :, :, None]
+        + 2.0 * mu[..., :, None, None] * mu[..., None, :, None] * mu[..., None, None, :]
+    )
+    return cov, m3 * (n * n / ((n - 1) * (n - 2)))[..., None, None, None]
+
+
+def _odd_in_field(d: int, order: int) -> np.ndarray:
+    """Boolean mask of the entries of a ``(d,)*order`` moment tensor that hold an odd number of index 1 (M)."""
+    idx = np.indices((d,) * order)
+    return ((idx == 1).sum(0) % 2) == 1
+
+
+def _block_jackknife(phi: np.ndarray, block: int, *, third: bool = False, symmetric: bool = False) -> dict:
+    """Block jackknife of the sample covariance and (optionally) the third cumulant of ``phi (T, d)``.
+
+    The ``T // block`` contiguous blocks (any tail shorter than a block is dropped) are left out one at a time;
+    power sums per block make each leave-one-out estimate O(1).  ``symmetric`` (``d = 2``, column 1 = ``M``):
+    the moments are those of the data together with its mirror image ``M -> -M`` — the mean of ``M`` is 0 and
+    every moment odd in ``M`` vanishes; the even ones are the plain averages (about ``M = 0``).
+
+    Returns:
+        dict with ``"cov"`` (``(B, d, d)`` leave-one-block-out replicates), ``"third"`` (``(B, d, d, d)`` or
+        ``None``), ``"full_cov"``, ``"full_third"`` (the same estimators on all ``T`` samples),
+        ``"blocks_cov"``, ``"blocks_third"`` (on the ``B`` blocks only: the reference of the jackknife bias) and
+        ``"n_blocks"``.
+    """
+    t, d = phi.shape
+    n_blocks = t // block
+    centre = phi[: n_blocks * block].mean(0)  # centring first keeps the cancellation harmless
+    if symmetric:
+        centre[1] = 0.0
+    x = phi - centre
+    xb = x[: n_blocks * block].reshape(n_blocks, block, d)
+    sums = [xb.sum(1), np.einsum("kta,ktb->kab", xb, xb)]
+    full = [x.sum(0), np.einsum("ta,tb->ab", x, x)]
+    if third:
+        sums.append(np.einsum("kta,ktb,ktc->kabc", xb, xb, xb))
+        full.append(np.einsum("ta,tb,tc->abc", x, x, x))
+    if symmetric:
+        for order, (b, f) in enumerate(zip(sums, full, strict=True), start=1):
+            odd = _odd_in_field(d, order)
+            b[:, odd] = 0.0
+            f[odd] = 0.0
+    total = [b.sum(0) for b in sums]
+    rest = np.full(n_blocks, float(n_blocks * block - block))
+    loo = [s_all[None] - b for s_all, b in zip(total, sums, strict=True)]
+    cov, k3 = _moments_from_sums(loo[0], loo[1], loo[2] if third else None, rest)
+    full_cov, full_k3 = _moments_from_sums(full[0], full[1], full[2] if third else None, float(t))
+    blocks_cov, blocks_k3 = _moments_from_sums(total[0], total[1], total[2] if third else None, float(n_blocks * block))
+    return {
+        "cov": cov,
+        "third": k3,
+        "full_cov": full_cov,
+        "full_third": full_k3,
+        "blocks_cov": blocks_cov,
+        "blocks_third": blocks_k3,
+        "n_blocks": n_blocks,
+    }
+
+
+def _jackknife_stderr(replicates: np.ndarray) -> np.ndarray:
+    """``sqrt((B-1)/B Σ_k (θ_(k) - θ̄)²)`` over the leading axis of leave-one-block-out replicates."""
+    b = replicates.shape[0]
+    dev = replicates - replicates.mean(0)
+    return np.sqrt((b - 1) / b * (dev**2).sum(0))
 
 
 def _statistics(phi: np.ndarray, n_sites: int):
@@ -416,7 +536,8 @@ def _statistics(phi: np.ndarray, n_sites: int):
                 RuntimeWarning,
                 stacklevel=3,
             )
-    stderr, n_blocks = _block_jackknife_cov(phi, block)
+    jk = _block_jackknife(phi, block)
+    stderr, n_blocks = _jackknife_stderr(jk["cov"]), jk["n_blocks"]
     return metric, stderr / n_sites, stderr_tau, tau, eff, block, n_blocks
 
 
@@ -519,4 +640,181 @@ def ising2d_monte_carlo(
         elapsed_s=elapsed,
         sweeps_per_second=n_total / elapsed if elapsed > 0 else float("inf"),
         **extra,
+    )
+
+
+# ----------------------------------------------------------------------------------------------- curvature
+def scalar_curvature_from_cumulants(metric, third) -> torch.Tensor:
+    r"""Scalar curvature of a Hessian metric ``g = ∇²ψ`` from ``g`` and the third derivatives ``T = ∇³ψ``.
+
+    For an exponential family ``ψ = log Z`` (or ``log Z / N`` per site) ``g_ab = κ₂(φ)_ab`` and
+    ``T_abc = κ₃(φ)_abc`` (divided by ``N``), and ``Γ_abc = ½ T_abc`` (Christoffel symbols of the first kind),
+    so the curvature needs no fourth derivative.  The Riemann tensor of a Hessian metric is
+    ``R_abcd = ¼ g^{pq} (T_adp T_bcq − T_acp T_bdq)`` (sign of :mod:`fisherlens.geometry`, where the unit
+    2-sphere has ``R = +2``), and its contraction is
+
+        R = ¼ (T_abc T_def g^{ad} g^{be} g^{cf} − V_p g^{pq} V_q),   V_p = T_abp g^{ab}.
+
+    In two dimensions this is ``R = 2 R_1212 / det g`` with ``R_1212 = ¼ g^{pq}(T_12p T_12q − T_11p T_22q)``.
+    Scaling: with ``ψ = log Z / N``, ``g`` and ``T`` are ``1/N`` times the cumulants of ``φ``, so ``R`` of the
+    per-site metric is ``N`` times ``R`` of the metric of ``log Z``.
+
+    Args:
+        metric: ``(..., d, d)`` symmetric positive-definite ``g``.
+        third: ``(..., d, d, d)`` totally symmetric ``T`` (same leading shape).
+
+    Returns:
+        ``(...)`` float64 tensor of ``R`` (a 0-d tensor for a single point).
+
+    Raises:
+        ValueError: shapes that do not match.
+
+    Example:
+        >>> import torch, fisherlens as fl
+        >>> from torch.func import jacfwd
+        >>> from fisherlens.gibbs import IsingChain, scalar_curvature_from_cumulants
+        >>> th = torch.tensor([0.5, 0.3], dtype=torch.float64)
+        >>> R = scalar_curvature_from_cumulants(IsingChain().metric(th), jacfwd(IsingChain().metric)(th))
+        >>> abs(float(R) - IsingChain.scalar_curvature_exact(th)) < 1e-10
+        True
+    """
+    g = torch.as_tensor(metric, dtype=torch.float64)
+    t = torch.as_tensor(third, dtype=torch.float64)
+    d = g.shape[-1] if g.dim() >= 2 else 0
+    if g.dim() < 2 or g.shape[-2] != d or tuple(t.shape) != (*g.shape[:-2], d, d, d):
+        raise ValueError(
+            f"scalar_curvature_from_cumulants: metric must be (..., d, d) and third (..., d, d, d) with the same "
+            f"leading shape, got {tuple(g.shape)} and {tuple(t.shape)}."
+        )
+    gi = torch.linalg.inv(g)
+    full = torch.einsum("...abc,...def,...ad,...be,...cf->...", t, t, gi, gi, gi)
+    v = torch.einsum("...abp,...ab->...p", t, gi)
+    trace = torch.einsum("...p,...pq,...q->...", v, gi, v)
+    return 0.25 * (full - trace)
+
+
+def monte_carlo_curvature(result: MonteCarloResult, *, symmetrize: bool | None = None) -> MonteCarloCurvature:
+    r"""Scalar curvature ``R(β, h)`` of the per-site Fisher metric of the 2-D Ising model from Monte-Carlo samples.
+
+    The per-site log-partition ``ψ = log Z / N`` of the exponential family ``p ∝ exp(β E_b + h M)`` has the
+    derivatives ``∂_a∂_b ψ = κ₂(φ)_ab / N`` and ``∂_a∂_b∂_c ψ = κ₃(φ)_abc / N``, the joint cumulants of
+    ``φ = (E_b, M)`` divided by ``N`` (equivalently ``N^{k−1} κ_k(φ/N)``: the per-site statistics ``φ/N`` have
+    cumulants ``O(N^{1−k})``).  The curvature of a Hessian metric needs only these
+    (:func:`scalar_curvature_from_cumulants`), so ``R`` is estimated by plugging in the sample covariance
+    (ddof 1) and the sample third cumulant (k-statistic, ``T²/((T−1)(T−2))`` times the third central moment)
+    of the measured ``φ``.  ``R`` scales as ``N κ₃² / κ₂³``: finite per site away from a transition, ``~ ξ²``
+    near it (Janke, Johnston and Kenna 2004), so for ``L ≪ ξ`` it grows like ``L²`` up to logarithms.
+
+    Errors: block jackknife over the contiguous blocks of ``result`` (``result.block_length``, chosen from the
+    autocorrelation times of φ and its centred products): each block is left out in turn, ``g``, ``T`` and
+    ``R`` recomputed, ``stderr = sqrt((B−1)/B Σ (R_(k) − R̄)²)``; the jackknife bias estimate is reported
+    (``bias``), not subtracted.  The integrated autocorrelation times of the centred triple products are
+    measured too (``tau``) and a ``RuntimeWarning`` is emitted if the blocks are shorter than 5 of them.  Third
+    cumulants are noisy — ``R`` is quadratic in them, so its relative error is about twice theirs; plan for
+    thousands of effective samples.
+
+    At ``h = 0`` the model is symmetric under ``M -> −M``: ``g_βh``, ``T_ββh`` and ``T_hhh`` vanish exactly.
+    ``symmetrize=None`` (default) imposes this **exactly at h = 0 and nowhere else**: the moments are those of
+    the samples together with their mirror images ``M -> −M`` (mean of ``M`` taken as 0, the three odd entries
+    set to 0, the even ones averaged about ``M = 0``); the result says so (``symmetrized=True``).  This removes
+    noise that enters ``R`` only at second order (``∂R`` with respect to the odd entries vanishes at ``h = 0``)
+    and the bias it causes, and it gives the symmetric finite-``L`` answer even when a sampler is stuck in one
+    magnetisation sign (Metropolis in the ordered phase).  ``symmetrize=False`` uses the raw sample moments at
+    every ``h`` (consistent as well, noisier at ``h = 0``); ``symmetrize=True`` at ``h ≠ 0`` is refused.  Because
+    of the mirror images, ``metric[1, 1]`` at ``h = 0`` is ``⟨M²⟩/N`` and may differ from ``result.metric[1, 1]``
+    (``Var[M]/N``) by ``⟨M⟩²/N``.
+
+    For finite ``L`` ``ψ`` is analytic (``Z`` is a finite sum of positive terms) and ``g`` positive definite, so
+    ``R`` is defined everywhere, ``h = 0`` included; only the limit ``L → ∞`` is singular (at ``β_c``, and on
+    the line ``h = 0, β > β_c``).
+
+    Args:
+        result: a :class:`MonteCarloResult` of :func:`ising2d_monte_carlo` (its ``samples`` are used).
+        symmetrize: ``None`` (impose the ``h = 0`` symmetry exactly when ``h == 0``), ``True`` (same, but only
+            allowed at ``h = 0``) or ``False`` (never).
+
+    Returns:
+        :class:`MonteCarloCurvature`.
+
+    Raises:
+        ValueError: ``result`` is not a :class:`MonteCarloResult`, ``symmetrize=True`` at ``h ≠ 0``, or the
+            estimated metric is singular (e.g. a frozen chain).
+
+    Example:
+        >>> import torch
+        >>> from fisherlens.gibbs import ising2d_monte_carlo
+        >>> res = ising2d_monte_carlo(4, (0.3, 0.1), sweeps=2000, generator=torch.Generator().manual_seed(0))
+        >>> est = res.curvature()
+        >>> est.stderr > 0 and not est.symmetrized
+        True
+    """
+    if not isinstance(result, MonteCarloResult):
+        raise ValueError(f"result must be a MonteCarloResult, got {type(result).__name__}")
+    h = result.theta[1]
+    if symmetrize is None:
+        symmetrize = h == 0.0
+    elif not isinstance(symmetrize, bool):
+        raise ValueError(f"symmetrize must be None, True or False, got {symmetrize!r}")
+    elif symmetrize and h != 0.0:
+        raise ValueError(f"symmetrize=True needs h = 0 (the M -> -M symmetry holds only there), got h={h!r}")
+    phi = result.samples.detach().cpu().numpy().astype(np.float64)
+    n_sites = result.N
+    block = result.block_length
+    if phi.shape[0] // block < 2:
+        raise ValueError(f"result has {phi.shape[0]} samples: fewer than 2 jackknife blocks of {block}")
+
+    # autocorrelation of the centred triple products behind T (the blocks were sized for φ and its products)
+    centre = phi.mean(0)
+    if symmetrize:
+        centre[1] = 0.0
+    e, m = (phi - centre).T
+    triples = {"T_bbb": e * e * e, "T_bbh": e * e * m, "T_bhh": e * m * m, "T_hhh": m * m * m}
+    if symmetrize:
+        triples = {k: triples[k] for k in ("T_bbb", "T_bhh")}
+    tau = {k: integrated_autocorrelation_time(v)[0] for k, v in triples.items()}
+    tau_max = max(tau.values())
+    if block < 5.0 * tau_max:
+        warnings.warn(
+            f"jackknife blocks of {block} sweeps are < 5 tau = {5 * tau_max:.3g} of the third-cumulant series; "
+            "the stderr of R may be underestimated",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+
+    jk = _block_jackknife(phi, block, third=True, symmetric=symmetrize)
+    g_rep = torch.from_numpy(jk["cov"] / n_sites)
+    t_rep = torch.from_numpy(jk["third"] / n_sites)
+    g = torch.from_numpy(np.ascontiguousarray(jk["full_cov"] / n_sites))
+    t = torch.from_numpy(np.ascontiguousarray(jk["full_third"] / n_sites))
+    if not bool(torch.linalg.eigvalsh(g)[0] > 0):
+        raise ValueError(
+            f"the estimated metric {g.tolist()} is not positive definite (a frozen chain?): R is undefined"
+        )
+    R = float(scalar_curvature_from_cumulants(g, t))
+    # the bias is measured against R on the same B blocks (a tail shorter than a block is left out of them)
+    R_blocks = float(
+        scalar_curvature_from_cumulants(
+            torch.from_numpy(jk["blocks_cov"] / n_sites), torch.from_numpy(jk["blocks_third"] / n_sites)
+        )
+    )
+    reps = scalar_curvature_from_cumulants(g_rep, t_rep)
+    n_blocks = jk["n_blocks"]
+    reps_np = reps.numpy()
+    if not np.all(np.isfinite(reps_np)):
+        raise ValueError("a leave-one-block-out metric is singular: R's jackknife is undefined (run longer)")
+    return MonteCarloCurvature(
+        scalar_curvature=R,
+        stderr=float(_jackknife_stderr(reps_np)),
+        bias=float((n_blocks - 1) * (reps_np.mean() - R_blocks)),
+        metric=g,
+        third_cumulants=t,
+        metric_stderr=torch.from_numpy(np.ascontiguousarray(_jackknife_stderr(jk["cov"]) / n_sites)),
+        third_stderr=torch.from_numpy(np.ascontiguousarray(_jackknife_stderr(jk["third"]) / n_sites)),
+        replicates=reps,
+        symmetrized=symmetrize,
+        tau=tau,
+        block_length=block,
+        n_blocks=n_blocks,
+        L=result.L,
+        theta=result.theta,
     )
