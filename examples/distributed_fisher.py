@@ -4,7 +4,7 @@ Each rank holds every second input (like ``DistributedSampler``); every call ret
 set, the same on every rank, and rank 0 checks it against one process reading everything (docs/distributed.md).
 Then a ``DistributedDataParallel`` model trains a few steps under an ``fl.Monitor`` that records on rank 0.
 
-Run: torchrun --nproc-per-node 2 examples/distributed_fisher.py
+Run: torchrun --nproc-per-node 2 examples/distributed_fisher.py   (add --standalone for a free port)
  or: python examples/distributed_fisher.py      (spawns its own 2 gloo processes on this machine)
 """
 
