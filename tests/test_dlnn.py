@@ -338,7 +338,7 @@ def test_study_quick_via_cli(tmp_path, capsys):
 
 @pytest.mark.study
 @pytest.mark.parametrize("opts, match", [
-    ({"depths": (1.5,)}, "depths and widths"),
+    ({"depths": (1.5,)}, "'depths' expects tuple of int"),
     ({"widths": ()}, "depths and widths"),
     ({"teacher_var": -1.0}, "teacher_var"),
     ({"sigma2": float("nan")}, "sigma2"),
