@@ -2,25 +2,46 @@
 
 Per batch: one ``torch.func.vjp`` forward (kept for the pull-back), one ``torch.func.jvp`` for ``J v``
 (``vmap``-ed over the columns of a matrix), the output-space sandwich ``V Vᵀ`` (``Λ(f)`` for the true Fisher),
-and one pull-back ``Jᵀ u`` (``vmap``-ed over columns).  Data are streamed on every product.  For
-``kind="mc"`` the sampled labels are redrawn from the same generator state on every pass, so the operator is
-one fixed symmetric matrix (as Lanczos needs).
+and one pull-back ``Jᵀ u`` (``vmap``-ed over columns).  For ``kind="mc"`` the sampled labels are redrawn from the
+same generator state on every pass, so the operator is one fixed symmetric matrix (as Lanczos needs).
+
+**Linearisation cache.**  For data held in memory (tensors, or a list/tuple of batches) whose forward
+intermediates fit half of :data:`fisherlens._core.WORK_BUDGET` (estimated as 3 × the measured activations per
+input), the first product keeps, per batch, the pull-back ``u ↦ Jᵀu`` and its own pull-back ``t ↦ J t``
+(:func:`fisherlens._core.pullback_jvp`: the model linearised through its backward graph): later products run no
+forward at all, only a backward through the backward graph for ``J v`` and one pull-back (products 1.5–2× faster
+on an MLP, a CNN and a transformer; equal to round-off).  The cache holds one copy of the model's parameters and
+buffers, compared at every product: after any change of the model it is rebuilt.  The data must not be changed in
+place between products (as for any fixed operator).  Other data (a ``DataLoader``) streams on every product, as
+does a model with an op that has no double backward.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from scipy.sparse.linalg import LinearOperator
 from torch.func import vmap
 
-from ._core import Request, check_dense, jvp_checked, vjp_checked
+from ._core import Request, check_dense, jvp_checked, pullback_jvp, signature, vjp_checked, work_budget
 
 Tensor = torch.Tensor
 
 __all__ = ["FisherOperator", "fisher_operator"]
+
+
+@dataclass
+class _Linearised:
+    """One batch of the linearisation cache: structured outputs, targets, ``t -> J t`` and the pull-back."""
+
+    fs: Tensor
+    Y: object
+    jvp: object
+    pull: object
+    n: int
 
 
 class FisherOperator:
@@ -38,6 +59,9 @@ class FisherOperator:
         self.shape = (fm.P, fm.P)
         self.dtype, self.device = fm.dtype, fm.device
         self.products = 0
+        self._cache: list[_Linearised] | None = None
+        self._built_at: list[Tensor] = []  # the model's parameters and buffers the cache was built at
+        self._cacheable = isinstance(run.data, (Tensor, tuple, list))
         #: a progress bar (tqdm) that counts the products, set by the solvers that show one
         self.bar = None
         self._state = None
@@ -56,30 +80,76 @@ class FisherOperator:
         return g
 
     def matmat(self, M: Tensor) -> Tensor:
-        """``F M`` for ``M (P, k)``: one pass over the data, all k columns batched."""
+        """``F M`` for ``M (P, k)``: one pass over the data (or over the cached linearisation), k columns batched."""
         run, fm = self.run, self.run.fm
         M = torch.as_tensor(M, dtype=self.dtype, device=self.device)
         if M.dim() != 2 or M.shape[0] != fm.P:
             raise ValueError(f"Expected a matrix of shape ({fm.P}, k), got {tuple(M.shape)}.")
         tangents = fm.unflatten(M.T)  # {name: (k, *shape)}
+        one = {n: t[0] for n, t in tangents.items()} if M.shape[1] == 1 else None
         gen = self._generator()
         out = torch.zeros(M.shape[1], fm.P, dtype=self.dtype, device=self.device)
-        for X, Y in run.batches():
-            f, pull = vjp_checked(fm, X)
-            if M.shape[1] == 1:  # a single vector: plain jvp and vjp, no vmap overhead
-                jv = jvp_checked(fm, X, {n: t[0] for n, t in tangents.items()})[1][None]
+        cache = self._linearised()
+        if cache is not None:
+            run.n, run.m = sum(b.n for b in cache), 0
+        for b in cache if cache is not None else self._stream():
+            if one is not None:  # a single vector: plain jvp and vjp, no vmap overhead
+                jv = b.jvp(one)[None]
             else:
-                jv = vmap(lambda t, X=X: jvp_checked(fm, X, t)[1])(tangents)  # (k, B, M)
-            u = self._sandwiched(fm.structured(f), Y, jv, gen)  # (k, B, M)
-            if M.shape[1] == 1:
-                out += fm.flatten(pull(u[0])[0])[None]
+                jv = vmap(b.jvp)(tangents)  # (k, B, M)
+            u = self._sandwiched(b.fs, b.Y, jv, gen)  # (k, B, M)
+            if one is not None:
+                out += fm.flatten(b.pull(u[0])[0])[None]
             else:
-                out += fm.flatten(vmap(lambda c, pull=pull: pull(c)[0])(u), lead=1)
+                out += fm.flatten(vmap(lambda c, pull=b.pull: pull(c)[0])(u), lead=1)
         (out,) = run.total([out])  # under a process group: one all-reduce per product (all k columns)
         self.products += M.shape[1]
         if self.bar is not None:
             self.bar.update(M.shape[1])
         return (out * run.scale()).T
+
+    def _stream(self) -> Iterator[_Linearised]:
+        """The batches of one pass, each with a fresh forward (``vjp``) and ``jvp`` per product."""
+        fm = self.run.fm
+        for X, Y in self.run.batches():
+            f, pull = vjp_checked(fm, X)
+            yield _Linearised(fm.structured(f), Y, lambda t, X=X: jvp_checked(fm, X, t)[1], pull, len(X))
+
+    def _model_state(self) -> list[Tensor]:
+        model = self.run.fm.model
+        return [t.detach() for t in (*model.parameters(), *model.buffers())]
+
+    def _unchanged(self) -> bool:
+        """Whether every parameter and buffer still equals its value when the cache was built (one comparison of
+        P numbers per product; catches every change, ``.data`` writes included)."""
+        now = self._model_state()
+        return len(now) == len(self._built_at) and all(torch.equal(a, b) for a, b in zip(now, self._built_at,
+                                                                                           strict=True))
+
+    def _linearised(self) -> list[_Linearised] | None:
+        """The linearisation cache (built on first use, rebuilt after an in-place change of the model), or ``None``
+        when the data is not held in memory, does not fit, or cannot be linearised."""
+        if not self._cacheable:
+            return None
+        if self._cache is not None and self._unchanged():
+            return self._cache
+        self._cache = None  # rebuilt below
+        run, fm, budget, used = self.run, self.run.fm, work_budget() // 2, 0
+        cache = []
+        for X, Y in run.batches():
+            used += 3 * len(X) * signature(fm, X, prove=False).act * fm.itemsize
+            if used > budget:
+                self._cacheable = False
+                return None
+            f, pull = vjp_checked(fm, X)
+            try:
+                jv = pullback_jvp(f, pull, X)
+            except (ValueError, RuntimeError, NotImplementedError):  # an op without double backward: stream
+                self._cacheable = False
+                return None
+            cache.append(_Linearised(fm.structured(f), Y, jv, pull, len(X)))
+        self._cache, self._built_at = cache, [t.clone() for t in self._model_state()]
+        return cache
 
     def _sandwiched(self, f: Tensor, Y, jv: Tensor, gen) -> Tensor:
         """``V Vᵀ (J v)`` per input for ``jv (k, B, M)``: ``Σ_t Λ(f_t)`` per position for the true Fisher (no

@@ -71,6 +71,7 @@ from .model import (
     jvp_checked,
     model_errors,
     pullback_checked,
+    pullback_jvp,
     select_params,
     vjp_checked,
 )
@@ -91,6 +92,7 @@ __all__ = [
     "output_dim", "quadratic_sum", "stream", "work_budget", "functional_rows",
     "Capture", "WeakHook", "tap_grads", "Plan", "Signature", "ambiguous", "call_problems", "check_batch", "plan_for",
     "signature", "Call", "LayerRule", "rule_for", "ruled_layers", "FunctionalModel", "differentiable_kernels",
-    "forward_checked", "jvp_checked", "model_errors", "pullback_checked", "select_params", "vjp_checked", "Request",
+    "forward_checked", "jvp_checked", "pullback_jvp", "model_errors",
+    "pullback_checked", "select_params", "vjp_checked", "Request",
     "FactorRows", "gram64", "Stats",
 ]

@@ -250,6 +250,17 @@ def pullback_checked(fm: FunctionalModel, X):
     return f.detach(), pull
 
 
+def pullback_jvp(f: Tensor, pull, X) -> object:
+    """``t -> J t`` from a kept pull-back ``pull`` (:func:`vjp_checked`) of outputs ``f``, without running the model
+    again: ``u ↦ Jᵀu`` is linear, so its own pull-back at any ``u`` maps a tangent ``t`` to ``J t`` (a backward
+    through the backward graph).  Tried once here (``ValueError`` when an op has no double backward)."""
+    with model_errors(X):
+        _, pp = vjp(lambda u: pull(u)[0], torch.zeros_like(f))
+        jv = lambda t: pp(t)[0]  # noqa: E731
+        jv({n: torch.zeros_like(g) for n, g in pull(torch.zeros_like(f))[0].items()})
+    return jv
+
+
 def jvp_checked(fm: FunctionalModel, X: Tensor, tangent: dict[str, Tensor], at: dict[str, Tensor] | None = None):
     """``(f (B, M), J t (B, M))`` for a tangent ``{name: tensor}`` (torch.func.jvp; vmap it over tangents), at the
     model's parameters or at ``at`` (same names).  Attention runs on its differentiable kernels."""
