@@ -190,3 +190,81 @@ def test_wrong_shapes_and_one_shot_iterators():
         fl.fisher_operator(c.model, iter(batches), c.lik)
     with pytest.raises(ValueError):
         fl.fisher_operator(c.model, c.data, c.lik, kind="hessian")
+
+
+# ----------------------------------------------------------------------------- the linearisation cache
+def _forwards(model):
+    """A list that grows by one at every forward of ``model`` (functional_call forwards included)."""
+    seen = []
+    model.register_forward_hook(lambda *_: seen.append(1))
+    return seen
+
+
+def test_later_products_run_no_forward_and_follow_the_parameters():
+    c = make_case("cnn", n=9, batch_size=4)
+    seen = _forwards(c.model)
+    op = fl.fisher_operator(c.model, (c.X, c.Y), c.lik, batch_size=4)
+    P = op.shape[0]
+    V = torch.randn(P, 3, generator=torch.Generator().manual_seed(0), dtype=DT)
+    F = fl.fisher_matrix(c.model, (c.X, c.Y), c.lik)
+    close(op @ V[:, 0], F @ V[:, 0], "first product")
+    first = len(seen)
+    close(op @ V, F @ V, "cached matmat")
+    close(op @ V[:, 1], F @ V[:, 1], "cached matvec")
+    assert len(seen) == first  # served from the cache
+    with torch.no_grad():
+        next(c.model.parameters()).data.mul_(1.5)  # a .data write: no version counter moves
+    F2 = fl.fisher_matrix(c.model, (c.X, c.Y), c.lik)
+    close(op @ V[:, 2], F2 @ V[:, 2], "after a change of the model")
+    assert len(seen) > first + 1  # rebuilt
+
+
+class _OnceDifferentiable(torch.autograd.Function):
+    """tanh with a forward-mode derivative and a backward that has no backward of its own: differentiating the
+    pull-back again would silently miss this layer."""
+
+    @staticmethod
+    def forward(x):
+        return torch.tanh(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(output)
+        ctx.save_for_forward(output)
+
+    @staticmethod
+    def jvp(ctx, t):
+        (y,) = ctx.saved_tensors
+        return t * (1 - y * y)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        (y,) = ctx.saved_tensors
+        return g * (1 - y * y)
+
+
+class _NoDoubleBackward(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(4, 5), torch.nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.b(_OnceDifferentiable.apply(self.a(x)))
+
+
+def test_models_without_double_backward_and_dataloaders_stream():
+    torch.manual_seed(0)
+    X, y = torch.randn(8, 4, dtype=DT), torch.randint(0, 3, (8,))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, y), batch_size=3)
+    for model, data in ((_NoDoubleBackward().double().eval(), (X, y)),
+                        (torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)).double(),
+                         loader)):
+        seen = _forwards(model)
+        F = fl.fisher_matrix(model, (X, y), fl.Categorical())
+        op = fl.fisher_operator(model, data, fl.Categorical())
+        v = torch.randn(op.shape[0], dtype=DT)
+        close(op @ v, F @ v, "first")
+        before = len(seen)
+        close(op @ v, F @ v, "second")
+        assert len(seen) > before  # streamed again
