@@ -19,6 +19,7 @@ from fisherlens.experiments.phase_transitions import (
     chain_curvature_closed_form,
     chi1,
     critical_sigma_w2,
+    curvature_generator,
     depth_crossings,
     fit_peak_shift,
     fixed_point_q,
@@ -31,7 +32,7 @@ from fisherlens.experiments.phase_transitions import (
     train_run,
     training_draws,
 )
-from fisherlens.gibbs import BETA_CRITICAL, Ising2D, IsingChain, IsingTorus
+from fisherlens.gibbs import BETA_CRITICAL, Ising2D, IsingChain, IsingTorus, ising2d_monte_carlo
 from fisherlens.runs import read_csv
 from fisherlens.theory.random_networks import MLPEnsemble
 
@@ -154,6 +155,8 @@ def test_quick_run_files(quick_run):
         "ising2d_exact.csv",
         "ising2d_monte_carlo.csv",
         "ising2d_curvature.csv",
+        "ising2d_curvature_mc.csv",
+        "ising2d_curvature_field.csv",
         "rbm.csv",
         "rbm_weights.csv",
         "networks.csv",
@@ -176,6 +179,8 @@ def test_quick_run_files(quick_run):
         "## 2. 2-D Ising",
         "### Monte Carlo",
         "## 3. Scalar curvature",
+        "### Monte Carlo curvature",
+        "Why h = 0",
         "## 4. Restricted Boltzmann machine",
         "## 5. The network analogue",
         "## 6. Training across the learning-rate boundary",
@@ -253,6 +258,49 @@ def test_strip_curvature_against_cumulants(quick_run):
         assert float(r["R"]) == pytest.approx(hessian_metric_curvature(g, third), rel=1e-9), (L, b)
         assert float(r["g_bb"]) == pytest.approx(g[0, 0], rel=1e-11)
         assert float(r["g_hh"]) == pytest.approx(g[1, 1], rel=1e-11)
+
+
+@pytest.mark.study
+def test_monte_carlo_curvature_table(quick_run):
+    """R at h = 0 by Monte Carlo (L = 4): the exact column against the enumerated cumulants, the z-scores
+    recomputed and |z| < 4, the torus columns against enumeration, and one point re-run with its own generator."""
+    rows = read_csv(quick_run / "ising2d_curvature_mc.csv")
+    strips = read_csv(quick_run / "ising2d_curvature.csv")
+    window = sorted({float(r["beta"]) for r in strips if 0.38 <= float(r["beta"]) <= 0.52})
+    assert [float(r["beta"]) for r in rows] == window and len(window) == 3  # 0.383, β_c, 0.517
+    assert {r["L"] for r in rows} == {"4"} and all(r["symmetrized"] == "1" and r["h"] == "0.0" for r in rows)
+    phi = lattice_states(4)
+    for r in rows:
+        b = float(r["beta"])
+        _, g, third = moments(phi, (b, 0.0), 16)
+        assert float(r["R_exact"]) == pytest.approx(hessian_metric_curvature(g, third), rel=1e-9)
+        assert float(r["g_bb_exact"]) == pytest.approx(g[0, 0], rel=1e-10)
+        assert float(r["T_bbb_exact"]) == pytest.approx(third[0, 0, 0], rel=1e-9)
+        for key, mc_key, se_key, ex_key in (
+            ("z", "R_mc", "stderr", "R_exact"),
+            ("z_g_bb", "g_bb_mc", "g_bb_stderr", "g_bb_exact"),
+            ("z_T_bbb", "T_bbb_mc", "T_bbb_stderr", "T_bbb_exact"),
+        ):
+            z = (float(r[mc_key]) - float(r[ex_key])) / float(r[se_key])
+            assert float(r[key]) == pytest.approx(z, rel=1e-9, abs=1e-12)
+            assert abs(z) < 4, (key, b, z)
+    k = 1
+    res = ising2d_monte_carlo(4, (window[k], 0.0), sweeps=1500, burn_in=50, generator=curvature_generator(0, 4, k))
+    est = res.curvature()
+    assert float(rows[k]["R_mc"]) == pytest.approx(est.scalar_curvature, rel=1e-12)
+    assert float(rows[k]["stderr"]) == pytest.approx(est.stderr, rel=1e-12)
+    assert float(rows[k]["T_bhh_mc"]) == pytest.approx(float(est.third_cumulants[0, 1, 1]), rel=1e-12)
+
+
+@pytest.mark.study
+def test_field_scan_table(quick_run):
+    rows = read_csv(quick_run / "ising2d_curvature_field.csv")
+    assert {r["L"] for r in rows} == {"3", "4"} and sorted({float(r["h"]) for r in rows}) == [0.0, 0.02, 0.1]
+    for r in rows:
+        L, h = int(r["L"]), float(r["h"])
+        assert float(r["beta"]) == pytest.approx(BETA_CRITICAL, rel=1e-15)
+        _, g, third = moments(lattice_states(L), (BETA_CRITICAL, h), L * L)
+        assert float(r["R"]) == pytest.approx(hessian_metric_curvature(g, third), rel=1e-9), (L, h)
 
 
 def rbm_reference(W, nv, nh, T):
@@ -564,6 +612,10 @@ def test_fit_peak_shift_and_parabola():
         ({"strip_beta_max": 0.1}, "strip_beta_max"),
         ({"net_sigma_w2_max": 0.2}, "net_sigma_w2_max"),
         ({"mc_points": 2}, "mc_points"),
+        ({"mc_curvature_beta_max": 0.3}, "mc_curvature_beta_max"),
+        ({"mc_curvature_beta_min": 0.6, "mc_curvature_beta_max": 0.61}, "no strip coupling"),
+        ({"mc_curvature_sweeps": 10}, "mc_curvature_sweeps"),
+        ({"mc_curvature_sizes": (1,)}, "mc_curvature_sizes"),
         ({"data": "digits"}, "draws its own models"),
         ({"train_ratios": ()}, "train_ratios"),
         ({"train_ratios": (0.5, -1.0)}, "train_ratios"),
