@@ -598,6 +598,20 @@ def _torus(cfg: PhaseTransitionsConfig, run: StudyRun) -> tuple[list[dict], dict
     return rows, curves
 
 
+def _mc_point(
+    cfg: PhaseTransitionsConfig, L: int, beta: float, sweeps: int, burn_in: int, generator, curvature: bool = False
+):
+    """One Monte-Carlo run at ``(beta, 0)`` (and its curvature estimate with ``curvature``), with the estimator's
+    short-run warnings recorded: ``(result, curvature estimate or None, whether a short-run warning came)``."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RuntimeWarning)
+        res = ising2d_monte_carlo(
+            L, (float(beta), 0.0), sweeps=sweeps, burn_in=burn_in, method=cfg.mc_method, generator=generator
+        )
+        est = monte_carlo_curvature(res) if curvature else None
+    return res, est, any("short" in str(w.message) for w in caught)
+
+
 def _monte_carlo(cfg: PhaseTransitionsConfig, run: StudyRun, peaks: dict[int, float]) -> list[dict]:
     rows = []
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 17)
@@ -608,16 +622,7 @@ def _monte_carlo(cfg: PhaseTransitionsConfig, run: StudyRun, peaks: dict[int, fl
             offsets = np.linspace(-1.0, 1.0, cfg.mc_points) * 0.8 / L
             model = IsingTorus(L)
             for beta in center + offsets:
-                with warnings.catch_warnings(record=True) as caught:
-                    warnings.simplefilter("always", RuntimeWarning)
-                    r = ising2d_monte_carlo(
-                        L,
-                        (float(beta), 0.0),
-                        sweeps=cfg.mc_sweeps,
-                        burn_in=cfg.mc_burn_in,
-                        method=cfg.mc_method,
-                        generator=gen,
-                    )
+                r, _, short = _mc_point(cfg, L, beta, cfg.mc_sweeps, cfg.mc_burn_in, gen)
                 exact = float(model.metric(torch.tensor([beta], dtype=DTYPE))[0, 0])
                 g, se = float(r.metric[0, 0]), float(r.stderr[0, 0])
                 rows.append(
@@ -632,7 +637,7 @@ def _monte_carlo(cfg: PhaseTransitionsConfig, run: StudyRun, peaks: dict[int, fl
                         "tau_E": r.tau["E"],
                         "effective_samples": r.effective_samples["g_bb"],
                         "sweeps_per_second": r.sweeps_per_second,
-                        "short_run_warning": int(any("short" in str(w.message) for w in caught)),
+                        "short_run_warning": int(short),
                     }
                 )
                 bar.update(1)
@@ -671,17 +676,15 @@ def _mc_curvature(cfg: PhaseTransitionsConfig, run: StudyRun, strips: list[dict]
         for L in cfg.mc_curvature_sizes:
             torus = IsingTorus(L)
             for k, beta in enumerate(betas):
-                with warnings.catch_warnings(record=True) as caught:
-                    warnings.simplefilter("always", RuntimeWarning)
-                    res = ising2d_monte_carlo(
-                        L,
-                        (float(beta), 0.0),
-                        sweeps=cfg.mc_curvature_sweeps,
-                        burn_in=cfg.mc_curvature_burn_in,
-                        method=cfg.mc_method,
-                        generator=curvature_generator(cfg.seed, L, k),
-                    )
-                    est = monte_carlo_curvature(res)
+                res, est, short = _mc_point(
+                    cfg,
+                    L,
+                    beta,
+                    cfg.mc_curvature_sweeps,
+                    cfg.mc_curvature_burn_in,
+                    curvature_generator(cfg.seed, L, k),
+                    curvature=True,
+                )
                 th = torch.tensor([float(beta)], dtype=DTYPE)
                 g_ex = float(torus.metric(th)[0, 0])
                 t_ex = float(jacfwd(torus.metric)(th)[0, 0, 0])
@@ -714,7 +717,7 @@ def _mc_curvature(cfg: PhaseTransitionsConfig, run: StudyRun, strips: list[dict]
                         "tau_third_max": max(est.tau.values()),
                         "n_blocks": est.n_blocks,
                         "seconds": res.elapsed_s,
-                        "short_run_warning": int(any("short" in str(w.message) for w in caught)),
+                        "short_run_warning": int(short),
                     }
                 )
                 bar.update(1)
