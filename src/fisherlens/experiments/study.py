@@ -4,10 +4,10 @@ A study is a :class:`Study` subclass with a :class:`StudyConfig` dataclass of op
 the config (full defaults, the study's ``QUICK`` overrides in quick mode, then the caller's options), validates
 it, lets the study load what it needs (``setup``), and only then creates the run folder
 (:class:`fisherlens.runs.RunDir`, which writes ``config.json`` and guards against a folder of another
-configuration).  Inside the folder it pins torch's intra-op threads to the config's ``threads`` (when the study
-has that option), starts the clock, and runs the study's three steps ``compute → figures → report``; the report
-becomes ``summary.md``.  Progress bars (tqdm) come from :meth:`StudyRun.bar`, timings from
-:meth:`StudyRun.elapsed` / :meth:`StudyRun.lap`.
+configuration).  Inside the folder it pins torch's intra-op threads to the config's ``threads`` (an option of
+every study; ``None`` leaves torch's setting), starts the clock, and runs the study's three steps
+``compute → figures → report``; the report becomes ``summary.md``.  Progress bars (tqdm) come from
+:meth:`StudyRun.bar`, timings from :meth:`StudyRun.elapsed` / :meth:`StudyRun.lap`.
 """
 
 from __future__ import annotations
@@ -99,8 +99,7 @@ class StudyConfig:
     def validate(self) -> None:
         """Check (and normalise) the options; ``ValueError`` naming the first bad one."""
         check_int("seed", self.seed, 0)
-        if "threads" in {f.name for f in dataclasses.fields(self)}:
-            check_threads("threads", self.threads)
+        check_threads("threads", self.threads)
 
 
 def type_name(hint) -> str:
@@ -264,7 +263,7 @@ def run_study(study: Study | type[Study], out: str | os.PathLike, quick: bool = 
     cfg = study.Config.create(study.name, quick=quick, seed=seed, **options)
     inputs = study.setup(cfg)
     config = study.config_json(cfg, inputs)
-    with torch_threads(getattr(cfg, "threads", None)), RunDir(out, config) as folder:
+    with torch_threads(cfg.threads), RunDir(out, config) as folder:
         run = StudyRun(study.name, folder, cfg, inputs, progress)
         results = study.compute(cfg, run)
         run.figures = dict(study.figures(results, run) or {})
