@@ -347,7 +347,26 @@ class EmbeddingRule(LayerRule):
         return tuple(call.a.shape[1:])
 
 
-class LayerNormRule(LayerRule):
+class CompactRowsRule(LayerRule):
+    """A layer whose per-sample rows are as small as its parameter (a normalisation's affine map): the fast path
+    is :func:`row_stats` of the rows themselves; the normalised input ``x̂`` is the temporary."""
+
+    def param_shape(self, call: Call) -> tuple:
+        """The shape of the layer's weight and bias."""
+        raise NotImplementedError
+
+    def fast(self, calls):
+        return len(calls) == 1
+
+    def fast_stats(self, call, g, which, want):
+        return row_stats(self.rows(call, g, which), want, self.param_shape(call))
+
+    def patch_numel(self, call):
+        """The normalised input ``x̂``."""
+        return call.a[0].numel()
+
+
+class LayerNormRule(CompactRowsRule):
     """``nn.LayerNorm`` over the last ``n`` axes (``normalized_shape``), input ``(B, *T, *N)``: weight
     ``Σ_t g_kbt ⊙ x̂_bt`` with ``x̂ = (a − mean)/√(var + eps)`` (biased variance over ``N``), bias
     ``Σ_t g_kbt``.  Needs ``elementwise_affine``."""
@@ -363,22 +382,14 @@ class LayerNormRule(LayerRule):
             g = g * ((call.a - mean) * torch.rsqrt(var + m.eps))
         return g.reshape(K, B, -1, math.prod(m.normalized_shape)).sum(2)
 
-    def fast(self, calls):
-        return len(calls) == 1
-
-    def fast_stats(self, call, g, which, want):
-        """The rows are only ``prod(normalized_shape)`` per sample and column: :func:`row_stats` of them."""
-        return row_stats(self.rows(call, g, which), want, call.module.normalized_shape)
-
-    def patch_numel(self, call):
-        """The normalised input ``x̂``."""
-        return call.a[0].numel()
+    def param_shape(self, call):
+        return tuple(call.module.normalized_shape)
 
     def batch_axes(self, call):
         return tuple(call.a.shape[1 : call.a.dim() - len(call.module.normalized_shape)])
 
 
-class BatchNormRule(LayerRule):
+class BatchNormRule(CompactRowsRule):
     """``nn.BatchNorm1d/2d/3d`` in eval mode with running statistics, input ``(B, C, *L)``: a fixed per-channel
     affine map, weight ``Σ_l g_kbcl x̂_bcl`` with ``x̂ = (a − running_mean)/√(running_var + eps)``, bias
     ``Σ_l g_kbcl``.  In training mode (or without running statistics) BatchNorm mixes the samples of a batch and
@@ -397,16 +408,8 @@ class BatchNormRule(LayerRule):
             g = g * ((call.a - mean) * torch.rsqrt(var + m.eps))
         return g.reshape(K, B, g.shape[2], -1).sum(-1)
 
-    def fast(self, calls):
-        return len(calls) == 1
-
-    def fast_stats(self, call, g, which, want):
-        """The rows are only ``C`` per sample and column: :func:`row_stats` of them."""
-        return row_stats(self.rows(call, g, which), want, (call.module.num_features,))
-
-    def patch_numel(self, call):
-        """The normalised input ``x̂``."""
-        return call.a[0].numel()
+    def param_shape(self, call):
+        return (call.module.num_features,)
 
     def batch_axes(self, call):
         return tuple(call.a.shape[2:])
