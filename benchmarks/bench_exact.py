@@ -682,16 +682,20 @@ def main(argv=None) -> int:
                              f"fwd+bwd = {statistics.median(base_ms):.2f} ms")
     lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return emit(lines, busy_seen, args.out)
+
+
+def emit(lines: list[str], busy_seen: list[float], out: Path) -> int:
+    """Print the markdown report (with a † note when measurements started on busy CPUs) and write it to ``out``."""
     contended = sum(b > 0.15 for b in busy_seen)
     if contended:
-        lines += ["", f"† {contended} measurement(s) started while other processes kept the CPUs "
-                  f"busy (> 15 %, max {max(busy_seen):.0%}); their times are not reliable — "
-                  "re-run on an idle machine."]
+        lines = [*lines, "", f"† {contended} measurement(s) started while other processes kept the CPUs busy "
+                 f"(> 15 %, max {max(busy_seen):.0%}); their times are not reliable — re-run on an idle machine."]
     table = "\n".join(lines) + "\n"
     print("\n" + table)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(table)
-    print(f"written to {args.out}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(table)
+    print(f"written to {out}")
     return 0
 
 

@@ -40,6 +40,7 @@ from bench_exact import (
     backpack_extension,
     backpack_method,
     diag_result,
+    emit,
     flat_result,
     harness_args,
     m_fwd_bwd,
@@ -61,6 +62,8 @@ SEED = 0
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "scalable.md"
 EIG_TOL = 1e-3
+#: the issue's speed targets for one Hutchinson draw (ratio to fwd+bwd); 1.1 for the workloads not listed
+DRAW_TARGET = {"resnet18": 1.15, "transformer": 1.15}
 SEEDS = 5  # random starting vectors for the product counts of the eigenvalue solvers
 #: glibc settings of ``--malloc stable``: freed blocks stay in the heap instead of being unmapped, so a repeated
 #: large allocation is not page-faulted again on every call (with the defaults the time of a 5 MB allocation
@@ -78,16 +81,35 @@ WORKLOADS = {
 
 
 def make_workload(name: str):
-    """Model (float32, eval mode) and a batch ``(X, Y)``, identical in every process."""
+    """Model (float32, eval mode) and a batch ``(X, Y)``, identical in every process.
+
+    Besides the named workloads, ``"mlp-h<H>-b<B>"`` is the MLP 784-H-H-10 on a batch of B and ``"cnn-b<B>"`` the
+    CNN on a batch of B (the scaling sweep of ``bench_scaling.py``)."""
+    if "-" in name:
+        return scaled_workload(name)
     if name in ("mlp", "cnn", "resnet18", "transformer"):
         return make_exact_workload(name)
     if name != "mlp_wide":
         raise ValueError(name)
+    return scaled_workload(f"mlp-h784-b{N_BATCH}")
+
+
+def scaled_workload(name: str):
+    """``"mlp-h<H>-b<B>"`` or ``"cnn-b<B>"`` (see :func:`make_workload`)."""
+    kind, *opts = name.split("-")
+    o = {k[0]: int(k[1:]) for k in opts}
+    B = o.get("b", N_BATCH)
     torch.manual_seed(SEED)
-    model = nn.Sequential(nn.Linear(784, 784), nn.ReLU(), nn.Linear(784, 784), nn.ReLU(), nn.Linear(784, 10))
-    X = torch.randn(N_BATCH, 784)
-    Y = torch.randint(0, 10, (N_BATCH,))
-    return model.float().eval(), X, Y
+    if kind == "mlp":
+        H = o.get("h", 128)
+        model = nn.Sequential(nn.Linear(784, H), nn.ReLU(), nn.Linear(H, H), nn.ReLU(), nn.Linear(H, 10))
+        X = torch.randn(B, 784)
+    elif kind == "cnn":
+        model, X0, _ = make_exact_workload("cnn")
+        X = torch.randn(B, *X0.shape[1:])
+    else:
+        raise ValueError(name)
+    return model.float().eval(), X, torch.randint(0, 10, (B,))
 
 
 def probe_vector(P: int) -> torch.Tensor:
@@ -625,14 +647,15 @@ def main(argv=None) -> int:
     for wl, s in summary.items():
         h, b = s.get("fl_hutch"), s.get("fwd_bwd")
         if h and b:
-            ok_t = h["ratio"] <= 1.3
-            ok_m = b["tensor"] > 0 and h["tensor"] <= 1.1 * b["tensor"]
-            tot = (h["tensor"] + h["state"]) / (b["tensor"] + b["state"])
+            goal = DRAW_TARGET.get(wl, 1.1)
+            ok_t = h["ratio"] <= goal
+            pvec = sum(p.numel() for p in make_workload(wl)[0].parameters()) * 4 / 2**20  # the returned diagonal
+            allowed = 1.1 * (b["tensor"] + pvec)
             targets.append(f"- {wl}: one Hutchinson draw (diag + trace) {h['ratio']:.2f}× fwd+bwd "
-                           f"(target ≤ 1.3×: {'met' if ok_t else 'MISSED'}); tensor peak {h['tensor']:.2f} MiB vs "
-                           f"{b['tensor']:.2f} MiB for fwd+bwd = {h['tensor'] / max(b['tensor'], 1e-9):.2f}× "
-                           f"(target ≤ 1.10×: {'met' if ok_m else 'MISSED'}); counting the parameters and the "
-                           f"batch held by both: {tot:.2f}×")
+                           f"(target ≤ {goal}×: {'met' if ok_t else 'MISSED'}); tensor peak {h['tensor']:.2f} MiB vs "
+                           f"{b['tensor']:.2f} MiB for fwd+bwd + {pvec:.2f} MiB for the P-vector returned "
+                           f"(target ≤ 1.1 × their sum = {allowed:.2f} MiB: "
+                           f"{'met' if h['tensor'] <= allowed else 'MISSED'})")
         f1, c1 = s.get("fl_fvp"), s.get("curvlinops_fvp")
         if f1 and c1:
             r = f1["ratio"] / c1["ratio"]
@@ -648,21 +671,14 @@ def main(argv=None) -> int:
                        "met on the median only" if statistics.median(ar) < statistics.median(br) else "MISSED")
             targets.append(f"- {wl}: Lanczos to 1e-3: {a} products (all starts {min(ar)}–{max(ar)}, median "
                            f"{statistics.median(ar):g}) vs PyHessian {b2} HVPs (all seeds {min(br)}–{max(br)}, median "
-                           f"{statistics.median(br):g}) (target fewer: {verdict})")
+                           f"{statistics.median(br):g}) (fewer: {verdict}); wall time {lz['ratio']:.1f}× vs "
+                           f"{ph['ratio']:.1f}× fwd+bwd (target below PyHessian's: "
+                           f"{'met' if lz['ratio'] < ph['ratio'] else 'MISSED'})")
     lines += notes
     lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     lines += targets
-    contended = sum(b > 0.15 for b in busy_seen)
-    if contended:
-        lines += ["", f"† {contended} measurement(s) started while other processes kept the CPUs busy (> 15 %, "
-                  f"max {max(busy_seen):.0%}); their times are not reliable — re-run on an idle machine."]
-    table = "\n".join(lines) + "\n"
-    print("\n" + table)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(table)
-    print(f"written to {args.out}")
-    return 0
+    return emit(lines, busy_seen, args.out)
 
 
 if __name__ == "__main__":

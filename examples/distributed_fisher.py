@@ -93,6 +93,7 @@ def _spawned(rank: int, world: int, port: int) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         run(rank, world)
+        dist.barrier()  # no rank tears the group down while another is still using it
     finally:
         dist.destroy_process_group()
 

@@ -320,6 +320,22 @@ def test_model_state_untouched():
         assert torch.equal(p.grad, g) and torch.equal(p.detach(), q)
 
 
+@pytest.mark.parametrize("kind", ["true", "empirical"])
+def test_library_calls_are_not_captured(kind):
+    """Library calls that run the model as itself (the estimators' plain-autograd forward, batched backward
+    included) before the training forward are neither captured nor disturbed by the Monitor's hooks."""
+    model, probe, (Xt, yt) = _setup("mlp_tanh")
+    lik = fl.Categorical()
+    mon = fl.Monitor(model, lik, probe, observables=("batch_fisher_trace",), kind=kind)
+    gen = torch.Generator().manual_seed(3)
+    est = fl.fisher_diag(model, probe, lik, method="hutchinson", samples=3, generator=gen)  # batched backward
+    assert torch.isfinite(est.value).all()
+    loss, out = _train_step(model, torch.optim.SGD(model.parameters(), lr=0.0), Xt, yt)
+    _close(mon.step(loss=loss, outputs=out, targets=yt)["batch_fisher_trace"],
+           float(fl.fisher_trace(model, (Xt, yt), lik, kind)), "batch_fisher_trace")
+    mon.close()
+
+
 def test_deepcopy_of_monitored_model_is_not_monitored():
     model, probe, (Xt, yt) = _setup("mlp_tanh")
     mon = fl.Monitor(model, fl.Categorical(), probe, observables=("batch_fisher_trace",))

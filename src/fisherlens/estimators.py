@@ -39,10 +39,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from contextlib import nullcontext
 
 import torch
 
-from ._core import Request, check_choice, check_dense, check_positive_int, pullback_checked, work_budget
+from ._core import (
+    Request,
+    check_choice,
+    check_dense,
+    check_positive_int,
+    differentiable_kernels,
+    finite_result,
+    pullback_checked,
+    work_budget,
+)
 from .results import Estimate
 
 Tensor = torch.Tensor
@@ -61,8 +71,8 @@ def probe_vectors(likelihood, f: Tensor, method: str, probe: str, draws: int, ge
     if method == "mc":
         return likelihood.sandwich(f, "mc", y, draws, generator) * math.sqrt(draws)
     shape = (f.shape[0], f[0].numel(), draws)
-    if probe == "rademacher":
-        eps = torch.randint(0, 2, shape, generator=generator, device=f.device).to(f.dtype) * 2 - 1
+    if probe == "rademacher":  # ±1: the same stream as integer draws
+        eps = torch.randint(0, 2, shape, generator=generator, dtype=f.dtype, device=f.device).mul_(2).sub_(1)
     else:
         eps = torch.randn(shape, generator=generator, dtype=f.dtype, device=f.device)
     return likelihood.probe(f, eps, y)
@@ -158,36 +168,54 @@ def _check_reiterable(run: Request, samples: int, s: int) -> None:
         )
 
 
-def _batch_chunk(run: Request, method: str, what: str, probe: str, s_max: int) -> tuple[dict[str, Tensor], int]:
-    """One pass of the batch estimator: ``({name: (s, ...)} summed over the data (unscaled), s)``.
+def _batch_chunk(run: Request, method: str, what: str, probe: str, s_max: int) -> tuple[object, int]:
+    """One pass of the batch estimator: ``(per-draw sums over the data (unscaled, :func:`_packed` layout), s)``.
 
     ``s ≤ s_max`` is fixed at the first batch so that the probe vectors ``ξ (B, M, s)`` also fit the budget
-    (``s · (draw_numel + B·C) · 8`` bytes)."""
-    fm, acc, s = run.fm, {}, None
+    (``s · (draw_numel + B·C) · 8`` bytes).  The squares of the pulled-back ``v`` go straight into one flat
+    ``(s, P)`` buffer (diag) or into ``(s, parameters)`` (trace)."""
+    fm, lik, acc, s = run.fm, run.likelihood, None, None
     for X, Y in run.batches():
-        f, pull = pullback_checked(fm, X)
+        with differentiable_kernels() if s_max > 1 else nullcontext():  # a batched backward needs them
+            f, pull = pullback_checked(fm, X)
         if s is None:
             s = _agreed(run, int(max(1, min(s_max, work_budget() // (8 * (draw_numel(fm, what) + f.numel()))))), s_max)
         fs = fm.structured(f)
-        run.m += run.likelihood.count(fs, Y)
-        xi = probe_vectors(run.likelihood, fs, method, probe, s, run.generator, Y)  # (B, M, s)
+        kept = lik.count(fs, Y)
+        run.m += kept
+        # nothing dropped: the labels would only mask the probe, so it needs none
+        xi = probe_vectors(lik, fs, method, probe, s, run.generator, None if kept == lik.positions(fs) else Y)
         if s == 1:  # one plain backward pass
             v = {n: t[None] for n, t in pull(xi[..., 0]).items()}
         else:  # {name: (s, *shape)} = Σ_n J_nᵀ ξ_n per draw, the draws in one batched backward
             v = pull(xi.permute(2, 0, 1))
         del xi, pull
-        for n in fm.names:
-            vn = v.pop(n).reshape(s, -1)
-            if what == "diag":  # in place: v is ours, and one (s, P) block fewer
-                x = vn.square_().reshape(s, *fm.shapes[n])
-            elif what == "trace":
-                x = torch.einsum("sp,sp->s", vn, vn)
-            else:
-                x = vn[:, :, None] * vn[:, None, :]
-            acc[n] = acc[n].add_(x) if n in acc else x
+        acc = _fold(fm, what, acc, {n: v.pop(n).reshape(s, -1) for n in fm.names})
     if s is None:  # an empty shard (under a process group)
         s = _agreed(run, s_max, s_max)
     return acc, s
+
+
+def _fold(fm, what: str, acc, v: dict[str, Tensor]):
+    """Add one batch's pulled-back draws ``v {name: (s, numel)}`` to the running sums ``acc`` (``None`` at the
+    first batch): squares into ``(s, P)`` (diag), squared norms into ``(s, parameters)`` (trace), outer products
+    ``{name: (s, numel, numel)}`` (dense)."""
+    if what == "dense":
+        x = {n: g[:, :, None] * g[:, None, :] for n, g in v.items()}
+        return x if acc is None else {n: acc[n].add_(x[n]) for n in fm.names}
+    if what == "trace":
+        x = torch.stack([torch.einsum("sp,sp->s", v[n], v[n]) for n in fm.names], 1)
+        return x if acc is None else acc.add_(x)
+    first, s = acc is None, next(iter(v.values())).shape[0]
+    if first:
+        acc = torch.empty(s, fm.P, dtype=fm.dtype, device=fm.device)
+    for n, view in fm.unflatten(acc).items():
+        g = v[n]
+        if first:
+            torch.mul(g, g, out=view.reshape(s, -1))
+        else:
+            view.reshape(s, -1).addcmul_(g, g)
+    return acc
 
 
 def _agreed(run: Request, s: int, s_max: int) -> int:
@@ -198,25 +226,63 @@ def _agreed(run: Request, s: int, s_max: int) -> int:
     return min(run.shards.counts(s, device=run.fm.device)[0])
 
 
-def _zeros(fm, what: str, s: int) -> dict[str, Tensor]:
-    """The per-draw sums of no data: ``{name: zeros (s, ...)}`` (an empty shard's part of the all-reduce)."""
-    def shape(n):
-        return {"diag": (s, *fm.shapes[n]), "trace": (s,)}.get(what, (s, fm.sizes[n], fm.sizes[n]))
+def _zeros(fm, what: str, s: int):
+    """The per-draw sums of no data in :func:`_packed` layout (an empty shard's part of the all-reduce)."""
+    if what == "dense":
+        return {n: torch.zeros(s, fm.sizes[n], fm.sizes[n], dtype=fm.dtype, device=fm.device) for n in fm.names}
+    return torch.zeros(s, fm.P if what == "diag" else len(fm.names), dtype=fm.dtype, device=fm.device)
 
-    return {n: torch.zeros(shape(n), dtype=fm.dtype, device=fm.device) for n in fm.names}
 
-
-def _per_sample_chunk(run: Request, method: str, what: str, probe: str, s: int) -> tuple[dict[str, Tensor], int]:
-    """One pass of the per-sample estimator for ``s`` draws: ``({name: (s, ...)} summed over the data, s)``;
+def _per_sample_chunk(run: Request, method: str, what: str, probe: str, s: int) -> tuple[Tensor, int]:
+    """One pass of the per-sample estimator for ``s`` draws: ``(sums over the data (:func:`_packed`), s)``;
     :func:`fisherlens._core.stream` sizes the data chunks for the ``s`` columns."""
-    fm, acc = run.fm, {}
+    fm, acc = run.fm, None
     want = {"diagk"} if what == "diag" else {"sqnorm"}
     make_v = lambda f, y: probe_vectors(run.likelihood, f, method, probe, s, run.generator, y)  # noqa: E731
     for _, _, st in run.chunks(want, make_v, columns=lambda C: s):
-        for n in fm.names:
-            x = st.diagk[n] if what == "diag" else st.sqnorm[n].sum(0)
-            acc[n] = acc[n] + x if n in acc else x
+        x = fm.flatten(st.diagk, lead=1) if what == "diag" else \
+            torch.stack([st.sqnorm[n].sum(0) for n in fm.names], 1)
+        acc = x if acc is None else acc.add_(x)
     return acc, s
+
+
+def _packed(run: Request, method: str, what: str, probe: str, per_sample: bool, samples: int, max_memory):
+    """:func:`draw_chunks` in the packed layout: per chunk of ``s`` draws, the flat diagonal ``(s, P)``
+    (``named_parameters`` order), the per-parameter traces ``(s, parameters)``, or the dense blocks
+    ``{name: (s, numel, numel)}``; normalised, summed over the ranks under a process group."""
+    s = _check(run, method, what, probe, per_sample, samples, max_memory)
+    one = _per_sample_chunk if per_sample else _batch_chunk
+    done = 0
+    while done < samples:
+        if done:
+            _check_reiterable(run, samples, done)
+        acc, k = one(run, method, what, probe, min(s, samples - done))
+        if run.shards is not None:  # the per-draw sums over all shards: one all-reduce per chunk of draws
+            acc = _all_ranks(run, what, acc, k)
+        elif acc is None:
+            acc = _zeros(run.fm, what, k)
+        done += k
+        scale = run.scale()
+        acc = {n: x.mul_(scale) for n, x in acc.items()} if what == "dense" else acc.mul_(scale)
+        yield finite_result(f"The {method} draws of the Fisher's {what}", acc, run.explain_nonfinite)
+
+
+def _all_ranks(run: Request, what: str, acc, k: int):
+    """The per-draw sums of every rank (:meth:`Request.total`); an empty shard contributes zeros."""
+    if acc is None:
+        acc = _zeros(run.fm, what, k)
+    if what != "dense":
+        return run.total([acc])[0]
+    return dict(zip(run.fm.names, run.total([acc[n] for n in run.fm.names]), strict=True))
+
+
+def _named(fm, what: str, x) -> dict[str, Tensor]:
+    """A packed chunk as ``{name: (s, ...)}`` (views of the packed tensor)."""
+    if what == "dense":
+        return x
+    if what == "trace":
+        return dict(zip(fm.names, x.unbind(1), strict=True))
+    return fm.unflatten(x)
 
 
 def draw_chunks(run: Request, method: str, what: str, *, probe: str = "rademacher", per_sample: bool = False,
@@ -233,23 +299,8 @@ def draw_chunks(run: Request, method: str, what: str, *, probe: str = "rademache
     Returns:
         An iterator of dicts: ``diag`` ``(s, *shape)``, ``trace`` ``(s,)``, ``dense`` ``(s, numel, numel)``.
     """
-    s = _check(run, method, what, probe, per_sample, samples, max_memory)
-    one = _per_sample_chunk if per_sample else _batch_chunk
-
-    def gen():
-        done = 0
-        while done < samples:
-            if done:
-                _check_reiterable(run, samples, done)
-            acc, k = one(run, method, what, probe, min(s, samples - done))
-            if run.shards is not None:  # the per-draw sums over all shards: one all-reduce per chunk of draws
-                acc = {**_zeros(run.fm, what, k), **acc}
-                acc = dict(zip(run.fm.names, run.total([acc[n] for n in run.fm.names]), strict=True))
-            done += k
-            scale = run.scale()
-            yield {n: acc[n].mul_(scale) for n in run.fm.names}
-
-    return gen()
+    chunks = _packed(run, method, what, probe, per_sample, samples, max_memory)
+    return (_named(run.fm, what, x) for x in chunks)
 
 
 def draws(run: Request, method: str, what: str, *, probe: str = "rademacher", per_sample: bool = False,
@@ -272,19 +323,18 @@ def draws(run: Request, method: str, what: str, *, probe: str = "rademacher", pe
 
 
 def _one_draw(run: Request, method: str, what: str, probe: str, per_sample: bool, total: bool, max_memory):
-    """``samples=1``: the draw itself is the value, its stderr ``nan`` — no float64 moments, and the ``nan``
-    stderr of a tensor is an expanded scalar (no memory)."""
-    (d,) = draw_chunks(run, method, what, probe=probe, per_sample=per_sample, samples=1, max_memory=max_memory)
-    d = {n: x[0] for n, x in d.items()}
+    """``samples=1``: the draw itself is the value, its stderr ``nan`` — no float64 moments, no copy of the flat
+    diagonal, and the ``nan`` stderr of a tensor is an expanded scalar (no memory)."""
+    (x,) = _packed(run, method, what, probe, per_sample, 1, max_memory)
+    fm = run.fm
     if what == "trace":
-        vals = {n: float(x) for n, x in d.items()}
+        vals = dict(zip(fm.names, x[0].tolist(), strict=True))
         return Estimate(math.fsum(vals.values()), math.nan, 1) if total else \
             {n: Estimate(v, math.nan, 1) for n, v in vals.items()}
-    nan = lambda x: torch.full((), math.nan, dtype=x.dtype, device=x.device).expand_as(x)  # noqa: E731
+    nan = lambda t: torch.full((), math.nan, dtype=t.dtype, device=t.device).expand_as(t)  # noqa: E731
     if total:
-        flat = torch.cat([d[n].reshape(-1) for n in run.fm.names])
-        return Estimate(flat, nan(flat), 1)
-    return {n: Estimate(x, nan(x), 1) for n, x in d.items()}
+        return Estimate(x[0], nan(x[0]), 1)
+    return {n: Estimate(t[0], nan(t[0]), 1) for n, t in _named(fm, what, x).items()}
 
 
 def estimate(run: Request, method: str, what: str, *, probe: str = "rademacher", per_sample: bool = False,
@@ -308,22 +358,26 @@ def estimate(run: Request, method: str, what: str, *, probe: str = "rademacher",
         raise ValueError("total=True is for what='diag' or 'trace'.")
     if check_positive_int("samples", samples, what="random draws") == 1:
         return _one_draw(run, method, what, probe, per_sample, total, max_memory)
-    names, trace_total = run.fm.names, total and what == "trace"
-    acc = {n: Moments() for n in (["total"] if trace_total else names)}
+    fm, trace_total = run.fm, total and what == "trace"
+    acc = {n: Moments() for n in fm.names} if what == "dense" else Moments()
     with run.bar(samples, f"{method} draws", "draw") as bar:
-        for d in draw_chunks(run, method, what, probe=probe, per_sample=per_sample, samples=samples,
-                             max_memory=max_memory):
-            bar.update(next(iter(d.values())).shape[0])
-            if trace_total:
-                acc["total"].add(sum(d.values()))
+        for x in _packed(run, method, what, probe, per_sample, samples, max_memory):
+            if what == "dense":
+                bar.update(x[fm.names[0]].shape[0])
+                for n in fm.names:
+                    acc[n].add(x.pop(n))
                 continue
-            for n in names:
-                acc[n].add(d.pop(n))
-    dtype, scalar = run.fm.dtype, what == "trace"
+            bar.update(x.shape[0])
+            acc.add(x.sum(1) if trace_total else x)
+    if what == "dense":
+        return {n: m.estimate(dtype=fm.dtype) for n, m in acc.items()}
     if trace_total:
-        return acc["total"].estimate(scalar=True)
-    out = {n: m.estimate(scalar, dtype) for n, m in acc.items()}
-    if not total:
-        return out
-    return Estimate(torch.cat([out[n].value.reshape(-1) for n in names]),
-                    torch.cat([out[n].stderr.reshape(-1) for n in names]), samples)
+        return acc.estimate(scalar=True)
+    e = acc.estimate(dtype=fm.dtype if what == "diag" else torch.float64)
+    if what == "trace":
+        return {n: Estimate(v, err, e.samples)
+                for n, v, err in zip(fm.names, e.value.tolist(), e.stderr.tolist(), strict=True)}
+    if total:
+        return e
+    return {n: Estimate(v, err, e.samples)
+            for (n, v), err in zip(fm.unflatten(e.value).items(), fm.unflatten(e.stderr).values(), strict=True)}

@@ -95,7 +95,7 @@ def dense(run: Request, make_v=None, columns=None) -> Tensor:
         R = torch.cat([st.rows[n] for n in fm.names], dim=-1).reshape(-1, fm.P)
         out.addmm_(R.T, R)
     (out,) = run.total([out])
-    return finite_result("The Fisher matrix", out * run.scale())
+    return finite_result("The Fisher matrix", out * run.scale(), run.explain_nonfinite)
 
 
 def diag_dict(run: Request, make_v=None, columns=None) -> dict[str, Tensor]:
@@ -107,7 +107,7 @@ def diag_dict(run: Request, make_v=None, columns=None) -> dict[str, Tensor]:
             acc[n] += st.diag[n]
     acc = dict(zip(fm.names, run.total(list(acc.values())), strict=True))
     s = run.scale()
-    return finite_result("The Fisher diagonal", {n: v * s for n, v in acc.items()})
+    return finite_result("The Fisher diagonal", {n: v * s for n, v in acc.items()}, run.explain_nonfinite)
 
 
 def trace_dict(run: Request, make_v=None, columns=None) -> dict[str, float]:
@@ -119,7 +119,7 @@ def trace_dict(run: Request, make_v=None, columns=None) -> dict[str, float]:
             acc[n] += st.sqnorm[n].sum().item()
     acc = dict(zip(fm.names, run.total(list(acc.values())), strict=True))
     s = run.scale()
-    return finite_result("The Fisher trace", {n: v * s for n, v in acc.items()})
+    return finite_result("The Fisher trace", {n: v * s for n, v in acc.items()}, run.explain_nonfinite)
 
 
 def fisher_diag(
@@ -238,7 +238,7 @@ def fisher_blocks(
             acc[n].addmm_(r.T, r)
     acc = dict(zip(fm.names, run.total(list(acc.values())), strict=True))
     s = run.scale()
-    return finite_result("A Fisher block", {n: v * s for n, v in acc.items()})
+    return finite_result("A Fisher block", {n: v * s for n, v in acc.items()}, run.explain_nonfinite)
 
 
 def fisher_rao_norm(

@@ -238,6 +238,10 @@ class Likelihood:
         """Kept predictions (positions) of outputs ``f (B, *S)``: the ``reduction="per_prediction"`` count."""
         return int(self.keep(f, y).sum())
 
+    def positions(self, f: Tensor) -> int:
+        """All predictions (positions) of outputs ``f (B, *S)``, kept or not: :meth:`count` when nothing drops."""
+        return len(f) * math.prod(self.layout(tuple(f.shape[1:]))[0])
+
     def input_loss(self, f: Tensor, y) -> Tensor:
         """Each input's loss summed over its kept positions, ``(B,)``, for outputs ``f (B, *S)``."""
         rows = self.rows(f, y)

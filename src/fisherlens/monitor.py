@@ -79,8 +79,8 @@ layers the per-sample rows of that engine.  The value has the normalisation of `
   draw.  The columns are back-propagated in chunks of positions that fit :data:`fisherlens._core.WORK_BUDGET`.
 
 The monitor captures the first forward with autograd enabled after the previous :meth:`Monitor.step` (only
-when the coming step is scheduled; forwards under ``torch.no_grad`` and ``torch.func.functional_call``
-forwards — every library call — are ignored), so call ``step()`` once per training step with consecutive step
+when the coming step is scheduled; forwards under ``torch.no_grad``, ``torch.func.functional_call`` forwards
+and the library's own calls are ignored), so call ``step()`` once per training step with consecutive step
 numbers; with gradient accumulation the trace is that of the first micro-batch.  A step with nothing captured
 records NaN (with a warning).  BatchNorm or Dropout in training mode is refused (per-sample gradients are
 undefined there); where shapes alone cannot show that a layer keeps the batch on axis 0 (another input axis of
@@ -115,9 +115,10 @@ from ._core import (
     check_choice,
     check_kind,
     close_enough,
+    forward_checked,
     iter_batches,
     layer_stats,
-    model_errors,
+    library_forward,
     plan_for,
     quadratic_sum,
     ruled_layers,
@@ -481,8 +482,8 @@ class Monitor:
             if want_grad:
                 f, pull = vjp_checked(fm, X)
             else:
-                with torch.no_grad(), model_errors(X):
-                    f = fm(fm.params, X)
+                with torch.no_grad():
+                    f = forward_checked(fm, fm.params, X)
             fs = fm.structured(f.detach())  # (B, *S)
             loss += lik.input_loss(fs, Y).sum().item()
             m += lik.count(fs, Y)
@@ -711,10 +712,11 @@ class _BatchCapture:
         self.root.remove()
 
     def _recording(self) -> bool:
-        return self.armed and not self.busy and not self.captured and not _INTERNAL[0] and torch.is_grad_enabled()
+        return (self.armed and not self.busy and not self.captured and not _INTERNAL[0] and not library_forward()
+                and torch.is_grad_enabled())
 
     def _root_hook(self, model, args, kwargs, out):
-        if not self.armed or self.busy or self.captured or _INTERNAL[0]:
+        if not self.armed or self.busy or self.captured or _INTERNAL[0] or library_forward():
             return
         calls, self.capture.calls = self.capture.calls, []
         o = self._pick(out)

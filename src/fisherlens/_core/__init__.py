@@ -69,6 +69,7 @@ from .model import (
     differentiable_kernels,
     forward_checked,
     jvp_checked,
+    library_forward,
     model_errors,
     pullback_checked,
     pullback_jvp,
@@ -92,7 +93,7 @@ __all__ = [
     "output_dim", "quadratic_sum", "stream", "work_budget", "functional_rows",
     "Capture", "WeakHook", "tap_grads", "Plan", "Signature", "ambiguous", "call_problems", "check_batch", "plan_for",
     "signature", "Call", "LayerRule", "rule_for", "ruled_layers", "FunctionalModel", "differentiable_kernels",
-    "forward_checked", "jvp_checked", "pullback_jvp", "model_errors",
+    "forward_checked", "jvp_checked", "library_forward", "pullback_jvp", "model_errors",
     "pullback_checked", "select_params", "vjp_checked", "Request",
     "FactorRows", "gram64", "Stats",
 ]

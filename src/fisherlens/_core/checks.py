@@ -88,16 +88,20 @@ def all_finite(t: Tensor) -> bool:
     return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
-def finite_result(what: str, value):
+def finite_result(what: str, value, explain=None):
     """Return ``value`` (a tensor, a float or a dict of them) after checking it is finite: an overflow in the
-    model's dtype (e.g. 1/σ⁴ of a tiny σ in float32) is refused, never returned as inf/NaN."""
+    model's dtype (e.g. 1/σ⁴ of a tiny σ in float32) is refused, never returned as inf/NaN.  ``explain()``, if
+    given, may first raise a more precise error (a non-finite parameter that did not reach the outputs)."""
     items = list(value.values()) if isinstance(value, dict) else [value]
     sums = [float(v.sum()) if isinstance(v, Tensor) else float(v) for v in items]
     if not math.isfinite(math.fsum(sums)) and not all(  # one sum each; the elementwise test only if needed
             all_finite(v) if isinstance(v, Tensor) else math.isfinite(v) for v in items):
+        if explain is not None:
+            explain()
         raise ValueError(
-            f"{what} overflowed to inf/NaN in the model's dtype; compute in float64 (model.double()) or rescale "
-            "the outputs (e.g. a larger sigma)."
+            f"{what} overflowed to inf/NaN in the model's dtype, or NaN/inf inputs reached the gradients without "
+            "showing in the outputs (a saturated layer); check the data, compute in float64 (model.double()) or "
+            "rescale the outputs (e.g. a larger sigma)."
         )
     return value
 
@@ -110,8 +114,11 @@ def check_inputs(X) -> None:
             raise ValueError("The inputs contain NaN or inf; the Fisher is undefined there. Clean the data first.")
 
 
-def check_outputs(f: Tensor, X, dtype: torch.dtype) -> None:
-    """Flat outputs ``f (B, M)`` of inputs ``X``: floating, of the parameters' dtype, one per input, finite."""
+def check_outputs(f: Tensor, X, dtype: torch.dtype, explain=None) -> None:
+    """Flat outputs ``f (B, M)`` of inputs ``X``: floating, of the parameters' dtype, one per input, finite.
+
+    Finiteness is checked on the outputs only (one sum); when they are not finite, ``explain()`` (if given) may
+    raise a more precise error first (a non-finite parameter), then the inputs are checked (:func:`check_inputs`)."""
     if not torch.is_floating_point(f):
         raise TypeError(f"The model returned {f.dtype} outputs; outputs must be floating point (logits, means).")
     if f.dtype != dtype:
@@ -122,6 +129,9 @@ def check_outputs(f: Tensor, X, dtype: torch.dtype) -> None:
     if f.shape[0] != batch_len(X):
         raise ValueError(f"The model returned {f.shape[0]} outputs for a batch of {batch_len(X)} inputs.")
     if not all_finite(f.detach()):
+        if explain is not None:
+            explain()
+        check_inputs(X)
         raise ValueError("The model produced NaN or inf outputs on this data; the Fisher is undefined there.")
 
 

@@ -94,7 +94,8 @@ def iter_batches(data, fm: FunctionalModel, *, need_y: bool, batch_size: int | N
     A dict batch gives keyword inputs ``X`` and targets ``Y`` (:class:`~.fields.Fields` with ``labels`` and/or
     ``mask``, and its ``attention_mask``).  ``Y`` may be ``None`` unless ``need_y``.  Raises ``ValueError`` for
     empty data (unless ``empty_ok``: a rank's shard may be empty, the global count is checked after the
-    all-reduce, docs/distributed.md), mismatched lengths, missing labels and non-finite inputs.
+    all-reduce, docs/distributed.md), mismatched lengths and missing labels; non-finite inputs are refused by the
+    checked forwards (:func:`~.checks.check_outputs`, when they make the outputs non-finite).
     """
     check_positive_int("batch_size", batch_size, optional=True)
     seen = 0

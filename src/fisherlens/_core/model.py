@@ -8,18 +8,35 @@ model cannot take and for bad outputs, with attention on its differentiable kern
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import nn
 from torch.func import functional_call, jvp, vjp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .checks import autocast_dtype, check_inputs, check_outputs, close_enough
+from .checks import autocast_dtype, check_outputs, close_enough
 from .distributed import unwrap_model
 from .fields import Fields, describe
 
 Tensor = torch.Tensor
+
+
+#: library forwards in progress that run the model as itself (:meth:`FunctionalModel.live`)
+_LIVE = [0]
+
+
+def library_forward() -> bool:
+    """Whether a library call is running the model as itself right now (:meth:`FunctionalModel.live`): hooks that
+    watch the caller's training forward (the Monitor's) ignore it, as they ignore ``functional_call`` forwards."""
+    return _LIVE[0] > 0
+
+
+def _arguments(x) -> tuple[tuple, dict | None]:
+    """``(args, kwargs)`` of a model call on inputs ``x``: keyword inputs for a :class:`Fields` or a dict."""
+    if isinstance(x, (Fields, dict)):
+        return (), (x.tree() if isinstance(x, Fields) else x)
+    return (x,), None
 
 
 def _module_prefix_match(name: str, key: str) -> bool:
@@ -113,10 +130,10 @@ class FunctionalModel:
         chosen = select_params(named, params)
         self.names: list[str] = chosen
         self.tensors: dict[str, Tensor] = {n: named[n] for n in chosen}
-        if not torch.isfinite(torch.stack([p.detach().sum() for p in self.tensors.values()])).all():
-            for n, p in self.tensors.items():  # name the culprit (a finite overflow of the sum is fine)
-                if not torch.isfinite(p).all():
-                    raise ValueError(f"Parameter '{n}' contains NaN or inf; the Fisher is undefined there.")
+        #: whether a plain call of the model differentiates the selection (:meth:`live`): every selected tensor is
+        #: a leaf that requires grad and carries no gradient hook (a hook could change the gradients we read)
+        self.direct = all(t.requires_grad and t.is_leaf and not getattr(t, "_backward_hooks", None)
+                          for t in self.tensors.values())
         self.params: dict[str, Tensor] = {n: p.detach() for n, p in self.tensors.items()}
         #: the other parameters, detached, so that no result stays attached to the model's autograd graph
         self.frozen: dict[str, Tensor] = {n: p.detach() for n, p in named.items() if n not in self.tensors}
@@ -129,18 +146,37 @@ class FunctionalModel:
         #: the layerwise plan of this model and selection, set by :func:`fisherlens._core.plan_for`
         self.plan = None
 
+    def check_finite(self) -> None:
+        """Raise ``ValueError`` naming the first selected parameter that holds NaN or inf (called when outputs are
+        not finite, to name the cause; a finite model needs no sweep over its P parameters)."""
+        for n, p in self.params.items():
+            if not bool(torch.isfinite(p).all()):
+                raise ValueError(f"Parameter '{n}' contains NaN or inf; the Fisher is undefined there.")
+
     def __call__(self, p: dict[str, Tensor], x) -> Tensor:
-        """Flat outputs ``(B, M)`` for inputs ``x (B, ...)`` (a tensor, or keyword inputs as a :class:`Fields`
-        or a dict); a 1-D output is taken as ``S = (1,)``."""
-        if isinstance(x, (Fields, dict)):
-            args, kwargs = (), (x.tree() if isinstance(x, Fields) else x)
-        else:
-            args, kwargs = (x,), None
+        """Flat outputs ``(B, M)`` of the parameters ``p`` for inputs ``x (B, ...)`` (a tensor, or keyword inputs
+        as a :class:`Fields` or a dict); a 1-D output is taken as ``S = (1,)``."""
+        args, kwargs = _arguments(x)
         try:
             out = functional_call(self.model, {**self.frozen, **p}, args, kwargs)
         finally:
             for store, k, t in self._restore:
                 store[k] = t
+        return self._flat(out)
+
+    def live(self, x) -> Tensor:
+        """Flat outputs ``(B, M)`` of the model's own parameters by a plain call (no reparametrisation), attached
+        to their autograd graph: differentiating them by the selected tensors is :meth:`__call__`'s derivative
+        when :attr:`direct`.  Flagged as a library forward (:func:`library_forward`) while it runs."""
+        args, kwargs = _arguments(x)
+        _LIVE[0] += 1
+        try:
+            return self._flat(self.model(*args, **(kwargs or {})))
+        finally:
+            _LIVE[0] -= 1
+
+    def _flat(self, out) -> Tensor:
+        """The output tensor picked from what the model returned, checked and flattened to ``(B, M)``."""
         if self.output is not None:
             out = self.output(out)
         if not isinstance(out, Tensor):
@@ -187,10 +223,12 @@ def differentiable_kernels():
 
 
 @contextmanager
-def model_errors(X: Tensor):
-    """Turn the model's failures on a batch into a ValueError that names the input shape (or the real cause)."""
+def model_errors(X: Tensor, kernels: bool = True):
+    """Turn the model's failures on a batch into a ValueError that names the input shape (or the real cause);
+    with ``kernels``, attention runs on its differentiable kernels (:func:`differentiable_kernels`; reverse mode
+    alone does not need them)."""
     try:
-        with differentiable_kernels():
+        with differentiable_kernels() if kernels else nullcontext():
             yield
     except TypeError as e:
         if isinstance(X, Fields) and "argument" in str(e):
@@ -212,40 +250,46 @@ def model_errors(X: Tensor):
 
 
 def forward_checked(fm: FunctionalModel, p, X: Tensor) -> Tensor:
-    """``fm(p, X)`` with a clear error for inputs the model cannot take and for non-finite outputs."""
-    check_inputs(X)
+    """``fm(p, X)`` with a clear error for inputs the model cannot take and for non-finite outputs (naming a
+    non-finite parameter or input as the cause)."""
     with model_errors(X):
         f = fm(p, X)
-    check_outputs(f, X, fm.dtype)
+    check_outputs(f, X, fm.dtype, fm.check_finite)
     return f
 
 
 def vjp_checked(fm: FunctionalModel, X: Tensor):
     """``(f (B, M), pull)``: one forward kept for pull-backs ``u (B, M) -> ({name: Jᵀu},)`` (torch.func.vjp)."""
-    check_inputs(X)
     with model_errors(X):
         f, pull = vjp(lambda q: fm(q, X), fm.params)
-    check_outputs(f, X, fm.dtype)
+    check_outputs(f, X, fm.dtype, fm.check_finite)
     return f, pull
 
 
 def pullback_checked(fm: FunctionalModel, X):
     """``(f (B, M), pull)`` like :func:`vjp_checked`, by plain autograd (cheaper per call than ``torch.func.vjp``):
     ``pull(u)`` for ``u (B, M)`` gives ``{name: Jᵀu}``, and for ``u (s, B, M)`` ``{name: (s, *shape)}`` in one
-    batched backward (``is_grads_batched``).  One pull-back per forward: the graph is freed by it."""
-    check_inputs(X)
-    p = {n: t.detach().requires_grad_(True) for n, t in fm.params.items()}
-    with torch.enable_grad(), model_errors(X):
-        f = fm(p, X)
-    check_outputs(f, X, fm.dtype)
+    batched backward (``is_grads_batched``).  One pull-back per forward: the graph is freed by it.  Attention
+    keeps its fused kernels (reverse mode needs no other); a batched pull-back needs the math kernels, so run
+    this inside :func:`differentiable_kernels` for one.
+
+    When :attr:`FunctionalModel.direct`, the model runs as itself and the gradients are taken with respect to its
+    own parameters (``torch.autograd.grad`` leaves their ``.grad`` alone); otherwise through detached copies."""
+    with torch.enable_grad(), model_errors(X, kernels=False):
+        if fm.direct:
+            leaves, f = list(fm.tensors.values()), fm.live(X)
+        else:
+            leaves = [t.detach().requires_grad_(True) for t in fm.params.values()]
+            f = fm(dict(zip(fm.names, leaves, strict=True)), X)
+    check_outputs(f, X, fm.dtype, fm.check_finite)
 
     def pull(u: Tensor) -> dict[str, Tensor]:
         batched = u.dim() == f.dim() + 1
-        with model_errors(X):
-            gs = torch.autograd.grad(f, list(p.values()), u, is_grads_batched=batched, allow_unused=True)
+        with model_errors(X, kernels=False):
+            gs = torch.autograd.grad(f, leaves, u, is_grads_batched=batched, allow_unused=True)
         lead = u.shape[:1] if batched else ()
         return {n: torch.zeros(*lead, *t.shape, dtype=t.dtype, device=t.device) if g is None else g
-                for (n, t), g in zip(p.items(), gs, strict=True)}
+                for (n, t), g in zip(fm.params.items(), gs, strict=True)}
 
     return f.detach(), pull
 
@@ -275,8 +319,7 @@ def pullback_jvp(fm: FunctionalModel, f: Tensor, pull, X) -> object:
 def jvp_checked(fm: FunctionalModel, X: Tensor, tangent: dict[str, Tensor], at: dict[str, Tensor] | None = None):
     """``(f (B, M), J t (B, M))`` for a tangent ``{name: tensor}`` (torch.func.jvp; vmap it over tangents), at the
     model's parameters or at ``at`` (same names).  Attention runs on its differentiable kernels."""
-    check_inputs(X)
     with model_errors(X):
         f, jt = jvp(lambda q: fm(q, X), (fm.params if at is None else at,), (tangent,))
-    check_outputs(f, X, fm.dtype)
+    check_outputs(f, X, fm.dtype, fm.check_finite)
     return f, jt

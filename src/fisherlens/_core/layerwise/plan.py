@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..checks import close_enough
+from ..checks import check_inputs, close_enough
 from ..fields import Fields
 from ..model import FunctionalModel, forward_checked
 from .capture import Capture, tap_grads
@@ -229,6 +229,11 @@ def _verify(fm: FunctionalModel, plan: Plan, X: Tensor) -> Signature:
     with torch.enable_grad():
         true = torch.autograd.grad((f * w * c[:, None]).sum(), [p[n] for n in names], retain_graph=True,
                                    allow_unused=True)
+    if not all(bool(torch.isfinite(t).all()) for t in true if t is not None):
+        fm.check_finite()  # a NaN parameter or input that does not reach the outputs poisons the backward
+        check_inputs(X)
+        raise ValueError("The model's gradients are not finite on this data (NaN or inf in its backward); the "
+                         "Fisher is undefined there.")
     grads = tap_grads(rec.calls, f, w[:, :, None])
     scale = max((t.abs().max().item() for t in true if t is not None), default=0.0)  # the gradient's own scale
     bad = []
