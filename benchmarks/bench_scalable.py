@@ -532,6 +532,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer repeats (smoke test)")
     ap.add_argument("--workloads", nargs="*", default=list(WORKLOADS), choices=list(WORKLOADS))
     ap.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--no-reference", action="store_true",
+                    help="skip the exact references (accuracy columns n/a): the ResNet-18's take many minutes")
     harness_args(ap, out=RESULTS)
     args = ap.parse_args(argv)
 
@@ -580,7 +582,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="fisherlens-bench-") as tmpdir:
         for wl in args.workloads:
             try:
-                ref = reference(wl)
+                ref = None if args.no_reference else reference(wl)
             except Exception as exc:  # noqa: BLE001
                 traceback.print_exc()
                 ref = None

@@ -185,12 +185,11 @@ def _batch_chunk(run: Request, method: str, what: str, probe: str, s_max: int) -
         run.m += kept
         # nothing dropped: the labels would only mask the probe, so it needs none
         xi = probe_vectors(lik, fs, method, probe, s, run.generator, None if kept == lik.positions(fs) else Y)
-        if s == 1:  # one plain backward pass
-            v = {n: t[None] for n, t in pull(xi[..., 0]).items()}
-        else:  # {name: (s, *shape)} = Σ_n J_nᵀ ξ_n per draw, the draws in one batched backward
-            v = pull(xi.permute(2, 0, 1))
+        # {name: (s, numel)} = Σ_n J_nᵀ ξ_n per draw: one plain backward, or the draws in one batched backward
+        v = pull(xi[..., 0]) if s == 1 else pull(xi.permute(2, 0, 1))
         del xi, pull
-        acc = _fold(fm, what, acc, {n: v.pop(n).reshape(s, -1) for n in fm.names})
+        acc = _fold(fm, what, acc, {n: g.reshape(s, -1) for n, g in v.items()})
+        del v
     if s is None:  # an empty shard (under a process group)
         s = _agreed(run, s_max, s_max)
     return acc, s
@@ -209,12 +208,12 @@ def _fold(fm, what: str, acc, v: dict[str, Tensor]):
     first, s = acc is None, next(iter(v.values())).shape[0]
     if first:
         acc = torch.empty(s, fm.P, dtype=fm.dtype, device=fm.device)
-    for n, view in fm.unflatten(acc).items():
-        g = v[n]
+    for n, g in v.items():
+        view = acc.narrow(1, *fm.spans[n])
         if first:
-            torch.mul(g, g, out=view.reshape(s, -1))
+            torch.mul(g, g, out=view)
         else:
-            view.reshape(s, -1).addcmul_(g, g)
+            view.addcmul_(g, g)
     return acc
 
 

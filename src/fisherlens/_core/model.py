@@ -8,6 +8,7 @@ model cannot take and for bad outputs, with attention on its differentiable kern
 
 from __future__ import annotations
 
+import itertools
 from contextlib import contextmanager, nullcontext
 
 import torch
@@ -43,9 +44,10 @@ def _module_prefix_match(name: str, key: str) -> bool:
     return name == key or name.startswith(key + ".")
 
 
-def check_eval_mode(model: nn.Module) -> None:
-    """Refuse BatchNorm (mixes the samples of a batch) and Dropout (random) in training mode."""
-    for name, m in model.named_modules():
+def check_eval_mode(modules) -> None:
+    """Refuse BatchNorm (mixes the samples of a batch) and Dropout (random) in training mode among ``modules``
+    (``(name, module)`` pairs, e.g. ``model.named_modules()``)."""
+    for name, m in modules:
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
             raise ValueError(
                 f"Module '{name or type(m).__name__}' is a BatchNorm layer in training mode, which mixes "
@@ -89,15 +91,16 @@ def select_params(named: dict[str, Tensor], params) -> list[str]:
     return [n for n in named if n in wanted]
 
 
-def _shared_tensors(model: nn.Module) -> list[tuple[dict, str, Tensor]]:
+def _shared_tensors(modules: list[tuple[str, nn.Module]]) -> list[tuple[dict, str, Tensor]]:
     """``(store, key, tensor)`` of the parameters and buffers of modules that occur twice in the module tree
-    (e.g. ``nn.Sequential(lin, act, lin)``): ``torch.func.functional_call`` does not restore them (they come
-    back as plain tensors and drop out of ``named_parameters()``), so :class:`FunctionalModel` puts them back
-    after every call."""
+    (``modules``: ``named_modules(remove_duplicate=False)``; e.g. ``nn.Sequential(lin, act, lin)``):
+    ``torch.func.functional_call`` does not restore them (they come back as plain tensors and drop out of
+    ``named_parameters()``), so :class:`FunctionalModel` puts them back after every call."""
     count: dict[int, int] = {}
-    for _, m in model.named_modules(remove_duplicate=False):
+    for _, m in modules:
         count[id(m)] = count.get(id(m), 0) + 1
-    return [(store, k, t) for _, m in model.named_modules() if count[id(m)] > 1
+    shared = {id(m): m for _, m in modules if count[id(m)] > 1}
+    return [(store, k, t) for m in shared.values()
             for store in (m._parameters, m._buffers) for k, t in store.items() if t is not None]
 
 
@@ -124,7 +127,8 @@ class FunctionalModel:
         #: per-input output shape ``S`` of the last forward (``(C,)`` for ``(B, C)`` outputs)
         self.out_shape: tuple[int, ...] = ()
         model = unwrap_model(model)  # a DistributedDataParallel wrapper: the module it wraps
-        check_eval_mode(model)
+        modules = list(model.named_modules(remove_duplicate=False))  # one walk for both checks
+        check_eval_mode(modules)
         self.model = model
         named = dict(model.named_parameters())
         chosen = select_params(named, params)
@@ -140,9 +144,12 @@ class FunctionalModel:
         self.shapes = {n: p.shape for n, p in self.params.items()}
         self.sizes = {n: p.numel() for n, p in self.params.items()}
         self.P = sum(self.sizes.values())
+        starts = [0, *itertools.accumulate(self.sizes.values())]
+        #: ``{name: (start, numel)}``: each parameter's span in a flat ``(..., P)`` vector
+        self.spans = {n: (i, self.sizes[n]) for n, i in zip(self.names, starts, strict=False)}
         first = next(iter(self.params.values()))
         self.dtype, self.device, self.itemsize = first.dtype, first.device, first.element_size()
-        self._restore = _shared_tensors(model)
+        self._restore = _shared_tensors(modules)
         #: the layerwise plan of this model and selection, set by :func:`fisherlens._core.plan_for`
         self.plan = None
 
