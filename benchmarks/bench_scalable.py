@@ -132,7 +132,7 @@ def _fl_estimate(method: str, per_sample: bool):
 
         def run():
             est = fl.fisher_diag(model, (X, Y), fl.Categorical(), method=method, samples=1, generator=g,
-                                 per_sample=per_sample)
+                                 per_sample=per_sample, batch_size=len(X))  # one pass, as the step
             d = est.value
             return {"diag": d, "trace": float(d.sum())}  # the trace draw is the sum of the diagonal draw
 
@@ -188,10 +188,10 @@ def _fl_fvp(build: bool):
         import fisherlens as fl
 
         v = probe_vector(sum(p.numel() for p in model.parameters()))
-        prebuilt = fl.fisher_operator(model, (X, Y), fl.Categorical())
+        prebuilt = fl.fisher_operator(model, (X, Y), fl.Categorical(), batch_size=len(X))
 
         def run():
-            op = fl.fisher_operator(model, (X, Y), fl.Categorical()) if build else prebuilt
+            op = fl.fisher_operator(model, (X, Y), fl.Categorical(), batch_size=len(X)) if build else prebuilt
             return {"fvp": op @ v, "products": 1}
 
         return run
