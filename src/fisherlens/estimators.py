@@ -258,8 +258,6 @@ def _packed(run: Request, method: str, what: str, probe: str, per_sample: bool, 
         acc, k = one(run, method, what, probe, min(s, samples - done))
         if run.shards is not None:  # the per-draw sums over all shards: one all-reduce per chunk of draws
             acc = _all_ranks(run, what, acc, k)
-        elif acc is None:
-            acc = _zeros(run.fm, what, k)
         done += k
         scale = run.scale()
         acc = {n: x.mul_(scale) for n, x in acc.items()} if what == "dense" else acc.mul_(scale)

@@ -16,7 +16,7 @@ from torch import nn
 from torch.func import functional_call, jvp, vjp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .checks import autocast_dtype, check_outputs, close_enough
+from .checks import autocast_dtype, check_inputs, check_outputs, close_enough
 from .distributed import unwrap_model
 from .fields import Fields, describe
 
@@ -153,12 +153,15 @@ class FunctionalModel:
         #: the layerwise plan of this model and selection, set by :func:`fisherlens._core.plan_for`
         self.plan = None
 
-    def check_finite(self) -> None:
-        """Raise ``ValueError`` naming the first selected parameter that holds NaN or inf (called when outputs are
-        not finite, to name the cause; a finite model needs no sweep over its P parameters)."""
+    def check_finite(self, X=None) -> None:
+        """Raise ``ValueError`` naming the first selected parameter that holds NaN or inf, then (when given) the
+        inputs ``X`` if they do (:func:`~.checks.check_inputs`).  Called when outputs or results are not finite, to
+        name the cause; a finite model needs no sweep over its P parameters."""
         for n, p in self.params.items():
             if not bool(torch.isfinite(p).all()):
                 raise ValueError(f"Parameter '{n}' contains NaN or inf; the Fisher is undefined there.")
+        if X is not None:
+            check_inputs(X)
 
     def __call__(self, p: dict[str, Tensor], x) -> Tensor:
         """Flat outputs ``(B, M)`` of the parameters ``p`` for inputs ``x (B, ...)`` (a tensor, or keyword inputs
@@ -209,11 +212,7 @@ class FunctionalModel:
     def unflatten(self, v: Tensor) -> dict[str, Tensor]:
         if v.shape[-1] != self.P:
             raise ValueError(f"Expected a vector of length P={self.P}, got {tuple(v.shape)}.")
-        out, i = {}, 0
-        for n in self.names:
-            out[n] = v[..., i : i + self.sizes[n]].reshape(v.shape[:-1] + self.shapes[n])
-            i += self.sizes[n]
-        return out
+        return {n: v[..., i : i + k].reshape(v.shape[:-1] + self.shapes[n]) for n, (i, k) in self.spans.items()}
 
 
 @contextmanager

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from .checks import ENGINES, REDUCTIONS, check_choice, check_inputs, check_kind, check_positive_int
+from .checks import ENGINES, REDUCTIONS, check_choice, check_kind, check_positive_int
 from .data import iter_batches
 from .distributed import rank_generator, shards_for
 from .engine import stream
@@ -52,10 +52,8 @@ class Request:
     def explain_nonfinite(self) -> None:
         """Raise ``ValueError`` naming the cause of a non-finite result when it is a NaN/inf selected parameter or
         in-memory input (a saturated layer can hide either from the outputs and still poison the gradients)."""
-        self.fm.check_finite()
         X = self.data[0] if isinstance(self.data, tuple) and self.data else self.data
-        if isinstance(X, torch.Tensor):
-            check_inputs(X)
+        self.fm.check_finite(X if isinstance(X, torch.Tensor) else None)
 
     def bar(self, total: int | None, desc: str, unit: str) -> tqdm:
         """A tqdm progress bar ``"fisherlens: <desc>"`` (use as a context manager), shown with ``progress=True``

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..checks import check_inputs, close_enough
+from ..checks import close_enough
 from ..fields import Fields
 from ..model import FunctionalModel, forward_checked
 from .capture import Capture, tap_grads
@@ -230,8 +230,7 @@ def _verify(fm: FunctionalModel, plan: Plan, X: Tensor) -> Signature:
         true = torch.autograd.grad((f * w * c[:, None]).sum(), [p[n] for n in names], retain_graph=True,
                                    allow_unused=True)
     if not all(bool(torch.isfinite(t).all()) for t in true if t is not None):
-        fm.check_finite()  # a NaN parameter or input that does not reach the outputs poisons the backward
-        check_inputs(X)
+        fm.check_finite(X)  # a NaN parameter or input that does not reach the outputs poisons the backward
         raise ValueError("The model's gradients are not finite on this data (NaN or inf in its backward); the "
                          "Fisher is undefined there.")
     grads = tap_grads(rec.calls, f, w[:, :, None])
