@@ -48,6 +48,7 @@ from ._core import (
     check_choice,
     check_dense,
     check_positive_int,
+    deferred_outputs,
     differentiable_kernels,
     finite_result,
     pullback_checked,
@@ -175,21 +176,23 @@ def _batch_chunk(run: Request, method: str, what: str, probe: str, s_max: int) -
     (``s · (draw_numel + B·C) · 8`` bytes).  The squares of the pulled-back ``v`` go straight into one flat
     ``(s, P)`` buffer (diag) or into ``(s, parameters)`` (trace)."""
     fm, lik, acc, s = run.fm, run.likelihood, None, None
-    for X, Y in run.batches():
-        with differentiable_kernels() if s_max > 1 else nullcontext():  # a batched backward needs them
-            f, pull = pullback_checked(fm, X)
-        if s is None:
-            s = _agreed(run, int(max(1, min(s_max, work_budget() // (8 * (draw_numel(fm, what) + f.numel()))))), s_max)
-        fs = fm.structured(f)
-        kept = lik.count(fs, Y)
-        run.m += kept
-        # nothing dropped: the labels would only mask the probe, so it needs none
-        xi = probe_vectors(lik, fs, method, probe, s, run.generator, None if kept == lik.positions(fs) else Y)
-        # {name: (s, numel)} = Σ_n J_nᵀ ξ_n per draw: one plain backward, or the draws in one batched backward
-        v = pull(xi[..., 0]) if s == 1 else pull(xi.permute(2, 0, 1))
-        del xi, pull
-        acc = _fold(fm, what, acc, {n: g.reshape(s, -1) for n, g in v.items()})
-        del v
+    # no host read per batch: output finiteness and the kept count are read once, after the pass (sampled labels
+    # need finite outputs first)
+    with deferred_outputs(run.explain_nonfinite, enabled=method == "hutchinson"):
+        for X, Y in run.batches():
+            with differentiable_kernels() if s_max > 1 else nullcontext():  # a batched backward needs them
+                f, pull = pullback_checked(fm, X)
+            if s is None:
+                s = _agreed(run, int(max(1, min(s_max, work_budget() // (8 * (draw_numel(fm, what) + f.numel()))))),
+                            s_max)
+            fs = fm.structured(f)
+            run.m = run.m + lik.kept(fs, Y)
+            xi = probe_vectors(lik, fs, method, probe, s, run.generator, Y)
+            # {name: (s, numel)} = Σ_n J_nᵀ ξ_n per draw: one plain backward, or the draws in one batched backward
+            v = pull(xi[..., 0]) if s == 1 else pull(xi.permute(2, 0, 1))
+            del xi, pull
+            acc = _fold(fm, what, acc, {n: g.reshape(s, -1) for n, g in v.items()})
+            del v
     if s is None:  # an empty shard (under a process group)
         s = _agreed(run, s_max, s_max)
     return acc, s
@@ -238,7 +241,7 @@ def _per_sample_chunk(run: Request, method: str, what: str, probe: str, s: int) 
     fm, acc = run.fm, None
     want = {"diagk"} if what == "diag" else {"sqnorm"}
     make_v = lambda f, y: probe_vectors(run.likelihood, f, method, probe, s, run.generator, y)  # noqa: E731
-    for _, _, st in run.chunks(want, make_v, columns=lambda C: s):
+    for _, _, st in run.chunks(want, make_v, columns=lambda C: s, samples_labels=method == "mc"):
         x = fm.flatten(st.diagk, lead=1) if what == "diag" else \
             torch.stack([st.sqnorm[n].sum(0) for n in fm.names], 1)
         acc = x if acc is None else acc.add_(x)

@@ -21,7 +21,7 @@ import math
 
 import torch
 
-from ._core import Request, check_choice, check_dense, finite_result, quadratic_sum
+from ._core import Request, check_choice, check_dense, deferred_outputs, finite_result, quadratic_sum
 from .estimators import Estimate, estimate
 
 Tensor = torch.Tensor
@@ -113,11 +113,13 @@ def diag_dict(run: Request, make_v=None, columns=None) -> dict[str, Tensor]:
 def trace_dict(run: Request, make_v=None, columns=None) -> dict[str, float]:
     """Per-parameter traces ``{name: float}``."""
     fm = run.fm
-    acc = dict.fromkeys(fm.names, 0.0)
+    acc = None  # (parameters,) on the device: read once, after the pass
     for _, _, st in run.chunks({"sqnorm"}, make_v, columns):
-        for n in fm.names:
-            acc[n] += st.sqnorm[n].sum().item()
-    acc = dict(zip(fm.names, run.total(list(acc.values())), strict=True))
+        x = torch.stack([st.sqnorm[n].sum() for n in fm.names]).to(torch.float64)
+        acc = x if acc is None else acc.add_(x)
+    if acc is None:  # an empty shard (under a process group)
+        acc = torch.zeros(len(fm.names), dtype=torch.float64, device=fm.device)
+    acc = dict(zip(fm.names, run.total([acc])[0].tolist(), strict=True))
     s = run.scale()
     return finite_result("The Fisher trace", {n: v * s for n, v in acc.items()}, run.explain_nonfinite)
 
@@ -257,6 +259,7 @@ def fisher_rao_norm(
     run = Request(model=model, data=data, likelihood=likelihood, kind=kind, params=params, reduction=reduction,
                   samples=samples, generator=generator, batch_size=batch_size, engine="functional", output=output,
                   group=group, distributed=distributed)
-    total, _ = quadratic_sum(run.fm, run.batches(), run.v, run.fm.params)
+    with deferred_outputs(run.explain_nonfinite, enabled=kind != "mc"):
+        total, _ = quadratic_sum(run.fm, run.batches(), run.v, run.fm.params)
     (total,) = run.total([total])
     return total * run.scale()

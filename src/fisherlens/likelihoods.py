@@ -164,12 +164,12 @@ class Likelihood:
         mapping with ``labels``/``mask``/``attention_mask``)."""
         B, shape = f.shape[0], tuple(f.shape[1:])
         pos, _ = self.layout(shape)
-        keep = torch.ones(B, math.prod(pos), dtype=torch.bool, device=f.device)
+        keep = None
         labels, mask, attention = _targets(y)
         if labels is not None:
             self._check_label_shape(labels, B, shape)
         if labels is not None and not torch.is_floating_point(labels) and tuple(labels.shape) == (B, *pos):
-            keep &= (labels != self.ignore_index).reshape(B, -1)
+            keep = (labels != self.ignore_index).reshape(B, -1).to(f.device)
         if mask is None and attention is not None:
             if tuple(attention.shape) == (B, *pos):
                 mask = attention
@@ -183,8 +183,9 @@ class Likelihood:
             if tuple(mask.shape) != (B, *pos):
                 raise ValueError(f"The mask has shape {tuple(mask.shape)}; it must have the outputs' positions "
                                  f"{(B, *pos)} (True = keep).")
-            keep &= mask.to(f.device).bool().reshape(B, -1)
-        return keep
+            m = mask.to(f.device).bool().reshape(B, -1)
+            keep = m if keep is None else keep & m
+        return torch.ones(B, math.prod(pos), dtype=torch.bool, device=f.device) if keep is None else keep
 
     def rows(self, f: Tensor, y=None, with_labels: bool = True) -> Rows:
         """The kept predictions of outputs ``f (B, *S)`` as rows, with their labels when ``y`` has labels (and
@@ -236,7 +237,18 @@ class Likelihood:
 
     def count(self, f: Tensor, y=None) -> int:
         """Kept predictions (positions) of outputs ``f (B, *S)``: the ``reduction="per_prediction"`` count."""
-        return int(self.keep(f, y).sum())
+        return int(self.kept(f, y))
+
+    def kept(self, f: Tensor, y=None) -> Tensor | int:
+        """:meth:`count` without reading the device: a 0-d integer tensor on ``f``'s device, or :meth:`positions`
+        (an int) when ``y`` cannot drop a position (:meth:`drops`)."""
+        return self.keep(f, y).sum() if self.drops(y) else self.positions(f)
+
+    def drops(self, y) -> bool:
+        """Whether targets ``y`` may drop positions, from their kind alone (no values read): class labels (one may
+        equal ``ignore_index``), a mask or an attention mask."""
+        labels, mask, attention = _targets(y)
+        return mask is not None or attention is not None or (labels is not None and not torch.is_floating_point(labels))
 
     def positions(self, f: Tensor) -> int:
         """All predictions (positions) of outputs ``f (B, *S)``, kept or not: :meth:`count` when nothing drops."""
@@ -268,11 +280,11 @@ class Likelihood:
             return self.residual(f, y).reshape(len(f), -1, 1)
         if kind not in ("true", "mc"):
             raise ValueError(f"kind={kind!r} is not supported; choose one of 'true', 'empirical', 'mc'.")
+        if kind == "true" and math.prod(self.layout(tuple(f.shape[1:]))[0]) == 1:  # rows are the inputs
+            return self._row_product(f, None, y, lambda fr, _: self.sqrt_fisher(fr))
         rows = self.kept_rows(f, y)
         if kind == "true":
             S = self.sqrt_fisher(rows.f)  # (R, C, C)
-            if rows.T == 1:
-                return self.scatter(rows, S)
             check_dense(f"kind='true' on {rows.T} positions × {rows.C} outputs ({rows.T * rows.C} sandwich columns "
                         f"per input, for {rows.B} inputs)", rows.B * (rows.T * rows.C) ** 2, f.element_size(),
                         "Use method='hutchinson' (one backward per batch) or kind='mc'", None)
@@ -295,17 +307,17 @@ class Likelihood:
         self.check_outputs(rows.f)
         return rows
 
-    def _row_product(self, f: Tensor, x: Tensor, y, product) -> Tensor:
-        """``product(f_r, x_r)`` per kept position for outputs ``f (B, *S)`` and flat ``x (B, M, d)``, back to
-        ``(B, M, d)`` (zeros at dropped positions)."""
+    def _row_product(self, f: Tensor, x: Tensor | None, y, product) -> Tensor:
+        """``product(f_r, x_r)`` per kept position for outputs ``f (B, *S)`` and flat ``x (B, M, d)`` (or ``None``),
+        back to ``(B, M, d)`` (zeros at dropped positions; no host read for one position per input)."""
         f = f.detach()
         B, shape = len(f), tuple(f.shape[1:])
         pos, C = self.layout(shape)
         if math.prod(pos) == 1:  # one prediction per input: the rows are the inputs, a dropped one is zeroed
             fr = f.reshape(B, C)
             self.check_outputs(fr)
-            out = product(fr, x.reshape(B, C, -1))
-            return out if y is None else torch.where(self.keep(f, y)[:, :, None], out, 0)
+            out = product(fr, None if x is None else x.reshape(B, C, -1))
+            return torch.where(self.keep(f, y)[:, :, None], out, 0) if self.drops(y) else out
         rows = self.kept_rows(f, y)
         xr = self.to_rows_layout(x.reshape(*f.shape, -1), rows.shape)[rows.which, rows.pos]  # (R, C, d)
         return self.scatter(rows, product(rows.f, xr))

@@ -27,7 +27,16 @@ import torch
 from scipy.sparse.linalg import LinearOperator
 from torch.func import vmap
 
-from ._core import Request, check_dense, jvp_checked, pullback_jvp, signature, vjp_checked, work_budget
+from ._core import (
+    Request,
+    check_dense,
+    deferred_outputs,
+    jvp_checked,
+    pullback_jvp,
+    signature,
+    vjp_checked,
+    work_budget,
+)
 
 Tensor = torch.Tensor
 
@@ -36,13 +45,15 @@ __all__ = ["FisherOperator", "fisher_operator"]
 
 @dataclass
 class _Linearised:
-    """One batch of the linearisation cache: structured outputs, targets, ``t -> J t`` and the pull-back."""
+    """One batch of the linearisation cache: structured outputs, targets, ``t -> J t``, the pull-back, the inputs
+    ``n`` and the kept predictions ``kept`` (a 0-d device tensor or an int, :meth:`fisherlens.Likelihood.kept`)."""
 
     fs: Tensor
     Y: object
     jvp: object
     pull: object
     n: int
+    kept: Tensor | int
 
 
 class FisherOperator:
@@ -90,19 +101,22 @@ class FisherOperator:
         one = {n: t[0] for n, t in tangents.items()} if M.shape[1] == 1 else None
         gen = self._generator()
         out = torch.zeros(M.shape[1], fm.P, dtype=self.dtype, device=self.device)
-        cache = self._linearised()
-        if cache is not None:
-            run.n, run.m = sum(b.n for b in cache), 0
-        for b in cache if cache is not None else self._stream():
-            if one is not None:  # a single vector: plain jvp and vjp, no vmap overhead
-                jv = b.jvp(one)[None]
-            else:
-                jv = vmap(b.jvp)(tangents)  # (k, B, M)
-            u = self._sandwiched(b.fs, b.Y, jv, gen)  # (k, B, M)
-            if one is not None:
-                out += fm.flatten(b.pull(u[0])[0])[None]
-            else:
-                out += fm.flatten(vmap(lambda c, pull=b.pull: pull(c)[0])(u), lead=1)
+        # outputs' finiteness and kept counts stay on the device until the pass ends (not for sampled labels)
+        with deferred_outputs(run.explain_nonfinite, enabled=run.kind != "mc"):
+            cache = self._linearised()
+            if cache is not None:
+                run.n, run.m = sum(b.n for b in cache), 0
+            for b in cache if cache is not None else self._stream():
+                if one is not None:  # a single vector: plain jvp and vjp, no vmap overhead
+                    jv = b.jvp(one)[None]
+                else:
+                    jv = vmap(b.jvp)(tangents)  # (k, B, M)
+                run.m = run.m + b.kept
+                u = self._sandwiched(b.fs, b.Y, jv, gen)  # (k, B, M)
+                if one is not None:
+                    out += fm.flatten(b.pull(u[0])[0])[None]
+                else:
+                    out += fm.flatten(vmap(lambda c, pull=b.pull: pull(c)[0])(u), lead=1)
         (out,) = run.total([out])  # under a process group: one all-reduce per product (all k columns)
         self.products += M.shape[1]
         if self.bar is not None:
@@ -114,7 +128,9 @@ class FisherOperator:
         fm = self.run.fm
         for X, Y in self.run.batches():
             f, pull = vjp_checked(fm, X)
-            yield _Linearised(fm.structured(f), Y, lambda t, X=X: jvp_checked(fm, X, t)[1], pull, len(X))
+            fs = fm.structured(f)
+            yield _Linearised(fs, Y, lambda t, X=X: jvp_checked(fm, X, t)[1], pull, len(X),
+                              self.run.likelihood.kept(fs, Y))
 
     def _model_state(self) -> list[Tensor]:
         model = self.run.fm.model
@@ -122,10 +138,11 @@ class FisherOperator:
 
     def _unchanged(self) -> bool:
         """Whether every parameter and buffer still equals its value when the cache was built (one comparison of
-        P numbers per product; catches every change, ``.data`` writes included)."""
-        now = self._model_state()
-        return len(now) == len(self._built_at) and all(torch.equal(a, b) for a, b in zip(now, self._built_at,
-                                                                                           strict=True))
+        P numbers per product, read from the device once; catches every change, ``.data`` writes included)."""
+        now, then = self._model_state(), self._built_at
+        if len(now) != len(then) or any(a.shape != b.shape or a.dtype != b.dtype for a, b in zip(now, then)):  # noqa: B905
+            return False
+        return bool(torch.stack([torch.eq(a, b).all() for a, b in zip(now, then, strict=True)]).all())
 
     def _linearised(self) -> list[_Linearised] | None:
         """The linearisation cache (built on first use, rebuilt after an in-place change of the model), or ``None``
@@ -148,15 +165,15 @@ class FisherOperator:
             except (ValueError, RuntimeError, NotImplementedError):  # an op without double backward: stream
                 self._cacheable = False
                 return None
-            cache.append(_Linearised(fm.structured(f), Y, jv, pull, len(X)))
+            fs = fm.structured(f)
+            cache.append(_Linearised(fs, Y, jv, pull, len(X), run.likelihood.kept(fs, Y)))
         self._cache, self._built_at = cache, [t.clone() for t in self._model_state()]
         return cache
 
     def _sandwiched(self, f: Tensor, Y, jv: Tensor, gen) -> Tensor:
         """``V Vᵀ (J v)`` per input for ``jv (k, B, M)``: ``Σ_t Λ(f_t)`` per position for the true Fisher (no
-        ``M × M`` matrix), the kind's factor otherwise; counts the kept predictions."""
+        ``M × M`` matrix), the kind's factor otherwise."""
         run = self.run
-        run.m += run.likelihood.count(f, Y)
         if run.kind == "true":
             return run.likelihood.fisher_times(f, jv.permute(1, 2, 0), Y).permute(2, 0, 1)
         V = run.likelihood.sandwich(f, run.kind, Y, run.samples, gen)  # (B, M, K)

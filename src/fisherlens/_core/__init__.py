@@ -42,6 +42,7 @@ from .checks import (
     check_outputs,
     check_positive_int,
     close_enough,
+    deferred_outputs,
     finite_result,
     renamed,
     tolerance,
@@ -86,7 +87,7 @@ WORK_BUDGET = 512 * 2**20
 __all__ = [
     "ENGINES", "KINDS", "REDUCTIONS", "WORK_BUDGET", "RULES",
     "all_finite", "available_memory", "check_choice", "check_dense", "check_inputs", "check_kind",
-    "check_outputs", "check_positive_int", "close_enough", "finite_result", "renamed", "tolerance",
+    "check_outputs", "check_positive_int", "close_enough", "deferred_outputs", "finite_result", "renamed", "tolerance",
     "iter_batches", "Shards", "collectives", "rank_generator", "shards_for", "unwrap_model",
     "Fields", "batch_len", "describe", "split_fields",
     "batch_stats", "checked_grads", "chunk_size", "identity_sandwich", "layer_stats",

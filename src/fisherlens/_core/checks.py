@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
+from contextlib import contextmanager
 
 import torch
 
@@ -128,11 +129,66 @@ def check_outputs(f: Tensor, X, dtype: torch.dtype, explain=None) -> None:
         )
     if f.shape[0] != batch_len(X):
         raise ValueError(f"The model returned {f.shape[0]} outputs for a batch of {batch_len(X)} inputs.")
+    if _DEFERRED:  # a pass reads its flags once, at its end (deferred_outputs)
+        _DEFERRED[-1].append(torch.isfinite(f.detach()).all())
+        return
     if not all_finite(f.detach()):
         if explain is not None:
             explain()
         check_inputs(X)
         raise ValueError("The model produced NaN or inf outputs on this data; the Fisher is undefined there.")
+
+
+#: the open :func:`deferred_outputs` scopes, innermost last: each a list of per-batch finiteness flags
+_DEFERRED: list[list[Tensor]] = []
+
+
+@contextmanager
+def deferred_outputs(explain=None, enabled: bool = True):
+    """A data pass whose output checks read the device once, at the end, instead of once per batch.
+
+    Inside, :func:`check_outputs` still checks types and shapes at once but keeps each batch's finiteness as a
+    0-d flag on the outputs' device: reading it per batch is a host sync, which stalls an accelerator's stream.
+    On exit the flags are read together and a non-finite batch is refused (``explain()`` first, e.g. naming a NaN
+    parameter or in-memory input), as :func:`check_outputs` would refuse it; an error raised inside after such a
+    batch (NaN outputs can break later arithmetic) becomes that refusal.  The flags are tiny (one per forward);
+    the batches are not kept, so a streamed batch's inputs cannot be named afterwards.  ``enabled=False`` (e.g.
+    a pass that samples labels from the outputs, which must be finite first): checks at once."""
+    if not enabled:
+        yield
+        return
+    flags: list[Tensor] = []
+    _DEFERRED.append(flags)
+    try:
+        yield
+    except Exception as e:
+        _drop(flags)
+        _refuse_nonfinite(flags, explain, e)
+        raise
+    finally:
+        _drop(flags)
+    _refuse_nonfinite(flags, explain)
+
+
+def _drop(flags: list) -> None:
+    """Close one :func:`deferred_outputs` scope (by identity: a suspended generator may close out of order)."""
+    for i in range(len(_DEFERRED) - 1, -1, -1):
+        if _DEFERRED[i] is flags:
+            del _DEFERRED[i]
+            return
+
+
+def _refuse_nonfinite(flags: list[Tensor], explain, cause: Exception | None = None) -> None:
+    """Read a pass's finiteness flags (one host sync) and refuse a non-finite pass."""
+    if not flags:
+        return
+    ok = torch.stack(flags).cpu()
+    if bool(ok.all()):
+        return
+    if explain is not None:
+        explain()
+    raise ValueError("The model produced NaN or inf outputs on this data (found at the end of the pass); the Fisher "
+                     "is undefined there. Check the inputs for NaN or inf.") from cause
 
 
 def autocast_dtype() -> torch.dtype | None:

@@ -192,11 +192,11 @@ def quadratic_sum(fm: FunctionalModel, batches, sandwich, v: dict[str, Tensor], 
                   at: dict[str, Tensor] | None = None) -> tuple[float, int]:
     """``(Σ_n ‖V_nᵀ J_n v‖², N)`` over ``(X, Y)`` batches with ``V = sandwich(f (B, *S), Y) (B, M, K)``:
     ``N · vᵀ F v`` matrix-free, one jvp per batch (at the model's parameters or at ``at``); F is never formed."""
-    total, n = 0.0, 0
+    total, n = 0.0, 0  # the total stays on the device until the pass ends
     for X, Y in batches:
         check_batch(fm, X)
         f, jt = jvp_checked(fm, X, v, at)
         V = sandwich(fm.structured(f), Y)
-        total += torch.einsum("bck,bc->bk", V, jt).square().sum().item()
+        total = total + torch.einsum("bck,bc->bk", V, jt).square().sum().to(torch.float64)
         n += len(X)
-    return total, n
+    return float(total), n

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from .checks import ENGINES, REDUCTIONS, check_choice, check_kind, check_positive_int
+from .checks import ENGINES, REDUCTIONS, check_choice, check_kind, check_positive_int, deferred_outputs
 from .data import iter_batches
 from .distributed import rank_generator, shards_for
 from .engine import stream
@@ -24,7 +24,8 @@ class Request:
         shards: the :class:`~.distributed.Shards` of ``group=`` / ``distributed=``, ``None`` single-process;
             ``data`` is then this rank's shard, and :meth:`total` sums a pass's statistics over the ranks.
         n: inputs seen by the current (last) pass over the data; m: kept predictions (positions) in it (after
-            :meth:`total`: over all ranks).
+            :meth:`total`: over all ranks); during a pass a 0-d tensor on the device (no host read per batch),
+            an int once :meth:`scale` or :meth:`total` has read it.
         progress: whether long loops show a progress bar (:meth:`bar`).
     """
 
@@ -84,7 +85,7 @@ class Request:
         Raises ``ValueError`` when every shard is empty."""
         if self.shards is None:
             return values
-        *out, self.n, self.m = self.shards.sum([*values, self.n, self.m], device=self.fm.device)
+        *out, self.n, self.m = self.shards.sum([*values, self.n, int(self.m)], device=self.fm.device)
         if self.n == 0:
             raise ValueError("The data is empty on every rank: no samples to average over.")
         return out
@@ -117,7 +118,7 @@ class Request:
     def counted(self, make_v):
         """``make_v(f, y)`` that also counts the kept predictions in :attr:`m`."""
         def make(f, y):
-            self.m += self.likelihood.count(f, y)
+            self.m = self.m + self.likelihood.kept(f, y)  # on the device: read once, by scale() or total()
             return make_v(f, y)
 
         return make
@@ -126,24 +127,29 @@ class Request:
         """K, the sandwich's columns per input, for a model with M (flat) outputs per input."""
         return {"mc": self.samples, "empirical": 1}.get(self.kind, M)
 
-    def chunks(self, want: set[str], make_v=None, columns=None):
+    def chunks(self, want: set[str], make_v=None, columns=None, samples_labels: bool | None = None):
         """Yield ``(f, V, stats)`` per chunk of the data (:func:`~.engine.stream`); ``make_v``/``columns``
         replace the kind's sandwich and its column count.  Counts this pass's inputs in :attr:`n` and its kept
-        predictions in :attr:`m`."""
+        predictions in :attr:`m`.  The outputs' finiteness is read once, after the pass
+        (:func:`~.checks.deferred_outputs`), unless the sandwich ``samples_labels`` from them (default: for
+        ``kind="mc"``), which needs finite outputs first."""
         self.n = self.m = 0
         make = self.counted(make_v or self.sandwich)
-        for n, f, V, st in stream(self.fm, self.data, make, want, need_y=self.kind == "empirical",
-                                  columns=columns or self.columns, batch_size=self.batch_size, engine=self.engine,
-                                  empty_ok=self.empty_ok):
-            self.n += n
-            yield f, V, st
+        sampling = self.kind == "mc" if samples_labels is None else samples_labels
+        with deferred_outputs(self.explain_nonfinite, enabled=not sampling):
+            for n, f, V, st in stream(self.fm, self.data, make, want, need_y=self.kind == "empirical",
+                                      columns=columns or self.columns, batch_size=self.batch_size,
+                                      engine=self.engine, empty_ok=self.empty_ok):
+                self.n += n
+                yield f, V, st
 
     def scale(self, n: int | None = None, m: int | None = None) -> float:
         """The one scale rule: ``1/N`` for ``reduction="mean"`` (N = ``n``, default the last pass's :attr:`n`),
         ``1/M`` for ``"per_prediction"`` (M = ``m``, default :attr:`m`, the kept predictions), 1 for ``"sum"``.
 
         Raises ``ValueError`` when every position of the data was ignored."""
-        m = self.m if m is None else m
+        if m is None:
+            self.m = m = int(self.m)  # the pass's one host read of its count
         if m == 0 and (self.n if n is None else n) > 0:
             raise ValueError(
                 "Every position of the data is ignored (labels equal to ignore_index, or masked out): there is "

@@ -78,7 +78,7 @@ class FactorRows:
         need = self.n * self.K * fm.P * fm.itemsize
         limit = max_memory if max_memory is not None else available_memory() // 2
         mine = torch.cat([self.rows(i) for i in range(self.parts)]) if need <= limit and self.chunks else None
-        bad, run.m = run.shards.sum([int(need > limit), run.m], device=fm.device)
+        bad, run.m = run.shards.sum([int(need > limit), int(run.m)], device=fm.device)
         if bad:
             raise ValueError(f"The Gram route under a process group gathers the factor rows of all "
                              f"{run.shards.size} ranks on each, {self.n * self.K} × {fm.P} numbers ({need / 2**30:.2f} "
