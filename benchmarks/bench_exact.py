@@ -386,6 +386,22 @@ def trim_result() -> None:
         pass
 
 
+def tensor_peak(fn) -> float:
+    """Peak of live tensor bytes (torch's CPU allocator) during one call of ``fn``, above the level before, MiB."""
+    from torch.profiler import ProfilerActivity, profile
+
+    trim_result()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    events.sort(key=lambda e: e.start_ns())
+    cur = peak = 0
+    for e in events:
+        cur += e.nbytes()
+        peak = max(peak, cur)
+    return peak / 2**20
+
+
 def measure_peak(fn):
     """Run ``fn`` once; return (result, peak resident memory above the pre-call level in MiB, how)."""
     trim_result()
@@ -446,6 +462,7 @@ def worker(workload: str, method: str, opts: dict, out_path: str) -> dict:
         "time_s": statistics.median(t_m), "base_s": statistics.median(t_b),
         "time_min": min(t_m), "base_min": min(t_b),
         "time_all": t_m, "base_all": t_b, "mem_mib": mem_mib, "mem_how": mem_how,
+        "tensor_mib": tensor_peak(run),
     }
 
 
@@ -632,13 +649,15 @@ def main(argv=None) -> int:
         "divided by the median of a plain forward+backward pass timed interleaved in the same "
         "process; in parentheses the ratio of the fastest samples (less sensitive to other load)",
         "- peak ΔRSS: resident-set high-water mark of ONE call in a fresh process, minus the "
-        "resident set just before the call (MiB)",
+        "resident set just before the call (MiB; includes one-time set-up such as first-call caches)",
+        "- tensor peak: the most tensor bytes (torch's CPU allocator) live at once during one warm call, above "
+        "the level before it (MiB)",
         "- agreement: relative error against fisherlens' own result for the same quantity "
         "(mean over the batch)",
         "",
     ]
     print("\n".join(lines), flush=True)
-    header = ["workload", "method", "computes", "time / fwd+bwd (min)", "peak ΔRSS (MiB)",
+    header = ["workload", "method", "computes", "time / fwd+bwd (min)", "peak ΔRSS (MiB)", "tensor peak (MiB)",
               "value (trace)", "agreement with ours"]
     rows, busy_seen = [], []
     with tempfile.TemporaryDirectory(prefix="fisherlens-bench-") as tmpdir:
@@ -661,7 +680,7 @@ def main(argv=None) -> int:
                 t0 = time.perf_counter()
                 payload, result, err = spawn(wl, m, opts, tmpdir, args.timeout)
                 if err is not None:
-                    row = [wl, label, quantity, err, "—", "—", "—"]
+                    row = [wl, label, quantity, err, "—", "—", "—", "—"]
                 else:
                     base_ms.append(payload["base_s"] * 1e3)
                     ratio = payload["time_s"] / payload["base_s"]
@@ -673,7 +692,7 @@ def main(argv=None) -> int:
                         agree = "not comparable: Hessian, not Fisher"
                     flag = " †" if busy > 0.15 else ""
                     row = [wl, label, quantity, f"{ratio:.2f}{flag} ({ratio_min:.2f})", f"{payload['mem_mib']:.1f}",
-                           fmt_value(value_of(result)), agree]
+                           f"{payload['tensor_mib']:.1f}", fmt_value(value_of(result)), agree]
                 rows.append(row)
                 print(f"  {m:<22} {time.perf_counter() - t0:6.1f}s  " + " | ".join(row[3:]),
                       flush=True)

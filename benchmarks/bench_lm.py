@@ -35,8 +35,18 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from bench_exact import harness_args, measure_peak, spawn, time_interleaved, versions, wait_quiet, warm_up, worker_main
-from bench_scalable import STABLE_MALLOC, m_hand_hutch, probe_vector, tensor_peak
+from bench_exact import (
+    harness_args,
+    measure_peak,
+    spawn,
+    tensor_peak,
+    time_interleaved,
+    versions,
+    wait_quiet,
+    warm_up,
+    worker_main,
+)
+from bench_scalable import STABLE_MALLOC, m_hand_hutch, probe_vector
 from torch import nn
 
 THREADS = 2

@@ -3,16 +3,16 @@
 Run with the project's environment (no peers needed)::
 
     .venv/bin/python benchmarks/bench_monitor.py [--quick] [--repeats R] [--steps S] [--threads T]
-        [--clock wall|cpu] [--stat median|min] [--configs NAME ...]
+        [--clock wall|cpu] [--stat median|min] [--configs NAME ...] [--hidden H] [--batch B]
 
-Workload: MLP 784-128-128-10 (ReLU, P = 118,282), float32, batch 128 of random MNIST-sized inputs, Adam, softmax
-cross-entropy, ``torch.set_num_threads(2)``.  The unmonitored step is ``forward, loss, zero_grad, backward,
-optimizer.step()``; a monitored step adds ``mon.step(loss=..., outputs=..., targets=...)`` with one observable,
-``every=1``.  Probe observables use a probe of 128 inputs (one batch).  Each configuration is timed in blocks of
-``S`` steps, interleaved with blocks of unmonitored steps on its own model; the ratio is the median (``--stat
-min``: the minimum) of the monitored blocks over that of the unmonitored blocks, ``R`` repeats.  On a shared
-machine ``--threads 1 --clock cpu --stat min`` (process CPU time) is the least disturbed by other jobs.
-Two hand-written alternatives (``alt_*``, not library code) time the designs the monitor does not use.
+Workload: MLP 784-128-128-10 (ReLU, P = 118,282; ``--hidden H`` for 784-H-H-10), float32, batch 128 (``--batch``) of
+random MNIST-sized inputs, Adam, softmax cross-entropy, ``torch.set_num_threads(2)``. The unmonitored step is
+``forward, loss, zero_grad, backward, optimizer.step()``; a monitored step adds ``mon.step(loss=..., outputs=...,
+targets=...)`` with one observable, ``every=1``. Probe observables use a probe of 128 inputs (one batch). Each
+configuration is timed in blocks of ``S`` steps, interleaved with blocks of unmonitored steps on its own model; the
+ratio is the median (``--stat min``: the minimum) of the monitored blocks over that of the unmonitored blocks, ``R``
+repeats. On a shared machine ``--threads 1 --clock cpu --stat min`` (process CPU time) is the least disturbed by
+other jobs. Two hand-written alternatives (``alt_*``, not library code) time the designs the monitor does not use.
 The table is printed and written to
 ``benchmarks/results/monitor.md``.
 """
@@ -63,14 +63,19 @@ CONFIGS: dict[str, tuple[dict | None, str]] = {
 }
 
 
+#: hidden width of the MLP (``--hidden``; the cost model runs wider ones)
+HIDDEN = [128]
+
+
 def make_model() -> nn.Module:
     torch.manual_seed(SEED)
-    return nn.Sequential(nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10)).float()
+    h = HIDDEN[0]
+    return nn.Sequential(nn.Linear(784, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU(), nn.Linear(h, 10)).float()
 
 
-def batches(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    g = torch.Generator().manual_seed(SEED + 1)
-    return [(torch.randn(N_BATCH, 784, generator=g), torch.randint(0, 10, (N_BATCH,), generator=g)) for _ in range(n)]
+def batches(n: int, size: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g, B = torch.Generator().manual_seed(SEED + 1), size or N_BATCH
+    return [(torch.randn(B, 784, generator=g), torch.randint(0, 10, (B,), generator=g)) for _ in range(n)]
 
 
 #: hand-written alternatives to the monitor's activation-only backward (the design choices we measured; not
@@ -157,6 +162,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--hidden", type=int, default=128, help="hidden width of the MLP (cost model)")
+    ap.add_argument("--batch", type=int, default=N_BATCH, help="training batch size (cost model)")
     names = [*CONFIGS, *ALTERNATIVES]
     ap.add_argument("--configs", nargs="*", default=names, choices=names)
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
@@ -169,7 +176,8 @@ def main(argv=None) -> int:
     steps = args.steps or (5 if args.quick else 20)
     torch.set_num_threads(args.threads)
     CLOCK[0] = time.perf_counter if args.clock == "wall" else time.process_time
-    data = batches(max(steps, 3))
+    HIDDEN[0] = args.hidden
+    data = batches(max(steps, 3), args.batch)
     probe = batches(1)[0]
     rows = []
     for name in args.configs:
@@ -177,7 +185,8 @@ def main(argv=None) -> int:
         rows.append((name, CONFIGS[name][1] if name in CONFIGS else ALTERNATIVES[name], m, b, r))
         print(f"{name:16s} {m * 1e3:8.2f} ms/step  (unmonitored {b * 1e3:6.2f})  ratio {r:6.2f}", flush=True)
     lines = [
-        f"Monitor overhead: MLP 784-128-128-10, batch {N_BATCH}, Adam, float32, {args.threads} threads, "
+        f"Monitor overhead: MLP 784-{args.hidden}-{args.hidden}-10, batch {args.batch}, Adam, float32, "
+        f"{args.threads} threads, "
         f"probe 128 inputs, every step; {args.stat} of {repeats} blocks of {steps} steps, {args.clock} clock. "
         f"torch {torch.__version__}, {platform.processor() or platform.machine()}.",
         "",

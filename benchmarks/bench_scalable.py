@@ -46,8 +46,8 @@ from bench_exact import (
     m_fwd_bwd,
     measure_peak,
     spawn,
+    tensor_peak,
     time_interleaved,
-    trim_result,
     versions,
     wait_quiet,
     warm_up,
@@ -331,22 +331,6 @@ METHODS = {
 
 
 # --------------------------------------------------------------------------- worker side
-
-
-def tensor_peak(fn) -> float:
-    """Peak of live tensor bytes (torch's CPU allocator) during one call of ``fn``, above the level before, MiB."""
-    from torch.profiler import ProfilerActivity, profile
-
-    trim_result()
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    events.sort(key=lambda e: e.start_ns())
-    cur = peak = 0
-    for e in events:
-        cur += e.nbytes()
-        peak = max(peak, cur)
-    return peak / 2**20
 
 
 def worker(workload: str, method: str, opts: dict, out_path: str) -> dict:

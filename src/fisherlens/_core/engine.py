@@ -76,7 +76,12 @@ def batch_stats(fm: FunctionalModel, X, make_v, want: set[str], engine: str = "a
         f, _, rec = capture_forward(fm, plan, X)
         demote(plan, call_problems(plan, rec.calls, len(X), sig.calls))
         V = make_v(fm.structured(f.detach()))
-        layer_stats(fm, plan, rec.calls, checked_grads(plan, rec.calls, f, V), want, stats, V.shape[0], V.shape[-1])
+        k = column_chunk(fm, sig, want, rec.calls, V)
+        if k >= V.shape[-1]:
+            layer_stats(fm, plan, rec.calls, checked_grads(plan, rec.calls, f, V), want, stats, V.shape[0],
+                        V.shape[-1])
+        else:
+            column_stats(fm, plan, rec.calls, f, V, k, want, stats)
         owned = plan.owned
     rest = [n for n in fm.names if n not in owned]
     if rest:
@@ -84,6 +89,46 @@ def batch_stats(fm: FunctionalModel, X, make_v, want: set[str], engine: str = "a
         for n in rest:
             stats.add_rows(n, rows[n].reshape(*V.shape[::2], -1), want, fm.shapes[n])
     return f.detach(), V, stats
+
+
+#: statistics that are sums over the sandwich columns (diag) or kept per column (diagk, sqnorm): they can be
+#: computed a few columns at a time
+COLUMNWISE = frozenset({"diag", "diagk", "sqnorm"})
+#: share of :func:`work_budget` that one backward's output gradients may take before the columns are split
+COLUMN_SHARE = 8
+
+
+def column_chunk(fm: FunctionalModel, sig, want: set[str], calls: list[Call], V: Tensor) -> int:
+    """Sandwich columns per backward: all K, unless the output gradients of K columns (``K · B`` times the
+    per-sample activations) exceed ``work_budget() / COLUMN_SHARE`` and the statistics allow splitting them
+    (:data:`COLUMNWISE`, no call whose attribution needs the check column).  Splitting reuses the forward: the
+    columns are back-propagated in groups through the retained graph, so the peak holds one group's gradients
+    (as BackPACK frees each layer's) at nearly the same cost (a batched backward is linear in its columns)."""
+    B, K = V.shape[0], V.shape[-1]
+    if K == 1 or not want <= COLUMNWISE or any(ambiguous(c, B) for c in calls):
+        return K
+    per_column = fm.itemsize * B * max(sig.act, 1)
+    return int(max(1, min(K, work_budget() // (COLUMN_SHARE * per_column))))
+
+
+def column_stats(fm: FunctionalModel, plan: Plan, calls: list[Call], f: Tensor, V: Tensor, k: int,
+                 want: set[str], stats: Stats) -> None:
+    """:func:`layer_stats` of ``V (B, M, K)`` ``k`` columns at a time through the retained graph: ``diag`` summed,
+    ``diagk`` / ``sqnorm`` joined along their column axis."""
+    B, K = V.shape[0], V.shape[-1]
+    parts = []
+    for j in range(0, K, k):
+        part, Vj = Stats(), V[..., j : j + k]
+        grads = tap_grads(calls, f, Vj, retain_graph=j + k < K)
+        layer_stats(fm, plan, calls, grads, want, part, B, Vj.shape[-1])
+        del grads
+        parts.append(part)
+    for n in parts[0].diag:
+        stats.diag[n] = sum(p.diag[n] for p in parts)
+    for n in parts[0].diagk:
+        stats.diagk[n] = torch.cat([p.diagk[n] for p in parts])
+    for n in parts[0].sqnorm:
+        stats.sqnorm[n] = torch.cat([p.sqnorm[n] for p in parts], 1)
 
 
 def checked_grads(plan: Plan, calls: list[Call], f: Tensor, V: Tensor) -> list[Tensor]:
