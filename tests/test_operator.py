@@ -268,3 +268,54 @@ def test_models_without_double_backward_and_dataloaders_stream():
         before = len(seen)
         close(op @ v, F @ v, "second")
         assert len(seen) > before  # streamed again
+
+
+def _bn_cnn():
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3), torch.nn.BatchNorm2d(3), torch.nn.ReLU(),
+                                torch.nn.Flatten(), torch.nn.Linear(27, 4)).double()
+    model[1].running_mean.uniform_(-0.5, 0.5)
+    model[1].running_var.uniform_(0.5, 2.0)
+    return model.eval(), torch.randn(7, 1, 5, 5, dtype=DT), torch.randint(0, 4, (7,))
+
+
+@pytest.mark.parametrize("edge, route", [(0.0, "fresh jvp"), (float("inf"), "double backward")])
+@pytest.mark.parametrize("arch", ["mlp", "bn_cnn"])
+def test_the_cache_keeps_the_faster_exact_jvp(arch, edge, route, monkeypatch):
+    """Whichever map ``t -> J t`` the cache keeps (forced here by the FLOP edge), every product is the dense one's."""
+    import fisherlens._core.model as core_model
+
+    monkeypatch.setattr(core_model, "DOUBLE_BACKWARD_EDGE", edge)
+    if arch == "mlp":
+        c = case("mlp")
+        model, X, Y = c.model, c.X, c.Y
+    else:
+        model, X, Y = _bn_cnn()
+    F = fl.fisher_matrix(model, (X, Y), fl.Categorical())
+    op = fl.fisher_operator(model, (X, Y), fl.Categorical(), batch_size=3)
+    V = torch.randn(op.shape[0], 2, dtype=DT, generator=gen(0))
+    for _ in range(2):  # the product that builds the cache, then one served by it
+        close(op @ V[:, 0], F @ V[:, 0], route)
+        close(op @ V, F @ V, route)
+    assert op._cache is not None and {b.route for b in op._cache} == {route}
+
+
+def test_an_op_without_double_backward_keeps_the_pull_back_and_a_fresh_jvp():
+    torch.manual_seed(0)
+    model = _NoDoubleBackward().double().eval()
+    X, y = torch.randn(8, 4, dtype=DT), torch.randint(0, 3, (8,))
+    op = fl.fisher_operator(model, (X, y), fl.Categorical(), batch_size=3)
+    v = torch.randn(op.shape[0], dtype=DT)
+    close(op @ v, fl.fisher_matrix(model, (X, y), fl.Categorical()) @ v, "no double backward")
+    assert op._cache is not None and {b.route for b in op._cache} == {"fresh jvp"}
+
+
+def test_the_route_is_chosen_the_same_way_on_every_run():
+    """The choice is made by counted FLOPs, not by a clock: two operators on the same model and data choose the same
+    routes and give bitwise equal products (a reproducible study depends on it)."""
+    model, X, Y = _bn_cnn()
+    ops = [fl.fisher_operator(model, (X, Y), fl.Categorical(), batch_size=3) for _ in range(2)]
+    v = torch.randn(ops[0].shape[0], dtype=DT, generator=gen(1))
+    a, b = (op @ v for op in ops)
+    assert torch.equal(a, b)
+    assert [c.route for c in ops[0]._cache] == [c.route for c in ops[1]._cache]

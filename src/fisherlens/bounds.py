@@ -24,7 +24,7 @@ import math
 import torch
 
 from ._core import Request, check_choice, check_dense, renamed
-from .fisher import dense, diag_dict, trace_dict
+from .fisher import dense, diag_flat, trace_dict
 from .likelihoods import Categorical
 
 Tensor = torch.Tensor
@@ -91,5 +91,5 @@ def envelope(
         check_dense(f"envelope matrix with P={fm.P}", fm.P**2, fm.itemsize, "Use what='diag' or 'trace'", max_memory)
         return dense(run)
     if what == "diag":
-        return fm.flatten(diag_dict(run))
+        return diag_flat(run)
     return math.fsum(trace_dict(run).values())

@@ -98,16 +98,22 @@ def dense(run: Request, make_v=None, columns=None) -> Tensor:
     return finite_result("The Fisher matrix", out * run.scale(), run.explain_nonfinite)
 
 
-def diag_dict(run: Request, make_v=None, columns=None) -> dict[str, Tensor]:
-    """Per-parameter diagonals ``{name: (*shape)}``."""
+def diag_flat(run: Request, make_v=None, columns=None) -> Tensor:
+    """The diagonal ``(P,)``, summed per batch into one flat buffer (narrow views per parameter) and scaled in
+    place: no per-parameter copy and no concatenation."""
     fm = run.fm
-    acc = {n: torch.zeros(fm.shapes[n], dtype=fm.dtype, device=fm.device) for n in fm.names}
+    acc = torch.zeros(fm.P, dtype=fm.dtype, device=fm.device)
+    views = {n: acc.narrow(0, *fm.spans[n]).view(fm.shapes[n]) for n in fm.names}
     for _, _, st in run.chunks({"diag"}, make_v, columns):
         for n in fm.names:
-            acc[n] += st.diag[n]
-    acc = dict(zip(fm.names, run.total(list(acc.values())), strict=True))
-    s = run.scale()
-    return finite_result("The Fisher diagonal", {n: v * s for n, v in acc.items()}, run.explain_nonfinite)
+            views[n] += st.diag[n]
+    (acc,) = run.total([acc])
+    return finite_result("The Fisher diagonal", acc.mul_(run.scale()), run.explain_nonfinite)
+
+
+def diag_dict(run: Request, make_v=None, columns=None) -> dict[str, Tensor]:
+    """Per-parameter diagonals ``{name: (*shape)}`` (views of :func:`diag_flat`)."""
+    return run.fm.unflatten(diag_flat(run, make_v, columns))
 
 
 def trace_dict(run: Request, make_v=None, columns=None) -> dict[str, float]:
@@ -154,7 +160,7 @@ def fisher_diag(
     run = Request(model=model, data=data, likelihood=likelihood, kind=kind, params=params, reduction=reduction,
                   samples=samples, generator=generator, batch_size=batch_size, engine=engine, output=output,
                   group=group, distributed=distributed)
-    return run.fm.flatten(diag_dict(run))
+    return diag_flat(run)
 
 
 def fisher_trace(

@@ -673,6 +673,7 @@ class _BatchCapture:
         self.mon = mon
         self.busy = False
         self.armed = False
+        self.suited = None  # (per-input output shape, dtype) the likelihood was checked against
         modes = [(m, m.training) for m in mon.model.modules()]
         mon.model.eval()
         try:
@@ -728,7 +729,10 @@ class _BatchCapture:
         self.captured = True
         f = o.reshape(len(o), -1)
         self.fs = f.detach().reshape(len(o), *(tuple(o.shape[1:]) or (1,)))
-        self.mon.likelihood.kept_rows(self.fs[:1])  # the outputs suit the likelihood (e.g. C >= 2 for Categorical)
+        # the outputs suit the likelihood (e.g. C >= 2 for Categorical): a check of shape and dtype, once for each
+        if self.suited != (self.fs.shape[1:], self.fs.dtype):
+            self.mon.likelihood.kept_rows(self.fs[:1])
+            self.suited = (self.fs.shape[1:], self.fs.dtype)
         if amb:
             self._check_separation(amb, f)
         if self.mon.kind == "true":
@@ -853,7 +857,7 @@ class _BatchCapture:
                  for g, c in zip(grads, calls, strict=True)]
         stats = Stats()
         layer_stats(self.fm, self.plan, calls, grads, {"sqnorm"}, stats, len(self.fs), K)
-        return sum(stats.sqnorm.values())
+        return torch.stack(list(stats.sqnorm.values())).sum(0)
 
     def value(self, targets, outputs, loss=None, *, required: bool) -> float:
         """The batch trace of the captured step (NaN when none was captured, e.g. for ``record(0)``)."""
@@ -887,8 +891,9 @@ class _BatchCapture:
             return self._normalise(self.sq.sum().item() / k, len(fs))
         y = _targets(targets, fs.device)
         if T == 1:  # one prediction per input: only ignore_index / a mask can drop it (the cheap per-step path)
-            keep = lik.keep(fs, y)
-            return self._normalise(self.sq[keep].sum().item() / k, int(keep.sum()))
+            keep = lik.keep(fs, y)[:, 0]
+            total, m = torch.stack([torch.where(keep, self.sq[:, 0], 0).sum(), keep.sum().to(self.sq.dtype)]).tolist()
+            return self._normalise(total / k, int(m))
         rows = lik.rows(fs, y)  # the kept positions; validates the labels
         return self._normalise(self.sq[rows.which, rows.pos].sum().item() / k, len(rows.which))
 

@@ -5,16 +5,17 @@ Per batch: one ``torch.func.vjp`` forward (kept for the pull-back), one ``torch.
 and one pull-back ``Jᵀ u`` (``vmap``-ed over columns).  For ``kind="mc"`` the sampled labels are redrawn from the
 same generator state on every pass, so the operator is one fixed symmetric matrix (as Lanczos needs).
 
-**Linearisation cache.**  For data held in memory (tensors, or a list/tuple of batches) whose forward
-intermediates fit half of :data:`fisherlens._core.WORK_BUDGET` (estimated as 3 × the measured activations per
-input), the first product keeps, per batch, the pull-back ``u ↦ Jᵀu`` and its own pull-back ``t ↦ J t``
-(:func:`fisherlens._core.pullback_jvp`: the model linearised through its backward graph, proven against
-``torch.func.jvp`` on a random tangent per batch when built): later products run no
-forward at all, only a backward through the backward graph for ``J v`` and one pull-back (products 1.5–2× faster
-on an MLP, a CNN and a transformer; equal to round-off).  The cache holds one copy of the model's parameters and
-buffers, compared at every product: after any change of the model it is rebuilt.  The data must not be changed in
-place between products (as for any fixed operator).  Other data (a ``DataLoader``) streams on every product, as
-does a model with an op that has no double backward.
+**Linearisation cache.**  For data held in memory (tensors, or a list/tuple of batches) whose backward graphs fit
+half of :data:`fisherlens._core.WORK_BUDGET` (one graph estimated as the measured activations per input), the
+first product keeps, per batch, the pull-back ``u ↦ Jᵀu`` and the faster of two exact maps ``t ↦ J t``
+(:func:`fisherlens._core.pullback_jvp`, timed on one tangent when built): the pull-back's own pull-back (the model
+linearised through its backward graph, proven against ``torch.func.jvp`` on that tangent; later products run no
+forward at all; it holds about two more graphs, so it is offered only when they fit too) or a fresh
+``torch.func.jvp`` (through convolutions and BatchNorm, where the backward of a backward costs more; also for an
+op without double backward).  Products are 1.5–2× faster on an MLP, a CNN and a
+transformer, equal to round-off.  The cache holds one copy of the model's parameters and buffers, compared at
+every product: after any change of the model it is rebuilt.  The data must not be changed in place between
+products (as for any fixed operator).  Other data (a ``DataLoader``) streams on every product.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ class _Linearised:
     pull: object
     n: int
     kept: Tensor | int
+    route: str = "stream"  # how ``jvp`` runs: "double backward", "fresh jvp" (:func:`pullback_jvp`) or "stream"
 
 
 class FisherOperator:
@@ -155,18 +157,19 @@ class FisherOperator:
         run, fm, budget, used = self.run, self.run.fm, work_budget() // 2, 0
         cache = []
         for X, Y in run.batches():
-            used += 3 * len(X) * signature(fm, X, prove=False).act * fm.itemsize
-            if used > budget:
+            graph = len(X) * signature(fm, X, prove=False).act * fm.itemsize  # one backward graph of the batch
+            if used + graph > budget:
                 self._cacheable = False
                 return None
             f, pull = vjp_checked(fm, X)
-            try:
-                jv = pullback_jvp(fm, f, pull, X)
-            except (ValueError, RuntimeError, NotImplementedError):  # an op without double backward: stream
+            try:  # the backward-of-backward holds about two more graphs: offered only when they fit too
+                jv, route = pullback_jvp(fm, f, pull, X, double=used + 3 * graph <= budget)
+                used += graph * (3 if route == "double backward" else 1)
+            except (ValueError, RuntimeError, NotImplementedError):  # no forward-mode derivative: stream (and fail)
                 self._cacheable = False
                 return None
             fs = fm.structured(f)
-            cache.append(_Linearised(fs, Y, jv, pull, len(X), run.likelihood.kept(fs, Y)))
+            cache.append(_Linearised(fs, Y, jv, pull, len(X), run.likelihood.kept(fs, Y), route))
         self._cache, self._built_at = cache, [t.clone() for t in self._model_state()]
         return cache
 

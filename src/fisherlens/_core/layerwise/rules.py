@@ -126,7 +126,8 @@ class LinearRule(LayerRule):
         """``Σ g²a²`` (diag), ``‖g‖²‖a‖²`` (sqnorm, "ghost norms"), ``(g_k·g_l)‖a‖²`` (Gram); ``a (B, I)``,
         ``g (K, B, O)``."""
         bias = which == "bias"
-        a2 = None if bias else a.square()  # (B, I)
+        a2 = None if bias or not want & {"diag", "diagk"} else a.square()  # (B, I)
+        an = None if bias or not want & {"sqnorm", "gram"} else torch.linalg.vecdot(a, a)  # ‖a_b‖² (B,), one pass
         out = {}
         if "diag" in want:
             g2 = g.square().sum(0)  # (B, O)
@@ -134,11 +135,11 @@ class LinearRule(LayerRule):
         if "diagk" in want:
             out["diagk"] = g.square().sum(1) if bias else torch.einsum("kbo,bi->koi", g.square(), a2)
         if "sqnorm" in want:
-            s = g.square().sum(-1).T  # (B, K)
-            out["sqnorm"] = s if bias else s * a2.sum(-1)[:, None]
+            s = torch.linalg.vecdot(g, g).T  # (B, K)
+            out["sqnorm"] = s if bias else s * an[:, None]
         if "gram" in want:
             gg = torch.einsum("kbo,lbo->bkl", g, g)
-            out["gram"] = gg if bias else gg * a2.sum(-1)[:, None, None]
+            out["gram"] = gg if bias else gg * an[:, None, None]
         return out
 
     @staticmethod
