@@ -18,7 +18,9 @@ VENV="${PEERS_VENV:-$HERE/.venv-peers}"
 PY="$VENV/bin/python"
 TORCH_VERSION="${TORCH_VERSION:-2.13.0}"
 PEERS=(backpack-for-pytorch "nngeometry==0.4" curvlinops-for-pytorch pyhessian)
-STAMP="$VENV/.fisherlens-bench-ready"
+# the stamp names the runtime set below: a venv made for an older set is completed on the next run
+RUNTIME=(numpy scipy matplotlib tqdm mpmath threadpoolctl)
+STAMP="$VENV/.fisherlens-bench-ready-2"
 
 if [[ ! -f "$STAMP" ]]; then
     if [[ ! -x "$PY" ]]; then
@@ -29,8 +31,8 @@ if [[ ! -f "$STAMP" ]]; then
     echo "torch==$TORCH_VERSION" >"$CONSTRAINTS"
     echo ">> installing torch==$TORCH_VERSION first"
     "$VENV/bin/pip" install "torch==$TORCH_VERSION"
-    echo ">> installing numpy scipy matplotlib tqdm and fisherlens (editable, no deps)"
-    "$VENV/bin/pip" install -c "$CONSTRAINTS" numpy scipy matplotlib tqdm
+    echo ">> installing ${RUNTIME[*]} and fisherlens (editable, no deps)"
+    "$VENV/bin/pip" install -c "$CONSTRAINTS" "${RUNTIME[@]}"
     "$VENV/bin/pip" install -c "$CONSTRAINTS" --no-deps -e "$ROOT"
     # Peers one by one, so that one failing to install does not block the others
     # (the benchmark reports a missing peer as "n/a").

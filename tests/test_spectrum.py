@@ -718,3 +718,30 @@ def test_errors_are_those_of_the_generic_route():
         fl.eigenvalues(shared, _inputs((4,), 3, seed=2), L, method="gram", engine="structure")
     with pytest.raises(ValueError, match="engine"):
         fl.eigenvalues(model, X, L, method="gram", engine="khatri-rao")
+
+
+def test_lanczos_keeps_scipy_blas_to_one_thread(monkeypatch):
+    """ARPACK's BLAS runs on one thread during the Lanczos products (its spinning threads would take the cores from
+    torch); the pools are restored afterwards, and torch's own threads are left alone."""
+    from threadpoolctl import threadpool_info
+
+    import fisherlens.spectrum as spectrum
+
+    seen = []
+    real = spectrum.eigsh
+
+    def spy(*a, **k):
+        seen.append({i["filepath"]: i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"})
+        return real(*a, **k)
+
+    monkeypatch.setattr(spectrum, "eigsh", spy)
+    before = {i["filepath"]: i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"}
+    torch_threads = torch.get_num_threads()
+    model = torch.nn.Sequential(torch.nn.Linear(5, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3)).double()
+    X = torch.randn(9, 5, dtype=torch.float64)
+    top = fl.eigenvalues(model, X, fl.Categorical(), k=1, method="lanczos")
+    dense = fl.eigenvalues(model, X, fl.Categorical(), method="dense")
+    torch.testing.assert_close(top[0], dense[0], rtol=1e-6, atol=0)
+    assert seen and seen[0] and all(n == 1 for f, n in seen[0].items() if "torch" not in f)
+    assert {i["filepath"]: i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"} == before
+    assert torch.get_num_threads() == torch_threads

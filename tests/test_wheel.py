@@ -59,7 +59,7 @@ def test_wheel_contents_and_metadata(dist):
     assert "torch>=2.4" in requires
     runtime = [r for r in requires if "extra ==" not in r]
     assert {r.split(">")[0].split("=")[0] for r in runtime} == {"torch", "numpy", "scipy", "matplotlib", "tqdm",
-                                                                 "mpmath"}
+                                                                 "mpmath", "threadpoolctl"}
     classifiers = meta.get_all("Classifier")
     assert "Typing :: Typed" in classifiers and "Intended Audience :: Science/Research" in classifiers
     assert {"dev", "lightning", "hf", "tensorboard", "data"} <= set(meta.get_all("Provides-Extra"))

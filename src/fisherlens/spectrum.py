@@ -18,7 +18,7 @@ import torch
 from scipy.sparse.linalg import eigsh
 
 from . import structure as mlp_structure
-from ._core import FactorRows, Request, check_choice, check_dense, iter_batches, output_dim
+from ._core import FactorRows, Request, check_choice, check_dense, iter_batches, output_dim, scipy_blas_one_thread
 from .fisher import fisher_matrix
 from .operator import FisherOperator
 from .results import SpectralDensity
@@ -283,7 +283,7 @@ def eigenvalues(
         op = FisherOperator(run)
         v0 = np.ones(P) / math.sqrt(P)
         ncv = min(P, max(2 * k + 1, k + 8))  # a short restart cycle: fewer products than scipy's default of 20
-        with run.bar(None, f"Lanczos, top {k}", "product") as op.bar:
+        with run.bar(None, f"Lanczos, top {k}", "product") as op.bar, scipy_blas_one_thread():
             w, V = eigsh(op.to_scipy(), k=k, which="LA", tol=tol, v0=v0, ncv=ncv, return_eigenvectors=True)
         vals = torch.as_tensor(w.copy(), dtype=run.fm.dtype)
         vecs = torch.as_tensor(V.copy(), dtype=run.fm.dtype) if return_vectors else None

@@ -23,6 +23,7 @@ the library):
 * :mod:`.stats` — :class:`Stats`, the per-batch statistics every view reduces;
 * :mod:`.engine` — :func:`batch_stats`, :func:`stream` and the one chunking policy :func:`chunk_size`;
 * :mod:`.rows` — :class:`FactorRows`, a data set's factor rows for the Gram routes (spectrum, natural gradient);
+* :mod:`.threads` — scipy's BLAS kept to one thread while torch computes (:func:`scipy_blas_one_thread`);
 * :mod:`.functional` — the general engine (``torch.func``);
 * :mod:`.layerwise` — the fast engine: :mod:`~.layerwise.rules` (one rule per layer type),
   :mod:`~.layerwise.capture` (hooks and output gradients, shared with the Monitor) and
@@ -80,6 +81,7 @@ from .model import (
 from .request import Request
 from .rows import FactorRows, gram64
 from .stats import Stats
+from .threads import scipy_blas_one_thread
 
 #: working-memory budget (bytes) for one chunk's working set; results are never chunked away.
 WORK_BUDGET = 512 * 2**20
@@ -96,5 +98,5 @@ __all__ = [
     "signature", "Call", "LayerRule", "rule_for", "ruled_layers", "FunctionalModel", "differentiable_kernels",
     "forward_checked", "jvp_checked", "library_forward", "pullback_jvp", "model_errors",
     "pullback_checked", "select_params", "vjp_checked", "Request",
-    "FactorRows", "gram64", "Stats",
+    "FactorRows", "gram64", "Stats", "scipy_blas_one_thread",
 ]
