@@ -5,17 +5,17 @@ Per batch: one ``torch.func.vjp`` forward (kept for the pull-back), one ``torch.
 and one pull-back ``Jᵀ u`` (``vmap``-ed over columns).  For ``kind="mc"`` the sampled labels are redrawn from the
 same generator state on every pass, so the operator is one fixed symmetric matrix (as Lanczos needs).
 
-**Linearisation cache.**  For data held in memory (tensors, or a list/tuple of batches) whose backward graphs fit
-half of :data:`fisherlens._core.WORK_BUDGET` (one graph estimated as the measured activations per input), the
-first product keeps, per batch, the pull-back ``u ↦ Jᵀu`` and the faster of two exact maps ``t ↦ J t``
-(:func:`fisherlens._core.pullback_jvp`, timed on one tangent when built): the pull-back's own pull-back (the model
-linearised through its backward graph, proven against ``torch.func.jvp`` on that tangent; later products run no
-forward at all; it holds about two more graphs, so it is offered only when they fit too) or a fresh
-``torch.func.jvp`` (through convolutions and BatchNorm, where the backward of a backward costs more; also for an
-op without double backward).  Products are 1.5–2× faster on an MLP, a CNN and a
-transformer, equal to round-off.  The cache holds one copy of the model's parameters and buffers, compared at
-every product: after any change of the model it is rebuilt.  The data must not be changed in place between
-products (as for any fixed operator).  Other data (a ``DataLoader``) streams on every product.
+**Linearisation cache.** For data held in memory (tensors, or a list/tuple of batches) whose backward graphs fit
+half of :data:`fisherlens._core.WORK_BUDGET` (one graph estimated as the measured activations per input), the first
+product keeps, per batch, the pull-back ``u ↦ Jᵀu`` and the cheaper of two exact maps ``t ↦ J t``
+(:func:`fisherlens._core.pullback_jvp`, by FLOPs counted on one tangent when built): the pull-back's own pull-back
+(the model linearised through its backward graph, proven against ``torch.func.jvp`` on that tangent; later products
+run no forward at all; it holds about two more graphs, so it is offered only when they fit too) or a fresh
+``torch.func.jvp`` (through convolutions and BatchNorm, where the backward of a backward costs more; also for an op
+without double backward). Products are 1.5–2× faster on an MLP, a CNN and a transformer, equal to round-off. The
+cache holds one copy of the model's parameters and buffers, compared at every product: after any change of the model
+it is rebuilt. The data must not be changed in place between products (as for any fixed operator). Other data (a
+``DataLoader``) streams on every product.
 """
 
 from __future__ import annotations
