@@ -281,7 +281,7 @@ def _bn_cnn():
 
 @pytest.mark.parametrize("edge, route", [(0.0, "fresh jvp"), (float("inf"), "double backward")])
 @pytest.mark.parametrize("arch", ["mlp", "bn_cnn"])
-def test_the_cache_keeps_the_faster_exact_jvp(arch, edge, route, monkeypatch):
+def test_the_cache_keeps_the_cheaper_exact_jvp(arch, edge, route, monkeypatch):
     """Whichever map ``t -> J t`` the cache keeps (forced here by the FLOP edge), every product is the dense one's."""
     import fisherlens._core.model as core_model
 

@@ -162,7 +162,6 @@ def deferred_outputs(explain=None, enabled: bool = True):
     try:
         yield
     except Exception as e:
-        _drop(flags)
         _refuse_nonfinite(flags, explain, e)
         raise
     finally:
