@@ -319,3 +319,33 @@ def test_the_route_is_chosen_the_same_way_on_every_run():
     a, b = (op @ v for op in ops)
     assert torch.equal(a, b)
     assert [c.route for c in ops[0]._cache] == [c.route for c in ops[1]._cache]
+
+
+def test_the_flop_counts_are_kept_per_model_and_batch_shape(monkeypatch):
+    """The two routes' FLOPs are counted once per model, selection and batch shape (they fix them); a later operator
+    on the same shapes reuses them, still proves its route and gives the same products; another batch size counts
+    again."""
+    import fisherlens._core.model as core_model
+
+    model, X, Y = _bn_cnn()
+    counted = []
+    real = core_model._counted
+
+    def spy(fn, count=True):
+        counted.append(count)
+        return real(fn, count)
+
+    monkeypatch.setattr(core_model, "_counted", spy)
+    v = torch.randn(sum(p.numel() for p in model.parameters()), dtype=DT, generator=gen(2))
+    F = fl.fisher_matrix(model, (X, Y), fl.Categorical())
+    first = fl.fisher_operator(model, (X, Y), fl.Categorical(), batch_size=4)  # batches of 4 and 3
+    close(first @ v, F @ v, "first")
+    assert counted.count(True) == 4  # two shapes, two routes each
+    counted.clear()
+    again = fl.fisher_operator(model, (X, Y), fl.Categorical(), batch_size=4)
+    assert torch.equal(again @ v, first @ v)
+    assert counted and not any(counted)  # the proof ran (both maps evaluated), nothing was counted
+    assert [c.route for c in again._cache] == [c.route for c in first._cache]
+    counted.clear()
+    close(fl.fisher_operator(model, (X, Y), fl.Categorical(), batch_size=7) @ v, F @ v, "one batch of 7")
+    assert counted.count(True) == 2

@@ -34,6 +34,7 @@ from ._core import (
     deferred_outputs,
     jvp_checked,
     pullback_jvp,
+    route_memo,
     signature,
     vjp_checked,
     work_budget,
@@ -163,7 +164,7 @@ class FisherOperator:
                 return None
             f, pull = vjp_checked(fm, X)
             try:  # the backward-of-backward holds about two more graphs: offered only when they fit too
-                jv, route = pullback_jvp(fm, f, pull, X, double=used + 3 * graph <= budget)
+                jv, route = pullback_jvp(fm, f, pull, X, double=used + 3 * graph <= budget, memo=route_memo(fm, X))
                 used += graph * (3 if route == "double backward" else 1)
             except (ValueError, RuntimeError, NotImplementedError):  # no forward-mode derivative: stream (and fail)
                 self._cacheable = False

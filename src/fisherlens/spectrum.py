@@ -15,10 +15,20 @@ from dataclasses import replace
 
 import numpy as np
 import torch
+from scipy.linalg import eigh_tridiagonal
 from scipy.sparse.linalg import eigsh
 
 from . import structure as mlp_structure
-from ._core import FactorRows, Request, check_choice, check_dense, iter_batches, output_dim, scipy_blas_one_thread
+from ._core import (
+    FactorRows,
+    Request,
+    check_choice,
+    check_dense,
+    iter_batches,
+    output_dim,
+    scipy_blas_one_thread,
+    work_budget,
+)
 from .fisher import fisher_matrix
 from .operator import FisherOperator
 from .results import SpectralDensity
@@ -181,7 +191,8 @@ def eigenvalues(
       these models at λ ≥ 1e-3·λ_max, and ~1e-4 on a float32 ResNet-18.
     * ``"dense"``: ``eigh`` of the P×P matrix in the model's dtype: an absolute error ~1e-6·λ_max in float32,
       so ~1e-6 at the top and ~1e-6·λ_max/λ below it (2e-5 at λ = 1e-3·λ_max).
-    * ``"lanczos"``: float32 Fisher–vector products, ARPACK in float64: ~1e-7 on the top k (plus ``tol``).
+    * ``"lanczos"``: float32 Fisher–vector products, the tridiagonal's entries summed in float64 (ARPACK's whole
+      iteration in float64 for ``k > 1``): ~1e-7 on the top k (plus ``tol``).
     * SLQ (:func:`spectral_density`): the error is statistical (``probes``, ``steps``), not round-off.
     * float64 models: round-off only, ~1e-14 relative at λ ≥ 1e-3·λ_max on every route (Lanczos: ``tol``).
 
@@ -192,8 +203,9 @@ def eigenvalues(
             allowed k) instead of returning fewer values.
         method: ``"dense"`` (eigh of the P×P matrix), ``"gram"`` (the exact NK×NK dual,
             docs/conventions.md#gram-duality),
-            ``"lanczos"`` (top-k, matrix-free: ``scipy.sparse.linalg.eigsh`` — implicitly restarted Lanczos with
-            reorthogonalisation — on :func:`fisherlens.fisher_operator`; needs ``k``), or ``"auto"``: dense when
+            ``"lanczos"`` (top-k, matrix-free on :func:`fisherlens.fisher_operator`; needs ``k``: for ``k = 1``
+            :func:`top_lanczos`, stopped at the first product that meets ``tol``, else ``scipy.sparse.linalg.eigsh``,
+            implicitly restarted Lanczos with reorthogonalisation), or ``"auto"``: dense when
             P ≤ 2048 or P ≤ N·K, else Gram when N·K ≤ 8192, else Lanczos.
         engine: how the factor rows are computed.  ``"auto"`` (default): for the Gram route (``method="gram"``, or
             ``"auto"`` resolving to it) the structured route of :mod:`fisherlens.structure` whenever it applies —
@@ -206,7 +218,7 @@ def eigenvalues(
             structured Gram route or a ``ValueError`` saying why it does not apply.  ``"generic"``: the generic
             engine's own choice (layerwise where it can, else functional); ``"layerwise"``/``"functional"``: that
             generic engine (see :mod:`fisherlens._core`).
-        tol: relative tolerance of Lanczos.
+        tol: relative tolerance of Lanczos on the Ritz residual, ``‖F u − θ u‖ ≤ tol · |θ|`` (ARPACK's test).
         progress: a progress bar (tqdm) counting the Fisher–vector products of Lanczos (the other routes show none).
         group, distributed: as in :func:`fisherlens.fisher_matrix`.  Under a process group every route gives every
             rank the spectrum of the union of the shards: ``"dense"`` from the all-reduced F, ``"lanczos"`` on the
@@ -280,19 +292,78 @@ def eigenvalues(
             raise ValueError("method='lanczos' computes the top-k eigenvalues: pass k=.")
         if k >= P:
             raise ValueError(f"Lanczos needs k < P = {P}; use method='dense' for the whole spectrum.")
-        op = FisherOperator(run)
-        v0 = np.ones(P) / math.sqrt(P)
-        ncv = min(P, max(2 * k + 1, k + 8))  # a short restart cycle: fewer products than scipy's default of 20
-        with run.bar(None, f"Lanczos, top {k}", "product") as op.bar, scipy_blas_one_thread():
-            w, V = eigsh(op.to_scipy(), k=k, which="LA", tol=tol, v0=v0, ncv=ncv, return_eigenvectors=True)
-        vals = torch.as_tensor(w.copy(), dtype=run.fm.dtype)
-        vecs = torch.as_tensor(V.copy(), dtype=run.fm.dtype) if return_vectors else None
-        vals, vecs = _descending(vals, vecs, k)
+        vals, vecs = _lanczos_eigen(run, k, tol)
+        vals, vecs = _descending(vals, vecs if return_vectors else None, k)
     if k is not None and len(vals) < k:  # a streamed Gram route whose N·K was unknown before reading the data
         raise ValueError(f"k={k} is larger than N·K = {len(vals)}, the size of the Gram matrix: method='gram' gives "
                          f"at most {len(vals)} eigenvalues (the other P - {len(vals)} are 0). Pass k <= "
                          f"{len(vals)}, or method='dense' for the zeros too.")
     return (vals, vecs) if return_vectors else vals
+
+
+def _lanczos_eigen(run: Request, k: int, tol: float) -> tuple[Tensor, Tensor]:
+    """Top-``k`` eigenpairs ``(vals (k,), vecs (P, k))`` of the Fisher operator of ``run`` by Lanczos.
+
+    ``k = 1``: :func:`top_lanczos` in torch (no restart cycle, stopped at the first product that passes ARPACK's
+    test); if its basis fills first, ARPACK goes on from its Ritz vector.  ``k > 1``: ARPACK's restarted iteration
+    (``scipy.sparse.linalg.eigsh``) from the start ``1/√P``, whose restarts also find a repeated eigenvalue's
+    second copy, which one Krylov sequence cannot see in exact arithmetic.  (The top eigenvalue's own multiplicity
+    does not change its value.)"""
+    op, P, dtype = FisherOperator(run), run.fm.P, run.fm.dtype
+    v0 = torch.full((P,), 1 / math.sqrt(P), dtype=dtype, device=run.fm.device)
+    ncv = min(P, max(2 * k + 1, k + 8))  # a short restart cycle: fewer products than scipy's default of 20
+    with run.bar(None, f"Lanczos, top {k}", "product") as op.bar, scipy_blas_one_thread():
+        if k == 1:
+            basis = min(P, max(ncv, min(4 * ncv, work_budget() // (2 * P * run.fm.itemsize))))
+            theta, u, converged = top_lanczos(op.matvec, v0, tol, basis)
+            if converged:
+                return torch.tensor([theta], dtype=dtype), u[:, None]
+            v0 = u  # ARPACK restarts from the best vector found so far
+        w, V = eigsh(op.to_scipy(), k=k, which="LA", tol=tol, v0=v0.double().cpu().numpy(), ncv=ncv,
+                     return_eigenvectors=True)
+    return torch.as_tensor(w.copy(), dtype=dtype), torch.as_tensor(V.copy(), dtype=dtype)
+
+
+def top_lanczos(matvec, v0: Tensor, tol: float, basis: int) -> tuple[float, Tensor, bool]:
+    """The top eigenpair of a symmetric operator by Lanczos with full reorthogonalisation, checked after every
+    product.
+
+    Builds the Krylov basis ``Q_m = [q_1 … q_m]`` of ``matvec`` from ``v0`` (``(P,)``, in the operator's dtype,
+    which the basis keeps) and the tridiagonal ``T_m = Q_mᵀ A Q_m`` (its entries in float64).  The top Ritz pair
+    ``(θ, Q_m s)`` of ``T_m`` has the residual norm ``β_m |s_m|``; it is returned as soon as
+    ``β_m |s_m| ≤ tol · max(ε^{2/3}, |θ|)`` (ARPACK's convergence test, ``ε`` the float64 epsilon; the eigenvalue's
+    error is then of order ``(tol θ)² / gap``).  Each step reorthogonalises the new vector against the whole basis
+    (classical Gram–Schmidt, twice), so no spurious copies appear.
+
+    Args:
+        matvec: ``v (P,) -> A v``; v0: the start (need not be normalised); basis: the most vectors kept (≥ 1).
+
+    Returns:
+        ``(θ, u (P,), converged)``: with ``converged=False`` after ``basis`` products, the best pair so far
+        (``u`` a unit vector: a start for a restarted method).
+    """
+    Q = v0.new_empty(basis, v0.numel())
+    Q[0] = v0 / v0.norm()
+    alpha: list[float] = []
+    beta: list[float] = []
+    floor = torch.finfo(torch.float64).eps ** (2 / 3)
+    for j in range(basis):
+        w = matvec(Q[j])
+        a = torch.dot(w.double(), Q[j].double())  # float64 sums: a float32 sum over P terms errs by ~√P·ε
+        B = Q[: j + 1]
+        for _ in range(2):
+            w = w - (B @ w) @ B
+        a, b = torch.stack([a, w.double().norm()]).tolist()  # one host read per product
+        alpha.append(a)
+        vals, S = eigh_tridiagonal(np.array(alpha), np.array(beta))
+        theta, s = float(vals[-1]), S[:, -1]
+        converged = b * abs(s[-1]) <= tol * max(floor, abs(theta))
+        if converged or j + 1 == basis:
+            break
+        beta.append(b)
+        Q[j + 1] = w / b
+    u = torch.as_tensor(s, dtype=Q.dtype, device=Q.device) @ Q[: len(alpha)]
+    return theta, u / u.norm(), converged
 
 
 def _factor_count(run: Request, data) -> int | None:

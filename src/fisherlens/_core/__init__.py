@@ -64,7 +64,7 @@ from .engine import (
 from .fields import Fields, batch_len, describe, split_fields
 from .functional import functional_rows
 from .layerwise.capture import Capture, WeakHook, tap_grads
-from .layerwise.plan import Plan, Signature, ambiguous, call_problems, check_batch, plan_for, signature
+from .layerwise.plan import Plan, Signature, ambiguous, call_problems, check_batch, plan_for, route_memo, signature
 from .layerwise.rules import RULES, Call, LayerRule, rule_for, ruled_layers
 from .model import (
     FunctionalModel,
@@ -95,8 +95,8 @@ __all__ = [
     "batch_stats", "checked_grads", "chunk_size", "identity_sandwich", "layer_stats",
     "output_dim", "quadratic_sum", "stream", "work_budget", "functional_rows",
     "Capture", "WeakHook", "tap_grads", "Plan", "Signature", "ambiguous", "call_problems", "check_batch", "plan_for",
-    "signature", "Call", "LayerRule", "rule_for", "ruled_layers", "FunctionalModel", "differentiable_kernels",
-    "forward_checked", "jvp_checked", "library_forward", "pullback_jvp", "model_errors",
+    "signature", "route_memo", "Call", "LayerRule", "rule_for", "ruled_layers", "FunctionalModel",
+    "differentiable_kernels", "forward_checked", "jvp_checked", "library_forward", "pullback_jvp", "model_errors",
     "pullback_checked", "select_params", "vjp_checked", "Request",
     "FactorRows", "gram64", "Stats", "scipy_blas_one_thread",
 ]

@@ -306,7 +306,8 @@ def pullback_checked(fm: FunctionalModel, X):
 DOUBLE_BACKWARD_EDGE = 1.2
 
 
-def pullback_jvp(fm: FunctionalModel, f: Tensor, pull, X, double: bool = True) -> tuple[object, str]:
+def pullback_jvp(fm: FunctionalModel, f: Tensor, pull, X, double: bool = True,
+                 memo: dict | None = None) -> tuple[object, str]:
     """``(t -> J t, route)`` for a kept pull-back ``pull`` (:func:`vjp_checked`) of outputs ``f``: the cheaper of two
     exact routes, measured on one random tangent (``double=False``: the fresh ``jvp`` without trying the other,
     e.g. when the memory of a second graph is not there).
@@ -324,27 +325,37 @@ def pullback_jvp(fm: FunctionalModel, f: Tensor, pull, X, double: bool = True) -
     small CNNs and attention it is the cheaper one.  Otherwise (also when an op has no double backward) the fresh
     ``jvp``, which is the reference, is used.
 
+    ``memo``: where the two counts are kept for this model, selection and batch shape, which alone fix them
+    (:func:`fisherlens._core.route_memo`); counting runs every op through a dispatch mode, a few milliseconds on
+    a small model.  The proof still runs on every call.
+
     Raises:
         ValueError: the model has no forward-mode derivative either (:func:`jvp_checked`).
     """
     gen = torch.Generator(device="cpu").manual_seed(2)
     t = {n: torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device) for n, p in fm.params.items()}
-    pp = None
+    pp, memo = None, {} if memo is None else memo
+    count = "flops" not in memo
     try:
         if double:
             with model_errors(X):
                 _, pp = vjp(lambda u: pull(u)[0], torch.zeros_like(f))
-                got, flops_double = _counted(lambda: pp(t)[0])
+                got, flops_double = _counted(lambda: pp(t)[0], count)
     except (ValueError, RuntimeError, NotImplementedError):  # an op without double backward
         pp = None
-    ref, flops_fresh = _counted(lambda: jvp_checked(fm, X, t)[1])
-    if pp is not None and close_enough(got, ref) and flops_double <= DOUBLE_BACKWARD_EDGE * flops_fresh:
+    ref, flops_fresh = _counted(lambda: jvp_checked(fm, X, t)[1], count and pp is not None)
+    if pp is not None and count:
+        memo["flops"] = (flops_double, flops_fresh)
+    if pp is not None and close_enough(got, ref) and memo["flops"][0] <= DOUBLE_BACKWARD_EDGE * memo["flops"][1]:
         return (lambda tangent: pp(tangent)[0]), "double backward"
     return (lambda tangent: jvp_checked(fm, X, tangent)[1]), "fresh jvp"
 
 
-def _counted(fn) -> tuple[object, int]:
-    """``(fn(), FLOPs)``: the matrix-multiply and convolution FLOPs of one call (``torch.utils.flop_counter``)."""
+def _counted(fn, count: bool = True) -> tuple[object, int | None]:
+    """``(fn(), FLOPs)``: the matrix-multiply and convolution FLOPs of one call (``torch.utils.flop_counter``);
+    ``(fn(), None)`` without counting."""
+    if not count:
+        return fn(), None
     with FlopCounterMode(display=False) as counter:
         out = fn()
     return out, counter.get_total_flops()

@@ -3,8 +3,17 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
+from functools import cache
 
 from threadpoolctl import ThreadpoolController
+
+
+@cache
+def _scipy_blas() -> tuple:
+    """The BLAS controllers of the libraries loaded by numpy and scipy (not torch's), found once per process: the
+    scan of the loaded libraries costs about a millisecond, as much as a small model's training step."""
+    libs = ThreadpoolController().lib_controllers
+    return tuple(c for c in libs if c.user_api == "blas" and "torch" not in c.filepath)
 
 
 @contextmanager
@@ -15,7 +24,7 @@ def scipy_blas_one_thread():
     With its default pool, OpenBLAS's threads keep spinning after each call and take the cores from torch's kernels:
     the top eigenvalue of an MLP (P = 118k, 2 cores) took 3–4× longer.  One thread is plenty for that level-1/2
     work."""
-    libs = [c for c in ThreadpoolController().lib_controllers if c.user_api == "blas" and "torch" not in c.filepath]
+    libs = _scipy_blas()
     saved = [c.num_threads for c in libs]
     for c in libs:
         c.set_num_threads(1)

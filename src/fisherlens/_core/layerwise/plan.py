@@ -30,8 +30,8 @@ from .rules import Call, rule_for
 
 Tensor = torch.Tensor
 
-__all__ = ["Signature", "Plan", "plan_for", "capture_forward", "check_batch", "signature", "signature_key", "ambiguous",
-           "call_problems", "demote"]
+__all__ = ["Signature", "Plan", "plan_for", "capture_forward", "check_batch", "signature", "signature_key",
+           "route_memo", "ambiguous", "call_problems", "demote"]
 
 
 @dataclass
@@ -55,6 +55,7 @@ class Plan:
     independent: set = field(default_factory=set)  # signatures checked by check_batch
     measured: dict = field(default_factory=dict)  # sizes only, for the functional engine (signature(prove=False))
     out_dim: dict = field(default_factory=dict)  # (input shape[1:], dtype) -> C
+    routes: dict = field(default_factory=dict)  # ((input shape[1:], dtype), B) -> memo of pullback_jvp's FLOPs
     loop: bool = False  # vmap cannot batch the model over samples: the functional engine loops
 
 
@@ -147,6 +148,12 @@ def signature_key(X) -> tuple:
     if isinstance(X, Fields):
         return tuple((k, tuple(v.shape[1:]), v.dtype) for k, v in X.items())
     return tuple(X.shape[1:]), X.dtype
+
+
+def route_memo(fm: FunctionalModel, X) -> dict:
+    """The memo of the two ``J t`` routes' counted FLOPs (:func:`~fisherlens._core.model.pullback_jvp`) for this
+    model, parameter selection and batch shape ``X``."""
+    return plan_for(fm).routes.setdefault((signature_key(X), len(X)), {})
 
 
 def check_batch(fm: FunctionalModel, X: Tensor) -> None:
