@@ -113,10 +113,9 @@ def make_workload(name: str):
     if name == "transformer":
         model, X = EncoderClassifier(), torch.randint(0, 1000, (32, 32))
         return model.float().eval(), X, torch.randint(0, 10, (32,))
-    if name == "mlp":
-        model = nn.Sequential(
-            nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10)
-        )
+    if name in ("mlp", "mlp_wide"):
+        H = 128 if name == "mlp" else 784
+        model = nn.Sequential(nn.Linear(784, H), nn.ReLU(), nn.Linear(H, H), nn.ReLU(), nn.Linear(H, 10))
         X = torch.randn(N_BATCH, 784)
     elif name == "cnn":
         model = nn.Sequential(
@@ -133,6 +132,7 @@ def make_workload(name: str):
 
 WORKLOADS = {
     "mlp": "MLP 784-128-128-10, X (128, 784)",
+    "mlp_wide": "MLP 784-784-784-10, X (128, 784)",
     "cnn": "CNN 3x32x32 (conv16-pool-conv32-pool-fc10), X (128, 3, 32, 32)",
     "resnet18": "ResNet-18 (CIFAR stem, BatchNorm in eval mode), X (32, 3, 32, 32)",
     "transformer": "4-layer transformer encoder classifier (d 128, T 32, vocab 1000), X (32, 32) token ids",

@@ -493,8 +493,8 @@ class Categorical(Likelihood):
 
     def sqrt_fisher_times(self, f, eps):
         p = torch.softmax(f, dim=-1)[:, :, None]
-        sp = p.sqrt()
-        return sp * eps - p * (sp * eps).sum(1, keepdim=True)
+        se = p.sqrt() * eps
+        return se - p * se.sum(1, keepdim=True)
 
     def fisher_out_times(self, f, u):
         p = torch.softmax(f, dim=-1)[:, :, None]

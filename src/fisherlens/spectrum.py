@@ -35,7 +35,8 @@ from .results import SpectralDensity
 
 Tensor = torch.Tensor
 
-__all__ = ["eigenvalues", "spectral_density", "SpectralDensity", "spectrum_stats", "critical_learning_rate"]
+__all__ = ["eigenvalues", "top_lanczos", "spectral_density", "SpectralDensity", "spectrum_stats",
+           "critical_learning_rate"]
 
 METHODS = ("auto", "dense", "gram", "lanczos")
 #: ``engine=`` of :func:`eigenvalues`: the generic engines of :mod:`fisherlens._core` plus the structured route.
@@ -332,8 +333,9 @@ def top_lanczos(matvec, v0: Tensor, tol: float, basis: int) -> tuple[float, Tens
     which the basis keeps) and the tridiagonal ``T_m = Q_mᵀ A Q_m`` (its entries in float64).  The top Ritz pair
     ``(θ, Q_m s)`` of ``T_m`` has the residual norm ``β_m |s_m|``; it is returned as soon as
     ``β_m |s_m| ≤ tol · max(ε^{2/3}, |θ|)`` (ARPACK's convergence test, ``ε`` the float64 epsilon; the eigenvalue's
-    error is then of order ``(tol θ)² / gap``).  Each step reorthogonalises the new vector against the whole basis
-    (classical Gram–Schmidt, twice), so no spurious copies appear.
+    error is then of order ``(tol θ)² / gap``).  Each step follows the three-term recurrence and then
+    reorthogonalises the new vector against the whole basis (one classical Gram–Schmidt pass), so no spurious copies
+    appear.
 
     Args:
         matvec: ``v (P,) -> A v``; v0: the start (need not be normalised); basis: the most vectors kept (≥ 1).
@@ -349,11 +351,11 @@ def top_lanczos(matvec, v0: Tensor, tol: float, basis: int) -> tuple[float, Tens
     floor = torch.finfo(torch.float64).eps ** (2 / 3)
     for j in range(basis):
         w = matvec(Q[j])
-        a = torch.dot(w.double(), Q[j].double())  # float64 sums: a float32 sum over P terms errs by ~√P·ε
+        a = (w * Q[j]).sum(dtype=torch.float64)  # float64 sums: a float32 sum over P terms errs by ~√P·ε
+        w = w - a.to(w.dtype) * Q[j] - (beta[-1] * Q[j - 1] if j else 0)  # the three-term recurrence
         B = Q[: j + 1]
-        for _ in range(2):
-            w = w - (B @ w) @ B
-        a, b = torch.stack([a, w.double().norm()]).tolist()  # one host read per product
+        w = w - (B @ w) @ B  # then one pass against the whole basis ("twice is enough")
+        a, b = torch.stack([a, w.square().sum(dtype=torch.float64).sqrt()]).tolist()  # one host read per product
         alpha.append(a)
         vals, S = eigh_tridiagonal(np.array(alpha), np.array(beta))
         theta, s = float(vals[-1]), S[:, -1]
