@@ -21,7 +21,7 @@ import math
 
 import torch
 
-from ._core import Request, check_choice, check_dense, deferred_outputs, finite_result, quadratic_sum
+from ._core import DiagSum, Request, check_choice, check_dense, deferred_outputs, finite_result, quadratic_sum
 from .estimators import Estimate, estimate
 
 Tensor = torch.Tensor
@@ -99,15 +99,12 @@ def dense(run: Request, make_v=None, columns=None) -> Tensor:
 
 
 def diag_flat(run: Request, make_v=None, columns=None) -> Tensor:
-    """The diagonal ``(P,)``, summed per batch into one flat buffer (narrow views per parameter) and scaled in
-    place: no per-parameter copy and no concatenation."""
-    fm = run.fm
-    acc = torch.zeros(fm.P, dtype=fm.dtype, device=fm.device)
-    views = {n: acc.narrow(0, *fm.spans[n]).view(fm.shapes[n]) for n in fm.names}
-    for _, _, st in run.chunks({"diag"}, make_v, columns):
-        for n in fm.names:
-            views[n] += st.diag[n]
-    (acc,) = run.total([acc])
+    """The diagonal ``(P,)``, summed layer by layer into one flat buffer (:class:`~._core.DiagSum`) and scaled
+    in place: no per-parameter copy, no concatenation, no second P-vector."""
+    acc = DiagSum(run.fm)
+    for _ in run.chunks({"diag"}, make_v, columns, into=acc):
+        pass
+    (acc,) = run.total([acc.flat()])
     return finite_result("The Fisher diagonal", acc.mul_(run.scale()), run.explain_nonfinite)
 
 

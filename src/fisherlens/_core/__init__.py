@@ -80,7 +80,7 @@ from .model import (
 )
 from .request import Request
 from .rows import FactorRows, gram64
-from .stats import Stats
+from .stats import DiagSum, Stats
 from .threads import scipy_blas_one_thread
 
 #: working-memory budget (bytes) for one chunk's working set; results are never chunked away.
@@ -98,5 +98,5 @@ __all__ = [
     "signature", "route_memo", "Call", "LayerRule", "rule_for", "ruled_layers", "FunctionalModel",
     "differentiable_kernels", "forward_checked", "jvp_checked", "library_forward", "pullback_jvp", "model_errors",
     "pullback_checked", "select_params", "vjp_checked", "Request",
-    "FactorRows", "gram64", "Stats", "scipy_blas_one_thread",
+    "FactorRows", "gram64", "DiagSum", "Stats", "scipy_blas_one_thread",
 ]

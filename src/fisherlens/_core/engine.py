@@ -9,6 +9,7 @@ policy, :func:`chunk_size`.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from collections.abc import Iterator
 
@@ -31,7 +32,7 @@ from .layerwise.plan import (
 )
 from .layerwise.rules import Call, rule_for, ruled_layers
 from .model import FunctionalModel, forward_checked, jvp_checked
-from .stats import Stats
+from .stats import DiagSum, Stats
 
 Tensor = torch.Tensor
 
@@ -49,7 +50,7 @@ def identity_sandwich(f: Tensor) -> Tensor:
     return torch.eye(M, dtype=f.dtype, device=f.device).expand(f.shape[0], -1, -1)
 
 
-def batch_stats(fm: FunctionalModel, X, make_v, want: set[str], engine: str = "auto"):
+def batch_stats(fm: FunctionalModel, X, make_v, want: set[str], engine: str = "auto", into: DiagSum | None = None):
     """Forward ``X``, build ``V = make_v(f) (B, M, K)`` from the outputs in the model's shape ``f (B, *S)``;
     return ``(f, V, stats)`` with the flat outputs ``f (B, M)``.
 
@@ -57,7 +58,7 @@ def batch_stats(fm: FunctionalModel, X, make_v, want: set[str], engine: str = "a
     fast path proves its attribution on every call: each owned layer's input keeps the batch on axis 0 and
     runs as often as when verified, and where shapes alone cannot tell (:func:`~.layerwise.plan.ambiguous`)
     one extra cotangent column ``c_b·(V_b w)`` checks that each sample's output gradient lives in that
-    sample's slice.
+    sample's slice.  ``into``: the diagonal is added there (:attr:`Stats.into`) instead of returned.
     """
     check_choice("engine", engine, ENGINES)
     plan = plan_for(fm)
@@ -66,7 +67,7 @@ def batch_stats(fm: FunctionalModel, X, make_v, want: set[str], engine: str = "a
         missing = [n for n in fm.names if n not in plan.owned]
         raise ValueError(f"engine='layerwise' handles only parameters of layers with a rule ({ruled_layers()}) "
                          f"used through them; not {missing}. Use engine='auto'.")
-    stats = Stats()
+    stats = Stats(into)
     owned: dict = {}
     if engine == "functional" or not plan.owned:
         with torch.no_grad():
@@ -118,7 +119,7 @@ def column_stats(fm: FunctionalModel, plan: Plan, calls: list[Call], f: Tensor, 
     B, K = V.shape[0], V.shape[-1]
     parts = []
     for j in range(0, K, k):
-        part, Vj = Stats(), V[..., j : j + k]
+        part, Vj = Stats(stats.into), V[..., j : j + k]
         grads = tap_grads(calls, f, Vj, retain_graph=j + k < K)
         layer_stats(fm, plan, calls, grads, want, part, B, Vj.shape[-1])
         del grads
@@ -165,21 +166,31 @@ def in_dtype(call: Call, dtype: torch.dtype) -> Call:
 def layer_stats(fm: FunctionalModel, plan: Plan, calls: list[Call], grads: list[Tensor], want: set[str],
                 stats: Stats, B: int, K: int) -> None:
     """Statistics of every owned parameter from its layers' calls and output gradients ``(K, B, ...)`` (shared
-    with the Monitor's per-step batch trace): the rule's fast path where it applies, else its rows."""
+    with the Monitor's per-step batch trace): the rule's fast path where it applies, else its rows.  Each
+    call's entry of ``grads`` is released (set to None) after its last parameter; a diagonal summed into
+    :attr:`Stats.into` is added there layer by layer, in place where the rule can (:meth:`LayerRule.add_diag`)."""
     by_module: dict[int, list[int]] = {}
     for i, c in enumerate(calls):
         by_module.setdefault(id(c.module), []).append(i)
-    for n, (which, mods) in plan.owned.items():
-        idx = [i for m in mods for i in by_module.get(id(m), [])]
+    uses = {n: [i for m in mods for i in by_module.get(id(m), [])] for n, (_, mods) in plan.owned.items()}
+    left = collections.Counter(i for idx in uses.values() for i in idx)
+    in_place = want == {"diag"} and stats.into is not None
+    # output side first: a chain frees its layers' gradients before the (often widest) input layer's squares
+    for n, (which, mods) in reversed(plan.owned.items()):
+        idx = uses[n]
         if not idx:  # parameter unused in this forward (as when verified): its rows are zero
             stats.add_rows(n, fm.params[n].new_zeros(B, K, fm.sizes[n]), want, fm.shapes[n])
             continue
         rule, sub = rule_for(mods[0]), [in_dtype(calls[i], fm.dtype) for i in idx]
-        if "rows" not in want and rule.fast(sub):
+        if "rows" in want or not rule.fast(sub):
+            r = sum(rule_for(c.module).rows(c, grads[i].to(fm.dtype), which) for c, i in zip(sub, idx, strict=True))
+            stats.add_rows(n, r.transpose(0, 1), want, fm.shapes[n])  # (B, K, numel)
+        elif not (in_place and rule.add_diag(sub[0], grads[idx[0]].to(fm.dtype), which, stats.into.view(n))):
             stats.add(n, rule.fast_stats(sub[0], grads[idx[0]].to(fm.dtype), which, want))
-            continue
-        r = sum(rule_for(c.module).rows(c, grads[i].to(fm.dtype), which) for c, i in zip(sub, idx, strict=True))
-        stats.add_rows(n, r.transpose(0, 1), want, fm.shapes[n])  # (B, K, numel)
+        left.subtract(idx)
+        for i in idx:  # the last parameter of a call frees its output gradients
+            if left[i] == 0:
+                grads[i] = None
 
 
 def output_dim(fm: FunctionalModel, X) -> int:
@@ -219,17 +230,18 @@ def chunk_size(fm: FunctionalModel, X, K: int, want: set[str], engine: str = "au
 
 
 def stream(fm: FunctionalModel, data, make_v, want: set[str], *, need_y: bool, columns,
-           batch_size: int | None = None, engine: str = "auto",
-           empty_ok: bool = False) -> Iterator[tuple[int, Tensor, Tensor, Stats]]:
+           batch_size: int | None = None, engine: str = "auto", empty_ok: bool = False,
+           into: DiagSum | None = None) -> Iterator[tuple[int, Tensor, Tensor, Stats]]:
     """Stream ``data`` and yield ``(n, f, V, stats)`` per chunk, ``V = make_v(f, Y)`` (``f (B, *S)`` in the
     model's output shape) with ``columns(M)`` columns per sample; batches are split by :func:`chunk_size`;
-    nothing is accumulated across chunks (``empty_ok``: as in :func:`~.data.iter_batches`)."""
+    nothing is accumulated across chunks except the diagonal summed into ``into`` (``empty_ok``: as in
+    :func:`~.data.iter_batches`)."""
     for X, Y in iter_batches(data, fm, need_y=need_y, batch_size=batch_size, empty_ok=empty_ok):
         M = output_dim(fm, X)
         step = chunk_size(fm, X, columns(M), want, engine, M=M)
         for i in range(0, len(X), step):
             Xc, Yc = X[i : i + step], None if Y is None else Y[i : i + step]
-            f, V, st = batch_stats(fm, Xc, lambda f, Yc=Yc: make_v(f, Yc), want, engine)
+            f, V, st = batch_stats(fm, Xc, lambda f, Yc=Yc: make_v(f, Yc), want, engine, into)
             yield len(Xc), f, V, st
 
 

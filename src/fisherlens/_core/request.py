@@ -11,6 +11,7 @@ from .distributed import rank_generator, shards_for
 from .engine import stream
 from .layerwise.plan import check_batch
 from .model import FunctionalModel
+from .stats import DiagSum
 
 
 class Request:
@@ -127,19 +128,20 @@ class Request:
         """K, the sandwich's columns per input, for a model with M (flat) outputs per input."""
         return {"mc": self.samples, "empirical": 1}.get(self.kind, M)
 
-    def chunks(self, want: set[str], make_v=None, columns=None, samples_labels: bool | None = None):
+    def chunks(self, want: set[str], make_v=None, columns=None, samples_labels: bool | None = None,
+               into: DiagSum | None = None):
         """Yield ``(f, V, stats)`` per chunk of the data (:func:`~.engine.stream`); ``make_v``/``columns``
-        replace the kind's sandwich and its column count.  Counts this pass's inputs in :attr:`n` and its kept
-        predictions in :attr:`m`.  The outputs' finiteness is read once, after the pass
-        (:func:`~.checks.deferred_outputs`), unless the sandwich ``samples_labels`` from them (default: for
-        ``kind="mc"``), which needs finite outputs first."""
+        replace the kind's sandwich and its column count; ``into`` sums the diagonal in place.  Counts this
+        pass's inputs in :attr:`n` and its kept predictions in :attr:`m`.  The outputs' finiteness is read once,
+        after the pass (:func:`~.checks.deferred_outputs`), unless the sandwich ``samples_labels`` from them
+        (default: for ``kind="mc"``), which needs finite outputs first."""
         self.n = self.m = 0
         make = self.counted(make_v or self.sandwich)
         sampling = self.kind == "mc" if samples_labels is None else samples_labels
         with deferred_outputs(self.explain_nonfinite, enabled=not sampling):
             for n, f, V, st in stream(self.fm, self.data, make, want, need_y=self.kind == "empirical",
                                       columns=columns or self.columns, batch_size=self.batch_size,
-                                      engine=self.engine, empty_ok=self.empty_ok):
+                                      engine=self.engine, empty_ok=self.empty_ok, into=into):
                 self.n += n
                 yield f, V, st
 

@@ -10,6 +10,47 @@ Tensor = torch.Tensor
 WANTS = frozenset({"diag", "diagk", "sqnorm", "gram", "rows"})
 
 
+def square_sum(g: Tensor) -> Tensor:
+    """``Σ_k g_k²`` over axis 0 of ``g (K, ...)`` without a ``(K, ...)`` temporary: one fused multiply-add per
+    column (as fast as ``g.square().sum(0)``), or for many columns squares of slices of ``K/16`` of them."""
+    K = g.shape[0]
+    if K > 16:
+        step = -(-K // 16)
+        out = g[:step].square().sum(0)
+        for j in range(step, K, step):
+            out += g[j : j + step].square().sum(0)
+        return out
+    out = g[0].square()
+    for k in range(1, K):
+        out.addcmul_(g[k], g[k])
+    return out
+
+
+class DiagSum:
+    """The diagonal summed in place into one flat ``(P,)`` buffer of a model's selection (views per
+    parameter, in flat-vector order), allocated at the first addition: a batch's statistics are added layer by
+    layer as they are computed, so the pass never holds a second P-vector, nor the buffer during its first
+    backward."""
+
+    def __init__(self, fm):
+        self.fm = fm
+        self._flat: Tensor | None = None
+        self._views: dict[str, Tensor] = {}
+
+    def flat(self) -> Tensor:
+        """The ``(P,)`` sum so far (zeros before the first addition)."""
+        if self._flat is None:
+            fm = self.fm
+            self._flat = torch.zeros(fm.P, dtype=fm.dtype, device=fm.device)
+            self._views = {n: self._flat.narrow(0, *fm.spans[n]).view(fm.shapes[n]) for n in fm.names}
+        return self._flat
+
+    def view(self, n: str) -> Tensor:
+        """Parameter ``n``'s part of the sum (its shape), to add into in place."""
+        self.flat()
+        return self._views[n]
+
+
 def row_stats(r: Tensor, want: set[str], shape) -> dict[str, Tensor]:
     """The statistics ``want`` ⊆ {diag, diagk, sqnorm, gram} of rows ``r (K, B, numel)`` of a parameter of
     ``shape``: ``Σ_{k,b} r²`` (shape), ``Σ_b r²`` ``(K, *shape)``, ``‖r_kb‖²`` ``(B, K)``, ``r_b r_bᵀ``
@@ -36,7 +77,9 @@ class Stats:
     * ``rows``:   ``dict[name, (B, K, numel)]``
     """
 
-    def __init__(self):
+    def __init__(self, into: DiagSum | None = None):
+        #: where ``diag`` is added instead (then :attr:`diag` stays empty)
+        self.into = into
         self.diag: dict[str, Tensor] = {}
         self.diagk: dict[str, Tensor] = {}
         self.sqnorm: dict[str, Tensor] = {}
@@ -54,6 +97,8 @@ class Stats:
         for k, v in fast.items():
             if k == "gram":
                 self.add_gram(v)
+            elif k == "diag" and self.into is not None:
+                self.into.view(n).add_(v)
             else:
                 getattr(self, k)[n] = v
 

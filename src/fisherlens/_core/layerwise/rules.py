@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..stats import row_stats
+from ..stats import row_stats, square_sum
 
 Tensor = torch.Tensor
 
@@ -81,6 +81,12 @@ class LayerRule:
         """``{stat: value}`` for ``want`` ⊆ {diag, diagk, sqnorm, gram} without rows (when :meth:`fast`)."""
         raise NotImplementedError
 
+    def add_diag(self, call: Call, g: Tensor, which: str, into: Tensor) -> bool:
+        """Add the diagonal ``Σ_{k,b} G_kb²`` of parameter ``which`` from one call into ``into`` (its shape) in
+        place, when the rule can without a temporary of the parameter's size; return whether it did (default:
+        no, and the engine adds :meth:`fast_stats`' diag)."""
+        return False
+
     def patch_numel(self, call: Call) -> int:
         """Per-sample numbers of the temporaries :meth:`rows` builds beyond the rows themselves, shared by the
         sandwich columns."""
@@ -120,6 +126,18 @@ class LinearRule(LayerRule):
             return row_stats(gs.sum(2), want, gs.shape[-1:])
         a = call.a.reshape(B, -1, call.a.shape[-1])  # (B, T, I)
         return self.seq_stats(a, gs, want, self.ghost_cheaper(a, gs, want), self.ghost_diag_cheaper(a, gs))
+
+    def add_diag(self, call, g, which, into):
+        """Flat inputs ``a (B, I)``: the weight's ``(Σ_k g_k²)ᵀ a²`` as one in-place matrix product, the bias's
+        ``Σ_{k,b} g²`` (no ``(K, B, O)`` temporary)."""
+        if call.a.dim() != 2:
+            return False
+        g2 = square_sum(g)  # (B, O)
+        if which == "bias":
+            into.add_(g2.sum(0))
+        else:
+            into.addmm_(g2.T, call.a.square())
+        return True
 
     @staticmethod
     def flat_stats(a: Tensor, g: Tensor, which: str, want: set[str]) -> dict[str, Tensor]:
@@ -223,6 +241,13 @@ class Conv1DRule(LinearRule):
         K, B = g.shape[:2]
         gr, ar = g.reshape(K, B, -1, g.shape[-1]), call.a.reshape(B, -1, call.a.shape[-1])
         return torch.einsum("kbto,bti->kbio", gr, ar).reshape(K, B, -1)
+
+    def add_diag(self, call, g, which, into):
+        """The weight stored ``(I, O)``: ``a²ᵀ (Σ_k g_k²)``."""
+        if which == "bias" or call.a.dim() != 2:
+            return super().add_diag(call, g, which, into)
+        into.addmm_(call.a.square().T, square_sum(g))
+        return True
 
     def fast_stats(self, call, g, which, want):
         out = super().fast_stats(call, g, which, want)
