@@ -229,8 +229,10 @@ def backpack_method(extension, reduce):
         from backpack import backpack, extend
 
         plain = (nn.Sequential, nn.Linear, nn.Conv2d, nn.ReLU, nn.MaxPool2d, nn.Flatten)
-        # residual blocks (ResNet-18): BackPACK's converter to a graph module
-        net = extend(model, use_converter=not all(isinstance(m, plain) for m in model.modules()))
+        if any(isinstance(m, BasicBlock) for m in model.modules()):
+            net = extend(backpack_native(model))
+        else:  # anything else with branches (the transformer): BackPACK's converter to a graph module
+            net = extend(model, use_converter=not all(isinstance(m, plain) for m in model.modules()))
         lossf = extend(nn.CrossEntropyLoss())  # reduction="mean": the quantities carry the 1/N factor
         n = len(X)
 
@@ -244,6 +246,23 @@ def backpack_method(extension, reduce):
         return run
 
     return factory
+
+
+def backpack_native(model: nn.Sequential) -> nn.Sequential:
+    """The ResNet-18 in BackPACK's own module language, because its converter (``use_converter=True``) fails on
+    torch 2.13: each residual block becomes ``Parallel(main, shortcut)`` (BackPACK's branch-and-sum container, an
+    ``Identity`` shortcut where the block has none) followed by a ReLU, built from the same module objects — the
+    same parameters in the same order, the same function."""
+    from backpack.custom_module.branching import Parallel
+
+    def block(b: BasicBlock) -> nn.Module:
+        main = nn.Sequential(b.conv1, b.bn1, nn.ReLU(), b.conv2, b.bn2)
+        return nn.Sequential(Parallel(main, b.short if len(b.short) else nn.Identity()), nn.ReLU())
+
+    net = nn.Sequential(*(block(m) if isinstance(m, BasicBlock) else m for m in model)).eval()
+    if not all(p is q for p, q in zip(net.parameters(), model.parameters(), strict=True)):
+        raise AssertionError("the BackPACK-native ResNet must hold the same parameters in the same order")
+    return net
 
 
 def diag_result(diag: torch.Tensor) -> dict:

@@ -9,7 +9,6 @@ policy, :func:`chunk_size`.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 from collections.abc import Iterator
 
@@ -172,11 +171,12 @@ def layer_stats(fm: FunctionalModel, plan: Plan, calls: list[Call], grads: list[
     by_module: dict[int, list[int]] = {}
     for i, c in enumerate(calls):
         by_module.setdefault(id(c.module), []).append(i)
-    uses = {n: [i for m in mods for i in by_module.get(id(m), [])] for n, (_, mods) in plan.owned.items()}
-    left = collections.Counter(i for idx in uses.values() for i in idx)
-    in_place = want == {"diag"} and stats.into is not None
     # output side first: a chain frees its layers' gradients before the (often widest) input layer's squares
-    for n, (which, mods) in reversed(plan.owned.items()):
+    order = list(reversed(plan.owned.items()))
+    uses = {n: [i for m in mods for i in by_module.get(id(m), [])] for n, (_, mods) in order}
+    last = {i: n for n, idx in uses.items() for i in idx}  # the last parameter to read each call's gradients
+    in_place = want == {"diag"} and stats.into is not None
+    for n, (which, mods) in order:
         idx = uses[n]
         if not idx:  # parameter unused in this forward (as when verified): its rows are zero
             stats.add_rows(n, fm.params[n].new_zeros(B, K, fm.sizes[n]), want, fm.shapes[n])
@@ -187,9 +187,8 @@ def layer_stats(fm: FunctionalModel, plan: Plan, calls: list[Call], grads: list[
             stats.add_rows(n, r.transpose(0, 1), want, fm.shapes[n])  # (B, K, numel)
         elif not (in_place and rule.add_diag(sub[0], grads[idx[0]].to(fm.dtype), which, stats.into.view(n))):
             stats.add(n, rule.fast_stats(sub[0], grads[idx[0]].to(fm.dtype), which, want))
-        left.subtract(idx)
-        for i in idx:  # the last parameter of a call frees its output gradients
-            if left[i] == 0:
+        for i in idx:
+            if last[i] == n:
                 grads[i] = None
 
 
