@@ -99,7 +99,7 @@ def tap_grads(calls: list[Call], f: Tensor, V: Tensor, *, extra: Tensor | None =
     ``V (B, C, K)`` are the cotangents of the outputs ``f (B, C)``; ``extra (B, C)`` adds one more column
     (``K + 1`` in the result).
     """
-    cot = V.permute(2, 0, 1)  # (K, B, C)
+    cot = V.permute(2, 0, 1).contiguous()  # (K, B, C): batched matrix products fold K into B
     if extra is not None:
         cot = torch.cat([cot, extra[None]])
     taps = [c.tap for c in calls]
