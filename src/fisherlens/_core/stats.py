@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+
+if TYPE_CHECKING:
+    from .model import FunctionalModel
 
 Tensor = torch.Tensor
 
@@ -32,7 +37,7 @@ class DiagSum:
     layer as they are computed, so the pass never holds a second P-vector, nor the buffer during its first
     backward."""
 
-    def __init__(self, fm):
+    def __init__(self, fm: FunctionalModel):
         self.fm = fm
         self._flat: Tensor | None = None
         self._views: dict[str, Tensor] = {}
