@@ -185,8 +185,10 @@ def layer_stats(fm: FunctionalModel, plan: Plan, calls: list[Call], grads: list[
         if "rows" in want or not rule.fast(sub):
             r = sum(rule_for(c.module).rows(c, grads[i].to(fm.dtype), which) for c, i in zip(sub, idx, strict=True))
             stats.add_rows(n, r.transpose(0, 1), want, fm.shapes[n])  # (B, K, numel)
-        elif not (in_place and rule.add_diag(sub[0], grads[idx[0]].to(fm.dtype), which, stats.into.view(n))):
-            stats.add(n, rule.fast_stats(sub[0], grads[idx[0]].to(fm.dtype), which, want))
+        else:
+            g = grads[idx[0]].to(fm.dtype)
+            if not (in_place and rule.add_diag(sub[0], g, which, stats.into.view(n))):
+                stats.add(n, rule.fast_stats(sub[0], g, which, want))
         for i in idx:
             if last[i] == n:
                 grads[i] = None

@@ -47,7 +47,7 @@ class DiagSum:
         if self._flat is None:
             fm = self.fm
             self._flat = torch.zeros(fm.P, dtype=fm.dtype, device=fm.device)
-            self._views = {n: self._flat.narrow(0, *fm.spans[n]).view(fm.shapes[n]) for n in fm.names}
+            self._views = fm.unflatten(self._flat)
         return self._flat
 
     def view(self, n: str) -> Tensor:
