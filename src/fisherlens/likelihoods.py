@@ -260,6 +260,8 @@ class Likelihood:
         if rows.y is None:
             raise ValueError("This quantity needs labels (e.g. kind='empirical'): pass data as (X, Y).")
         ell = self.loss(rows.f, rows.y) if len(rows.which) else rows.f.sum(-1) * 0  # (0,), still differentiable
+        if rows.T == 1 and len(rows.which) == rows.B:  # one kept prediction per input: the rows are the inputs
+            return ell
         return ell.new_zeros(rows.B).index_add(0, rows.which, ell)
 
     def sandwich(self, f: Tensor, kind: str, y=None, samples: int = 1,
@@ -528,10 +530,10 @@ class Categorical(Likelihood):
         y = y.reshape(-1).long()
         if y.shape[0] != f.shape[0]:
             raise ValueError(f"Got {y.shape[0]} labels for {f.shape[0]} inputs.")
-        if y.numel() and (y.min() < 0 or y.max() >= C):
+        lo, hi = torch.stack(torch.aminmax(y)).tolist() if y.numel() else (0, 0)  # one pass, one read
+        if lo < 0 or hi >= C:
             raise ValueError(
-                f"Class labels must lie in [0, {C}) for a model with {C} outputs; "
-                f"got values in [{int(y.min())}, {int(y.max())}]."
+                f"Class labels must lie in [0, {C}) for a model with {C} outputs; got values in [{lo}, {hi}]."
             )
         return y
 

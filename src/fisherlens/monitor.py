@@ -93,6 +93,7 @@ Records go to ``mon.records``, to ``<run>/metrics.csv`` (one row appended atomic
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import warnings
@@ -661,6 +662,26 @@ def _internal():
         _INTERNAL[0] -= 1
 
 
+class _Seen:
+    """The gradients of ``tensors`` in the last backward through their graph (``None`` where that backward did not
+    reach), kept by one tensor hook each; :attr:`task` is that backward's graph task (``None`` before one ran).
+    Backward passes of the library's own (:func:`_internal`) are ignored."""
+
+    def __init__(self, tensors: list[Tensor], at: int):
+        self.at, self.task = at, None
+        self.grads: list[Tensor | None] = [None] * len(tensors)
+        for i, t in enumerate(tensors):
+            t.register_hook(functools.partial(self._keep, i))
+
+    def _keep(self, i: int, g: Tensor) -> None:
+        if _INTERNAL[0]:  # another monitor's activation-only backward through the same graph
+            return
+        task = torch._C._current_graph_task_id()
+        if task != self.task:  # a new backward: forget what an earlier one through this graph left
+            self.task, self.grads = task, [None] * len(self.grads)
+        self.grads[i] = g.detach()
+
+
 class _BatchCapture:
     """``batch_fisher_trace``: the core's :class:`~fisherlens._core.Capture` records the layer calls of the
     caller's training forward; output gradients come from an extra activation-only backward (true Fisher) or
@@ -703,7 +724,8 @@ class _BatchCapture:
 
     def clear(self) -> None:
         self.capture.calls = []
-        self.calls, self.grads, self.fs, self.u = [], None, None, None
+        self.calls, self.fs = [], None
+        self.seen: _Seen | None = None  # the caller's backward (empirical)
         self.sq: Tensor | None = None  # (B, T) per input and position (true)
         self.sig = None
         self.captured = False
@@ -834,21 +856,12 @@ class _BatchCapture:
         return int(max(1, min(T, work_budget() // per)))
 
     def _watch_backward(self, calls: list[Call], o: Tensor) -> None:
-        """Empirical: the δ of the caller's own backward, captured by one multi-tensor gradient hook."""
+        """Empirical: the δ of the caller's own backward, kept by a gradient hook on each layer's output and on the
+        model's output (one plain tensor hook each: torch's multi-gradient hook costs ≈ 0.2 ms per backward)."""
         self.calls = calls
         outs = [c.tap for c in calls]
         at = next((i for i, t in enumerate(outs) if t is o), None)  # the root output is often the last layer's
-        tensors = outs if at is not None else [*outs, o]
-        at = len(outs) if at is None else at
-        shape, n = self.fs.shape, len(outs)
-
-        def on_grads(gs, n=n, at=at, shape=shape):
-            if _INTERNAL[0]:  # another monitor's activation-only backward through the same graph
-                return
-            self.grads = [None if g is None else g.detach()[None] for g in gs[:n]]
-            self.u = None if gs[at] is None else gs[at].detach().reshape(shape)
-
-        torch.autograd.graph.register_multi_grad_hook(tensors, on_grads)
+        self.seen = _Seen([*outs] if at is not None else [*outs, o], len(outs) if at is None else at)
 
     def _sqnorm(self, calls: list[Call], grads: list, K: int) -> Tensor:
         """``‖G_nk‖² (B, K)`` summed over the owned parameters from layer inputs and output gradients ``(K, B, …)``,
@@ -921,14 +934,15 @@ class _BatchCapture:
             o = outputs if isinstance(outputs, Tensor) or self.mon.output is None else self.mon.output(outputs)
             if isinstance(o, Tensor) and o.shape[0] != fs.shape[0]:
                 raise ValueError("outputs= does not match the captured training forward (different batch size).")
-        if self.u is None or self.grads is None:
+        if self.seen is None or self.seen.task is None or self.seen.grads[self.seen.at] is None:
             raise ValueError("batch_fisher_trace with kind='empirical' reads the gradients of your loss.backward(); "
                              "call mon.step() after loss.backward().")
         y = _targets(targets, fs.device)
         ell = lik.input_loss(fs, y)  # (B,), validates the labels
         m = lik.count(fs, y)
         c = self._loss_scale(ell, y, m, loss)
-        return self._normalise(c**2 * self._sqnorm(self.calls, self.grads, 1).sum().item(), m)
+        grads = [None if g is None else g[None] for g in self.seen.grads[: len(self.calls)]]
+        return self._normalise(c**2 * self._sqnorm(self.calls, grads, 1).sum().item(), m)
 
     def _loss_scale(self, ell: Tensor, y, m: int, loss) -> int:
         """``c`` with the caller's loss ``= Σ_n ℓ_n / c``: B (mean over the inputs), m (mean over the kept
@@ -944,7 +958,8 @@ class _BatchCapture:
                 return c
         r = lik.residual(fs, y)
         atol = tol * (r.abs().max().item() + 1e-30)
-        c = next((c for c in cands if torch.allclose(self.u * c, r, rtol=tol, atol=atol)), None)
+        u = self.seen.grads[self.seen.at].reshape(fs.shape)
+        c = next((c for c in cands if torch.allclose(u * c, r, rtol=tol, atol=atol)), None)
         if c is None:
             raise ValueError(
                 f"batch_fisher_trace with kind='empirical': ∂loss/∂outputs is not the residual of {lik!r} over the "

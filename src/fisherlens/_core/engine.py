@@ -165,32 +165,38 @@ def in_dtype(call: Call, dtype: torch.dtype) -> Call:
 def layer_stats(fm: FunctionalModel, plan: Plan, calls: list[Call], grads: list[Tensor], want: set[str],
                 stats: Stats, B: int, K: int) -> None:
     """Statistics of every owned parameter from its layers' calls and output gradients ``(K, B, ...)`` (shared
-    with the Monitor's per-step batch trace): the rule's fast path where it applies, else its rows.  Each
-    call's entry of ``grads`` is released (set to None) after its last parameter; a diagonal summed into
-    :attr:`Stats.into` is added there layer by layer, in place where the rule can (:meth:`LayerRule.add_diag`)."""
+    with the Monitor's per-step batch trace), layer by layer: the rule's fast path where it applies (one
+    :meth:`LayerRule.fast_layer` for a layer's weight and bias), else its rows.  Each call's entry of ``grads`` is
+    released (set to None) after its last layer; a diagonal summed into :attr:`Stats.into` is added there layer
+    by layer, in place where the rule can."""
     by_module: dict[int, list[int]] = {}
     for i, c in enumerate(calls):
         by_module.setdefault(id(c.module), []).append(i)
-    # output side first: a chain frees its layers' gradients before the (often widest) input layer's squares
-    order = list(reversed(plan.owned.items()))
-    uses = {n: [i for m in mods for i in by_module.get(id(m), [])] for n, (_, mods) in order}
-    last = {i: n for n, idx in uses.items() for i in idx}  # the last parameter to read each call's gradients
+    # the parameters of each set of modules ({which: name}), output side first: a chain frees its layers'
+    # gradients before the (often widest) input layer's squares
+    layers: dict[tuple, tuple[list, dict[str, str]]] = {}
+    for n, (which, mods) in reversed(plan.owned.items()):
+        layers.setdefault(tuple(map(id, mods)), (mods, {}))[1][which] = n
+    uses = {key: [i for k in key for i in by_module.get(k, [])] for key in layers}
+    last = {i: key for key, idx in uses.items() for i in idx}  # the last layer to read each call's gradients
     in_place = want == {"diag"} and stats.into is not None
-    for n, (which, mods) in order:
-        idx = uses[n]
-        if not idx:  # parameter unused in this forward (as when verified): its rows are zero
-            stats.add_rows(n, fm.params[n].new_zeros(B, K, fm.sizes[n]), want, fm.shapes[n])
+    for key, (mods, names) in layers.items():
+        idx = uses[key]
+        if not idx:  # layer unused in this forward (as when verified): its rows are zero
+            for n in names.values():
+                stats.add_rows(n, fm.params[n].new_zeros(B, K, fm.sizes[n]), want, fm.shapes[n])
             continue
         rule, sub = rule_for(mods[0]), [in_dtype(calls[i], fm.dtype) for i in idx]
         if "rows" in want or not rule.fast(sub):
-            r = sum(rule_for(c.module).rows(c, grads[i].to(fm.dtype), which) for c, i in zip(sub, idx, strict=True))
-            stats.add_rows(n, r.transpose(0, 1), want, fm.shapes[n])  # (B, K, numel)
+            for which, n in names.items():
+                r = sum(rule_for(c.module).rows(c, grads[i].to(fm.dtype), which) for c, i in zip(sub, idx, strict=True))
+                stats.add_rows(n, r.transpose(0, 1), want, fm.shapes[n])  # (B, K, numel)
         else:
-            g = grads[idx[0]].to(fm.dtype)
-            if not (in_place and rule.add_diag(sub[0], g, which, stats.into.view(n))):
-                stats.add(n, rule.fast_stats(sub[0], g, which, want))
+            into = {w: stats.into.view(n) for w, n in names.items()} if in_place else None
+            for which, st in rule.fast_layer(sub[0], grads[idx[0]].to(fm.dtype), tuple(names), want, into).items():
+                stats.add(names[which], st)
         for i in idx:
-            if last[i] == n:
+            if last[i] == key:
                 grads[i] = None
 
 

@@ -11,6 +11,8 @@ Rules ship for ``nn.Linear`` (any number of middle axes: sequences), ``nn.Conv1d
 **To support a new layer type, subclass :class:`LayerRule`, implement** :meth:`LayerRule.rows` **(and
 optionally** :meth:`LayerRule.fast` / :meth:`LayerRule.fast_stats` / :meth:`LayerRule.applies` **), and add
 one line to** :data:`RULES` **(or** :data:`RULES_BY_NAME` **for a class fisherlens should not import).**  The
+engine asks for a layer's weight and bias at once (:meth:`LayerRule.fast_layer`, by default one
+:meth:`LayerRule.fast_stats` each; override it to share work between them).  The
 engine proves every rule's attribution at run time (see :mod:`fisherlens._core.layerwise.plan`), so a wrong
 rule falls back to the general engine instead of returning a wrong number.
 
@@ -87,6 +89,19 @@ class LayerRule:
         no, and the engine adds :meth:`fast_stats`' diag)."""
         return False
 
+    def fast_layer(self, call: Call, g: Tensor, whiches: tuple[str, ...], want: set[str],
+                   into: dict[str, Tensor] | None = None) -> dict[str, dict[str, Tensor]]:
+        """:meth:`fast_stats` of several parameters of one call (``whiches``, e.g. weight and bias), ``{which:
+        {stat: value}}``; with ``into`` (``{which: buffer}``, ``want == {"diag"}``) each diagonal is added there
+        by :meth:`add_diag` where the rule can (its entry then holds no diag).  The default is one call per
+        parameter; a rule overrides it to share what the parameters have in common (the output gradients'
+        squares and norms)."""
+        out = {}
+        for w in whiches:
+            done = into is not None and self.add_diag(call, g, w, into[w])
+            out[w] = {} if done else self.fast_stats(call, g, w, want)
+        return out
+
     def patch_numel(self, call: Call) -> int:
         """Per-sample numbers of the temporaries :meth:`rows` builds beyond the rows themselves, shared by the
         sandwich columns."""
@@ -116,48 +131,68 @@ class LinearRule(LayerRule):
         return len(calls) == 1 and calls[0].a.dim() >= 2
 
     def fast_stats(self, call, g, which, want):
-        """Flat ``(B, I)`` inputs: :meth:`flat_stats`; sequences ``(B, *T, I)``: :meth:`seq_stats`, by ghost
-        norms or by this layer's per-sample gradients, whichever is cheaper (:meth:`ghost_cheaper`)."""
+        return self.fast_layer(call, g, (which,), want)[which]
+
+    def fast_layer(self, call, g, whiches, want, into=None):
+        """Flat ``(B, I)`` inputs: :meth:`flat_stats` (weight and bias share ``g``'s squares and norms), the
+        diagonals added in place into ``into`` by :meth:`add_flat_diag`; sequences ``(B, *T, I)``:
+        :meth:`seq_stats`, by ghost norms or by this layer's per-sample gradients, whichever is cheaper
+        (:meth:`ghost_cheaper`)."""
+        if call.a.dim() == 2 and into is not None:
+            g2 = square_sum(g)  # (B, O), shared
+            for w in whiches:
+                self.add_flat_diag(call.a, g2, w, into[w])
+            return {w: {} for w in whiches}
         if call.a.dim() == 2:
-            return self.flat_stats(call.a, g, which, want)
+            return self.flat_stats(call.a, g, whiches, want)
         K, B = g.shape[:2]
         gs = g.reshape(K, B, -1, g.shape[-1])  # (K, B, T, O)
-        if which == "bias":
-            return row_stats(gs.sum(2), want, gs.shape[-1:])
         a = call.a.reshape(B, -1, call.a.shape[-1])  # (B, T, I)
-        return self.seq_stats(a, gs, want, self.ghost_cheaper(a, gs, want), self.ghost_diag_cheaper(a, gs))
+        return {w: row_stats(gs.sum(2), want, gs.shape[-1:]) if w == "bias" else
+                self.seq_stats(a, gs, want, self.ghost_cheaper(a, gs, want), self.ghost_diag_cheaper(a, gs))
+                for w in whiches}
 
     def add_diag(self, call, g, which, into):
-        """Flat inputs ``a (B, I)``: the weight's ``(Σ_k g_k²)ᵀ a²`` as one in-place matrix product, the bias's
-        ``Σ_{k,b} g²`` (no ``(K, B, O)`` temporary)."""
+        """Flat inputs ``a (B, I)``: :meth:`add_flat_diag` (no ``(K, B, O)`` temporary)."""
         if call.a.dim() != 2:
             return False
-        g2 = square_sum(g)  # (B, O)
-        if which == "bias":
-            into.add_(g2.sum(0))
-        else:
-            into.addmm_(g2.T, call.a.square())
+        self.add_flat_diag(call.a, square_sum(g), which, into)
         return True
 
     @staticmethod
-    def flat_stats(a: Tensor, g: Tensor, which: str, want: set[str]) -> dict[str, Tensor]:
-        """``Σ g²a²`` (diag), ``‖g‖²‖a‖²`` (sqnorm, "ghost norms"), ``(g_k·g_l)‖a‖²`` (Gram); ``a (B, I)``,
-        ``g (K, B, O)``."""
-        bias = which == "bias"
-        a2 = None if bias or not want & {"diag", "diagk"} else a.square()  # (B, I)
-        an = None if bias or not want & {"sqnorm", "gram"} else torch.linalg.vecdot(a, a)  # ‖a_b‖² (B,), one pass
-        out = {}
+    def add_flat_diag(a: Tensor, g2: Tensor, which: str, into: Tensor) -> None:
+        """Add the diagonal from ``a (B, I)`` and ``g2 = Σ_k g_k² (B, O)`` in place: the weight's ``g2ᵀ a²`` as one
+        matrix product, the bias's ``Σ_b g2``."""
+        if which == "bias":
+            into.add_(g2.sum(0))
+        else:
+            into.addmm_(g2.T, a.square())
+
+    @staticmethod
+    def flat_stats(a: Tensor, g: Tensor, whiches: tuple[str, ...], want: set[str]) -> dict[str, dict[str, Tensor]]:
+        """``Σ g²a²`` (diag), ``‖g‖²‖a‖²`` (sqnorm, "ghost norms"), ``(g_k·g_l)‖a‖²`` (Gram) of the parameters
+        ``whiches`` (the bias: without ``a``), ``{which: {stat: value}}``; ``a (B, I)``, ``g (K, B, O)``.  The
+        parts of ``g`` are computed once for weight and bias."""
+        weight = "weight" in whiches
+        a2 = a.square() if weight and want & {"diag", "diagk"} else None  # (B, I)
+        an = torch.linalg.vecdot(a, a) if weight and want & {"sqnorm", "gram"} else None  # ‖a_b‖² (B,), one pass
+        out: dict[str, dict[str, Tensor]] = {w: {} for w in whiches}
         if "diag" in want:
             g2 = g.square().sum(0)  # (B, O)
-            out["diag"] = g2.sum(0) if bias else g2.T @ a2
+            for w in whiches:
+                out[w]["diag"] = g2.sum(0) if w == "bias" else g2.T @ a2
         if "diagk" in want:
-            out["diagk"] = g.square().sum(1) if bias else torch.einsum("kbo,bi->koi", g.square(), a2)
+            gk = g.square()
+            for w in whiches:
+                out[w]["diagk"] = gk.sum(1) if w == "bias" else torch.einsum("kbo,bi->koi", gk, a2)
         if "sqnorm" in want:
             s = torch.linalg.vecdot(g, g).T  # (B, K)
-            out["sqnorm"] = s if bias else s * an[:, None]
+            for w in whiches:
+                out[w]["sqnorm"] = s if w == "bias" else s * an[:, None]
         if "gram" in want:
             gg = torch.einsum("kbo,lbo->bkl", g, g)
-            out["gram"] = gg if bias else gg * an[:, None, None]
+            for w in whiches:
+                out[w]["gram"] = gg if w == "bias" else gg * an[:, None, None]
         return out
 
     @staticmethod
@@ -242,18 +277,18 @@ class Conv1DRule(LinearRule):
         gr, ar = g.reshape(K, B, -1, g.shape[-1]), call.a.reshape(B, -1, call.a.shape[-1])
         return torch.einsum("kbto,bti->kbio", gr, ar).reshape(K, B, -1)
 
-    def add_diag(self, call, g, which, into):
-        """The weight stored ``(I, O)``: ``a²ᵀ (Σ_k g_k²)``."""
-        if which == "bias" or call.a.dim() != 2:
-            return super().add_diag(call, g, which, into)
-        into.addmm_(call.a.square().T, square_sum(g))
-        return True
+    @staticmethod
+    def add_flat_diag(a, g2, which, into):
+        """The weight stored ``(I, O)``: ``a²ᵀ g2``."""
+        if which == "bias":
+            LinearRule.add_flat_diag(a, g2, which, into)
+        else:
+            into.addmm_(a.square().T, g2)
 
-    def fast_stats(self, call, g, which, want):
-        out = super().fast_stats(call, g, which, want)
-        if which == "weight":
-            for s in {"diag", "diagk"} & out.keys():
-                out[s] = out[s].mT.contiguous()
+    def fast_layer(self, call, g, whiches, want, into=None):
+        out = super().fast_layer(call, g, whiches, want, into)
+        if "weight" in out:
+            out["weight"] = {s: v.mT.contiguous() if s in ("diag", "diagk") else v for s, v in out["weight"].items()}
         return out
 
 
