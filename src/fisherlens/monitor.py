@@ -826,14 +826,14 @@ class _BatchCapture:
         step = 1 if T == 1 else self._positions_per_backward(B, f.shape[1], mon.draws if hutch else C, T)
         parts = []
         for t0 in range(0, T, step):
-            ts = torch.arange(t0, min(T, t0 + step), device=f.device)
+            ts = None if T == 1 else torch.arange(t0, min(T, t0 + step), device=f.device)
             V = self._columns(xi, order, ts, C, T)
             with _internal():
                 grads = tap_grads(calls, f, V, retain_graph=True)
-            parts.append(self._sqnorm(calls, grads, V.shape[-1]).reshape(B, len(ts), -1).sum(-1))
+            parts.append(self._sqnorm(calls, grads, V.shape[-1]).reshape(B, 1 if ts is None else len(ts), -1).sum(-1))
         self.sq = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
 
-    def _columns(self, xi: Tensor | None, order: Tensor, ts: Tensor, C: int, T: int) -> Tensor:
+    def _columns(self, xi: Tensor | None, order: Tensor | None, ts: Tensor | None, C: int, T: int) -> Tensor:
         """The columns ``(B, M, |ts|·k)`` of positions ``ts`` (position-major); ``order (M,)`` is the row-layout
         index ``t·C + c`` of each flat output (``None`` for one position: ξ itself, or the rows' ``S``)."""
         fs = self.fs
