@@ -85,8 +85,9 @@ def fisher_matrix(
     return dense(run)
 
 
-# The three reductions below take an optional sandwich ``make_v(f, y) -> (B, C, K)`` with ``columns(C) = K``
-# in place of the kind's own (the core-space envelopes of fisherlens.bounds use them).
+# The reductions below take an optional sandwich ``make_v(f, y) -> (B, C, K)`` with ``columns(C) ≥ K`` (it sizes
+# the chunks) in place of the kind's own (the core-space envelopes of fisherlens.bounds use them); the diagonal and
+# the trace, sums over the columns, default to the compact sandwich (C − 1 columns for a categorical true Fisher).
 def dense(run: Request, make_v=None, columns=None) -> Tensor:
     """``(1/N) Σ_n G_nᵀ G_n`` from materialised rows, ``(P, P)`` (the caller checks the memory)."""
     fm = run.fm
@@ -102,7 +103,7 @@ def diag_flat(run: Request, make_v=None, columns=None) -> Tensor:
     """The diagonal ``(P,)``, summed layer by layer into one flat buffer (:class:`~._core.DiagSum`) and scaled
     in place: no per-parameter copy, no concatenation, no second P-vector."""
     acc = DiagSum(run.fm)
-    for _ in run.chunks({"diag"}, make_v, columns, into=acc):
+    for _ in run.chunks({"diag"}, make_v or run.compact_sandwich, columns, into=acc):
         pass
     (acc,) = run.total([acc.flat()])
     return finite_result("The Fisher diagonal", acc.mul_(run.scale()), run.explain_nonfinite)
@@ -117,7 +118,7 @@ def trace_dict(run: Request, make_v=None, columns=None) -> dict[str, float]:
     """Per-parameter traces ``{name: float}``."""
     fm = run.fm
     acc = None  # (parameters,) on the device: read once, after the pass
-    for _, _, st in run.chunks({"sqnorm"}, make_v, columns):
+    for _, _, st in run.chunks({"sqnorm"}, make_v or run.compact_sandwich, columns):
         x = torch.stack([st.sqnorm[n].sum() for n in fm.names]).to(torch.float64)
         acc = x if acc is None else acc.add_(x)
     if acc is None:  # an empty shard (under a process group)

@@ -4,7 +4,8 @@ Every Fisher in fisherlens is the pull-back ``J_nᵀ Λ(f_n) J_n`` of an output-
 Fisher Λ (docs/conventions.md#output-models).  A likelihood knows, per prediction (rows ``f (R, C)``)
 
 * ``loss(f, y)``      negative log-likelihood (up to a y-independent constant), ``(R,)``;
-* ``sqrt_fisher(f)``  a square root ``S`` with ``S Sᵀ = Λ(f)``, ``(R, C, C)``;
+* ``sqrt_fisher(f)``  a square root ``S`` with ``S Sᵀ = Λ(f)``, ``(R, C, C)`` (``fisher_factor(f)``: one with
+  fewer columns where Λ's rank is lower, C − 1 for Categorical);
 * ``fisher_out(f)``   ``Λ(f)`` itself, ``(R, C, C)``;
 * ``sample(f, k, generator)``  ``k`` labels per row drawn from p(y | f), ``(k, R, ...)``;
 * ``kl(f, g)``        per-row KL(p(·|f) ‖ p(·|g)), used by the KL self-test,
@@ -106,6 +107,11 @@ class Likelihood:
     def sqrt_fisher(self, f: Tensor) -> Tensor:
         """A square root ``S (R, C, C)`` of the output-space Fisher: ``S Sᵀ = Λ(f) = E_y[∇_f ℓ ∇_f ℓᵀ]``."""
         raise NotImplementedError
+
+    def fisher_factor(self, f: Tensor) -> Tensor:
+        """A factor ``U (R, C, K)``, ``U Uᵀ = Λ(f)``, with as few columns K ≤ C as the likelihood knows (default
+        :meth:`sqrt_fisher`): the true sandwich of the reductions that sum over the columns (diag, trace)."""
+        return self.sqrt_fisher(f)
 
     def sqrt_fisher_times(self, f: Tensor, eps: Tensor) -> Tensor:
         """``S(f) ε`` for rows ``f (R, C)`` and ``ε (R, C, d)``, ``(R, C, d)`` (override to skip forming S)."""
@@ -265,10 +271,12 @@ class Likelihood:
         return ell.new_zeros(rows.B).index_add(0, rows.which, ell)
 
     def sandwich(self, f: Tensor, kind: str, y=None, samples: int = 1,
-                 generator: torch.Generator | None = None) -> Tensor:
+                 generator: torch.Generator | None = None, compact: bool = False) -> Tensor:
         """The factor ``V (B, M, K)`` of the per-input Fisher ``F_n = J_nᵀ V_n V_nᵀ J_n`` from outputs ``f (B, *S)``.
 
         * ``kind="true"``: block-diagonal over positions, each block ``S(f_t)`` with ``S Sᵀ = Λ(f_t)`` (K = M);
+          ``compact``: each block :meth:`fisher_factor` ``(C, K_t)`` instead (``K = T·K_t``, ``T·(C − 1)`` for
+          :class:`Categorical`), for reductions that sum over the columns;
         * ``kind="empirical"``: ``V = ∂ℓ_n/∂f`` of each input's summed loss at the observed labels (K = 1);
         * ``kind="mc"``: ``V = [∂ℓ_n(ŷ_1)/∂f … ∂ℓ_n(ŷ_k)/∂f] / √k`` with labels ``ŷ ~ p(y | f)`` drawn at every
           kept position, ``k = samples`` (K = k), so that ``E[V Vᵀ] = Σ_t Λ(f_t)``.
@@ -278,21 +286,23 @@ class Likelihood:
         from ._core.checks import check_dense  # the core's memory rule (imported late: the core imports this)
 
         f = f.detach()
+        factor = self.fisher_factor if compact else self.sqrt_fisher
         if kind == "empirical":
             return self.residual(f, y).reshape(len(f), -1, 1)
         if kind not in ("true", "mc"):
             raise ValueError(f"kind={kind!r} is not supported; choose one of 'true', 'empirical', 'mc'.")
         if kind == "true" and math.prod(self.layout(tuple(f.shape[1:]))[0]) == 1:  # rows are the inputs
-            return self._row_product(f, None, y, lambda fr, _: self.sqrt_fisher(fr))
+            return self._row_product(f, None, y, lambda fr, _: factor(fr))
         rows = self.kept_rows(f, y)
         if kind == "true":
-            S = self.sqrt_fisher(rows.f)  # (R, C, C)
-            check_dense(f"kind='true' on {rows.T} positions × {rows.C} outputs ({rows.T * rows.C} sandwich columns "
-                        f"per input, for {rows.B} inputs)", rows.B * (rows.T * rows.C) ** 2, f.element_size(),
+            S = factor(rows.f)  # (R, C, K)
+            K = S.shape[-1]
+            check_dense(f"kind='true' on {rows.T} positions × {rows.C} outputs ({rows.T * K} sandwich columns "
+                        f"per input, for {rows.B} inputs)", rows.B * rows.T * rows.C * rows.T * K, f.element_size(),
                         "Use method='hutchinson' (one backward per batch) or kind='mc'", None)
-            blocks = S.new_zeros(len(S), rows.C, rows.T, rows.C)
+            blocks = S.new_zeros(len(S), rows.C, rows.T, K)
             blocks[torch.arange(len(S)), :, rows.pos] = S
-            return self.scatter(rows, blocks.reshape(len(S), rows.C, rows.T * rows.C))
+            return self.scatter(rows, blocks.reshape(len(S), rows.C, rows.T * K))
         check_dense(f"kind='mc' with samples={samples} label draws for {len(f)} inputs", f.numel() * samples,
                     4 * f.element_size(), "Use fewer samples=, or method='hutchinson'", None)
         R = len(rows.f)
@@ -488,6 +498,25 @@ class Categorical(Likelihood):
         p = torch.softmax(f, dim=-1)
         sp = p.sqrt()
         return torch.diag_embed(sp) - p[:, :, None] * sp[:, None, :]
+
+    def fisher_factor(self, f):
+        """``U (R, C, C − 1)`` with ``U Uᵀ = Λ``: ``Λ = diag π − ππᵀ`` has rank C − 1 (``Λ 1 = 0``), so the exact
+        diagonal and trace back-propagate one column fewer per prediction (half the columns for C = 2).
+
+        ``U = S Q`` with ``S = diag(√π) − π√πᵀ`` (:meth:`sqrt_fisher`) and ``Q`` the first C − 1 columns of the
+        Householder reflection ``H = I − w wᵀ/(1 + √π_C)``, ``w = √π + e_C``: ``H √π = −e_C``, so ``Q`` is an
+        orthonormal basis of ``√π^⊥``, the row space of S (``S √π = 0``), and ``U Uᵀ = S (I − √π√πᵀ) Sᵀ = S Sᵀ``.
+        In closed form ``U = (E − (π + c (e_C − π)) 1ᵀ) diag(√π_{:C−1})``, ``E`` the first C − 1 columns of I
+        and ``c = √π_C/(1 + √π_C) ≤ 1/2`` (no cancellation).  A subclass with its own :meth:`sqrt_fisher` (another
+        Λ) gets that one."""
+        if type(self).sqrt_fisher is not Categorical.sqrt_fisher:
+            return self.sqrt_fisher(f)
+        p = torch.softmax(f, dim=-1)
+        q, C = p.sqrt(), f.shape[-1]
+        c = q[:, -1:] / (1 + q[:, -1:])  # (R, 1)
+        r = (torch.arange(C, device=f.device) == C - 1).to(p.dtype) - p  # e_C − π
+        E = torch.eye(C, C - 1, dtype=p.dtype, device=f.device)
+        return (E - (p + c * r)[:, :, None]) * q[:, None, : C - 1]
 
     def fisher_out(self, f):
         p = torch.softmax(f, dim=-1)

@@ -838,7 +838,7 @@ class _BatchCapture:
         index ``t·C + c`` of each flat output (``None`` for one position: ξ itself, or the rows' ``S``)."""
         fs = self.fs
         if T == 1:
-            return xi if xi is not None else self.mon.likelihood.sqrt_fisher(fs.reshape(len(fs), C))
+            return xi if xi is not None else self.mon.likelihood.fisher_factor(fs.reshape(len(fs), C))
         if xi is not None:
             at = ((order // C)[:, None] == ts[None, :]).to(xi.dtype)  # (M, |ts|)
             return (xi[:, :, None, :] * at[None, :, :, None]).reshape(len(fs), len(order), -1)

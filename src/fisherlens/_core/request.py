@@ -112,6 +112,11 @@ class Request:
         """The kind's sandwich ``V (B, M, K)`` for outputs ``f (B, *S)`` (:meth:`fisherlens.Likelihood.sandwich`)."""
         return self.likelihood.sandwich(f, self.kind, y, self.samples, self.generator)
 
+    def compact_sandwich(self, f, y):
+        """:meth:`sandwich` with the fewest columns (``compact=True``: C − 1 per prediction for a categorical true
+        Fisher), for the reductions that sum over the columns (diag, trace)."""
+        return self.likelihood.sandwich(f, self.kind, y, self.samples, self.generator, compact=True)
+
     def v(self, f, y):
         """:meth:`sandwich`, counting the kept predictions in :attr:`m`."""
         return self.counted(self.sandwich)(f, y)
