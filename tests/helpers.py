@@ -111,3 +111,19 @@ def reference_case(arch, lik, kind, seed=0):
     labels = mc_labels(model, X, lik, kind)
     F_ref = ref.fisher(model, X, Y, LIKS[lik].spec, kind, labels=labels)
     return model, X, Y, F_ref, labels
+
+
+# ----------------------------------------------------------------------------- the layerwise engine's calls
+def owned_calls(model, X):
+    """``(fm, plan, calls, f)``: the owned layers' recorded calls and the flat outputs of one tapped forward."""
+    from fisherlens._core import Capture, FunctionalModel, plan_for
+
+    fm = FunctionalModel(model)
+    plan = plan_for(fm)
+    rec = Capture(m for _, mods in plan.owned.values() for m in mods)
+    try:
+        with torch.enable_grad():
+            f = fm(fm.params, X)
+    finally:
+        rec.close()
+    return fm, plan, rec.calls, f

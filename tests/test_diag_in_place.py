@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import owned_calls
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 from zoo import ARCHS, build
 
 import fisherlens as fl
-from fisherlens._core import Call, Capture, DiagSum, FunctionalModel, Stats, layer_stats, plan_for, rule_for, tap_grads
+from fisherlens._core import Call, DiagSum, Stats, layer_stats, rule_for, tap_grads
 from fisherlens._core.stats import square_sum
 
 
@@ -28,16 +29,9 @@ def test_square_sum_is_the_sum_of_squares(K):
 
 def _capture(model, X):
     """Owned-layer calls, flat outputs and the (K = C) identity-sandwich output gradients of one forward."""
-    fm = FunctionalModel(model)
-    plan = plan_for(fm)
-    rec = Capture(m for _, mods in plan.owned.values() for m in mods)
-    try:
-        with torch.enable_grad():
-            f = fm(fm.params, X)
-    finally:
-        rec.close()
+    fm, plan, calls, f = owned_calls(model, X)
     V = torch.eye(f.shape[1], dtype=f.dtype).expand(len(X), -1, -1)
-    return fm, plan, rec.calls, f, V
+    return fm, plan, calls, f, V
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))

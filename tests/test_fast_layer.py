@@ -9,12 +9,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import owned_calls
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 from zoo import ARCHS, build
 
 import fisherlens as fl
-from fisherlens._core import Call, Capture, FunctionalModel, Stats, layer_stats, plan_for, rule_for, tap_grads
+from fisherlens._core import Call, Stats, layer_stats, rule_for, tap_grads
 
 pytestmark = pytest.mark.usefixtures("float64")
 
@@ -84,21 +85,14 @@ def test_layer_stats_by_layer_equals_per_parameter(arch):
     """Every architecture of the zoo (shared, unused and sequence layers included): the layer-by-layer engine gives
     each owned parameter the statistics of the per-parameter computation."""
     model, X = build(arch, n=5)
-    fm = FunctionalModel(model)
-    plan = plan_for(fm)
+    fm, plan, calls, f = owned_calls(model, X)
     if not plan.owned:
         pytest.skip("no layer with a rule")
-    rec = Capture(m for _, mods in plan.owned.values() for m in mods)
-    try:
-        with torch.enable_grad():
-            f = fm(fm.params, X)
-    finally:
-        rec.close()
     V = torch.randn(len(X), f.shape[1], 2, generator=torch.Generator().manual_seed(3))
-    grads = tap_grads(rec.calls, f, V, retain_graph=True)
-    ref = _per_parameter(fm, plan, rec.calls, grads, ALL, 2)
+    grads = tap_grads(calls, f, V, retain_graph=True)
+    ref = _per_parameter(fm, plan, calls, grads, ALL, 2)
     st = Stats()
-    layer_stats(fm, plan, rec.calls, list(grads), ALL, st, len(X), 2)
+    layer_stats(fm, plan, calls, list(grads), ALL, st, len(X), 2)
     for s in ("diag", "diagk", "sqnorm"):
         assert set(getattr(st, s)) == set(plan.owned)
         for n in plan.owned:
@@ -122,3 +116,24 @@ def test_batch_empirical_counts_the_last_backward():
     got = mon.step(loss=loss, targets=y)["batch_fisher_trace"]
     assert got == pytest.approx(want, rel=1e-10)
     mon.close()
+
+
+@pytest.mark.parametrize("arch", ["cnn2d", "cnn2d_fancy", "conv1d"])
+def test_column_groups_unfold_each_convolution_once(arch, monkeypatch):
+    """Sandwich columns in groups (forced: one column a time) keep each convolution's patches across the groups —
+    one unfold per call, not one per group — and the diagonal and trace equal the one-group results."""
+    from fisherlens._core import engine
+    from fisherlens._core.layerwise.rules import ConvRule
+
+    model, X = build(arch, n=6)
+    lik = fl.Categorical()
+    want_d, want_t = fl.fisher_diag(model, X, lik), fl.fisher_trace(model, X, lik)
+    n_conv = sum(isinstance(m, (nn.Conv1d, nn.Conv2d)) for m in model.modules())
+    unfolds = []
+    real = ConvRule.patches
+    monkeypatch.setattr(ConvRule, "patches", staticmethod(lambda m, a: unfolds.append(m) or real(m, a)))
+    monkeypatch.setattr(engine, "column_chunk", lambda *a: 1)
+    got_d = fl.fisher_diag(model, X, lik)
+    assert len(unfolds) == n_conv > 0
+    torch.testing.assert_close(got_d, want_d, rtol=1e-12, atol=1e-15)
+    assert fl.fisher_trace(model, X, lik) == pytest.approx(want_t, rel=1e-12)

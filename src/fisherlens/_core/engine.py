@@ -114,8 +114,11 @@ def column_chunk(fm: FunctionalModel, sig, want: set[str], calls: list[Call], V:
 def column_stats(fm: FunctionalModel, plan: Plan, calls: list[Call], f: Tensor, V: Tensor, k: int,
                  want: set[str], stats: Stats) -> None:
     """:func:`layer_stats` of ``V (B, M, K)`` ``k`` columns at a time through the retained graph: ``diag`` summed,
-    ``diagk`` / ``sqnorm`` joined along their column axis."""
+    ``diagk`` / ``sqnorm`` joined along their column axis.  What the rules compute from the inputs alone (the
+    convolutions' patches) is kept across the groups when all of it fits ``work_budget() / COLUMN_SHARE``."""
     B, K = V.shape[0], V.shape[-1]
+    keep = fm.itemsize * B * sum(rule_for(c.module).patch_numel(c) for c in calls) <= work_budget() // COLUMN_SHARE
+    calls = [dataclasses.replace(c, memo={}) for c in calls] if keep else calls
     parts = []
     for j in range(0, K, k):
         part, Vj = Stats(stats.into), V[..., j : j + k]

@@ -25,7 +25,7 @@ distinct (sample, id) pair (embedding), ``d`` embedding feature.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -52,11 +52,14 @@ __all__ = [
 @dataclass
 class Call:
     """One recorded call of a layer: the module, its input ``a (B, ...)`` and the tensor whose gradient is
-    the output gradient (a zero *tap* added to the output by the engine, or the output itself)."""
+    the output gradient (a zero *tap* added to the output by the engine, or the output itself).  ``memo``: where
+    a rule may keep what depends on the input alone (a convolution's patches) while the engine takes the same
+    call's statistics several times (groups of sandwich columns); ``None``: keep nothing."""
 
     module: nn.Module
     a: Tensor
     tap: Tensor
+    memo: dict | None = field(default=None, repr=False, compare=False)
 
 
 class LayerRule:
@@ -226,11 +229,11 @@ class LinearRule(LayerRule):
     def seq_stats(a: Tensor, g: Tensor, want: set[str], ghost: bool, ghost_diag: bool = False) -> dict[str, Tensor]:
         """Weight statistics for ``a (B, T, I)``, ``g (K, B, T, O)``.
 
-        Materialised: ``G_kb = Σ_t g_kbt a_btᵀ`` ``(K, B, O, I)`` of this layer, then :func:`row_stats` (always
-        for diagk).  Ghost (sqnorm, Gram): ``G_k·G_l = Σ_{t,u} (a_t·a_u)(g_kt·g_lu) = Σ_{t,o} g_kto h_lto``
-        with ``h_l = (a aᵀ) g_l`` — no ``(O, I)`` tensor.  Ghost diagonal: ``Σ_kb G²_oi = Σ_b Σ_{t,u}
-        (Σ_k g_kto g_kuo)(a_ti a_ui)``, one ``(O, B·T²) × (B·T², I)`` matrix product — no ``(O, I)`` tensor per
-        sample and column.
+        Materialised: ``G_kb = Σ_t g_kbt a_btᵀ`` of this layer (always for diagk), one column at a time
+        (:meth:`by_column`; all ``(K, B, O, I)`` at once for the Gram).  Ghost (sqnorm, Gram):
+        ``G_k·G_l = Σ_{t,u} (a_t·a_u)(g_kt·g_lu) = Σ_{t,o} g_kto h_lto`` with ``h_l = (a aᵀ) g_l`` — no ``(O, I)``
+        tensor.  Ghost diagonal: ``Σ_kb G²_oi = Σ_b Σ_{t,u} (Σ_k g_kto g_kuo)(a_ti a_ui)``, one
+        ``(O, B·T²) × (B·T², I)`` matrix product — no ``(O, I)`` tensor per sample and column.
         """
         dense = want - {"sqnorm", "gram"} if ghost else set(want)
         out = {}
@@ -240,7 +243,9 @@ class LinearRule(LayerRule):
             gg = torch.einsum("kbto,kbuo->otbu", g, g).reshape(g.shape[-1], -1)  # (O, T·B·T)
             aa = torch.einsum("bti,bui->tbui", a, a).reshape(-1, a.shape[-1])  # (T·B·T, I)
             out["diag"] = gg @ aa
-        if dense:
+        if dense and "gram" not in dense:
+            out.update(LinearRule.by_column(a, g, dense))
+        elif dense:
             G = torch.einsum("kbto,bti->kboi", g, a)
             out.update(row_stats(G.flatten(2), dense, G.shape[2:]))
         if ghost:
@@ -249,6 +254,31 @@ class LinearRule(LayerRule):
                 out["sqnorm"] = torch.einsum("kbto,kbto->bk", g, h)
             if "gram" in want:
                 out["gram"] = torch.einsum("kbto,lbto->bkl", g, h)
+        return out
+
+    @staticmethod
+    def by_column(a: Tensor, g: Tensor, want: set[str]) -> dict[str, Tensor]:
+        """diag / diagk / sqnorm (:func:`row_stats`' layout) of ``G_kb = g_kbᵀ a_b`` for ``a (B, T, I)``,
+        ``g (K, B, T, O)``, one column ``k`` at a time: one batched matrix product ``(B, O, T) × (B, T, I)`` on
+        g's and a's own strides (a convolution's transposed gradients and patches are not copied), then its
+        squares; the peak holds one column's ``(B, O, I)``, not K of them."""
+        diag = sq = None
+        diagk, norms = [], []
+        for k in range(g.shape[0]):
+            s = torch.bmm(g[k].transpose(1, 2), a).square_()  # (B, O, I)
+            if "sqnorm" in want:
+                norms.append(s.sum((1, 2)))
+            if want & {"diag", "diagk"}:
+                sq = s.sum(0)  # (O, I)
+                diag = sq if diag is None else diag + sq
+                diagk.append(sq)
+        out = {}
+        if "diag" in want:
+            out["diag"] = diag
+        if "diagk" in want:
+            out["diagk"] = torch.stack(diagk)
+        if "sqnorm" in want:
+            out["sqnorm"] = torch.stack(norms, 1)
         return out
 
     def patch_numel(self, call):
@@ -302,10 +332,18 @@ class ConvRule(LayerRule):
         gr = g.reshape(K, B, g.shape[2], -1)  # (K, B, O, L)
         if which == "bias":
             return gr.sum(-1)
-        patches = self.patches(m, call.a)  # (B, I·k, L)
+        patches = self.call_patches(call)  # (B, I·k, L)
         gg = gr.reshape(K, B, m.groups, -1, gr.shape[-1])
         pp = patches.reshape(B, m.groups, -1, patches.shape[-1])
         return torch.einsum("kbgol,bgil->kbgoi", gg, pp).reshape(K, B, -1)
+
+    def call_patches(self, call: Call) -> Tensor:
+        """:meth:`patches` of a call, kept in its :attr:`Call.memo` when the engine gives it one."""
+        if call.memo is None:
+            return self.patches(call.module, call.a)
+        if "patches" not in call.memo:
+            call.memo["patches"] = self.patches(call.module, call.a)
+        return call.memo["patches"]
 
     @staticmethod
     def patches(m: nn.Module, a: Tensor) -> Tensor:
@@ -330,7 +368,7 @@ class ConvRule(LayerRule):
         gs = g.reshape(K, B, g.shape[2], -1).transpose(2, 3)  # (K, B, L, O)
         if which == "bias":
             return row_stats(gs.sum(2), want, gs.shape[-1:])
-        a = self.patches(call.module, call.a).transpose(1, 2)  # (B, L, I·k)
+        a = self.call_patches(call).transpose(1, 2)  # (B, L, I·k)
         ghost = a.shape[1] <= a.shape[2] and LinearRule.ghost_cheaper(a, gs, want)
         out = LinearRule.seq_stats(a, gs, want, ghost, LinearRule.ghost_diag_cheaper(a, gs))
         shape = call.module.weight.shape
