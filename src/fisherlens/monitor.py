@@ -861,7 +861,7 @@ class _BatchCapture:
         self.calls = calls
         outs = [c.tap for c in calls]
         at = next((i for i, t in enumerate(outs) if t is o), None)  # the root output is often the last layer's
-        self.seen = _Seen([*outs] if at is not None else [*outs, o], len(outs) if at is None else at)
+        self.seen = _Seen(outs if at is not None else [*outs, o], len(outs) if at is None else at)
 
     def _sqnorm(self, calls: list[Call], grads: list, K: int) -> Tensor:
         """``‖G_nk‖² (B, K)`` summed over the owned parameters from layer inputs and output gradients ``(K, B, …)``,
@@ -934,7 +934,7 @@ class _BatchCapture:
             o = outputs if isinstance(outputs, Tensor) or self.mon.output is None else self.mon.output(outputs)
             if isinstance(o, Tensor) and o.shape[0] != fs.shape[0]:
                 raise ValueError("outputs= does not match the captured training forward (different batch size).")
-        if self.seen is None or self.seen.task is None or self.seen.grads[self.seen.at] is None:
+        if self.seen is None or self.seen.grads[self.seen.at] is None:
             raise ValueError("batch_fisher_trace with kind='empirical' reads the gradients of your loss.backward(); "
                              "call mon.step() after loss.backward().")
         y = _targets(targets, fs.device)

@@ -262,7 +262,7 @@ class LinearRule(LayerRule):
         ``g (K, B, T, O)``, one column ``k`` at a time: one batched matrix product ``(B, O, T) × (B, T, I)`` on
         g's and a's own strides (a convolution's transposed gradients and patches are not copied), then its
         squares; the peak holds one column's ``(B, O, I)``, not K of them."""
-        diag = sq = None
+        diag = None
         diagk, norms = [], []
         for k in range(g.shape[0]):
             s = torch.bmm(g[k].transpose(1, 2), a).square_()  # (B, O, I)
