@@ -84,6 +84,8 @@ def batches(n: int, size: int | None = None) -> list[tuple[torch.Tensor, torch.T
 ALTERNATIVES = {
     "alt_extra_backward": "hand-written: extra full backward of Σ ξ·f through the training graph (retain_graph)",
     "alt_batched_backward": "hand-written: training gradient and ξ column in one backward (is_grads_batched)",
+    "alt_ghost": "hand-written floor of the monitor's own design: activation-only backward of ξ to the Linear "
+                 "outputs, ghost norms ‖δ_n‖²(‖a_n‖² + 1), one read",
 }
 
 
@@ -95,24 +97,38 @@ def _xi(out: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 def alt_block(model, opt, data, how: str, gen: torch.Generator) -> float:
     params = list(model.parameters())
+    calls: list[tuple[torch.Tensor, torch.Tensor]] = []  # (input, output) of each Linear call (alt_ghost)
+    keep = lambda m, i, o: calls.append((i[0].detach(), o)) if torch.is_grad_enabled() else None  # noqa: E731
+    hooks = [m.register_forward_hook(keep) for m in model.modules() if isinstance(m, nn.Linear)] \
+        if how == "alt_ghost" else []
     t0 = CLOCK[0]()
     for x, y in data:
+        calls.clear()
         out = model(x)
         loss = F.cross_entropy(out, y)
         opt.zero_grad(set_to_none=True)
         xi = _xi(out, gen)
-        if how == "alt_extra_backward":
+        if how == "alt_ghost":  # Σ_n ‖J_nᵀ ξ_n‖² from the layers' output gradients and inputs (the monitor's design)
+            d = torch.autograd.grad(out, [o for _, o in calls], xi, retain_graph=True)
+            total = sum(torch.linalg.vecdot(g, g) * (torch.linalg.vecdot(a, a) + 1)
+                        for (a, _), g in zip(calls, d, strict=True)).sum()
+            loss.backward()
+        elif how == "alt_extra_backward":
             v = torch.autograd.grad(out, params, xi, retain_graph=True)
+            total = sum(t.square().sum() for t in v)
             loss.backward()
         else:  # one backward, two cotangents at the outputs: ∂loss/∂f and ξ
             u = torch.autograd.grad(loss, out, retain_graph=True)[0]
             g = torch.autograd.grad(out, params, torch.stack([u, xi]), is_grads_batched=True)
             for p, gp in zip(params, g, strict=True):
                 p.grad = gp[0]
-            v = [gp[1] for gp in g]
-        _ = sum(t.square().sum() for t in v).item() / len(x)
+            total = sum(gp[1].square().sum() for gp in g)
+        _ = total.item() / len(x)
         opt.step()
-    return (CLOCK[0]() - t0) / len(data)
+    elapsed = CLOCK[0]() - t0
+    for h in hooks:
+        h.remove()
+    return elapsed / len(data)
 
 
 def time_block(model, opt, mon, data) -> float:
