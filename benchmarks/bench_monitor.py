@@ -12,7 +12,8 @@ targets=...)`` with one observable, ``every=1``. Probe observables use a probe o
 configuration is timed in blocks of ``S`` steps, interleaved with blocks of unmonitored steps on its own model; the
 ratio is the median (``--stat min``: the minimum) of the monitored blocks over that of the unmonitored blocks, ``R``
 repeats. On a shared machine ``--threads 1 --clock cpu --stat min`` (process CPU time) is the least disturbed by
-other jobs. Two hand-written alternatives (``alt_*``, not library code) time the designs the monitor does not use.
+other jobs. Hand-written alternatives (``alt_*``, not library code) time the designs the monitor does not use and
+(``alt_ghost``) a minimal version of the one it uses.
 The table is printed and written to
 ``benchmarks/results/monitor.md``.
 """
@@ -78,9 +79,9 @@ def batches(n: int, size: int | None = None) -> list[tuple[torch.Tensor, torch.T
     return [(torch.randn(B, 784, generator=g), torch.randint(0, 10, (B,), generator=g)) for _ in range(n)]
 
 
-#: hand-written alternatives to the monitor's activation-only backward (the design choices we measured; not
-#: part of the library): one Hutchinson draw of Σ_n ξ_n·f_n on the training forward, ξ_n = S_n ε_n, reduced to
-#: ‖v‖²/B with v = Σ_n J_nᵀ ξ_n (the batch estimator).
+#: hand-written designs (not part of the library): one Hutchinson draw of Σ_n ξ_n·f_n on the training forward,
+#: ξ_n = S_n ε_n, reduced to ‖v‖²/B with v = Σ_n J_nᵀ ξ_n (the batch estimator; the two designs the monitor does
+#: not use), or to Σ_n ‖J_nᵀ ξ_n‖²/B by ghost norms (``alt_ghost``: the monitor's own design, without its checks).
 ALTERNATIVES = {
     "alt_extra_backward": "hand-written: extra full backward of Σ ξ·f through the training graph (retain_graph)",
     "alt_batched_backward": "hand-written: training gradient and ξ column in one backward (is_grads_batched)",
