@@ -44,6 +44,7 @@ from pathlib import Path
 import bench_monitor as bm
 import torch
 import torch.nn.functional as F
+from bench_exact import emit
 from bench_scalable import STABLE_MALLOC, m_hand_hutch, make_workload
 from torch.profiler import ProfilerActivity, profile
 
@@ -185,12 +186,7 @@ def main(argv=None) -> int:
     if args.monitor:
         lines += report("The Monitor's per-step batch trace: mlp (ReLU), Adam", monitor_subjects(args.calls),
                         args.blocks, args.calls, args.top, "Monitor batch_fisher_trace (true, Hutchinson)")
-    text = "\n".join(lines)
-    print()
-    print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    return 0
+    return emit(lines, [], args.out)
 
 
 if __name__ == "__main__":
