@@ -175,10 +175,15 @@ def main(argv=None) -> int:
     ap.add_argument("--malloc", choices=["stable", "default"], default="stable")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
-    if args.malloc == "stable" and any(os.environ.get(k) != v for k, v in STABLE_MALLOC.items()):
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **STABLE_MALLOC})
+    # glibc reads its settings at start-up: re-run this script with them set (stable) or removed (default)
+    env = {k: v for k, v in os.environ.items() if k not in STABLE_MALLOC}
+    if args.malloc == "stable":
+        env.update(STABLE_MALLOC)
+    if any(os.environ.get(k) != env.get(k) for k in STABLE_MALLOC):
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)
     torch.set_num_threads(THREADS)
-    lines = [f"Overhead profile: batch 128, float32, {THREADS} threads, {args.blocks} blocks of {args.calls} calls, "
+    lines = [f"Overhead profile: batch 128 (32 for resnet18 and transformer), float32, {THREADS} threads, "
+             f"{args.blocks} blocks of {args.calls} calls, "
              f"glibc malloc {args.malloc}; torch {torch.__version__}, {platform.processor() or platform.machine()}.",
              ""]
     for w in args.workloads:
